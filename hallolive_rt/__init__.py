@@ -1,0 +1,1 @@
+"""hallolive-rt: compiled, low-latency streaming inference for Hallo-Live."""

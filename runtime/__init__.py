@@ -1,0 +1,1 @@
+"""Streaming runtime (sessions, backends, devices, media); installed as hallolive_rt.runtime."""

@@ -1,0 +1,1 @@
+"""Backends of the streaming session: eager, cudagraph, aoti, tensorrt."""

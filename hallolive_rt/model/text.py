@@ -1,0 +1,294 @@
+"""umT5-XXL text encoder as the release runs it: prompt -> ctx [B, text_len, dim] (4096), zero past the prompt.
+
+Formula (Wan's ``T5Encoder`` with ``shared_pos=False``; read from the release, written here from scratch):
+token embedding -> num_layers x [x += Attn(RMS(x)); x += FFN(RMS(x))] -> RMS. Every layer owns its
+relative-position bias table (32 buckets, bidirectional, log-spaced up to 128 positions); attention
+logits are NOT scaled by 1/sqrt(d); padded keys are masked; softmax runs in fp32; the FFN is gated,
+``fc2(fc1(x) * gelu_tanh(gate(x)))``; RMS norms compute in fp32 and cast back to the weight dtype.
+The release's wrapper then zeroes every row at or past the prompt's length; ``TextEncoder.forward`` does
+that too, so one graph maps (ids, mask) to the exact context the DiT sees.
+
+Why not ``transformers.UMT5EncoderModel``: the tiny default must run without ``transformers`` (so an
+encoder of our own exists anyway, and one implementation serves both presets); the v5 library runs
+softmax in the model dtype, not fp32 as the release does; and its mask/cache plumbing is in the way of
+static-shape capture and export. tests/test_text.py checks this module against an independent reference
+of Wan's formula and, when ``transformers`` is installed, against ``UMT5EncoderModel`` (Wan -> HF key map).
+
+Parameter names are Wan's checkpoint names, so ``models_t5_umt5-xxl-enc-bf16.pth`` loads with no key map.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hallolive_rt.model.text_tokenizer import ByteTokenizer, TokenizedPrompts
+from hallolive_rt.weights import assign_state_dict, read_checkpoint, strip_and_select
+
+__all__ = [
+    "UMT5Config",
+    "TextEncoder",
+    "relative_position_buckets",
+    "build_text_encoder",
+    "load_text_encoder",
+    "encode_prompt",
+    "release_text_encoder",
+]
+
+
+@dataclass(frozen=True)
+class UMT5Config:
+    """Constructor parameters of the release's ``T5Encoder`` (``umt5_xxl(encoder_only=True)``).
+
+    ``eps`` and ``max_dist`` are the release's ``T5LayerNorm`` / ``T5RelativeEmbedding`` defaults;
+    ``text_len`` is the tokenizer's fixed length (512), the static sequence length of every call.
+    """
+
+    vocab: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    shared_pos: bool = False
+    text_len: int = 512
+    eps: float = 1e-6
+    max_dist: int = 128
+
+    def __post_init__(self):
+        if self.shared_pos:
+            raise ValueError("umT5 uses one relative-position table per layer (shared_pos=False)")
+        if self.dim_attn % self.num_heads:
+            raise ValueError(f"dim_attn {self.dim_attn} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_attn // self.num_heads
+
+    @classmethod
+    def tiny(cls) -> UMT5Config:
+        """CPU-sized encoder for the tiny preset: byte-tokenizer vocabulary, dim 64 (profiles/tiny.toml
+        text_dim), 2 layers of 2 heads; same 32 buckets and 512 tokens as the release."""
+        return cls(vocab=ByteTokenizer.VOCAB_SIZE, dim=64, dim_attn=64, dim_ffn=160, num_heads=2, num_layers=2)
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_dist: int, device=None) -> torch.Tensor:
+    """Bucket of key position j seen from query i, [L, L] int64 (bidirectional T5 bucketing).
+
+    Half the buckets are for j > i. Within a half, distances below ``num_buckets // 4`` get a bucket
+    each; larger ones are log-spaced up to ``max_dist``, beyond which they share the last bucket.
+    Static in ``length``: no data-dependent shapes.
+    """
+    pos = torch.arange(length, device=device)
+    rel = pos[None, :] - pos[:, None]  # [Lq, Lk] key - query
+    half = num_buckets // 2
+    exact = half // 2
+    side = (rel > 0).to(torch.int64) * half
+    dist = rel.abs()
+    # clamp only keeps log() finite where the exact branch is taken anyway
+    far = exact + (
+        torch.log(dist.clamp(min=1).float() / exact) / math.log(max_dist / exact) * (half - exact)
+    ).to(torch.int64)
+    far = far.clamp(max=half - 1)
+    return side + torch.where(dist < exact, dist, far)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32 whatever the input dtype; the product is cast to the weight dtype before scaling
+    y = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * y.to(weight.dtype)
+
+
+def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
+    # the release clamps fp16 activations only when one overflowed; torch.where keeps it sync-free
+    if x.dtype != torch.float16:
+        return x
+    c = torch.finfo(torch.float16).max - 1000
+    return torch.where(torch.isinf(x).any(), x.clamp(-c, c), x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, self.weight, self.eps)
+
+
+class RelativeBias(nn.Module):
+    """One layer's bias table: bucket -> per-head logit offset (key ``pos_embedding.embedding``)."""
+
+    def __init__(self, num_buckets: int, num_heads: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, H, Lq, Lk]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: UMT5Config):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.k = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.v = nn.Linear(cfg.dim, cfg.dim_attn, bias=False)
+        self.o = nn.Linear(cfg.dim_attn, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = self.k(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        # explicit product, not SDPA: the release rounds logits+bias to the model dtype and takes the
+        # softmax in fp32; it runs once per prompt, so matching its rounding is worth more than speed
+        logits = q @ k.transpose(-1, -2) + bias  # [B, H, L, L], no 1/sqrt(D) (T5)
+        attn = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.o(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: UMT5Config):
+        super().__init__()
+        # a one-element list so the key reads ``ffn.gate.0.weight`` as in the checkpoint
+        self.gate = nn.ModuleList([nn.Linear(cfg.dim, cfg.dim_ffn, bias=False)])
+        self.fc1 = nn.Linear(cfg.dim, cfg.dim_ffn, bias=False)
+        self.fc2 = nn.Linear(cfg.dim_ffn, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x) * F.gelu(self.gate[0](x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: UMT5Config):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.dim, cfg.eps)
+        self.ffn = FeedForward(cfg)
+        self.pos_embedding = RelativeBias(cfg.num_buckets, cfg.num_heads)
+
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
+        # padded keys get exactly finfo.min (the release masked_fills, it does not add)
+        bias = torch.where(key_ok, self.pos_embedding(buckets), torch.finfo(x.dtype).min).to(x.dtype)
+        x = _fp16_clamp(x + self.attn(self.norm1(x), bias))
+        return _fp16_clamp(x + self.ffn(self.norm2(x)))
+
+
+class TextEncoder(nn.Module):
+    """umT5 encoder with Wan's parameter names. ``forward(ids, mask)`` -> ctx [B, L, dim] in the weight
+    dtype, rows where ``mask == 0`` set to exactly zero (as the release's wrapper does)."""
+
+    def __init__(self, cfg: UMT5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # ids, mask: [B, L] integer; mask 1 on the prompt's tokens (EOS included), 0 on padding
+        x = self.token_embedding(ids)  # [B, L, C]
+        buckets = relative_position_buckets(ids.shape[1], self.cfg.num_buckets, self.cfg.max_dist, ids.device)
+        key_ok = (mask != 0)[:, None, None, :]  # [B, 1, 1, Lk]
+        for block in self.blocks:
+            x = block(x, buckets, key_ok)
+        x = self.norm(x)
+        return torch.where((mask != 0)[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@torch.no_grad()
+def _init_like_release(enc: TextEncoder, generator: torch.Generator | None) -> None:
+    """Random weights with the release's init scales, so a random tiny encoder has sane activations."""
+    cfg = enc.cfg
+
+    def normal(p: torch.Tensor, std: float) -> None:
+        p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p))
+
+    normal(enc.token_embedding.weight, 1.0)
+    for blk in enc.blocks:
+        normal(blk.attn.q.weight, (cfg.dim * cfg.dim_attn) ** -0.5)
+        normal(blk.attn.k.weight, cfg.dim**-0.5)
+        normal(blk.attn.v.weight, cfg.dim**-0.5)
+        normal(blk.attn.o.weight, (cfg.num_heads * cfg.dim_attn) ** -0.5)
+        normal(blk.ffn.gate[0].weight, cfg.dim**-0.5)
+        normal(blk.ffn.fc1.weight, cfg.dim**-0.5)
+        normal(blk.ffn.fc2.weight, cfg.dim_ffn**-0.5)
+        normal(blk.pos_embedding.embedding.weight, (2 * cfg.num_buckets * cfg.num_heads) ** -0.5)
+
+
+def build_text_encoder(
+    cfg: UMT5Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    *, generator: torch.Generator | None = None,
+) -> TextEncoder:
+    """A randomly initialised encoder in eval mode (tiny preset, tests). Deterministic given ``generator``
+    (a CPU generator; the weights are drawn on the CPU and moved)."""
+    enc = TextEncoder(cfg)
+    _init_like_release(enc, generator)
+    return enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    path: str | os.PathLike, cfg: UMT5Config | None = None, dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> TextEncoder:
+    """Load ``models_t5_umt5-xxl-enc-bf16.pth`` (a flat dict of Wan names) into a meta-built encoder.
+
+    Memory-mapped read + ``assign=True``: the 11.4 GB of bf16 weights are never held twice. The key
+    check is strict; a wrong file raises ``CheckpointError`` naming the file and the offending keys.
+    """
+    cfg = cfg or UMT5Config()
+    sd = strip_and_select(read_checkpoint(path))
+    with torch.device("meta"):
+        enc = TextEncoder(cfg)
+    assign_state_dict(enc, sd, path, dtype=dtype, device=device, what=f"umT5 text encoder ({cfg.num_layers} layers, dim {cfg.dim})")
+    return enc.eval().requires_grad_(False)
+
+
+def encode_prompt(
+    encoder: TextEncoder, tokenizer, prompts: str | Sequence[str],
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, TokenizedPrompts]:
+    """Tokenize and encode: ctx [B, text_len, dim] (zero from each prompt's length on) + tokenizer info.
+
+    ``device`` defaults to the encoder's; ``dtype`` casts the result (default: the encoder's dtype, bf16
+    in the release, the same tensor feeding both DiT streams). ``info.truncation_messages()`` says what
+    a too-long prompt lost. Raises ``PromptError`` for an empty prompt.
+    """
+    info = tokenizer(prompts)
+    w = encoder.token_embedding.weight
+    if info.ids.shape[1] != encoder.cfg.text_len:
+        raise ValueError(f"tokenizer pads to {info.ids.shape[1]} tokens, the encoder expects {encoder.cfg.text_len}")
+    if int(info.ids.max()) >= encoder.cfg.vocab:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name', '?')} produced id {int(info.ids.max())}, beyond the "
+            f"encoder's vocabulary of {encoder.cfg.vocab}: tokenizer and encoder do not belong together"
+        )
+    device = w.device if device is None else torch.device(device)
+    with torch.no_grad():
+        ctx = encoder(info.ids.to(device), info.mask.to(device))
+    return ctx.to(dtype or w.dtype), info
+
+
+def release_text_encoder(encoder: TextEncoder) -> None:
+    """Free the encoder's weights once the prompt is encoded (11.4 GB on the DiT GPU at full size).
+
+    Moves every parameter to the meta device, which drops the storage (or the file mapping) as soon as
+    no other reference holds it, then returns cached CUDA blocks to the driver when it was on a GPU.
+    The module object stays valid but weightless: load it again with ``load_text_encoder`` to re-encode.
+    Encoded contexts are separate tensors and are unaffected.
+    """
+    on_cuda = any(p.is_cuda for p in encoder.parameters())
+    encoder.to("meta")
+    if on_cuda:
+        torch.cuda.empty_cache()

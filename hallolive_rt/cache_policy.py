@@ -1,0 +1,125 @@
+"""Cache policies: which cache rows a block writes, how many rows it attends, where positions start.
+
+``AppendPolicy`` is the released behaviour: one row range per block, never evicted, positions from 0,
+the whole audio history re-read every forward. It is exact for clips up to the profile's length.
+``RollingPolicy`` keeps ``sink`` blocks of video forever plus a ring of ``window`` blocks, bounds the
+audio history, and re-bases RoPE positions before they leave the 1024-entry tables, so a stream runs
+for any number of blocks in constant memory and constant time per block.
+
+A policy yields one ``BlockPlan`` per block, in Python ints: the static numbers of a captured variant
+(attended rows, audio length) and the per-block numbers the runtime writes into device buffers with
+``fill_`` (write row, first positions) - a kernel launch with a scalar argument, never a host sync.
+
+Positions (rolling): video frame f sits at f - R (R = frames re-based so far; sink frames keep theirs);
+audio token g at g - 5R (5 tokens per latent frame, the 0.2 RoPE scale keeps the two streams aligned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .model.rope import ROPE_POSITIONS
+from .profile import Profile
+from .state import CacheLayout
+
+__all__ = ["BlockPlan", "AppendPolicy", "RollingPolicy", "choose_policy"]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    video_slot: int  # first cache row written by this block
+    video_kv_len: int  # cache rows attended (static per variant)
+    frame0: int  # RoPE position of the block's first latent frame
+    audio_start: int  # global index of the first audio token fed to the DiT (history start)
+    audio_len: int  # tokens fed: history + window (static per variant)
+    audio0: int  # RoPE position of that first token
+    rebase_frames: int = 0  # > 0: rotate the ring's cached keys back by this many frames first
+
+    @property
+    def variant(self) -> tuple[int, int]:
+        """Static shapes that distinguish captured graphs / exported engines."""
+        return self.audio_len, self.video_kv_len
+
+
+class AppendPolicy:
+    """The released caches: sized for the clip, append-only, full audio history."""
+
+    name = "append"
+
+    def __init__(self, profile: Profile, blocks: int | None = None):
+        self.p = profile
+        self.blocks = blocks if blocks is not None else profile.stream.blocks
+
+    def layout(self) -> CacheLayout:
+        return CacheLayout(slots=self.blocks * self.p.video_tokens_per_block)
+
+    def plans(self) -> Iterator[BlockPlan]:
+        nv, fb = self.p.video_tokens_per_block, self.p.stream.latent_frames_per_block
+        na, w = self.p.stream.audio_tokens_per_block, self.p.audio_window
+        for i in range(self.blocks):
+            yield BlockPlan(i, i * nv, (i + 1) * nv, i * fb, 0, na * i + w, 0)
+
+
+class RollingPolicy:
+    """Sink + ring window for video, bounded audio history, RoPE re-basing. Endless."""
+
+    name = "rolling"
+
+    def __init__(self, profile: Profile, *, sink_blocks: int = 1, window_blocks: int | None = None,
+                 audio_history_tokens: int | None = None, blocks: int | None = None):
+        s = profile.stream
+        self.p = profile
+        self.blocks = blocks  # None = endless
+        self.sink = sink_blocks
+        self.window = window_blocks if window_blocks is not None else max(s.blocks - sink_blocks, 1)
+        hist = audio_history_tokens if audio_history_tokens is not None else s.audio_tokens_per_block * self.window
+        if hist > s.audio_tokens_per_block * self.window:
+            raise ValueError("audio history longer than the video window would need positions below 0")
+        if hist % s.audio_tokens_per_block:
+            raise ValueError("audio history must be a whole number of blocks")
+        self.hist = hist
+        span_frames = (self.sink + self.window) * s.latent_frames_per_block
+        span_tokens = hist + profile.audio_window
+        if span_frames > ROPE_POSITIONS or span_tokens > ROPE_POSITIONS:
+            raise ValueError(f"window too long for {ROPE_POSITIONS}-position RoPE tables")
+
+    def layout(self) -> CacheLayout:
+        nv = self.p.video_tokens_per_block
+        return CacheLayout(slots=(self.sink + self.window) * nv, sink=self.sink * nv, ring=self.window * nv)
+
+    def plans(self) -> Iterator[BlockPlan]:
+        s = self.p.stream
+        nv, fb, na, w = self.p.video_tokens_per_block, s.latent_frames_per_block, s.audio_tokens_per_block, self.p.audio_window
+        tpf = na // fb  # audio tokens per latent frame (5)
+        rebased = 0  # R: frames subtracted from ring positions so far
+        i = 0
+        while self.blocks is None or i < self.blocks:
+            if i < self.sink + self.window:
+                slot, kv_len = i * nv, (i + 1) * nv
+            else:
+                slot, kv_len = self.sink * nv + ((i - self.sink) % self.window) * nv, (self.sink + self.window) * nv
+            a_start = max(0, na * i - self.hist)
+            a_len = na * i - a_start + w
+            delta = 0
+            # re-base when this block's last video frame or last audio token would leave the tables
+            if fb * (i + 1) - rebased > ROPE_POSITIONS or na * i + w - tpf * rebased > ROPE_POSITIONS:
+                oldest = max(self.sink, i - self.window + 1) * fb  # oldest ring frame kept after this write
+                delta = (oldest - rebased) - self.sink * fb
+                rebased += delta
+            yield BlockPlan(i, slot, kv_len, fb * i - rebased, a_start, a_len, a_start - tpf * rebased, delta)
+            i += 1
+
+
+def choose_policy(profile: Profile, blocks: int, name: str = "auto"):
+    """``append`` up to the profile's released length, ``rolling`` past it (or when asked for)."""
+    if name == "append" or (name == "auto" and blocks <= profile.stream.blocks):
+        if blocks > profile.stream.blocks and name == "append":
+            raise ValueError(
+                f"--cache-policy append holds at most {profile.stream.blocks} blocks (the released clip); "
+                f"use --cache-policy rolling for {blocks}")
+        return AppendPolicy(profile, blocks)
+    if name in ("rolling", "auto"):
+        return RollingPolicy(profile, blocks=blocks)
+    raise ValueError(f"unknown cache policy {name!r}; choose auto, append or rolling")

@@ -1,0 +1,115 @@
+"""Real-valued rotary position embedding, as the release computes it but without complex numbers.
+
+The release multiplies interleaved pairs (2k, 2k+1) by ``exp(i * pos * inv_freq[k])`` in complex128.
+Here the angle tables are built once (float64 -> float32 cos/sin, 1024 positions per axis) and gathered
+by integer position tensors, so a forward has no complex dtype, no float64 and no data-dependent shape:
+it exports cleanly and can be captured.
+
+Video (head_dim 128 -> 64 pairs): pairs [0, 22) rotate with the latent-frame index, [22, 43) with the
+token row, [43, 64) with the token column (split ``d - 4*(d//6)``, ``2*(d//6)``, ``2*(d//6)`` dims).
+Audio: only the first 22 pairs rotate, with the frame frequencies times ``temporal_rope_scaling_factor``
+(0.2: five audio tokens advance as much as one latent frame); the other 42 pairs pass through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import StreamConfig
+
+__all__ = ["RopeTables", "apply_rope", "rope_inv_freq", "ROPE_POSITIONS", "THETA"]
+
+ROPE_POSITIONS = 1024  # table length of the release; the rolling cache policy re-bases to stay inside
+THETA = 10000.0
+
+
+def rope_inv_freq(pairs: int, scale: float = 1.0) -> torch.Tensor:
+    """float64 inverse frequencies of one axis with ``pairs`` complex pairs (dim = 2 * pairs)."""
+    dim = 2 * pairs
+    return scale / torch.pow(THETA, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def _table(pairs: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(ROPE_POSITIONS, dtype=torch.float64)
+    ang = torch.outer(pos, rope_inv_freq(pairs, scale))  # [P, pairs]
+    return ang.cos().float(), ang.sin().float()
+
+
+class RopeTables(nn.Module):
+    """Per-stream cos/sin tables (non-persistent buffers: not in the checkpoint, rebuilt after load)."""
+
+    def __init__(self, cfg: StreamConfig):
+        super().__init__()
+        self.is_audio = cfg.is_audio
+        self.half = cfg.head_dim // 2
+        self.pairs = cfg.rope_pairs
+        self.scale = cfg.temporal_rope_scaling_factor
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the tables on the current default device (call after a meta-device build)."""
+        f, h, w = self.pairs
+        if self.is_audio:
+            c, s = _table(f, self.scale)
+            self.register_buffer("cos_t", c, persistent=False)
+            self.register_buffer("sin_t", s, persistent=False)
+        else:
+            for name, n in (("t", f), ("h", h), ("w", w)):
+                c, s = _table(n)
+                self.register_buffer(f"cos_{name}", c, persistent=False)
+                self.register_buffer(f"sin_{name}", s, persistent=False)
+
+    def video(self, frame_pos: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [F*h*w, half] for tokens of frames at ``frame_pos`` [F] (int64), (f, h, w) row-major."""
+        nf = frame_pos.shape[0]
+        hp = torch.arange(grid_h, device=frame_pos.device)
+        wp = torch.arange(grid_w, device=frame_pos.device)
+
+        def grid(ct, st, idx, shape, view):
+            return (ct[idx].view(view).expand(*shape, -1), st[idx].view(view).expand(*shape, -1))
+
+        shape = (nf, grid_h, grid_w)
+        ct, st = grid(self.cos_t, self.sin_t, frame_pos, shape, (nf, 1, 1, -1))
+        ch, sh = grid(self.cos_h, self.sin_h, hp, shape, (1, grid_h, 1, -1))
+        cw, sw = grid(self.cos_w, self.sin_w, wp, shape, (1, 1, grid_w, -1))
+        cos = torch.cat([ct, ch, cw], dim=-1).reshape(nf * grid_h * grid_w, self.half)
+        sin = torch.cat([st, sh, sw], dim=-1).reshape(nf * grid_h * grid_w, self.half)
+        return cos, sin
+
+    def audio(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [L, half] for audio tokens at ``pos`` [L]; pairs past the first ``pairs[0]`` untouched."""
+        n = pos.shape[0]
+        rest = self.half - self.cos_t.shape[1]
+        cos = torch.cat([self.cos_t[pos], self.cos_t.new_ones(n, rest)], dim=-1)
+        sin = torch.cat([self.sin_t[pos], self.sin_t.new_zeros(n, rest)], dim=-1)
+        return cos, sin
+
+    def frame_shift(self, frames: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [rows, half] rotating video keys by ``frames`` latent frames (negative = back).
+
+        Only the frame pairs turn; row/column pairs keep their angle. Built from the table (|frames| <
+        1024) with cos(-a) = cos(a), sin(-a) = -sin(a); used outside captured steps (rare re-basing).
+        """
+        n = abs(frames)
+        sign = 1.0 if frames >= 0 else -1.0
+        ct, st = self.cos_t[n], self.sin_t[n] * sign
+        ones = ct.new_ones(self.half - ct.shape[0])
+        cos = torch.cat([ct, ones]).expand(rows, -1).contiguous()
+        sin = torch.cat([st, torch.zeros_like(ones)]).expand(rows, -1).contiguous()
+        return cos, sin
+
+    def positions(self, pos: torch.Tensor, grid_h: int = 1, grid_w: int = 1):
+        """Dispatch: frame positions for video, token positions for audio."""
+        return self.audio(pos) if self.is_audio else self.video(pos, grid_h, grid_w)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, L, H, D] by cos/sin [L, D/2] in float32; returns x's dtype."""
+    b, n, h, d = x.shape
+    xf = x.float().reshape(b, n, h, d // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c = cos.view(1, n, 1, d // 2)
+    s = sin.view(1, n, 1, d // 2)
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    return out.reshape(b, n, h, d).to(x.dtype)

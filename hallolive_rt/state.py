@@ -1,0 +1,100 @@
+"""Typed, preallocated runtime state of the DiT: KV caches, text K/V, positions and write offsets.
+
+Modules hold weights and constant tables only; everything a stream changes lives here and is passed
+into the forward. Every tensor is allocated once at full size; a block step only writes into it
+(``copy_`` / index writes at offsets held in device tensors), so the same captured graph serves every
+block that has the same static shapes.
+
+Cache layout per layer: [B, S, H, D]; all layers of one kind are one tensor [L, B, S, H, D].
+Slots ``[0, sink)`` are never overwritten once written; slots ``[sink, sink + ring)`` form a ring
+(``ring == 0``: plain append, the released behaviour).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import FusionConfig
+from .profile import Profile
+
+__all__ = ["CacheLayout", "DiTState", "StepPositions"]
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Static geometry of the video caches (slots, sink, ring). Chosen by a cache policy."""
+
+    slots: int  # S: cache rows per layer
+    sink: int = 0  # rows before the ring that are never evicted
+    ring: int = 0  # ring rows after the sink; 0 = append-only (released behaviour)
+
+    def __post_init__(self):
+        if self.ring and self.sink + self.ring != self.slots:
+            raise ValueError(f"sink ({self.sink}) + ring ({self.ring}) must equal slots ({self.slots})")
+
+
+@dataclass
+class StepPositions:
+    """Device-side positions of one DiT forward (inputs of a captured graph, never Python ints).
+
+    video_frame_pos: [Fb] int64 RoPE frame index of each latent frame of the block.
+    audio_pos:       [La] int64 RoPE position of each audio token of the forward's sequence.
+    video_slot:      [1] int64 cache row where the block's first video token is written.
+    """
+
+    video_frame_pos: torch.Tensor
+    audio_pos: torch.Tensor
+    video_slot: torch.Tensor
+
+
+@dataclass
+class DiTState:
+    """KV caches of one stream session. Shapes: caches [L, B, S, H, D]; text [L, B, T, H, D]."""
+
+    layout: CacheLayout
+    video_k: torch.Tensor  # video self-attention K (RoPE'd with video positions)
+    video_v: torch.Tensor
+    fusion_k: torch.Tensor  # video tokens as seen by the audio stream's fusion attention (RoPE'd)
+    fusion_v: torch.Tensor
+    text_k_video: torch.Tensor
+    text_v_video: torch.Tensor
+    text_k_audio: torch.Tensor
+    text_v_audio: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def allocate(cls, cfg: FusionConfig, profile: Profile, layout: CacheLayout, *,
+                 device: torch.device | str, dtype: torch.dtype) -> "DiTState":
+        v, a = cfg.video, cfg.audio
+        b, n = profile.stream.batch, cfg.num_layers
+        t = profile.text.text_len
+
+        def zeros(s, heads, hd):
+            return torch.zeros(n, b, s, heads, hd, device=device, dtype=dtype)
+
+        s = layout.slots
+        return cls(
+            layout=layout,
+            video_k=zeros(s, v.num_heads, v.head_dim),
+            video_v=zeros(s, v.num_heads, v.head_dim),
+            fusion_k=zeros(s, a.num_heads, a.head_dim),
+            fusion_v=zeros(s, a.num_heads, a.head_dim),
+            text_k_video=zeros(t, v.num_heads, v.head_dim),
+            text_v_video=zeros(t, v.num_heads, v.head_dim),
+            text_k_audio=zeros(t, a.num_heads, a.head_dim),
+            text_v_audio=zeros(t, a.num_heads, a.head_dim),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("video_k", "video_v", "fusion_k", "fusion_v", "text_k_video",
+                                               "text_v_video", "text_k_audio", "text_v_audio")}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def reset(self) -> None:
+        """Zero every cache in place (a new stream on the same buffers; no reallocation)."""
+        for t in self.tensors().values():
+            t.zero_()

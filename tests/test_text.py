@@ -205,7 +205,8 @@ def hf_tokenizer_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     words = ["a", "cat", "dog", "sits", "on", "the", "mat", "."] + list("abcdefghijklmnopqrstuvwxyz")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(words)] + [(w, -5.0 - 0.01 * i) for i, w in enumerate(words)]
+    vocab += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(words)]  # word-initial pieces
+    vocab += [(w, -5.0 - 0.01 * i) for i, w in enumerate(words)]
     d = tmp_path_factory.mktemp("umt5_tok")
     transformers.T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(d))
     return d
@@ -238,7 +239,8 @@ def test_configs_match_profiles(tiny_profile):
 
     full = load_profile("hallolive-512x992")
     assert (UMT5Config().dim, UMT5Config().text_len) == (full.text.text_dim, full.text.text_len)
-    assert (UMT5Config.tiny().dim, UMT5Config.tiny().text_len) == (tiny_profile.text.text_dim, tiny_profile.text.text_len)
+    tiny = UMT5Config.tiny()
+    assert (tiny.dim, tiny.text_len) == (tiny_profile.text.text_dim, tiny_profile.text.text_len)
     assert UMT5Config.tiny().vocab == ByteTokenizer.VOCAB_SIZE
 
 
@@ -291,3 +293,15 @@ def test_tokenizer_encoder_mismatch_is_refused(tiny):
     small = build_text_encoder(replace(cfg, vocab=100))
     with pytest.raises(ValueError, match="do not belong together"):
         encode_prompt(small, ByteTokenizer(cfg.text_len), "\u00e9t\u00e9")
+
+
+@pytest.mark.cuda
+def test_release_frees_gpu_memory(tiny):
+    cfg, _ = tiny
+    enc = build_text_encoder(cfg, device="cuda", dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    ctx, _ = encode_prompt(enc, ByteTokenizer(cfg.text_len), PROMPTS)
+    before = torch.cuda.memory_allocated()
+    weights = sum(p.numel() * p.element_size() for p in enc.parameters())
+    release_text_encoder(enc)
+    assert before - torch.cuda.memory_allocated() >= weights
+    assert ctx.is_cuda and ctx.dtype == torch.bfloat16 and torch.isfinite(ctx).all()

@@ -251,7 +251,8 @@ def load_text_encoder(
     sd = strip_and_select(read_checkpoint(path))
     with torch.device("meta"):
         enc = TextEncoder(cfg)
-    assign_state_dict(enc, sd, path, dtype=dtype, device=device, what=f"umT5 text encoder ({cfg.num_layers} layers, dim {cfg.dim})")
+    what = f"umT5 text encoder ({cfg.num_layers} layers, dim {cfg.dim})"
+    assign_state_dict(enc, sd, path, dtype=dtype, device=device, what=what)
     return enc.eval().requires_grad_(False)
 
 

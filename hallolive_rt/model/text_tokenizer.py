@@ -183,7 +183,8 @@ class UMT5Tokenizer:
             add_special_tokens=True, return_tensors="pt",
         )
         ids, mask = enc.input_ids.to(torch.int64), enc.attention_mask.to(torch.int64)
-        full = self._tok(texts, add_special_tokens=True).input_ids  # untruncated, ragged lists
+        # untruncated, ragged lists; verbose=False silences the "longer than max length" warning we report
+        full = self._tok(texts, add_special_tokens=True, verbose=False).input_ids
         lengths = [int(n) for n in mask.sum(dim=1)]
         dropped, tails = [], []
         for row, kept in zip(full, lengths):

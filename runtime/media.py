@@ -1,0 +1,416 @@
+"""Streamed media output: fragmented MP4 (H.264 + AAC), raw .y4m frames and a 16-bit WAV, block by block.
+
+A/V sync, and why no drift can accumulate
+-----------------------------------------
+The model pairs one latent frame (``vae_temporal`` = 4 pixel frames) with ``tokens_per_latent_frame`` = 5
+audio tokens of 512 samples at 16 kHz, i.e. 2560 samples = 0.16 s. The runtime therefore writes video at
+``profile.fps`` = 25 fps, where 4 frames last exactly 0.16 s too. (The release writes 24 fps: 4 frames last
+0.1667 s, so the picture falls 40 ms behind the speech per 24-frame block; ``fps=24`` reproduces that.)
+
+Nothing here is ever a running float sum. Every timestamp is a function of two integer counters:
+video frame ``n`` has pts ``n`` in time base ``1/fps`` and audio sample ``s`` has pts ``s`` in time base
+``1/sample_rate``; the audio that may be released after ``n`` frames is ``floor(n * sample_rate / fps)``
+samples, computed with ``fps`` as an exact ``Fraction``. Samples per frame may be fractional (16000/24 =
+666.67): the fraction is never rounded and carried, it simply never exists, because the bound is recomputed
+from the totals. So the error of any timestamp is below one sample / one frame, at block 1 and block 10**6.
+
+The first latent frame decodes to 1 pixel frame for 5 tokens of audio, so after block 0 the audio is 3
+frames (1920 samples at 25 fps) ahead of the video, and stays exactly 3 frames ahead: a constant offset,
+not a drift. Audio past the end of the frames written so far is buffered, so the MP4's audio never runs
+ahead of its video mid-stream. On close the last frame is held (repeated) ``ceil(S * fps / sr) - N``
+times (N frames, S samples received), then all audio is written: the video ends at most one frame after
+the audio. When the audio is SHORTER than the video (only with a mismatched fps such as 24) nothing is
+invented: the gap is reported in ``StreamWriter.summary`` and stays visible in the file.
+
+AAC priming: the encoder emits 1024 samples of priming first (pts -1024). A fragmented MP4 cannot carry
+an edit list written before the first packet, so the muxer shifts both tracks by the priming instead
+(video frame 0 is shown 64 ms longer at 16 kHz); from there on frame n and audio sample n*sr/fps play at
+the same instant (tests/test_media.py decodes a click train against a flash train to check it).
+
+Kill safety: each block starts with a forced IDR frame and, once the block is muxed, its fragment
+(moof + mdat) is flushed to disk, so a process killed mid-stream leaves a file that demuxes with every
+finished block's frames; its audio may stop up to 3 AAC frames (< 192 ms at 16 kHz) short of the video:
+the part of an AAC frame not yet fed plus the frames the encoder still holds. close() writes everything
+else as one last fragment (held frames + tail audio).
+
+The .y4m and .wav are raw records of exactly what the model produced (no held frames, no alignment):
+the .y4m is append-only, the .wav header is rewritten after every block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+__all__ = ["StreamWriter", "MediaError", "SyncPoint", "probe_media"]
+
+log = logging.getLogger(__name__)
+
+
+class MediaError(RuntimeError):
+    """An output path that cannot be written, or input that does not match the stream's shape."""
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """Exact clock state after a block: totals received (not what was muxed) and their end times."""
+
+    block: int
+    frames: int
+    samples: int
+    video_end: Fraction  # frames / fps  (seconds)
+    audio_end: Fraction  # samples / sample_rate
+
+    @property
+    def audio_lead_s(self) -> float:
+        """How far the received audio extends past the received video (negative: video ahead)."""
+        return float(self.audio_end - self.video_end)
+
+
+def _check_writable(path: Path, what: str) -> Path:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise MediaError(f"{what} path {str(path)!r} is a directory, not a file")
+    if not parent.is_dir():
+        raise MediaError(f"{what} path {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MediaError(f"{what} path {str(path)!r} is not writable")
+    return path
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _flush_fragment(container) -> bool:
+    """Write the muxer's pending fragment to disk now (libavformat ``av_write_frame(ctx, NULL)``).
+
+    PyAV exposes no flush, and the mov muxer otherwise keeps a fragment in memory until the NEXT block's
+    keyframe arrives, so a kill would lose the last finished block. We reach the AVFormatContext pointer
+    (first C field of PyAV's Container, after the object header and the Cython vtable pointer) and call
+    the libavformat that PyAV itself loaded. The pointer is accepted only if it really is an
+    AVFormatContext writing mp4; otherwise we return False and fragments are cut one keyframe late.
+    """
+    try:
+        lib = _libavformat()
+        vp = ctypes.sizeof(ctypes.c_void_p)
+        ctx = ctypes.c_void_p.from_address(id(container) + object.__basicsize__ + vp).value
+        if not ctx:
+            return False
+        cls = ctypes.c_void_p.from_address(ctx).value  # ctx->av_class
+        ofmt = ctypes.c_void_p.from_address(ctx + 2 * vp).value  # ctx->oformat (after iformat)
+        if not cls or not ofmt or ctypes.c_char_p.from_address(cls).value != b"AVFormatContext" \
+                or ctypes.c_char_p.from_address(ofmt).value != b"mp4":
+            return False
+        if lib.av_interleaved_write_frame(ctx, None) < 0:  # drain the interleaving queue
+            return False
+        return lib.av_write_frame(ctx, None) >= 0  # mov muxer: close + write the fragment
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+_LIBAVFORMAT: list = []
+
+
+def _libavformat():
+    """The libavformat already mapped into this process by PyAV (same handle, same ABI)."""
+    if not _LIBAVFORMAT:
+        path = None
+        with open("/proc/self/maps") as fh:  # Linux; elsewhere the OSError means "no explicit flush"
+            for line in fh:
+                if "libavformat" in line and "/" in line:
+                    path = line[line.index("/"):].strip()
+                    break
+        if path is None:
+            raise OSError("libavformat is not mapped")
+        lib = ctypes.CDLL(path)
+        for fn in (lib.av_write_frame, lib.av_interleaved_write_frame):
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+        _LIBAVFORMAT.append(lib)
+    return _LIBAVFORMAT[0]
+
+
+class _WavWriter:
+    """16-bit PCM mono WAV whose RIFF/data sizes are rewritten after every block (valid if interrupted)."""
+
+    def __init__(self, path: Path, sample_rate: int):
+        self.fh = open(path, "wb")
+        self.rate, self.bytes = sample_rate, 0
+        self._header()
+
+    def _header(self):
+        self.fh.seek(0)
+        self.fh.write(b"RIFF" + struct.pack("<I", 36 + self.bytes) + b"WAVE")
+        self.fh.write(b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, self.rate, 2 * self.rate, 2, 16))
+        self.fh.write(b"data" + struct.pack("<I", self.bytes))
+
+    def write(self, audio: np.ndarray):  # [S] float32 in [-1, 1]
+        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+        self.fh.seek(0, os.SEEK_END)
+        self.fh.write(pcm.tobytes())
+        self.bytes += pcm.nbytes
+        self._header()
+        self.fh.flush()
+
+    def close(self):
+        self.fh.close()
+
+
+class _Y4mWriter:
+    """YUV4MPEG2 4:4:4 (BT.601, limited range: the y4m default), one FRAME record appended per frame."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: Fraction):
+        self.fh = open(path, "wb")
+        self.fh.write(f"YUV4MPEG2 W{width} H{height} F{fps.numerator}:{fps.denominator} Ip A1:1 C444\n"
+                      .encode())
+        self.fh.flush()
+
+    def write(self, frames: np.ndarray):  # [N, H, W, 3] uint8 RGB
+        for rgb in frames:
+            yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv444p")
+            self.fh.write(b"FRAME\n" + yuv.to_ndarray().tobytes())  # [3, H, W] planar
+        self.fh.flush()
+
+    def close(self):
+        self.fh.close()
+
+
+class StreamWriter:
+    """Write streamed blocks of RGB frames + mono float audio to fragmented MP4 / .y4m / .wav.
+
+    Use as a context manager and call ``write_block`` once per decoded block. See the module docstring
+    for the timing rules. Outputs are opened at the first block, so an error before it leaves no files.
+    """
+
+    def __init__(self, path: Path | None, *, width: int, height: int, fps: float | Fraction,
+                 sample_rate: int, frames_out: Path | None = None, wav_out: Path | None = None,
+                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 128_000):
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise MediaError(f"frame size {width}x{height} must be positive and even (yuv420p)")
+        if sample_rate <= 0 or fps <= 0:
+            raise MediaError(f"fps ({fps}) and sample_rate ({sample_rate}) must be positive")
+        self.path = None if path is None else _check_writable(path, "video")
+        self.frames_out = None if frames_out is None else _check_writable(frames_out, "frames")
+        self.wav_out = None if wav_out is None else _check_writable(wav_out, "wav")
+        if self.path is None and self.frames_out is None and self.wav_out is None:
+            raise MediaError("StreamWriter needs at least one of path, frames_out, wav_out")
+        self.width, self.height, self.sample_rate = width, height, sample_rate
+        # 25.0 -> 25, 24000/1001 stays exact; a float like 29.97 becomes 2997/100, still exact.
+        self.fps = Fraction(fps).limit_denominator(1_000_000)
+        self.crf, self.preset, self.audio_bitrate = crf, preset, audio_bitrate
+        self.timeline: list[SyncPoint] = []
+        self.summary: dict = {}
+        self.fragment_flush = False  # True once an explicit per-block fragment flush succeeded
+        self._frames = 0  # received video frames (= muxed, until the hold at close)
+        self._samples = 0  # received audio samples
+        self._fed = 0  # audio samples given to the AAC encoder
+        self._pending = np.zeros(0, np.float32)  # received audio not yet encoded: [S - fed]
+        self._last: np.ndarray | None = None  # last frame, [H, W, 3]: held at close
+        self._mp4 = self._vs = self._as = self._y4m = self._wav = None
+        self._closed = False
+
+    # ---- clocks (integers only) ---------------------------------------------------------------
+    def _samples_until_frame(self, n: int) -> int:
+        """floor(n * sample_rate / fps): audio that ends at or before the end of frame n-1."""
+        return n * self.sample_rate * self.fps.denominator // self.fps.numerator
+
+    def _frames_covering_samples(self, s: int) -> int:
+        """ceil(s * fps / sample_rate): frames needed for the video to last at least as long as s."""
+        num, den = s * self.fps.numerator, self.sample_rate * self.fps.denominator
+        return -(-num // den)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self.timeline:
+            self._abort()  # nothing finished: leave no partial files
+        else:
+            self.close()  # finished blocks stay playable even if the caller failed later
+        return False
+
+    def _open(self):
+        try:
+            if self.frames_out is not None:
+                self._y4m = _Y4mWriter(self.frames_out, self.width, self.height, self.fps)
+            if self.wav_out is not None:
+                self._wav = _WavWriter(self.wav_out, self.sample_rate)
+            if self.path is not None:
+                self._open_mp4()
+        except Exception as e:
+            self._abort()
+            raise MediaError(f"cannot open media outputs ({self.path}, {self.frames_out}, "
+                             f"{self.wav_out}): {e}") from e
+
+    def _open_mp4(self):
+        opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+        self._mp4 = av.open(str(self.path), "w", format="mp4", options=opts)
+        vs = self._mp4.add_stream("libx264", rate=self.fps)
+        vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+        vs.codec_context.time_base = 1 / self.fps
+        # zerolatency: no B-frames / lookahead, so every frame's packet leaves the encoder at once;
+        # keyframes only where we force them (block starts), so fragment == block.
+        vs.options = {"preset": self.preset, "crf": str(self.crf), "tune": "zerolatency",
+                      "forced-idr": "1", "x264-params": "scenecut=0:keyint=infinite"}
+        aus = self._mp4.add_stream("aac", rate=self.sample_rate)
+        aus.layout = "mono"
+        aus.bit_rate = self.audio_bitrate
+        aus.codec_context.time_base = Fraction(1, self.sample_rate)
+        self._mp4.start_encoding()  # opens both encoders: frame_size is known from here on
+        self._vs, self._as = vs, aus
+
+    def _abort(self):
+        for w in (self._y4m, self._wav):
+            if w is not None:
+                w.close()
+        if self._mp4 is not None:
+            try:
+                self._mp4.close()
+            except av.FFmpegError:
+                pass
+        for p, w in ((self.frames_out, self._y4m), (self.wav_out, self._wav), (self.path, self._mp4)):
+            if w is not None and p is not None:
+                p.unlink(missing_ok=True)
+        self._mp4 = self._y4m = self._wav = None
+        self._closed = True
+
+    # ---- writing ------------------------------------------------------------------------------
+    def write_block(self, frames, audio) -> SyncPoint:
+        """Append one block: ``frames`` uint8 [N, H, W, 3] RGB, ``audio`` float32 [S] in [-1, 1]."""
+        if self._closed:
+            raise MediaError("write_block after close")
+        frames, audio = _as_numpy(frames), _as_numpy(audio)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
+            raise MediaError(f"frames must be uint8 [N, {self.height}, {self.width}, 3], "
+                             f"got {frames.dtype} {list(frames.shape)}")
+        audio = audio.reshape(-1) if audio.ndim == 2 and 1 in audio.shape else audio
+        if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
+            raise MediaError(f"audio must be float [S] (mono), got {audio.dtype} {list(audio.shape)}")
+        audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
+        if not self.timeline:
+            self._open()
+        frames = np.ascontiguousarray(frames)
+        if self._y4m is not None:
+            self._y4m.write(frames)
+        if self._wav is not None:
+            self._wav.write(audio)
+        self._pending = np.concatenate([self._pending, audio])
+        self._samples += audio.shape[0]
+        if self._mp4 is not None:
+            for i, rgb in enumerate(frames):
+                self._encode_frame(rgb, self._frames + i, force_key=(i == 0))
+            self._encode_audio(limit=self._samples_until_frame(self._frames + len(frames)))
+            self.fragment_flush = _flush_fragment(self._mp4)
+        self._frames += len(frames)
+        if len(frames):
+            self._last = frames[-1]
+        point = SyncPoint(len(self.timeline), self._frames, self._samples,
+                          Fraction(self._frames) / self.fps, Fraction(self._samples, self.sample_rate))
+        self.timeline.append(point)
+        return point
+
+    def _encode_frame(self, rgb: np.ndarray, pts: int, *, force_key: bool):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        f.pts, f.time_base, f.duration = pts, 1 / self.fps, 1  # pts = frame index, exact
+        if force_key:
+            f.pict_type = av.video.frame.PictureType.I
+        self._mp4.mux(self._vs.encode(f))
+
+    def _encode_audio(self, *, limit: int, final: bool = False):
+        """Encode pending audio up to absolute sample ``limit`` in whole AAC frames (all of it if final)."""
+        size = self._as.codec_context.frame_size
+        end = min(limit, self._samples)
+        while self._fed < end and (final or end - self._fed >= size):
+            n = min(size, end - self._fed)
+            chunk = self._pending[:n]
+            self._pending = self._pending[n:]
+            fr = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+            fr.sample_rate, fr.pts, fr.time_base = self.sample_rate, self._fed, Fraction(1, self.sample_rate)
+            self._mp4.mux(self._as.encode(fr))
+            self._fed += n
+
+    def close(self) -> dict:
+        """Hold the last frame until the video covers the audio, write all audio, finish every file."""
+        if self._closed:
+            return self.summary
+        self._closed = True
+        held = 0
+        try:
+            if self._mp4 is not None:
+                held = max(0, self._frames_covering_samples(self._samples) - self._frames)
+                held = held if self._last is not None else 0  # audio-only stream: nothing to hold
+                for h in range(held):
+                    self._encode_frame(self._last, self._frames + h, force_key=False)
+                self._encode_audio(limit=self._samples, final=True)
+                self._mp4.mux(self._vs.encode(None))
+                self._mp4.mux(self._as.encode(None))
+        finally:
+            for w in (self._mp4, self._y4m, self._wav):
+                if w is not None:
+                    w.close()
+        video_end = Fraction(self._frames + held) / self.fps
+        audio_end = Fraction(self._samples, self.sample_rate)
+        self.summary = {"blocks": len(self.timeline), "frames": self._frames, "held_frames": held,
+                        "samples": self._samples, "video_s": float(video_end), "audio_s": float(audio_end),
+                        "end_mismatch_s": float(video_end - audio_end),
+                        "fragment_flush": self.fragment_flush}
+        if self.timeline and audio_end < video_end - 1 / self.fps:
+            log.warning("audio ends %.3f s before the video (fps %s does not match the audio clock)",
+                        float(video_end - audio_end), self.fps)
+        return self.summary
+
+
+def probe_media(path: Path | str) -> dict:
+    """Demux (and decode) a media file with PyAV: streams, codecs, frame/sample counts, exact end times.
+
+    ``start_s``/``end_s`` come from packet timestamps (pts + duration) on the container timeline, so video
+    and audio ends can be compared directly; ``samples`` counts decoded audio (AAC priming included).
+    A truncated file is read up to the damage and reported with ``error``.
+    """
+    out: dict = {"path": str(path), "streams": [], "error": None}
+    with av.open(str(path)) as c:
+        out["format"] = c.format.name
+        info: dict[int, dict] = {}
+        for s in c.streams:
+            d = {"index": s.index, "type": s.type, "codec": s.codec_context.name,
+                 "time_base": s.time_base, "packets": 0, "keyframes": 0, "frames": 0, "samples": 0,
+                 "start_s": None, "end_s": None}
+            if s.type == "video":
+                d.update(width=s.codec_context.width, height=s.codec_context.height,
+                         pix_fmt=s.codec_context.pix_fmt, fps=s.guessed_rate or s.base_rate)
+            elif s.type == "audio":
+                d.update(sample_rate=s.codec_context.sample_rate, channels=s.codec_context.channels)
+            info[s.index] = d
+            out["streams"].append(d)
+        try:
+            for pkt in c.demux():
+                d = info[pkt.stream.index]
+                if pkt.pts is not None and pkt.size:
+                    d["packets"] += 1
+                    d["keyframes"] += int(pkt.is_keyframe)
+                    t0 = float(pkt.pts * pkt.time_base)
+                    t1 = float((pkt.pts + (pkt.duration or 0)) * pkt.time_base)
+                    d["start_s"] = t0 if d["start_s"] is None else min(d["start_s"], t0)
+                    d["end_s"] = t1 if d["end_s"] is None else max(d["end_s"], t1)
+                for fr in pkt.decode():
+                    d["frames"] += 1
+                    d["samples"] += getattr(fr, "samples", 0)
+        except av.FFmpegError as e:  # a killed writer can leave a half-written last fragment
+            out["error"] = f"{type(e).__name__}: {e}"
+    for d in out["streams"]:
+        d["duration_s"] = None if d["start_s"] is None else d["end_s"] - d["start_s"]
+    out["video"] = [d for d in out["streams"] if d["type"] == "video"]
+    out["audio"] = [d for d in out["streams"] if d["type"] == "audio"]
+    return out

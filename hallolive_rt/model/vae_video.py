@@ -1,0 +1,255 @@
+"""Wan2.2 video VAE decoder (z_dim 48, 4x16x16), streamed one latent frame at a time.
+
+decode(z) = clamp(unpatchify(decoder(conv2(z * std + mean))), -1, 1). The decoder is causal in time:
+each of its 32 temporal-kernel-3 convs sees the last 2 frames of its own input from the previous call.
+The release keeps those frames in a Python list whose entries change type and length during the first
+frames. Here they sit in one preallocated ``VideoDecodeState``, a [B, C, 2, h, w] buffer per conv,
+updated in place with ``copy_``. Every call after the first reads and writes the same shapes, so
+``decode_frame(first=False)`` can be captured once and replayed. The release's first-chunk rule (the
+first latent frame gives 1 pixel frame, later ones give 4) is a static Python variant, ``first=True``.
+That variant zero-fills the history it writes, so a state can be reused without a reset.
+
+The encoder is not built: streaming inference only decodes. ``encoder.*`` and ``conv1.*`` in the file
+are dropped on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d
+from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
+
+__all__ = [
+    "WanVAEConfig",
+    "VideoDecodeState",
+    "WanVideoDecoder",
+    "build_video_decoder",
+    "load_video_decoder",
+]
+
+_STATS_FILE = Path(__file__).with_name("wan22_latent_stats.json")
+_KEEP_PREFIXES = ("decoder.", "conv2.")
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """Constructor parameters of the release's ``WanVAE_`` as ``Wan2_2_VAE`` builds it.
+
+    ``dim`` (the encoder width) is kept for the schema only: nothing here builds the encoder.
+    """
+
+    dim: int = 160
+    dec_dim: int = 256
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 2  # pixel patchify, hard-coded in the release's encode/decode
+
+    @classmethod
+    def tiny(cls) -> "WanVAEConfig":
+        """Same structure and 4x16x16 factors, narrow layers (decoder widths 64/64/64/32/16)."""
+        return cls(dim=16, dec_dim=16)
+
+    @classmethod
+    def from_profile(cls, profile) -> "WanVAEConfig":
+        """The config named by a profile's ``decoders`` field ("full" or "tiny")."""
+        return cls.tiny() if profile.decoders == "tiny" else cls()
+
+    @property
+    def temperal_upsample(self) -> tuple[bool, ...]:
+        return tuple(self.temperal_downsample[::-1])
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+    def pixel_frames(self, latent_frames: int, *, first: bool) -> int:
+        """Frames out of ``latent_frames`` latents; the stream's first latent frame gives 1."""
+        return self.temporal_factor * latent_frames - (self.temporal_factor - 1 if first else 0)
+
+
+@dataclass(frozen=True)
+class VideoDecodeState:
+    """Causal history of the decoder: ``history[i]`` [B, C_i, 2, h_i, w_i] feeds cached conv ``i``.
+
+    Slots follow the release's call order (its ``feat_idx``). Shapes never change; the runtime owns
+    the object and ``decode_frame`` updates it in place.
+    """
+
+    history: tuple[torch.Tensor, ...]
+
+    def reset(self) -> None:
+        for buf in self.history:
+            buf.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.history)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(b.shape) for b in self.history]
+
+
+class _StaticHistory:
+    """``History`` over preallocated buffers; ``first`` selects the first-frame code path."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, ...], first: bool):
+        self.buffers, self.first = buffers, first
+
+    def causal_input(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[conv.cache_index]
+        # Nothing precedes the first frame: the release zero-pads, i.e. a zero history.
+        xc = F.pad(x, (0, 0, 0, 0, CACHE_T, 0)) if self.first else torch.cat([buf, x], dim=2)
+        buf.copy_(xc[:, :, -CACHE_T:])
+        return xc
+
+    def skip_time_conv(self, conv: CausalConv3d) -> bool:
+        if self.first:
+            # Release: the slot becomes "Rep", which later reads as two zero frames.
+            self.buffers[conv.cache_index].zero_()
+        return self.first
+
+
+class _ReleaseHistory:
+    """The release's cache list, kept as the reference: entries go None -> "Rep" or a 1-frame tensor
+    -> a 2-frame tensor, and a running index (reset per frame) picks the slot."""
+
+    def __init__(self, n: int):
+        self.feat: list = [None] * n
+        self.idx = 0
+        self.first = True
+
+    def _slot(self, conv: CausalConv3d) -> int:
+        i, self.idx = self.idx, self.idx + 1
+        assert i == conv.cache_index, f"call order {i} != slot {conv.cache_index}"
+        return i
+
+    def causal_input(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        i = self._slot(conv)
+        prev = self.feat[i]
+        keep = x[:, :, -CACHE_T:].clone()
+        if keep.shape[2] < CACHE_T and prev is not None:
+            last = torch.zeros_like(keep) if isinstance(prev, str) else prev[:, :, -1:]
+            keep = torch.cat([last, keep], dim=2)
+        self.feat[i] = keep
+        xc = x if prev is None or isinstance(prev, str) else torch.cat([prev, x], dim=2)
+        return F.pad(xc, (0, 0, 0, 0, CACHE_T - (xc.shape[2] - x.shape[2]), 0))
+
+    def skip_time_conv(self, conv: CausalConv3d) -> bool:
+        if self.feat[conv.cache_index] is None:
+            self.feat[self._slot(conv)] = "Rep"
+            return True
+        return False
+
+
+class WanVideoDecoder(nn.Module):
+    """``conv2`` + ``decoder`` of the release's ``WanVAE_``; latent mean/std as non-persistent buffers."""
+
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        stats = json.loads(_STATS_FILE.read_text())
+        if cfg.z_dim != len(stats["mean"]):
+            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(stats['mean'])} channels")
+        self.cfg = cfg
+        self._stats = (tuple(stats["mean"]), tuple(stats["std"]))
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.temperal_upsample,
+                                 out_channels=3 * cfg.patch_size**2)
+        self.register_buffer("latent_mean", torch.empty(cfg.z_dim), persistent=False)
+        self.register_buffer("latent_std", torch.empty(cfg.z_dim), persistent=False)
+        self.init_stats()
+
+    def init_stats(self) -> None:
+        """(Re)create the latent statistics in float32 on the current default device."""
+        self.latent_mean = torch.tensor(self._stats[0], dtype=torch.float32)
+        self.latent_std = torch.tensor(self._stats[1], dtype=torch.float32)
+
+    # ---- state -------------------------------------------------------------------------------------
+    def new_state(self, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> VideoDecodeState:
+        """Zeroed history for ``batch`` streams of ``latent_h x latent_w`` latents (default: weight dtype/device)."""
+        w = self.conv2.weight
+        dtype = w.dtype if dtype is None else dtype
+        device = w.device if device is None else device
+        bufs = tuple(
+            torch.zeros(batch, c.in_channels, CACHE_T, latent_h * c.cache_scale, latent_w * c.cache_scale,
+                        dtype=dtype, device=device)
+            for c in self.decoder.cached_convs
+        )
+        return VideoDecodeState(bufs)
+
+    # ---- decoding ----------------------------------------------------------------------------------
+    def _unnormalize(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, T, h, w]
+        # In float32 like the release (its scale tensors are float32 under bf16 autocast).
+        z = z.float() * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+        return self.conv2(z.to(self.conv2.weight.dtype))
+
+    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3*p*p, n, h, w] -> [B, 3, n, p*h, p*w]
+        b, _, n, h, w = x.shape
+        p = self.cfg.patch_size
+        # The channel index is c*p*p + r*p + q, with q the row offset and r the column offset.
+        x = x.reshape(b, 3, p, p, n, h, w).permute(0, 1, 4, 5, 3, 6, 2).reshape(b, 3, n, h * p, w * p)
+        return x.clamp(-1.0, 1.0)
+
+    def decode_frame(self, z: torch.Tensor, state: VideoDecodeState, first: bool) -> torch.Tensor:
+        """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4); updates ``state``."""
+        ref = state.history[0]
+        if z.shape[2] != 1 or z.shape[0] != ref.shape[0] or z.shape[-2:] != ref.shape[-2:]:
+            raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for {tuple(ref.shape)}")
+        x = self._unnormalize(z)
+        return self._to_pixels(self.decoder(x, _StaticHistory(state.history, first)))
+
+    def decode_block(self, z: torch.Tensor, state: VideoDecodeState, first_block: bool) -> torch.Tensor:
+        """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""
+        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0) for i in range(z.shape[2])]
+        return torch.cat(out, dim=2)
+
+    @torch.no_grad()
+    def decode_full(self, z: torch.Tensor) -> torch.Tensor:
+        """Reference: a whole clip the release's way (conv2 on all frames, then per frame with its cache list)."""
+        x = self._unnormalize(z)
+        hist = _ReleaseHistory(len(self.decoder.cached_convs))
+        out = []
+        for i in range(x.shape[2]):
+            hist.idx, hist.first = 0, i == 0
+            out.append(self.decoder(x[:, :, i:i + 1], hist))
+        return self._to_pixels(torch.cat(out, dim=2))
+
+
+def build_video_decoder(cfg: WanVAEConfig | None = None, device: torch.device | str = "meta") -> WanVideoDecoder:
+    """The decoder with random weights on ``device`` (``"meta"``: shapes only, for loading or counting).
+
+    The latent statistics are real values on every device but ``"meta"``.
+    """
+    with torch.device(device):
+        return WanVideoDecoder(cfg or WanVAEConfig())
+
+
+def load_video_decoder(path: str | os.PathLike, cfg: WanVAEConfig | None = None, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> WanVideoDecoder:
+    """Load ``decoder.*`` and ``conv2.*`` from the release's flat ``Wan2.2_VAE.pth`` (mmap + assign)."""
+    raw = read_checkpoint(path)
+    sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor) and k.startswith(_KEEP_PREFIXES)}
+    if not any(k.startswith("decoder.") for k in sd):
+        sample = ", ".join(repr(k) for k in list(raw)[:5])
+        raise CheckpointError(
+            f"{path}: no 'decoder.*' keys, so this is not a Wan2.2 VAE checkpoint with a decoder "
+            f"({len(raw)} entries, e.g. {sample}). Expected the official Wan2.2_VAE.pth."
+        )
+    model = build_video_decoder(cfg, device="meta")
+    assign_state_dict(model, sd, path, dtype=dtype, device=device, what="Wan2.2 VAE decoder (decoder.*, conv2.*)")
+    materialize_non_persistent(model, WanVideoDecoder.init_stats, device)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,151 @@
+"""Profiling sessions: the nsys / ncu command lines built from profiles/nsys.toml and ncu.toml (as data:
+flags present, capture range named, sections listed), the explanation when a profiler is missing,
+and the torch session's trace (valid JSON, every documented range) and per-stage table."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+from hallolive_rt import nvtx as hn
+from hallolive_rt.profile import list_profiles
+from hallolive_rt.runtime import profiling as prof
+from tests.test_nvtx import BLOCKS, STEPS, synthetic_stream
+
+STREAM_ARGS = ["--preset", "tiny", "--blocks", "2"]
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    """Value of ``--name=value`` or ``--name value`` in ``cmd``."""
+    for i, a in enumerate(cmd):
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+        if a == name:
+            return cmd[i + 1]
+    raise AssertionError(f"{name} missing from {shlex.join(cmd)}")
+
+
+def test_nsight_presets_are_not_shape_presets():
+    assert "nsys" not in list_profiles() and "ncu" not in list_profiles()
+    assert isinstance(prof.load_session_preset("nsys"), prof.NsysPreset)
+    assert isinstance(prof.load_session_preset("ncu"), prof.NcuPreset)
+
+
+def test_nsys_command_from_preset(tmp_path):
+    cmd = prof.build_command("nsys", None, STREAM_ARGS, out_dir=tmp_path)
+    assert cmd[1] == "profile" and cmd[0].endswith("nsys")
+    assert set(_flag(cmd, "--trace").split(",")) == {"cuda", "nvtx", "osrt", "cudnn", "cublas"}
+    assert _flag(cmd, "--capture-range") == "nvtx"
+    assert _flag(cmd, "--nvtx-capture") == "session@hallolive-rt"   # warm-up and set-up excluded
+    assert _flag(cmd, "--capture-range-end") == "stop-shutdown"
+    assert _flag(cmd, "--env-var") == "NSYS_NVTX_PROFILER_REGISTER_ONLY=0"
+    assert _flag(cmd, "--cuda-graph-trace") == "node"
+    assert _flag(cmd, "--output") == str(tmp_path / "hallolive-rt-nsys")
+    assert "--delay" not in " ".join(cmd) and "--duration" not in " ".join(cmd)   # 0 in the preset
+    # the profiled program: the stream with the caller's options and one silent warm-up run
+    app = cmd[cmd.index("-m") - 1:]
+    assert app[1:4] == ["-m", "hallolive_rt.cli", "stream"]
+    assert app[4:8] == STREAM_ARGS and app[-2:] == ["--warmup-runs", "1"]
+
+
+def test_nsys_delay_and_duration_when_set(tmp_path):
+    import dataclasses
+
+    p = dataclasses.replace(prof.load_session_preset("nsys"), delay_s=2, duration_s=7.5)
+    cmd = prof.build_command("nsys", p, STREAM_ARGS)
+    assert _flag(cmd, "--delay") == "2" and _flag(cmd, "--duration") == "7.5"
+
+
+def test_ncu_command_from_preset(tmp_path):
+    cmd = prof.build_command("ncu", None, STREAM_ARGS, out_dir=tmp_path)
+    assert cmd[0].endswith("ncu") and "--nvtx" in cmd
+    assert _flag(cmd, "--nvtx-include") == "regex:hallolive-rt@dit.step/"
+    sections = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--section"]
+    for s in ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "Occupancy", "LaunchStats"):
+        assert s in sections
+    assert int(_flag(cmd, "--launch-count")) > 0
+    assert _flag(cmd, "--graph-profiling") == "node"
+    assert _flag(cmd, "--export") == str(tmp_path / "hallolive-rt-ncu-dit")
+    assert "--kernel-name" not in cmd                       # the dit target takes every kernel
+
+
+def test_ncu_targets_filter_by_documented_ranges():
+    preset = prof.load_session_preset("ncu")
+    names = hn.range_names()
+    for t in preset.targets:
+        assert t.nvtx_range in names
+        cmd = prof.build_command("ncu", preset, STREAM_ARGS, target=t.name)
+        expr = _flag(cmd, "--nvtx-include")
+        domain, rng = expr.removeprefix("regex:").split("@")
+        assert domain == hn.DOMAIN and rng.endswith("/")
+        # the regex (slashes as '.') picks exactly the target's range among the documented ones
+        assert [n for n in names if re.fullmatch(rng[:-1], n)] == [t.nvtx_range]
+        if t.kernel_regex:
+            assert _flag(cmd, "--kernel-name") == f"regex:{t.kernel_regex}"
+    gemm = prof.build_command("ncu", preset, STREAM_ARGS, target="gemm")
+    assert "gemm" in _flag(gemm, "--kernel-name")
+    with pytest.raises(prof.PresetError, match="unknown ncu target"):
+        prof.build_command("ncu", preset, STREAM_ARGS, target="nope")
+
+
+def test_malformed_preset_is_refused(tmp_path):
+    bad = tmp_path / "nsys.toml"
+    bad.write_text('[nsys]\ntrace = ["cuda"]\nunknown_key = 1\n')
+    with pytest.raises(prof.PresetError, match="unknown_key"):
+        prof.load_session_preset("nsys", bad)
+    wrong = tmp_path / "nsys2.toml"
+    text = (prof.resources.files("hallolive_rt.profiles") / "nsys.toml").read_text()
+    wrong.write_text(text.replace('nvtx_capture = "session"', 'nvtx_capture = "sesion"'))
+    with pytest.raises(prof.PresetError, match="not a documented range"):
+        prof.load_session_preset("nsys", wrong)
+
+
+@pytest.mark.parametrize("session", ["nsys", "ncu"])
+def test_missing_profiler_explains_and_offers_torch(session, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(prof, "_WHERE", {k: dict(v, globs=[]) for k, v in prof._WHERE.items()})
+    assert prof.find_profiler(session) is None
+    cmd = prof.build_command(session, None, STREAM_ARGS)
+    assert cmd[0] == session                         # still buildable, to show or copy elsewhere
+    msg = prof.missing_profiler_message(session, cmd)
+    assert f"`{session}`" in msg and "not found" in msg
+    assert ("Nsight Systems" if session == "nsys" else "Nsight Compute") in msg
+    assert "developer.nvidia.com" in msg and "apt" in msg
+    assert "hallolive-rt profile --session torch" in msg
+    assert shlex.join(cmd) in msg
+    with pytest.raises(prof.ProfilerMissing) as err:
+        prof.require_profiler(session)
+    assert "--session torch" in str(err.value)
+
+
+def test_torch_session_trace_has_every_range_and_table_has_one_row_per_stage(tmp_path):
+    calls = []
+
+    def run():
+        calls.append(1)
+        synthetic_stream(BLOCKS, STEPS)
+
+    trace_path, table = prof.run_torch_session(run, tmp_path, warmup_runs=1)
+    assert len(calls) == 2
+    with open(trace_path) as fh:
+        trace = json.load(fh)
+    ours = [e for e in trace["traceEvents"] if e.get("cat") == "user_annotation" and e.get("name") in hn.range_names()]
+    names = [e["name"] for e in ours]
+    for name in hn.range_names():
+        assert name in names, f"{name} missing from the torch trace"
+    assert names.count("dit/step") == BLOCKS * STEPS                 # warm-up run left no ranges
+    steps = sorted((e["args"]["block"], e["args"]["step"], e["args"]["payload"])
+                   for e in ours if e["name"] == "dit/step")
+    assert steps == [(b, s, hn.encode_payload(b, s)) for b in range(BLOCKS) for s in range(STEPS)]
+
+    assert [r.name for r in table.rows] == hn.range_names()
+    rows = {r.name: r for r in table.rows}
+    assert rows["dit/step"].count == BLOCKS * STEPS and rows["session"].count == 1
+    assert table.session_ms == pytest.approx(rows["session"].total_ms) and table.session_ms > 0
+    text = table.render()
+    print("\n" + text)
+    assert len(text.splitlines()) == 2 + len(hn.range_names())
+    assert json.loads(json.dumps(table.to_dict()))["stages"][0]["name"] == "session"

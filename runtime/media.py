@@ -43,6 +43,7 @@ import ctypes
 import logging
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -97,26 +98,36 @@ def _flush_fragment(container) -> bool:
     """Write the muxer's pending fragment to disk now (libavformat ``av_write_frame(ctx, NULL)``).
 
     PyAV exposes no flush, and the mov muxer otherwise keeps a fragment in memory until the NEXT block's
-    keyframe arrives, so a kill would lose the last finished block. We reach the AVFormatContext pointer
+    keyframe arrives, so a kill would lose the last finished block. We take the AVFormatContext pointer
     (first C field of PyAV's Container, after the object header and the Cython vtable pointer) and call
-    the libavformat that PyAV itself loaded. The pointer is accepted only if it really is an
-    AVFormatContext writing mp4; otherwise we return False and fragments are cut one keyframe late.
+    the libavformat that PyAV itself loaded. Every pointer is read through /proc/self/mem (an unmapped
+    address is an OSError there, not a crash) and accepted only if it leads to an AVFormatContext whose
+    output format is mp4; otherwise we return False and fragments are cut one keyframe late instead.
     """
+    vp = ctypes.sizeof(ctypes.c_void_p)
+    offset = object.__basicsize__ + vp
+    if not isinstance(container, av.container.OutputContainer) or type(container).__basicsize__ < offset + vp:
+        return False
     try:
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            def peek(addr: int, n: int) -> bytes:
+                mem.seek(addr)
+                return mem.read(n)
+
+            def pointer(addr: int) -> int:
+                return int.from_bytes(peek(addr, vp), sys.byteorder) if addr else 0
+
+            ctx = pointer(id(container) + offset)
+            cls = pointer(ctx)  # ctx->av_class; AVClass starts with class_name
+            ofmt = pointer(ctx + 2 * vp) if ctx else 0  # ctx->oformat (after iformat)
+            if not (cls and ofmt and peek(pointer(cls), 16) == b"AVFormatContext\0"
+                    and peek(pointer(ofmt), 4) == b"mp4\0"):
+                return False
         lib = _libavformat()
-        vp = ctypes.sizeof(ctypes.c_void_p)
-        ctx = ctypes.c_void_p.from_address(id(container) + object.__basicsize__ + vp).value
-        if not ctx:
-            return False
-        cls = ctypes.c_void_p.from_address(ctx).value  # ctx->av_class
-        ofmt = ctypes.c_void_p.from_address(ctx + 2 * vp).value  # ctx->oformat (after iformat)
-        if not cls or not ofmt or ctypes.c_char_p.from_address(cls).value != b"AVFormatContext" \
-                or ctypes.c_char_p.from_address(ofmt).value != b"mp4":
-            return False
         if lib.av_interleaved_write_frame(ctx, None) < 0:  # drain the interleaving queue
             return False
         return lib.av_write_frame(ctx, None) >= 0  # mov muxer: close + write the fragment
-    except (OSError, AttributeError, ValueError):
+    except (OSError, ValueError, OverflowError):
         return False
 
 
@@ -195,7 +206,7 @@ class StreamWriter:
 
     def __init__(self, path: Path | None, *, width: int, height: int, fps: float | Fraction,
                  sample_rate: int, frames_out: Path | None = None, wav_out: Path | None = None,
-                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 128_000):
+                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 64_000):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise MediaError(f"frame size {width}x{height} must be positive and even (yuv420p)")
         if sample_rate <= 0 or fps <= 0:

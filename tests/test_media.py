@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.runtime import media
 from hallolive_rt.runtime.media import MediaError, StreamWriter, probe_media
 
 W, H, SR = 96, 64, 16000
@@ -125,6 +126,7 @@ def test_release_drift_at_24fps_and_none_at_25(tmp_path, blocks):
     lead24 = [p.audio_end - p.video_end for p in w24.timeline]
     assert all(b - a == Fraction(-1, 25) for a, b in zip(lead24, lead24[1:]))  # -40 ms every block
     assert {p.audio_end - p.video_end for p in w25.timeline} == {Fraction(3, 25)}
+    assert abs(w24.timeline[-1].audio_lead_s - (0.125 - 0.04 * blocks)) < 1e-12
 
     p24, p25 = probe_media(tmp_path / "r24.mp4"), probe_media(tmp_path / "r25.mp4")
     gap24 = p24["video"][0]["end_s"] - p24["audio"][0]["end_s"]
@@ -192,6 +194,31 @@ def test_file_copied_mid_stream_and_torn_fragment(tmp_path, tiny_profile):
     torn = tmp_path / "torn.mp4"  # killed while writing block 2's fragment
     torn.write_bytes(out.read_bytes()[:size2 + 300])
     assert probe_media(torn)["video"][0]["frames"] >= 13
+
+
+def test_fragment_flush_is_what_saves_the_last_block(tmp_path, monkeypatch):
+    """Without the explicit flush the mov muxer keeps block 1 in memory until block 2's keyframe."""
+    for flush, expected in ((True, 13), (False, 5)):
+        if not flush:
+            monkeypatch.setattr(media, "_flush_fragment", lambda c: False)
+        out = tmp_path / f"o{flush}.mp4"
+        with StreamWriter(out, width=W, height=H, fps=25, sample_rate=SR) as w:
+            for b, n in enumerate((5, 8)):
+                w.write_block(frames_of(n, b), tone(5120, b * 5120))
+            shutil.copy(out, tmp_path / "copy.mp4")
+        assert probe_media(tmp_path / "copy.mp4")["video"][0]["frames"] == expected
+        assert probe_media(out)["video"][0]["frames"] == 13 + 3
+
+
+def test_flush_refuses_anything_but_an_mp4_output(tmp_path):
+    import io
+
+    with av.open(io.BytesIO(), "w", format="matroska") as mkv:
+        assert media._flush_fragment(mkv) is False
+    write_stream(tmp_path / "o.mp4", 1, lambda b: (5, 5120), 25)
+    with av.open(str(tmp_path / "o.mp4")) as inp:
+        assert media._flush_fragment(inp) is False
+    assert media._flush_fragment(object()) is False and media._flush_fragment(b"\x10" * 64) is False
 
 
 def test_y4m_and_wav_are_valid_and_raw(tmp_path, tiny_profile):

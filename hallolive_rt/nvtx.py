@@ -24,7 +24,9 @@ tests/test_nvtx.py compares what a real NVTX tool records against it.
 ``session`` wraps the streaming loop of one stream (after model build, compilation and graph capture,
 so set-up never lands inside it); ``block`` is one streaming block: ``per-step`` denoising steps
 (4 in both presets), the context pass that writes the KV caches, the two decoders and the hand-off
-of decoded media to the writer.
+of decoded media to the writer. NVTX push/pop ranges nest per thread: the tree is that of the thread
+running the loop; a stage entered on another thread (a writer or decode thread) starts its own root
+there, which Nsight shows on that thread's row.
 
 Payload
 -------

@@ -214,3 +214,22 @@ def test_stage_timer_times_every_stage_on_cpu():
     with hn.suppressed(), timer:
         synthetic_stream(1, 1)
     assert len(timer.records()) == len(recs)
+
+
+@pytest.mark.cuda
+def test_stage_timer_uses_cuda_events_and_skips_graph_capture():
+    timer = hn.StageTimer("cuda")
+    x = torch.randn(256, 256, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with timer:
+        with hn.stage("dit/step", block=0, step=0):
+            y = x @ x
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            with hn.stage("dit/step", block=0, step=1):      # inside capture: not timed
+                y = x @ x
+    recs = timer.records()
+    assert [(r.name, r.step) for r in recs] == [("dit/step", 0)] and recs[0].ms > 0
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all()

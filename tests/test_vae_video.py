@@ -70,6 +70,9 @@ def test_stats_are_real_after_build():
     m = build_video_decoder(WanVAEConfig.tiny(), device="cpu")
     assert m.latent_mean.shape == (48,) and m.latent_std.shape == (48,)
     assert abs(m.latent_mean[0].item() + 0.2289) < 1e-6 and abs(m.latent_std[-1].item() - 0.7744) < 1e-6
+    m = m.to(torch.bfloat16)  # weights cast; the constants stay exact float32 like the release's
+    assert m.conv2.weight.dtype == torch.bfloat16 and m.latent_std.dtype == torch.float32
+    assert m.latent_std[0].item() == torch.tensor(0.4765).item()
 
 
 @pytest.mark.parametrize("block", [1, 2])
@@ -101,6 +104,20 @@ def test_frame_counts_and_state_shapes_are_static():
     assert all(s[0] == 1 and s[2] == 2 for s in shapes)
     with pytest.raises(ValueError, match="does not fit"):
         m.decode_frame(torch.randn(1, 48, 1, H + 1, W), state, first=False)
+
+
+def test_functional_step_equals_in_place_step():
+    m = _tiny()
+    z = torch.randn(1, 48, 3, H, W)
+    state = m.new_state(1, H, W)
+    history = tuple(torch.randn_like(b) for b in state.history)  # stale: the first step must ignore it
+    with torch.no_grad():
+        for i in range(3):
+            want = m.decode_frame(z[:, :, i:i + 1], state, first=i == 0)
+            got, history = m.decode_frame_functional(z[:, :, i:i + 1], history, first=i == 0)
+            assert torch.equal(got, want)
+            assert [tuple(h.shape) for h in history] == state.shapes()
+            assert all(torch.equal(h, b) for h, b in zip(history, state.history))
 
 
 def test_first_frame_ignores_stale_state():
@@ -161,3 +178,37 @@ def test_steady_step_compiles_fullgraph():
 def test_steady_step_compiles_fullgraph_inductor():
     torch._dynamo.reset()
     _compiled_matches_eager("inductor")
+
+
+@pytest.mark.cuda
+def test_steady_step_cuda_graph_capture_without_sync():
+    """Capture decode_frame(first=False) once, replay it for later frames, compare with eager."""
+    m = _tiny().cuda()
+    z = torch.randn(1, 48, 4, H, W, device="cuda")
+    s_eager, s_graph = m.new_state(1, H, W), m.new_state(1, H, W)
+    static_z = z[:, :, 1:2].clone()
+    with torch.no_grad():
+        m.decode_frame(z[:, :, :1], s_eager, first=True)
+        m.decode_frame(z[:, :, :1], s_graph, first=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a scratch state: capture must not see its updates
+            scratch = m.new_state(1, H, W)
+            for _ in range(2):
+                m.decode_frame(static_z, scratch, first=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        got, want = [], []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                static_out = m.decode_frame(static_z, s_graph, first=False)
+            for i in (1, 2, 3):
+                static_z.copy_(z[:, :, i:i + 1])
+                graph.replay()
+                got.append(static_out.clone())
+                want.append(m.decode_frame(z[:, :, i:i + 1], s_eager, first=False))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, rtol=0, atol=1e-4, what=f"graph replay frame {i + 1}")

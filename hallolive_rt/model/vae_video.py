@@ -123,6 +123,25 @@ class _StaticHistory:
         return self.first
 
 
+class _FunctionalHistory:
+    """``History`` that returns the next history instead of writing it (for exporters without mutation)."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, ...], first: bool):
+        self.buffers, self.first = buffers, first
+        self.new: list[torch.Tensor | None] = [None] * len(buffers)  # fixed length, filled once per slot
+
+    def causal_input(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[conv.cache_index]
+        xc = F.pad(x, (0, 0, 0, 0, CACHE_T, 0)) if self.first else torch.cat([buf, x], dim=2)
+        self.new[conv.cache_index] = xc[:, :, -CACHE_T:]
+        return xc
+
+    def skip_time_conv(self, conv: CausalConv3d) -> bool:
+        if self.first:
+            self.new[conv.cache_index] = torch.zeros_like(self.buffers[conv.cache_index])
+        return self.first
+
+
 class _ReleaseHistory:
     """The release's cache list, kept as the reference: entries go None -> "Rep" or a 1-frame tensor
     -> a 2-frame tensor, and a running index (reset per frame) picks the slot."""
@@ -172,10 +191,17 @@ class WanVideoDecoder(nn.Module):
         self.register_buffer("latent_std", torch.empty(cfg.z_dim), persistent=False)
         self.init_stats()
 
-    def init_stats(self) -> None:
-        """(Re)create the latent statistics in float32 on the current default device."""
-        self.latent_mean = torch.tensor(self._stats[0], dtype=torch.float32)
-        self.latent_std = torch.tensor(self._stats[1], dtype=torch.float32)
+    def init_stats(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the latent statistics in float32 on ``device`` (default: the current default device)."""
+        self.latent_mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device)
+        self.latent_std = torch.tensor(self._stats[1], dtype=torch.float32, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # ``.to(torch.bfloat16)`` would round the statistics; the release keeps them in float32, so
+        # rebuild them exactly from the constants wherever the buffers went.
+        super()._apply(fn, recurse)
+        self.init_stats(self.latent_mean.device)
+        return self
 
     # ---- state -------------------------------------------------------------------------------------
     def new_state(self, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype | None = None,
@@ -211,6 +237,16 @@ class WanVideoDecoder(nn.Module):
             raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for {tuple(ref.shape)}")
         x = self._unnormalize(z)
         return self._to_pixels(self.decoder(x, _StaticHistory(state.history, first)))
+
+    def decode_frame_functional(self, z: torch.Tensor, history: tuple[torch.Tensor, ...], first: bool
+                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``decode_frame`` without mutation: returns (frames, next history), same shapes as ``history``.
+
+        For exporters (ONNX/TensorRT) that need the state as explicit inputs and outputs.
+        """
+        hist = _FunctionalHistory(history, first)
+        frames = self._to_pixels(self.decoder(self._unnormalize(z), hist))
+        return frames, tuple(hist.new)
 
     def decode_block(self, z: torch.Tensor, state: VideoDecodeState, first_block: bool) -> torch.Tensor:
         """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 
 #if defined(__CUDACC__)
 #define HKV_HOST_DEVICE __host__ __device__ __forceinline__
@@ -19,6 +20,11 @@
 #endif
 
 namespace hallolive_kv {
+
+// "torch.float32", as Python prints a dtype, so C++ and fake-kernel messages read the same.
+inline std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
 
 // Logical slot -> physical slot. Slots below ring_start (the sink) are never wrapped; slots at or past
 // ring_start wrap inside [ring_start, ring_start + ring_size). ring_size == 0 means no ring at all.
@@ -36,7 +42,7 @@ inline void check_cache(const char* op, const at::Tensor& cache) {
   TORCH_CHECK(cache.dim() == 4, op, ": `cache` must be 4-D [B, S, H, D], got shape ", cache.sizes());
   const auto dt = cache.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": `cache` dtype must be float32, bfloat16 or float16, got ", dt);
+              ": `cache` dtype must be float32, bfloat16 or float16, got ", dtype_name(dt));
   TORCH_CHECK(cache.is_contiguous(), op, ": `cache` must be contiguous [B, S, H, D], got strides ",
               cache.strides(), " for shape ", cache.sizes());
   TORCH_CHECK(cache.size(3) % 2 == 0, op, ": `cache` head_dim D must be even (RoPE pairs), got D=",
@@ -51,7 +57,7 @@ inline void check_block(const char* op, const at::Tensor& src, const at::Tensor&
               op, ": `src` must have shape [B=", cache.size(0), ", N, H=", cache.size(2), ", D=", cache.size(3),
               "] to match `cache` ", cache.sizes(), ", got ", src.sizes());
   TORCH_CHECK(src.scalar_type() == cache.scalar_type(), op, ": `src` dtype must equal `cache` dtype ",
-              cache.scalar_type(), ", got ", src.scalar_type());
+              dtype_name(cache.scalar_type()), ", got ", dtype_name(src.scalar_type()));
   TORCH_CHECK(src.device() == cache.device(), op, ": `src` must be on `cache`'s device ", cache.device(),
               ", got ", src.device());
   TORCH_CHECK(src.size(3) <= 1 || src.stride(3) == 1, op,
@@ -61,7 +67,7 @@ inline void check_block(const char* op, const at::Tensor& src, const at::Tensor&
 // The slot offset lives in a device tensor so one captured graph serves every block.
 inline void check_offset(const char* op, const at::Tensor& offset, const at::Tensor& cache) {
   TORCH_CHECK(offset.scalar_type() == at::kLong, op, ": `offset` dtype must be int64, got ",
-              offset.scalar_type());
+              dtype_name(offset.scalar_type()));
   TORCH_CHECK(offset.dim() == 1 && offset.size(0) == 1, op, ": `offset` must have shape [1], got ",
               offset.sizes());
   TORCH_CHECK(offset.device() == cache.device(), op, ": `offset` must be on `cache`'s device ",
@@ -87,7 +93,7 @@ inline void check_table(const char* op, const char* name, const at::Tensor& t, i
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == half, op, ": `", name,
               "` must have shape [", rows, ", ", half, "] (rows, D/2), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "` dtype must be float32, got ",
-              t.scalar_type());
+              dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == cache.device(), op, ": `", name, "` must be on `cache`'s device ",
               cache.device(), ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous, got strides ", t.strides());

@@ -1,0 +1,150 @@
+"""Microbenchmark: hallolive_kv ops against the plain-torch write (index_copy + separate RoPE).
+
+    python bench/kv_write_bench.py                      # CUDA, full-size video block, bf16
+    python bench/kv_write_bench.py --device cpu --tiny  # smoke run of the script itself
+
+Default shapes are one video self-attention block of the released model (FACTS.md sections 2 and 4):
+cache [1, 14880, 24, 128] bf16, a block of N = 2976 tokens (6 latent frames x 496), written with a sink of
+one block and a ring over the rest so the write wraps. Each variant is warmed up, then timed with CUDA
+events around --repeat back-to-back calls per sample; the JSON keeps the raw times, the median and
+the effective bandwidth (bytes the op must move / median time). Written to bench/results/kv_write_bench_<device>.json unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hallolive_rt.kvcache import get_kv_ops  # noqa: E402
+
+
+def _timer(device: torch.device, repeat: int):
+    """Seconds per call, one sample per `repeat` back-to-back calls (launch cost included, as in a loop)."""
+    if device.type == "cuda":
+        def run(fn, iters):
+            times = []
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeat):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e-3 / repeat)
+            return times
+    else:
+        def run(fn, iters):
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                for _ in range(repeat):
+                    fn()
+                times.append((time.perf_counter() - t0) / repeat)
+            return times
+    return run
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _driver() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "none"
+    res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--tiny", action="store_true", help="small shapes (script smoke test)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=10, help="calls per timed sample")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    b, h, d = 1, 24, 128
+    s, n = (14880, 2976) if not args.tiny else (120, 24)
+    if args.tiny:
+        h, d = 4, 32
+    sink, ring = n, s - n
+    offset = torch.tensor([sink + ring - n // 2], device=device)  # the block straddles the ring's end
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cache = torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype)
+    src = torch.randn(b, n, h, d, generator=gen).to(device=device, dtype=dtype)
+    ang = torch.rand(n, d // 2, generator=gen).to(device) * 100
+    cos, sin = ang.cos(), ang.sin()
+
+    ext, ref = get_kv_ops("ext"), get_kv_ops("torch")
+    elem = cache.element_size()
+    block_bytes = b * n * h * d * elem
+    table_bytes = 2 * n * (d // 2) * 4
+    variants = {
+        # name: (fn, bytes the op must move at least: read src + tables, write the block)
+        "rope_write_block/ext": (lambda: ext.rope_write_block(cache, src, cos, sin, offset, sink, ring),
+                                 2 * block_bytes + table_bytes),
+        "rope_write_block/torch": (lambda: ref.rope_write_block(cache, src, cos, sin, offset, sink, ring),
+                                   2 * block_bytes + table_bytes),
+        "write_block/ext": (lambda: ext.write_block(cache, src, offset, sink, ring), 2 * block_bytes),
+        "write_block/torch": (lambda: ref.write_block(cache, src, offset, sink, ring), 2 * block_bytes),
+        "rerotate/ext": (lambda: ext.rerotate(cache, cos, sin, sink, n), 2 * block_bytes + table_bytes),
+        "rerotate/torch": (lambda: ref.rerotate(cache, cos, sin, sink, n), 2 * block_bytes + table_bytes),
+    }
+    timer = _timer(device, args.repeat)
+    results = {}
+    for name, (fn, nbytes) in variants.items():
+        timer(fn, args.warmup)
+        raw = timer(fn, args.iters)
+        med = statistics.median(raw)
+        results[name] = {"median_s": med, "p90_s": sorted(raw)[int(0.9 * (len(raw) - 1))],
+                         "effective_GBps": nbytes / med / 1e9, "bytes": nbytes, "raw_s": raw}
+        print(f"{name:26s} median {med * 1e6:9.1f} us  {nbytes / med / 1e9:8.1f} GB/s", file=sys.stderr)
+    for op in ("rope_write_block", "write_block", "rerotate"):
+        results[f"{op}/speedup"] = results[f"{op}/torch"]["median_s"] / results[f"{op}/ext"]["median_s"]
+
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "driver": _driver() if device.type == "cuda" else "n/a",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "shapes": {"cache": [b, s, h, d], "block": [b, n, h, d], "tables": [n, d // 2],
+                   "ring_start": sink, "ring_size": ring, "offset": int(offset.cpu()[0])},
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "repeat": args.repeat,
+        "results": results,
+    }
+    out = args.out or REPO / "bench" / "results" / f"kv_write_bench_{device.type}{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

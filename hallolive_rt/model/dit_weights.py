@@ -1,0 +1,87 @@
+"""Checkpoint layouts of the DiT and how to build it: from a file, or with random weights on a device.
+
+Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (FACTS.md section 3):
+  * flat ``{"model.video_model...": tensor}`` (the released file);
+  * nested training files ``{"generator_ema": {...}, "generator": {...}, "critic": ...}``
+    (``generator_ema`` preferred), keys possibly carrying ``_fsdp_wrapped_module.`` (stripped);
+  * the Ovi teacher's ``model.safetensors`` naming (no ``model.`` prefix).
+The model is built on the meta device and the (mmapped) tensors are assigned: nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+from ..config import FusionConfig
+from ..weights import CheckpointError, assign_state_dict, read_checkpoint, strip_and_select
+from .dit import DualStreamDiT
+
+__all__ = ["dit_state_dict_from_file", "select_dit_weights", "load_dit", "build_dit", "init_random_"]
+
+_FSDP = "_fsdp_wrapped_module."
+_NESTED = ("generator_ema", "generator")
+
+
+def select_dit_weights(raw: Mapping[str, object], file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Pick the generator from any released layout and return names as ``DualStreamDiT`` has them."""
+    chosen, where = raw, "top level"
+    for key in _NESTED:
+        if isinstance(raw.get(key), Mapping):
+            chosen, where = raw[key], f"entry {key!r}"
+            break
+    tensors = strip_and_select(chosen, drop_substrings=(_FSDP,))
+    if not tensors:
+        keys = ", ".join(repr(k) for k in list(raw)[:8])
+        raise CheckpointError(f"{file}: no DiT tensors at the {where} (top-level keys: {keys}); expected a flat "
+                              f"state dict or one nested under 'generator_ema'/'generator'")
+    if all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def dit_state_dict_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return select_dit_weights(read_checkpoint(path), path)
+
+
+def load_dit(path: str | os.PathLike, cfg: FusionConfig, *, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.bfloat16) -> DualStreamDiT:
+    """Build the DiT on the meta device and assign the checkpoint's tensors (strict, cast to ``dtype``)."""
+    sd = dit_state_dict_from_file(path)
+    with torch.device("meta"):
+        model = DualStreamDiT(cfg)
+    assign_state_dict(model, sd, path, dtype=dtype, device=device, what="Hallo-Live DiT")
+    model.reset_rope()
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def init_random_(model: DualStreamDiT, seed: int = 0, std: float = 0.02) -> DualStreamDiT:
+    """Fill every parameter in place with small random values (never zeros: benchmarks must not time
+    on zeros, and a zero head would hide bugs). Norm weights stay near 1. Works on any device."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        if "norm" in name and p.dim() == 1:  # RMSNorm / affine LayerNorm weight ~1, bias ~0
+            p.copy_(1 + 0.1 * r if name.endswith("weight") else 0.1 * r)
+        elif "modulation" in name:
+            p.copy_(r / p.shape[-1] ** 0.5)
+        elif p.dim() == 1:
+            p.copy_(0.02 * r)
+        else:
+            fan_in = p[0].numel()
+            p.copy_(r * min(std, fan_in ** -0.5))
+    return model
+
+
+def build_dit(cfg: FusionConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              seed: int = 0) -> DualStreamDiT:
+    """A DiT with random weights materialised directly on ``device`` in ``dtype`` (no host copy)."""
+    with torch.device("meta"):
+        model = DualStreamDiT(cfg)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta first: one allocation, in dtype
+    model.reset_rope()
+    init_random_(model, seed)
+    return model.eval().requires_grad_(False)

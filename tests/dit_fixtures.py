@@ -1,0 +1,40 @@
+"""Tiny DiT builders shared by the DiT, stream and export tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.config import load_fusion_config
+from hallolive_rt.model.dit_weights import build_dit
+from hallolive_rt.profile import Profile, load_profile
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_dit(dtype=torch.float32, seed: int = 0, profile: Profile | None = None):
+    p = profile or load_profile("tiny")
+    cfg = load_fusion_config(p.video_config, p.audio_config)
+    return build_dit(cfg, device="cpu", dtype=dtype, seed=seed)
+
+
+def tiny_inputs(profile: Profile, blocks: int, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    fb, na = profile.stream.latent_frames_per_block, profile.stream.audio_tokens_per_block
+    v = profile.video
+    nv = torch.randn(1, blocks * fb, v.latent_channels, v.latent_height, v.latent_width, generator=g)
+    na_ = torch.randn(1, blocks * na, profile.audio.latent_channels, generator=g)
+    ctx = torch.randn(1, profile.text.text_len, profile.text.text_dim, generator=g)
+    return nv.to(dtype), na_.to(dtype), ctx.to(dtype)
+
+
+def key_list(name: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape from a shared key list (``name<TAB>shape<TAB>dtype`` lines)."""
+    out = {}
+    for line in (SHARED / "data" / "keys" / name).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        k, shape, _ = line.split("\t")
+        out[k] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    return out

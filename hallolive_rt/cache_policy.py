@@ -68,22 +68,27 @@ class RollingPolicy:
     name = "rolling"
 
     def __init__(self, profile: Profile, *, sink_blocks: int = 1, window_blocks: int | None = None,
-                 audio_history_tokens: int | None = None, blocks: int | None = None):
+                 audio_history_tokens: int | None = None, blocks: int | None = None,
+                 max_positions: int = ROPE_POSITIONS):
         s = profile.stream
         self.p = profile
         self.blocks = blocks  # None = endless
         self.sink = sink_blocks
-        self.window = window_blocks if window_blocks is not None else max(s.blocks - sink_blocks, 1)
-        hist = audio_history_tokens if audio_history_tokens is not None else s.audio_tokens_per_block * self.window
-        if hist > s.audio_tokens_per_block * self.window:
-            raise ValueError("audio history longer than the video window would need positions below 0")
+        self.window = window_blocks if window_blocks is not None else max(s.blocks - sink_blocks, 2)
+        # the audio history may reach back over the ring's earlier blocks, no further: its tokens then
+        # always sit at or after the oldest cached ring frame, so their positions stay >= 0 after re-basing
+        longest = s.audio_tokens_per_block * (self.window - 1)
+        hist = audio_history_tokens if audio_history_tokens is not None else longest
+        if hist > longest:
+            raise ValueError(f"audio history {hist} is longer than the video ring's earlier blocks ({longest} tokens)")
         if hist % s.audio_tokens_per_block:
             raise ValueError("audio history must be a whole number of blocks")
         self.hist = hist
+        self.max_pos = max_positions  # tests lower it to force re-basing early
         span_frames = (self.sink + self.window) * s.latent_frames_per_block
         span_tokens = hist + profile.audio_window
-        if span_frames > ROPE_POSITIONS or span_tokens > ROPE_POSITIONS:
-            raise ValueError(f"window too long for {ROPE_POSITIONS}-position RoPE tables")
+        if span_frames > max_positions or span_tokens > max_positions:
+            raise ValueError(f"window too long for {max_positions}-position RoPE tables")
 
     def layout(self) -> CacheLayout:
         nv = self.p.video_tokens_per_block
@@ -104,7 +109,7 @@ class RollingPolicy:
             a_len = na * i - a_start + w
             delta = 0
             # re-base when this block's last video frame or last audio token would leave the tables
-            if fb * (i + 1) - rebased > ROPE_POSITIONS or na * i + w - tpf * rebased > ROPE_POSITIONS:
+            if fb * (i + 1) - rebased > self.max_pos or na * i + w - tpf * rebased > self.max_pos:
                 oldest = max(self.sink, i - self.window + 1) * fb  # oldest ring frame kept after this write
                 delta = (oldest - rebased) - self.sink * fb
                 rebased += delta

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import StreamConfig
+from ..kvcache.reference import apply_rope_pairs as apply_rope  # one RoPE for the model and the cache ops
 
 __all__ = ["RopeTables", "apply_rope", "rope_inv_freq", "ROPE_POSITIONS", "THETA"]
 
@@ -98,18 +99,3 @@ class RopeTables(nn.Module):
         cos = torch.cat([ct, ones]).expand(rows, -1).contiguous()
         sin = torch.cat([st, torch.zeros_like(ones)]).expand(rows, -1).contiguous()
         return cos, sin
-
-    def positions(self, pos: torch.Tensor, grid_h: int = 1, grid_w: int = 1):
-        """Dispatch: frame positions for video, token positions for audio."""
-        return self.audio(pos) if self.is_audio else self.video(pos, grid_h, grid_w)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` [B, L, H, D] by cos/sin [L, D/2] in float32; returns x's dtype."""
-    b, n, h, d = x.shape
-    xf = x.float().reshape(b, n, h, d // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c = cos.view(1, n, 1, d // 2)
-    s = sin.view(1, n, 1, d // 2)
-    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
-    return out.reshape(b, n, h, d).to(x.dtype)

@@ -1,1 +1,57 @@
-"""Backends of the streaming session: eager, cudagraph, aoti, tensorrt."""
+"""Backend registry: ``get_backend(name, **options)`` -> an object with the ``Backend`` interface.
+
+    eager      PyTorch modules, eagerly (the reference)
+    cudagraph  the same modules, each per-block step captured once per static variant and replayed
+    aoti       AOTInductor packages built by ``hallolive-rt export`` (runtime/backends/aoti.py)
+    tensorrt   TensorRT plans built by ``hallolive-rt export`` (runtime/backends/tensorrt.py)
+
+aoti and tensorrt are imported only when asked for (their modules pull in heavy, optional packages);
+each module provides ``create_backend(**options) -> Backend``. A backend that cannot run here raises
+``BackendUnavailable`` with what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend, BackendUnavailable, distinct_variants, variant_name
+
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "get_backend", "available_backends",
+           "distinct_variants", "variant_name"]
+
+BACKENDS = ("eager", "cudagraph", "aoti", "tensorrt")
+_LAZY = {"aoti": "hallolive_rt.runtime.backends.aoti", "tensorrt": "hallolive_rt.runtime.backends.tensorrt"}
+
+
+def get_backend(name: str, **options) -> Backend:
+    """A fresh backend instance. ``options`` go to its constructor (e.g. ``artifact_dir=`` for aoti)."""
+    if name == "eager":
+        from .eager import EagerBackend
+
+        return EagerBackend(**options)
+    if name == "cudagraph":
+        from .cudagraph import CudaGraphBackend
+
+        return CudaGraphBackend(**options)
+    if name in _LAZY:
+        try:
+            mod = importlib.import_module(_LAZY[name])
+        except ImportError as e:
+            raise BackendUnavailable(f"backend {name!r} cannot be imported here: {e}") from e
+        factory = getattr(mod, "create_backend", None)
+        if factory is None:
+            raise BackendUnavailable(f"{_LAZY[name]} defines no create_backend(**options)")
+        return factory(**options)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def available_backends() -> dict[str, str]:
+    """name -> "ok" or the reason it cannot run here (constructs each backend once, cheaply)."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            get_backend(name)
+            out[name] = "ok"
+        except (BackendUnavailable, TypeError) as e:
+            out[name] = str(e)
+    return out

@@ -1,0 +1,70 @@
+"""The backend contract: how a streaming session runs one DiT step.
+
+A backend replaces ``BlockStream.eager_step`` and nothing else: the block loop (x0 math, re-noising,
+audio history, cache policy, cursor ``fill_``) stays the one in ``hallolive_rt.stream``, so every
+backend is checked against the same reference by construction.
+
+    backend = get_backend("cudagraph")
+    backend.prepare(stream, plans)        # once per session, before ``stream.start(ctx)``
+    stream.step_fn = backend.step         # (xv, xa, vt, at, plan) -> (flow_v, flow_a)
+    print(backend.variants())             # the static shapes it serves
+
+``prepare`` sees every ``BlockPlan`` the session will run (or one period of an endless rolling stream,
+whose plans repeat the same variants); a backend that needs static shapes (graphs, engines) builds one
+artifact per distinct ``plan.variant`` = (audio_len, video_kv_len). ``prepare`` may run the DiT
+(warm-up, capture) and so may write into the caches: the session calls ``stream.start`` afterwards,
+which zeroes them.
+
+``step`` has ``BlockStream.eager_step``'s contract: inputs xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca],
+vt [B, Fb] and at [B, La] float32; the cursor (write row, first positions) already holds ``plan``'s
+values on the device. Outputs may be static buffers owned by the backend, valid until its next ``step``
+(the block loop consumes them at once).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from hallolive_rt.cache_policy import BlockPlan
+
+__all__ = ["Backend", "BackendUnavailable", "variant_name", "distinct_variants"]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot run here; the message says what is missing and how to get it."""
+
+
+def variant_name(variant: tuple[int, int]) -> str:
+    audio_len, kv_len = variant
+    return f"audio_len={audio_len},video_kv_len={kv_len}"
+
+
+def distinct_variants(plans: list[BlockPlan]) -> list[tuple[int, int]]:
+    """Distinct static variants, largest first (the order graphs are captured in: the largest sizes
+    the shared memory pool, the smaller ones reuse it)."""
+    return sorted({p.variant for p in plans}, key=lambda v: (v[1], v[0]), reverse=True)
+
+
+class Backend(ABC):
+    """One way to execute the DiT step. Subclasses set ``name``."""
+
+    name: str = "?"
+
+    @abstractmethod
+    def prepare(self, stream, plans: list[BlockPlan]) -> None:
+        """Build whatever the backend needs for every variant of ``plans`` (``stream`` is a BlockStream)."""
+
+    @abstractmethod
+    def step(self, xv: torch.Tensor, xa: torch.Tensor, vt: torch.Tensor, at: torch.Tensor,
+             plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DiT forward; same arguments and results as ``BlockStream.eager_step``."""
+
+    @abstractmethod
+    def variants(self) -> list[str]:
+        """Printable list of the static variants this backend has prepared."""
+
+    def describe(self) -> str:
+        v = self.variants()
+        return f"{self.name}: {len(v)} variant(s)" + "".join(f"\n  {x}" for x in v)

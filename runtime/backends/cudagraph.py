@@ -1,0 +1,123 @@
+"""CUDA-graph backend: every DiT step captured once per static variant, then replayed.
+
+The contract, nano-vllm style, on one screen:
+  1. static inputs per variant (audio_len, video_kv_len): xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca],
+     vt [B, Fb], at [B, La] float32, filled with small random values (never time or warm up on zeros);
+  2. warm-up on a side stream (lazy inits, cuBLAS/cuDNN workspaces, autotuning stay out of the graph);
+  3. capture largest variant first into ONE shared memory pool: the largest sizes the pool and every
+     smaller graph reuses its blocks (variants run one at a time, never concurrently);
+  4. per step: ``copy_`` into the variant's static inputs, ``replay()``, return its static outputs.
+The per-block numbers (cache write row, first RoPE positions) live in the session's ``Cursor`` device
+buffers, written with ``fill_`` before the block: the graph reads them, so one graph serves every block
+with the same variant. Nothing in a captured step syncs the host (tests/test_backends.py captures under
+``torch.cuda.set_sync_debug_mode("error")``).
+
+Outputs are the graph's static buffers: valid until the next ``step`` of any variant (they live in the
+shared pool), which is how the block loop uses them (x0 is computed from them at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hallolive_rt.cache_policy import BlockPlan
+
+from .base import Backend, BackendUnavailable, distinct_variants, variant_name
+
+__all__ = ["CudaGraphBackend", "require_cuda"]
+
+
+def require_cuda(device: torch.device | str | None = None, what: str = "cudagraph backend") -> None:
+    """Raise ``BackendUnavailable`` naming what is missing for CUDA graphs on ``device``."""
+    if not torch.cuda.is_available():
+        built = (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+                 if torch.version.cuda is None else
+                 f"torch {torch.__version__} is built with CUDA {torch.version.cuda} but no CUDA device "
+                 f"is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
+        raise BackendUnavailable(f"the {what} needs a CUDA GPU: {built}. Run on a machine with an NVIDIA GPU "
+                                 f"and a CUDA build of torch, or use --backend eager.")
+    if device is not None and torch.device(device).type != "cuda":
+        raise BackendUnavailable(f"the {what} captures CUDA graphs, but the DiT is on {device}; "
+                                 f"pass --dit-device cuda[:N] or use --backend eager.")
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    xv: torch.Tensor
+    xa: torch.Tensor
+    vt: torch.Tensor
+    at: torch.Tensor
+    flow_v: torch.Tensor
+    flow_a: torch.Tensor
+
+
+class CudaGraphBackend(Backend):
+    name = "cudagraph"
+
+    def __init__(self, warmup_iters: int = 2):
+        require_cuda()
+        self.warmup_iters = warmup_iters
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self.pool = None
+        self.capture_s: float | None = None
+
+    def _static_inputs(self, stream, audio_len: int, gen: torch.Generator):
+        p, dev, dt = stream.p, stream.device, stream.dtype
+        b, fb, v = p.stream.batch, p.stream.latent_frames_per_block, p.video
+
+        def rnd(*shape, dtype):
+            return torch.randn(shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+
+        xv = rnd(b, fb, v.latent_channels, v.latent_height, v.latent_width, dtype=dt)
+        xa = rnd(b, audio_len, p.audio.latent_channels, dtype=dt)
+        vt = torch.full((b, fb), 500.0, device=dev)  # float32 like the block loop's timesteps
+        at = torch.full((b, audio_len), 500.0, device=dev)
+        return xv, xa, vt, at
+
+    @torch.no_grad()
+    def prepare(self, stream, plans: list[BlockPlan]) -> None:
+        import time
+
+        dev = torch.device(stream.device)
+        require_cuda(dev)
+        t0 = time.perf_counter()
+        with torch.cuda.device(dev):
+            self.pool = torch.cuda.graph_pool_handle()
+            gen = torch.Generator(device=dev).manual_seed(1234)
+            main = torch.cuda.current_stream(dev)
+            for variant in distinct_variants(plans):
+                if variant in self._graphs:
+                    continue
+                plan = next(p for p in plans if p.variant == variant)
+                xv, xa, vt, at = self._static_inputs(stream, variant[0], gen)
+                stream.cursor.set(plan)  # warm-up writes land inside this variant's rows
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_iters):
+                        stream.eager_step(xv, xa, vt, at, plan)
+                main.wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    fv, fa = stream.eager_step(xv, xa, vt, at, plan)
+                self._graphs[variant] = _Captured(g, xv, xa, vt, at, fv, fa)
+            torch.cuda.synchronize(dev)
+        self.capture_s = time.perf_counter() - t0
+
+    def step(self, xv, xa, vt, at, plan: BlockPlan):
+        c = self._graphs.get(plan.variant)
+        if c is None:
+            raise KeyError(f"block {plan.index} needs variant {variant_name(plan.variant)}, which was not "
+                           f"captured; captured: {', '.join(self.variants()) or 'none (call prepare first)'}")
+        c.xv.copy_(xv)
+        c.xa.copy_(xa)
+        c.vt.copy_(vt)
+        c.at.copy_(at)
+        c.graph.replay()
+        return c.flow_v, c.flow_a
+
+    def variants(self) -> list[str]:
+        return [variant_name(v) for v in self._graphs]

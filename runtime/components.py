@@ -1,0 +1,212 @@
+"""Every model a stream needs, from the official download layout or with random weights.
+
+Official model directory (``--model-dir``), as the release's download script lays it out:
+
+    Hallo-Live/hallolive_dit.pt                         dual-stream DiT (student)
+    Wan2.2-TI2V-5B/Wan2.2_VAE.pth                       video VAE (decoder used)
+    MMAudio/ext_weights/v1-16.pth                       audio VAE 16 kHz (decoder used)
+    MMAudio/ext_weights/best_netG.pt                    BigVGAN vocoder 16 kHz
+    Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth     umT5-XXL text encoder
+    Wan2.1-T2V-1.3B/google/umt5-xxl/                    umT5 tokenizer files (where the release's
+                                                        tools/download_models.sh puts them; a top-level
+                                                        google/umt5-xxl/ is accepted too)
+
+``check_model_dir`` reports EVERY missing file in one error. ``load_components(profile, None, ...)``
+builds random weights of the profile's architecture directly on the target devices (the full-size
+benchmark never holds a weight in host RAM): the DiT via ``build_dit`` (meta build + ``to_empty``), the
+decoders under ``torch.device(...)``, the umT5 encoder meta-built and filled on its device. Random
+weights always pair with the offline ``ByteTokenizer`` (its ids are valid in any vocabulary), so no
+file at all is needed; the tiny preset uses the small encoder of ``UMT5Config.tiny()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.config import FusionConfig, load_fusion_config
+from hallolive_rt.model.dit import DualStreamDiT
+from hallolive_rt.model.dit_weights import build_dit, load_dit
+from hallolive_rt.model.text import TextEncoder, UMT5Config, build_text_encoder, load_text_encoder
+from hallolive_rt.model.text_tokenizer import load_tokenizer
+from hallolive_rt.model.vae_audio import AudioVAEDecoder, MMAudioVAEConfig, build_audio_decoder, load_audio_decoder
+from hallolive_rt.model.vae_video import WanVAEConfig, WanVideoDecoder, build_video_decoder, load_video_decoder
+from hallolive_rt.model.vocoder import BigVGANConfig, BigVGANVocoder, build_vocoder, load_vocoder
+from hallolive_rt.profile import Profile
+
+__all__ = ["ModelFiles", "MODEL_FILES", "MissingModelFiles", "Components", "check_model_dir",
+           "load_components", "decoder_configs"]
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Relative paths of the official release inside ``--model-dir`` (a trailing '/' marks a folder)."""
+
+    dit: str = "Hallo-Live/hallolive_dit.pt"
+    video_vae: str = "Wan2.2-TI2V-5B/Wan2.2_VAE.pth"
+    audio_vae: str = "MMAudio/ext_weights/v1-16.pth"
+    vocoder: str = "MMAudio/ext_weights/best_netG.pt"
+    text_encoder: str = "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth"
+    tokenizer: str = "Wan2.1-T2V-1.3B/google/umt5-xxl/"
+    tokenizer_alt: tuple[str, ...] = ("google/umt5-xxl/",)  # also accepted (the issue's layout)
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if not f.name.endswith("_alt")]
+
+    def resolve(self, root: Path) -> dict[str, Path]:
+        out = {n: root / getattr(self, n).rstrip("/") for n in self.names()}
+        if not _present(out["tokenizer"], folder=True):
+            for alt in self.tokenizer_alt:
+                if _present(root / alt.rstrip("/"), folder=True):
+                    out["tokenizer"] = root / alt.rstrip("/")
+        return out
+
+
+def _present(p: Path, *, folder: bool) -> bool:
+    return (p.is_dir() and any(p.iterdir())) if folder else p.is_file()
+
+
+MODEL_FILES = ModelFiles()
+
+_WHERE = {  # where the official release publishes each file (shown for every missing one)
+    "dit": "the Hallo-Live release (Hugging Face fudan-generative-ai/Hallo-Live)",
+    "video_vae": "Wan-AI/Wan2.2-TI2V-5B on Hugging Face",
+    "audio_vae": "MMAudio's ext_weights (hkchengrex/MMAudio release assets)",
+    "vocoder": "MMAudio's ext_weights (hkchengrex/MMAudio release assets)",
+    "text_encoder": "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face",
+    "tokenizer": "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face, folder google/umt5-xxl/ (tokenizer files)",
+}
+
+
+class MissingModelFiles(FileNotFoundError):
+    """One or more official files are missing; ``missing`` lists (relative path, where to get it)."""
+
+    def __init__(self, root: Path, missing: list[tuple[str, str]]):
+        self.root, self.missing = root, missing
+        lines = "\n".join(f"  {rel:<52} from {where}" for rel, where in missing)
+        super().__init__(f"--model-dir {root}: {len(missing)} of {len(MODEL_FILES.names())} model files missing:\n"
+                         f"{lines}\n(the layout is the official download's; or pass --random-weights)")
+
+
+def check_model_dir(root: str | Path, files: ModelFiles = MODEL_FILES) -> dict[str, Path]:
+    """Absolute paths of every component, or ``MissingModelFiles`` listing all that are absent."""
+    root = Path(root)
+    paths = files.resolve(root)
+    missing = []
+    for name in files.names():
+        rel = getattr(files, name)
+        if not _present(paths[name], folder=rel.endswith("/")):
+            missing.append((rel, _WHERE[name]))
+    if missing:
+        raise MissingModelFiles(root, missing)
+    return paths
+
+
+def decoder_configs(profile: Profile) -> tuple[WanVAEConfig, MMAudioVAEConfig, BigVGANConfig, UMT5Config]:
+    """Configs named by ``profile.decoders`` ("full" = released sizes, "tiny" = CPU test sizes)."""
+    if profile.decoders == "tiny":
+        return WanVAEConfig.tiny(), MMAudioVAEConfig.tiny(), BigVGANConfig.tiny(), UMT5Config.tiny()
+    if profile.decoders == "full":
+        return WanVAEConfig(), MMAudioVAEConfig(), BigVGANConfig(), UMT5Config()
+    raise ValueError(f"profile {profile.name}: decoders must be 'full' or 'tiny', got {profile.decoders!r}")
+
+
+@dataclass
+class Components:
+    profile: Profile
+    cfg: FusionConfig
+    dit: DualStreamDiT
+    text_encoder: TextEncoder | None  # None once released (after encoding) or when not built
+    tokenizer: object
+    video_decoder: WanVideoDecoder
+    audio_vae: AudioVAEDecoder
+    vocoder: BigVGANVocoder
+    dtype: torch.dtype
+    dit_device: torch.device
+    vae_device: torch.device
+    random_weights: bool
+    source: str  # "random (seed N)" or the model directory
+
+
+@torch.no_grad()
+def _random_text_encoder(cfg: UMT5Config, device: torch.device, dtype: torch.dtype, seed: int) -> TextEncoder:
+    """umT5 with random weights drawn on ``device`` (the released init scales; no host copy at full size)."""
+    if device.type == "cpu" and cfg.dim <= 512:  # tiny: the text module's own builder (CPU generator)
+        return build_text_encoder(cfg, device, dtype, generator=torch.Generator().manual_seed(seed))
+    with torch.device("meta"):
+        enc = TextEncoder(cfg)
+    enc = enc.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in enc.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+            continue
+        std = 1.0 if "token_embedding" in name else (p.shape[-1] ** -0.5 if p.dim() == 2 else 0.02)
+        if "pos_embedding" in name:
+            std = (2 * cfg.num_buckets * cfg.num_heads) ** -0.5
+        p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
+    return enc.eval().requires_grad_(False)
+
+
+def load_components(profile: Profile, model_dir: str | Path | None = None, *,
+                    dit_device: str | torch.device = "cpu", vae_device: str | torch.device | None = None,
+                    text_device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    seed: int = 0, with_text: bool = True) -> Components:
+    """Build (``model_dir=None``: random, seeded) or load every model of ``profile``.
+
+    DiT on ``dit_device``; decoders on ``vae_device`` (default: the DiT's); the text encoder on
+    ``text_device`` (default: the DiT's, freed after encoding). ``with_text=False`` skips the encoder
+    (benchmarks that start from an encoded prompt). Missing files are reported all at once, before
+    anything is loaded.
+    """
+    dit_dev = torch.device(dit_device)
+    vae_dev = torch.device(vae_device) if vae_device is not None else dit_dev
+    text_dev = torch.device(text_device) if text_device is not None else dit_dev
+    dtype = dtype or profile.dtype
+    cfg = load_fusion_config(profile.video_config, profile.audio_config)
+    vcfg, acfg, gcfg, tcfg = decoder_configs(profile)
+    tcfg = UMT5Config(**{**{f.name: getattr(tcfg, f.name) for f in fields(tcfg)}, "text_len": profile.text.text_len})
+    if tcfg.dim != profile.text.text_dim or cfg.video.text_dim != profile.text.text_dim:
+        raise ValueError(f"profile {profile.name}: text_dim {profile.text.text_dim} does not match the text "
+                         f"encoder ({tcfg.dim}) / DiT ({cfg.video.text_dim})")
+    enc = None
+    if model_dir is None:
+        dit = build_dit(cfg, device=dit_dev, dtype=dtype, seed=seed)
+        with torch.device(vae_dev):
+            torch.manual_seed(seed + 1)  # default inits of the decoders draw from the global generator
+            vdec = build_video_decoder(vcfg, device=vae_dev).to(dtype)
+            vdec.init_stats()  # latent statistics stay float32 (the release un-normalises in float32)
+        adec = build_audio_decoder(acfg, vae_dev, dtype)
+        voc = build_vocoder(gcfg, vae_dev, dtype)
+        if with_text:
+            enc = _random_text_encoder(tcfg, text_dev, dtype, seed + 2)
+        tok = load_tokenizer(None, text_len=profile.text.text_len)
+        source = f"random weights (seed {seed})"
+    else:
+        paths = check_model_dir(model_dir)
+        dit = load_dit(paths["dit"], cfg, device=dit_dev, dtype=dtype)
+        vdec = load_video_decoder(paths["video_vae"], vcfg, dtype=dtype, device=vae_dev)
+        adec = load_audio_decoder(paths["audio_vae"], acfg, dtype=dtype, device=vae_dev)
+        voc = load_vocoder(paths["vocoder"], gcfg, dtype=dtype, device=vae_dev)
+        if with_text:
+            enc = load_text_encoder(paths["text_encoder"], tcfg, dtype=dtype, device=text_dev)
+        tok = load_tokenizer(paths["tokenizer"], text_len=profile.text.text_len)
+        source = str(model_dir)
+    return Components(profile, cfg, dit, enc, tok, vdec, adec, voc, dtype, dit_dev, vae_dev,
+                      model_dir is None, source)
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def weights_nbytes(c: Components) -> dict[str, int]:
+    """Bytes of weights per component (for the bench JSON)."""
+    mods = {"dit": c.dit, "video_vae": c.video_decoder, "audio_vae": c.audio_vae, "vocoder": c.vocoder}
+    if c.text_encoder is not None:
+        mods["text_encoder"] = c.text_encoder
+    return {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, m in mods.items()}
+
+

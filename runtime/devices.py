@@ -1,0 +1,365 @@
+"""DiT and decoders on one or two devices, overlapped: the VAE of block i decodes while the DiT runs i+1.
+
+    main thread (DiT device)      decode thread (VAE device)           writer thread (host)
+    DiT block i  --event-->  copy stream: latents -> staging[i % 2]
+    DiT block i+1            vae stream: wait copy; decode frame by frame;
+                             uint8 + D2H into pinned host slot;     wait frame 0 (first frame out),
+                             audio decode + D2H; record events  -->  wait rest; copy out of pinned;
+                                                                    on_block(...) (io/write: MP4)
+Hand-off: the DiT's stream records an event after block i; the copy stream (VAE device) waits it and
+copies the committed latents into one of two static staging slots; the decode stream waits the copy's
+event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
+(pinned, one block of frames + audio each) return to a free list once the writer has copied them out,
+so a slow MP4 encoder back-pressures decoding, never the DiT's stream. Nothing on the main thread waits
+for the VAE.
+
+With two GPUs (``--dit-device cuda:0 --vae-device cuda:1``) the DiT and the decoders run truly in
+parallel; with one GPU the same code runs both on separate streams of it (the GPU interleaves their
+kernels). On CPU there are no streams or events: the same classes run with synchronous copies and
+host timestamps, threads included (``overlap=True``) or everything inline (``overlap=False``, the
+sequential reference). Timings: CUDA events, converted to seconds since the stream's start through a
+per-device origin event recorded right after a synchronize; ``perf_counter`` on CPU.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hallolive_rt.model.audio_stream import StreamingAudioDecoder
+from hallolive_rt.nvtx import stage
+from hallolive_rt.profile import Profile
+
+__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "resolve_devices", "frames_to_uint8"]
+
+
+def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.device | None = None):
+    """Validate the two device names; returns (dit, vae) torch.devices (vae defaults to the DiT's)."""
+    devs = []
+    for flag, d in (("--dit-device", dit_device), ("--vae-device", vae_device if vae_device is not None else dit_device)):
+        try:
+            dev = torch.device(d)
+        except RuntimeError as e:
+            raise ValueError(f"{flag} {d!r} is not a device name (cpu, cuda, cuda:N)") from e
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"{flag} {d}: no CUDA device here (torch {torch.__version__}, "
+                                 f"CUDA build: {torch.version.cuda}); use cpu")
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            if idx >= torch.cuda.device_count():
+                raise ValueError(f"{flag} {d}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            dev = torch.device("cuda", idx)
+        elif dev.type != "cpu":
+            raise ValueError(f"{flag} {d}: only cpu and cuda devices are supported")
+        devs.append(dev)
+    if devs[0].type != devs[1].type:
+        raise ValueError(f"--dit-device {devs[0]} and --vae-device {devs[1]}: both must be CUDA or both CPU")
+    return devs[0], devs[1]
+
+
+def frames_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output [3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] (round half to even, on the device)."""
+    return ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+
+
+class Clock:
+    """Marks on streams (CUDA events) or host timestamps (CPU), and their conversion to seconds."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.cuda = devices[0].type == "cuda"
+        self.devices = sorted({d for d in devices}, key=str)
+        self.t0 = time.perf_counter()
+        self._origin: dict[torch.device, torch.cuda.Event] = {}
+
+    def start(self) -> None:
+        """Time zero of a stream: synchronize, then one origin event per device."""
+        if self.cuda:
+            for d in self.devices:
+                torch.cuda.synchronize(d)
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            for d in self.devices:
+                with torch.cuda.device(d):
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    self._origin[d] = ev
+
+    def mark(self):
+        """A point on the current stream (the current device's)."""
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def now_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def wait(self, m) -> None:
+        if self.cuda:
+            m.synchronize()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def at_s(self, m, device: torch.device) -> float:
+        """Seconds since ``start`` at which mark ``m`` (on ``device``) was reached (waits for it)."""
+        if not self.cuda:
+            return m - self.t0
+        m.synchronize()
+        return self._origin[device].elapsed_time(m) / 1e3
+
+
+@dataclass
+class DecodedBlock:
+    """One streamed block on the host. Times in seconds since the stream's start; stage times in ms."""
+
+    index: int
+    frames: np.ndarray  # uint8 [N, H, W, 3]
+    audio: np.ndarray  # float32 [S] at the profile's sample rate (S = tokens per block x 512)
+    times: dict[str, float] = field(default_factory=dict)  # dit, dit_steps, dit_context, vae_video, vae_audio, io_write
+    start_s: float = 0.0  # the block's first DiT forward started
+    first_frame_s: float = 0.0  # its first frame reached the host
+    done_s: float = 0.0  # its last frame and all its audio reached the host
+    frame_ready_s: list[float] = field(default_factory=list)  # per latent frame
+
+
+@dataclass
+class _Job:
+    index: int
+    slot: int
+    first_block: bool
+    has_future: bool
+    marks: dict  # DiT-side marks (dit device)
+    copied: object = None  # event (CUDA) the decode stream waits for
+
+
+@dataclass
+class _WriteJob:
+    job: _Job
+    hslot: int
+    n_frames: int
+    frame_marks: list
+    marks: dict
+
+
+_STOP = object()
+
+
+class DecodePipeline:
+    """Decodes committed blocks (video + streamed audio) behind the DiT; see the module docstring."""
+
+    def __init__(self, components, profile: Profile, *, overlap: bool = True, on_block=None,
+                 host_slots: int = 3):
+        c = components
+        self.p, self.overlap, self.on_block = profile, overlap, on_block
+        self.dit_dev, self.vae_dev = c.dit_device, c.vae_device
+        self.cuda = self.vae_dev.type == "cuda"
+        self.clock = Clock([self.dit_dev, self.vae_dev])
+        self.vdec = c.video_decoder
+        self.adec = StreamingAudioDecoder.from_profile(profile, c.audio_vae, c.vocoder)
+        if profile.stream.batch != 1:
+            raise ValueError("the streaming session writes one video: profile batch must be 1")
+        s, v, a = profile.stream, profile.video, profile.audio
+        dt = c.dtype
+        fb, na, nf = s.latent_frames_per_block, s.audio_tokens_per_block, s.future_audio_tokens
+        dev = self.vae_dev
+        # two staging slots: block i decodes from one while block i+1 is copied into the other
+        self.st_video = torch.zeros(2, 1, fb, v.latent_channels, v.latent_height, v.latent_width, device=dev, dtype=dt)
+        self.st_audio = torch.zeros(2, 1, na, a.latent_channels, device=dev, dtype=dt)
+        self.st_future = torch.zeros(2, 1, nf, a.latent_channels, device=dev, dtype=dt)
+        self.max_frames = profile.pixel_frames(fb, first_block=False)
+        self.samples = na * a.samples_per_token
+        pin = self.cuda
+        self.h_frames = [torch.empty(self.max_frames, profile.pixel_height, profile.pixel_width, 3,
+                                     dtype=torch.uint8, pin_memory=pin) for _ in range(host_slots)]
+        self.h_audio = [torch.empty(self.samples, dtype=torch.float32, pin_memory=pin) for _ in range(host_slots)]
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(dev)
+            self.vae_stream = torch.cuda.Stream(dev)
+            self.slot_free = [torch.cuda.Event() for _ in range(2)]
+        self.vstate = self.vdec.new_state(1, v.latent_height, v.latent_width, dtype=dt, device=dev)
+        self.astate = self.adec.new_state(1)
+        self._threads: list[threading.Thread] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """A new stream: fresh decoder states, clocks at zero, worker threads up (overlap mode)."""
+        self.close()
+        self.vstate.reset()
+        self.astate = self.adec.new_state(1)
+        self._free_hslots: queue.Queue = queue.Queue()
+        for i in range(len(self.h_frames)):
+            self._free_hslots.put(i)
+        self._done: queue.Queue = queue.Queue()
+        # host-side ownership of the two staging slots: the DiT thread refills slot k only after the
+        # decode thread has issued (CUDA: enqueued, and recorded slot_free after) the decode reading it
+        self._slot_sem = [threading.Semaphore(1) for _ in range(2)]
+        self._submitted = 0
+        self._returned = 0
+        self.clock.start()
+        if self.overlap:
+            self._decode_q: queue.Queue = queue.Queue()
+            self._write_q: queue.Queue = queue.Queue()
+            self._threads = [threading.Thread(target=self._loop, args=(self._decode_q, self._decode, self._write_q),
+                                              name="hallolive-decode", daemon=True),
+                             threading.Thread(target=self._loop, args=(self._write_q, self._write, self._done),
+                                              name="hallolive-writer", daemon=True)]
+            for t in self._threads:
+                t.start()
+
+    def close(self) -> None:
+        """Stop the worker threads (after the work already queued)."""
+        if self._threads:
+            self._decode_q.put(_STOP)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+
+    def _loop(self, inbox: queue.Queue, fn, outbox: queue.Queue) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.vae_dev)
+        while True:
+            item = inbox.get()
+            if item is _STOP or isinstance(item, BaseException):
+                outbox.put(item)  # pass errors and the stop signal down the line
+                if item is _STOP:
+                    return
+                continue
+            try:
+                outbox.put(fn(item))
+            except BaseException as e:  # surfaced on the main thread by ready()/finish()
+                outbox.put(e)
+
+    # ---- main thread: hand-off --------------------------------------------------------------------
+    def dit_mark(self):
+        return self.clock.mark()
+
+    @torch.no_grad()
+    def submit(self, out, marks: dict) -> None:
+        """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once."""
+        i = out.index
+        job = _Job(i, i % 2, i == 0, out.audio_future.shape[1] > 0, marks)
+        slot = job.slot
+        self._slot_sem[slot].acquire()
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.dit_dev))
+            with torch.cuda.device(self.vae_dev), torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(done)
+                self.copy_stream.wait_event(self.slot_free[slot])  # decode of block i-2 has read the slot
+                self._stage_copy(out, slot)
+                if self.dit_dev == self.vae_dev:  # the DiT's allocator must not reuse these before the copy
+                    for t in (out.video, out.audio, out.audio_future):
+                        t.record_stream(self.copy_stream)
+                job.copied = torch.cuda.Event()
+                job.copied.record(self.copy_stream)
+        else:
+            self._stage_copy(out, slot)
+        self._submitted += 1
+        if self.overlap:
+            self._decode_q.put(job)
+        else:
+            self._done.put(self._write(self._decode(job)))
+
+    def _stage_copy(self, out, slot: int) -> None:
+        nb = self.cuda
+        self.st_video[slot].copy_(out.video, non_blocking=nb)
+        self.st_audio[slot].copy_(out.audio, non_blocking=nb)
+        if out.audio_future.shape[1]:
+            self.st_future[slot].copy_(out.audio_future, non_blocking=nb)
+
+    # ---- decode (decode thread, or inline) ------------------------------------------------------------
+    def _decode(self, job: _Job) -> _WriteJob:
+        hslot = self._free_hslots.get()  # back-pressure: waits for the writer to free a host slot
+        try:
+            if self.cuda:
+                with torch.cuda.device(self.vae_dev), torch.cuda.stream(self.vae_stream):
+                    self.vae_stream.wait_event(job.copied)
+                    return self._decode_on_stream(job, hslot)
+            return self._decode_on_stream(job, hslot)
+        finally:
+            self._slot_sem[job.slot].release()  # after slot_free was recorded (CUDA)
+
+    @torch.no_grad()
+    def _decode_on_stream(self, job: _Job, hslot: int) -> _WriteJob:
+        i, slot, clock = job.index, job.slot, self.clock
+        z = self.st_video[slot].transpose(1, 2)  # [B, C, Fb, h, w]
+        nb = self.cuda
+        marks = {"vae_start": clock.mark()}
+        frame_marks, off = [], 0
+        with stage("vae/video", block=i):
+            for j in range(z.shape[2]):
+                x = self.vdec.decode_frame(z[:, :, j:j + 1], self.vstate, job.first_block and j == 0)
+                u8 = frames_to_uint8(x[0])  # [n, H, W, 3]
+                n = u8.shape[0]
+                self.h_frames[hslot][off:off + n].copy_(u8, non_blocking=nb)
+                off += n
+                frame_marks.append(clock.mark())
+        marks["vae_video_end"] = frame_marks[-1]
+        with stage("vae/audio", block=i):
+            fut = self.st_future[slot] if job.has_future else None
+            wav = self.adec.step(self.astate, self.st_audio[slot], fut)  # [B, S] float32
+            self.h_audio[hslot].copy_(wav[0], non_blocking=nb)
+            marks["vae_audio_end"] = clock.mark()
+        if self.cuda:
+            self.slot_free[slot].record(self.vae_stream)
+        return _WriteJob(job, hslot, off, frame_marks, marks)
+
+    # ---- host side (writer thread, or inline) -----------------------------------------------------------
+    def _write(self, w: _WriteJob) -> DecodedBlock:
+        clock, job = self.clock, w.job
+        ready = [clock.at_s(m, self.vae_dev) for m in w.frame_marks]  # in order: frame 0 first
+        end = clock.at_s(w.marks["vae_audio_end"], self.vae_dev)
+        dm = job.marks
+        times = {
+            "dit": clock.ms(dm["dit_start"], dm["dit_end"]),
+            "dit_steps": sum(clock.ms(a, b) for a, b in dm["steps"]),
+            "dit_context": clock.ms(*dm["context"]),
+            "vae_video": clock.ms(w.marks["vae_start"], w.marks["vae_video_end"]),
+            "vae_audio": clock.ms(w.marks["vae_video_end"], w.marks["vae_audio_end"]),
+        }
+        db = DecodedBlock(job.index, self.h_frames[w.hslot][:w.n_frames].numpy().copy(),
+                          self.h_audio[w.hslot].numpy().copy(), times,
+                          start_s=clock.at_s(dm["dit_start"], self.dit_dev), first_frame_s=ready[0],
+                          done_s=max(ready[-1], end), frame_ready_s=ready)
+        self._free_hslots.put(w.hslot)
+        if self.on_block is not None:
+            t = time.perf_counter()
+            with stage("io/write", block=job.index):
+                self.on_block(db)
+            db.times["io_write"] = (time.perf_counter() - t) * 1e3
+        return db
+
+    # ---- results (main thread) -------------------------------------------------------------------------
+    def _take(self, block: bool) -> list[DecodedBlock]:
+        out = []
+        while self._returned < self._submitted:
+            try:
+                item = self._done.get(block=block)
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            if item is _STOP:
+                continue
+            self._returned += 1
+            out.append(item)
+            block = block and self._returned < self._submitted
+        return out
+
+    def ready(self) -> list[DecodedBlock]:
+        """Blocks finished so far, in order (never waits)."""
+        return self._take(block=False)
+
+    def finish(self) -> list[DecodedBlock]:
+        """Wait for every submitted block; stops the worker threads."""
+        out = self._take(block=True)
+        self.close()
+        return out

@@ -83,7 +83,8 @@ def _raw_state(cfg: MMAudioVAEConfig) -> dict[str, torch.Tensor]:
     """A release-layout state dict: small raw MP weights (so the 1e-4 epsilon matters), a non-zero gain, and encoder keys to drop."""
     with torch.device("meta"):
         m = AudioVAEDecoder(cfg)
-    sd = {k: torch.randn(v.shape) * (0.02 if k.endswith(".weight") else 1.0) for k, v in m.state_dict().items()}
+    sd = {k: torch.randn(v.shape) * (0.02 if k.endswith(".weight") else 1.0)
+          for k, v in m.state_dict().items()}
     sd["decoder.learnable_gain"] = torch.tensor(0.25)
     sd["data_mean"] = torch.randn(1, 80, 1) - 2
     sd["data_std"] = torch.rand(1, 80, 1) + 0.5
@@ -105,7 +106,8 @@ def test_load_folds_like_on_the_fly_normalisation(tmp_path):
     ref.decoder.learnable_gain = nn.Parameter(torch.zeros(()))  # the gain moves into conv_out's weight
     for name, mod in ref.named_modules():
         if isinstance(mod, MPConv1d):
-            parametrize.register_parametrization(mod, "weight", _OnTheFlyMP(gain if name == "decoder.conv_out" else None))
+            on_the_fly = _OnTheFlyMP(gain if name == "decoder.conv_out" else None)
+            parametrize.register_parametrization(mod, "weight", on_the_fly)
     z = torch.randn(2, 20, 13)
     with torch.no_grad():
         want, got = ref(z), folded(z)
@@ -121,7 +123,7 @@ def test_load_casts_and_keeps_statistics(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in m.parameters()) and not any(p.requires_grad for p in m.parameters())
     assert_close(m.data_mean.float(), sd["data_mean"], rtol=1e-2, atol=1e-2, what="data_mean")
     # an already-folded file loads unchanged when told so
-    torch.save({k: v for k, v in build_audio_decoder(cfg).state_dict().items()}, tmp_path / "folded.pth")
+    torch.save(build_audio_decoder(cfg).state_dict(), tmp_path / "folded.pth")
     again = load_audio_decoder(tmp_path / "folded.pth", cfg, raw_mp_weights=False)
     ref = torch.load(tmp_path / "folded.pth")
     assert torch.equal(again.decoder.conv_in.weight, ref["decoder.conv_in.weight"])

@@ -80,7 +80,8 @@ class _OnTheFlyMP(nn.Module):
 
 
 def _raw_state(cfg: MMAudioVAEConfig) -> dict[str, torch.Tensor]:
-    """A release-layout state dict: small raw MP weights (so the 1e-4 epsilon matters), a non-zero gain, and encoder keys to drop."""
+    """A release-layout state dict: small raw MP weights (so the 1e-4 epsilon matters), a non-zero gain,
+    and encoder keys the loader must drop."""
     with torch.device("meta"):
         m = AudioVAEDecoder(cfg)
     sd = {k: torch.randn(v.shape) * (0.02 if k.endswith(".weight") else 1.0)

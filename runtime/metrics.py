@@ -112,9 +112,10 @@ def stream_metrics(blocks, *, fps: float, text_encode_s: float | None = None, de
     wall = steady[-1].done_s - blocks[0].done_s if steady else None
     ref = steady or blocks  # blocks whose stage times define the FPS-equivalents
     fpb = int(ref[-1].frames.shape[0])
-    dit_ms = _median([b.times["dit"] for b in ref])
-    vae_ms = _median([b.times["vae_video"] + b.times["vae_audio"] for b in ref])
-    vvid_ms = _median([b.times["vae_video"] for b in ref])
+    # a stage that did not run (bench's dit-only / vae-only modes) has no time: its figures are None
+    dit_ms = _median([b.times["dit"] for b in ref if "dit" in b.times])
+    vae_ms = _median([b.times["vae_video"] + b.times["vae_audio"] for b in ref if "vae_video" in b.times])
+    vvid_ms = _median([b.times["vae_video"] for b in ref if "vae_video" in b.times])
     dit_fps = fpb / (dit_ms / 1e3) if dit_ms else None
     vae_fps = fpb / (vae_ms / 1e3) if vae_ms else None
     gaps = [b.first_frame_s - a.first_frame_s for a, b in zip(blocks, blocks[1:])]

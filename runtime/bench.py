@@ -1,0 +1,354 @@
+"""``hallolive-rt bench``: N blocks per backend in one process, a table, and a JSON under bench/results/.
+
+    bench_main("hallolive-512x992", random_weights=True, backends=["eager", "cudagraph"], blocks=5,
+               mode="e2e", out_json="bench/results/h100-e2e.json", device="cuda")
+
+Modes (all start from an already-encoded prompt: a fixed random context, never zeros):
+  e2e  the full session (DiT + video/audio decode + D2H, overlapped as ``stream`` runs it), per backend;
+  dit  the DiT block loop only (4 steps + context pass per block), per backend;
+  vae  the decoders only (video VAE frame by frame + streamed audio), on random latents.
+Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, and the two-device
+throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
+the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
+device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
+the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
+timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
+(``load_components(profile, None, ...)``): no weight ever passes through host RAM.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.profile import Profile, load_profile
+
+from .metrics import achieved_tflops, env_info, percentile, stream_metrics, write_json
+
+__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
+
+MODES = ("e2e", "dit", "vae")
+BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
+
+
+# ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
+
+@lru_cache(maxsize=None)
+def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hallolive_rt.cache_policy import BlockPlan
+    from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.model.dit import DualStreamDiT
+    from hallolive_rt.state import CacheLayout, DiTState
+    from hallolive_rt.stream import Cursor
+
+    cfg = load_fusion_config(profile.video_config, profile.audio_config)
+    with torch.device("meta"):
+        dit = DualStreamDiT(cfg).to(profile.dtype)
+    dit.reset_rope()
+    st = DiTState.allocate(cfg, profile, CacheLayout(slots=kv_len), device="meta", dtype=profile.dtype)
+    s, v = profile.stream, profile.video
+    cur = Cursor("meta")
+    _ = BlockPlan
+    xv = torch.empty(s.batch, s.latent_frames_per_block, v.latent_channels, v.latent_height, v.latent_width,
+                     device="meta", dtype=profile.dtype)
+    xa = torch.empty(s.batch, audio_len, profile.audio.latent_channels, device="meta", dtype=profile.dtype)
+    vt = torch.empty(s.batch, s.latent_frames_per_block, device="meta")
+    at = torch.empty(s.batch, audio_len, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len)
+    return int(fc.get_total_flops())
+
+
+@lru_cache(maxsize=None)
+def _vae_frame_flops(profile: Profile, first: bool) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .components import decoder_configs
+    from hallolive_rt.model.vae_video import build_video_decoder
+
+    vcfg = decoder_configs(profile)[0]
+    vd = build_video_decoder(vcfg, device="meta")
+    v = profile.video
+    st = vd.new_state(1, v.latent_height, v.latent_width, dtype=torch.float32, device="meta")
+    z = torch.empty(1, v.latent_channels, 1, v.latent_height, v.latent_width, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        vd.decode_frame(z, st, first)
+    return int(fc.get_total_flops())
+
+
+@lru_cache(maxsize=None)
+def _audio_window_flops(profile: Profile, tokens: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .components import decoder_configs
+    from hallolive_rt.model.vae_audio import AudioVAEDecoder
+    from hallolive_rt.model.vocoder import BigVGANVocoder
+
+    _, acfg, gcfg, _ = decoder_configs(profile)
+    with torch.device("meta"):
+        vae, voc = AudioVAEDecoder(acfg), BigVGANVocoder(gcfg)
+    z = torch.empty(1, acfg.embed_dim, tokens, device="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        voc(vae(z))
+    return int(fc.get_total_flops())
+
+
+class FlopCounts:
+    """FLOPs per block and stage for ``profile`` (counted once per static shape, cached)."""
+
+    def __init__(self, profile: Profile):
+        self.p = profile
+
+    def dit_forward(self, plan) -> int:
+        return _dit_forward_flops(self.p, plan.audio_len, plan.video_kv_len)
+
+    def dit_block(self, plan, steps: int) -> dict[str, int]:
+        f = self.dit_forward(plan)
+        return {"dit_steps": steps * f, "dit_context": f, "dit": (steps + 1) * f}
+
+    def vae_video_block(self, first_block: bool) -> int:
+        n = self.p.stream.latent_frames_per_block
+        if first_block:
+            return _vae_frame_flops(self.p, True) + (n - 1) * _vae_frame_flops(self.p, False)
+        return n * _vae_frame_flops(self.p, False)
+
+    def vae_audio_block(self, index: int) -> int:
+        s, left = self.p.stream, self.p.audio.stream_left_context
+        have = min(index * s.audio_tokens_per_block, left)  # the streamed window ("trim" start)
+        return _audio_window_flops(self.p, have + s.audio_tokens_per_block + s.future_audio_tokens)
+
+
+def count_flops(profile: Profile, plans, steps: int) -> list[dict[str, int]]:
+    """Per block: FLOPs of dit, dit_steps, dit_context, vae_video, vae_audio."""
+    fc = FlopCounts(profile)
+    return [{**fc.dit_block(pl, steps), "vae_video": fc.vae_video_block(pl.index == 0),
+             "vae_audio": fc.vae_audio_block(pl.index)} for pl in plans]
+
+
+# ---- the runs ------------------------------------------------------------------------------------------
+
+def _random_ctx(profile: Profile, device, dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed + 99)
+    return (0.5 * torch.randn(1, profile.text.text_len, profile.text.text_dim, generator=g, device=device)).to(dtype)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _dit_only(sess, ctx, seed: int):
+    """The session's DiT loop without decoding; returns fake DecodedBlocks with DiT stage times only."""
+    from .devices import DecodedBlock
+    from .session import BlockNoise
+    from hallolive_rt.sampler import TorchNoise
+    from hallolive_rt.stream import window_noise
+
+    c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
+    init, fresh = BlockNoise(p, seed, c.dit_device, c.dtype), TorchNoise(seed + 1, device=c.dit_device)
+    clock.start()
+    bs.start(ctx)
+    marks = []
+    for plan in sess.plans:
+        win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block, p.audio_window)
+        sess._k, sess._marks = 0, {"steps": []}
+        sess._marks["dit_start"] = clock.mark()
+        bs.run_block(plan, init.video(plan.index), win, fresh)
+        sess._marks["dit_end"] = clock.mark()
+        marks.append(sess._marks)
+    _sync(c.dit_device)
+    out = []
+    fpb = [p.pixel_frames(p.stream.latent_frames_per_block, first_block=i == 0) for i in range(len(marks))]
+    for i, m in enumerate(marks):
+        t = {"dit": clock.ms(m["dit_start"], m["dit_end"]),
+             "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
+        e = clock.at_s(m["dit_end"], c.dit_device)
+        import numpy as np
+
+        out.append(DecodedBlock(i, np.zeros((fpb[i], 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
+                                clock.at_s(m["dit_start"], c.dit_device), e, e, [e]))
+    return out
+
+
+def _vae_only(comps, profile: Profile, blocks: int, seed: int):
+    """Decode random latents block by block (sequential, exact stage times)."""
+    from types import SimpleNamespace
+
+    from .devices import DecodePipeline
+
+    pipe = DecodePipeline(comps, profile, overlap=False)
+    s, v = profile.stream, profile.video
+    dev, dt = comps.vae_device, comps.dtype
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pipe.start()
+    got = []
+    with (torch.cuda.device(dev) if dev.type == "cuda" else torch.device(dev)):
+        for i in range(blocks):
+            r = lambda *sh: torch.randn(sh, generator=g, device=dev).to(dt)  # noqa: E731
+            out = SimpleNamespace(index=i, video=r(1, s.latent_frames_per_block, v.latent_channels,
+                                                   v.latent_height, v.latent_width),
+                                  audio=r(1, s.audio_tokens_per_block, profile.audio.latent_channels),
+                                  audio_future=r(1, s.future_audio_tokens, profile.audio.latent_channels))
+            m = pipe.clock.mark()
+            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})
+        got = pipe.finish()
+    for b in got:
+        for k in ("dit", "dit_steps", "dit_context"):
+            b.times.pop(k, None)
+    return got
+
+
+def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
+    """Median achieved TFLOP/s per stage over steady blocks (all blocks if only one)."""
+    ref = blocks[1:] or blocks
+    out = {}
+    for stage_name in ("dit", "dit_steps", "dit_context", "vae_video", "vae_audio"):
+        vals = [achieved_tflops(flops[b.index][stage_name], b.times.get(stage_name)) for b in ref
+                if b.times.get(stage_name)]
+        med = percentile([x for x in vals if x is not None], 50)
+        out[stage_name] = {"tflops": med, "share_of_bf16_peak": med / BF16_PEAK_TFLOPS if med else None}
+    return out
+
+
+def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, backends: list[str] | None = None,
+               blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None, *,
+               device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
+               model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
+               overlap: bool = True, console=None) -> dict:
+    """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .components import load_components
+    from .devices import resolve_devices
+    from .session import StreamSession
+
+    console = console or Console(stderr=True, width=200)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not random_weights and model_dir is None:
+        raise ValueError("bench needs --random-weights or --model-dir")
+    backends = list(backends or ["eager"])
+    prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
+    n = prof.stream.blocks
+    dit_dev, vae_dev = resolve_devices(device, vae_device)
+    t = time.perf_counter()
+    comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
+                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+    _sync(dit_dev)
+    build_s = time.perf_counter() - t
+    ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
+    results: dict[str, dict] = {}
+    flops = None
+    runs = backends if mode != "vae" else ["eager"]
+    for name in runs:
+        if dit_dev.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            for d in {dit_dev, vae_dev}:
+                torch.cuda.reset_peak_memory_stats(d)
+        if mode == "vae":
+            for _ in range(warmup_runs):
+                _vae_only(comps, prof, min(n, 2), seed)
+            got, sess_info, plans = _vae_only(comps, prof, n, seed), {"backend": "eager (decoders)"}, None
+        else:
+            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap)
+            plans = sess.plans
+            for _ in range(warmup_runs):
+                list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
+            got = list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
+            sess_info = sess.describe()
+            del sess
+        if flops is None:
+            from hallolive_rt.cache_policy import choose_policy
+
+            plans = plans or list(choose_policy(prof, n).plans())
+            flops = count_flops(prof, plans, len(prof.stream.denoising_steps))
+        m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
+        if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
+            for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
+                m[k] = None
+            m["projected_two_device_fps"]["value"] = None
+        m["stage_tflops"] = _stage_tflops(got, flops)
+        m["session"] = sess_info
+        if dit_dev.type == "cuda":
+            m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
+        results[sess_info["backend"] if mode == "vae" else name] = m
+
+    out = {
+        "command": "hallolive-rt bench " + " ".join(sys.argv[2:]) if "bench" in " ".join(sys.argv) else
+        f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
+        f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights})",
+        "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
+        "weights": comps.source, "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
+        "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
+        "env": env_info([dit_dev, vae_dev]), "results": results,
+    }
+    out["git_commit"] = out["env"]["git_commit"]
+    if len(results) > 1 and "eager" in results:
+        key = "steady_fps" if mode == "e2e" else "dit_only_fps_equiv"
+        out["ratios_vs_eager"] = {k: (r[key] / results["eager"][key]) if r[key] and results["eager"][key] else None
+                                  for k, r in results.items()}
+        out["ratios_metric"] = key
+    out["projected"] = _projection(results, mode)
+    _table(console, Table, out)
+    if out_json is not None:
+        write_json(out, out_json)
+    return out
+
+
+def _projection(results: dict, mode: str) -> dict:
+    """Two-device throughput from the stages measured: min(DiT-only, VAE-only) FPS-equivalents."""
+    dit = max((r["dit_only_fps_equiv"] or 0 for r in results.values()), default=0) if mode != "vae" else None
+    vae = max((r["vae_only_fps_equiv"] or 0 for r in results.values()), default=0) if mode != "dit" else None
+    val = min(dit, vae) if dit and vae else None
+    return {"label": "projected (not measured): DiT on one device, decoders on another; min of the two "
+                     "stages' FPS-equivalents (best backend); combine a dit-mode and a vae-mode JSON when "
+                     "each was run alone", "dit_only_fps_equiv": dit, "vae_only_fps_equiv": vae,
+            "two_device_fps": val}
+
+
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _table(console, Table, out: dict) -> None:
+    t = Table(title=f"hallolive-rt bench: {out['preset']} {out['mode']} x{out['blocks']} blocks "
+                    f"({out['dtype']}, {out['dit_device']}/{out['vae_device']})")
+    for col in ("backend", "TTFF s", "steady FPS", "block s (med)", "DiT ms", "VAE ms", "DiT FPS-eq",
+                "VAE FPS-eq", "DiT TFLOP/s", "VAE TFLOP/s", "peak GiB"):
+        t.add_column(col, justify="right")
+    for name, r in out["results"].items():
+        sm, tf = r["stage_ms_median"], r["stage_tflops"]
+        vae_ms = (sm.get("vae_video") or 0) + (sm.get("vae_audio") or 0) or None
+        peak = max(r.get("peak_memory_gib", {}).values(), default=None)
+        t.add_row(name, _fmt(r["ttff_s"], ".3f"), _fmt(r["steady_fps"]), _fmt((r["block_time_s"] or {}).get("median"), ".3f"),
+                  _fmt(sm.get("dit"), ".1f"), _fmt(vae_ms, ".1f"), _fmt(r["dit_only_fps_equiv"]),
+                  _fmt(r["vae_only_fps_equiv"]), _fmt(tf["dit"]["tflops"], ".3g"), _fmt(tf["vae_video"]["tflops"], ".3g"),
+                  _fmt(peak, ".1f"))
+    console.print(t)
+    pr = out["projected"]
+    console.print(f"projected two-device FPS (not measured): {_fmt(pr['two_device_fps'])}")
+
+
+def combine_projection(dit_json: str | Path | dict, vae_json: str | Path | dict) -> dict:
+    """Two-device projection from a ``--mode dit`` and a ``--mode vae`` result (files or dicts)."""
+    import json
+
+    def load(x):
+        return x if isinstance(x, dict) else json.loads(Path(x).read_text())
+
+    d, v = load(dit_json), load(vae_json)
+    if d["mode"] != "dit" or v["mode"] != "vae":
+        raise ValueError(f"need a dit-mode and a vae-mode result, got {d['mode']} and {v['mode']}")
+    dit = max((r["dit_only_fps_equiv"] or 0) for r in d["results"].values())
+    vae = max((r["vae_only_fps_equiv"] or 0) for r in v["results"].values())
+    return {"label": "projected (not measured): min(DiT-only, VAE-only FPS-equivalent)", "dit_only_fps_equiv": dit,
+            "vae_only_fps_equiv": vae, "two_device_fps": min(dit, vae) if dit and vae else None}

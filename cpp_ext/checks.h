@@ -8,7 +8,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <string>
@@ -102,6 +104,18 @@ inline void check_table(const char* op, const char* name, const at::Tensor& t, i
 inline void check_rows(const char* op, int64_t start, int64_t length, int64_t s) {
   TORCH_CHECK(start >= 0 && length >= 0 && start + length <= s, op, ": rows [start=", start,
               ", start+length=", start + length, ") must lie inside the cache's S=", s, " slots");
+}
+
+// Calls f(T{}) for the cache dtypes we compile (float, bfloat16, half) and nothing else: unlike
+// AT_DISPATCH_FLOATING_TYPES_AND2 no double kernels are instantiated for a dtype check_cache refuses.
+template <typename F>
+void dispatch_cache_dtype(const char* op, at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": unsupported cache dtype ", dtype_name(t));
+  }
 }
 
 // Whole-op validators: the CPU and CUDA kernels call exactly these, so both devices refuse the same calls.

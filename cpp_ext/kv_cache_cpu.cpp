@@ -2,7 +2,6 @@
 //
 // Unlike CUDA, the CPU kernel can read the offset without a device sync, so it also refuses a plain
 // (ring_size == 0) write that would run past the end of the cache, or a negative offset.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -41,7 +40,8 @@ void write_rows(const at::Tensor& cache, const at::Tensor& src, const float* cos
   const int64_t B = src.size(0), N = src.size(1), H = src.size(2), D = src.size(3);
   const int64_t S = cache.size(1), half = D / 2;
   const int64_t sb = src.stride(0), sn = src.stride(1), sh = src.stride(2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), "hallolive_kv::write_rows", [&] {
+  dispatch_cache_dtype("hallolive_kv::write_rows", cache.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     scalar_t* dst_base = cache.data_ptr<scalar_t>();
     const scalar_t* src_base = src.data_ptr<scalar_t>();
     at::parallel_for(0, B * N * H, kGrainRows, [&](int64_t begin, int64_t end) {
@@ -83,7 +83,8 @@ void rerotate_cpu(at::Tensor& cache, const at::Tensor& cos_delta, const at::Tens
   const int64_t B = cache.size(0), S = cache.size(1), H = cache.size(2), D = cache.size(3), half = D / 2;
   const float* c = cos_delta.data_ptr<float>();
   const float* s = sin_delta.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), op, [&] {
+  dispatch_cache_dtype(op, cache.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     scalar_t* base = cache.data_ptr<scalar_t>();
     at::parallel_for(0, B * length * H, kGrainRows, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {

@@ -9,7 +9,6 @@
 // Only the light c10 CUDA headers are included (c10::cuda::getCurrentCUDAStream is the function that
 // at::cuda::getCurrentCUDAStream re-exports); ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers
 // that a minimal toolkit does not ship.
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -133,7 +132,8 @@ void write_block_cuda(at::Tensor& cache, const at::Tensor& src, const at::Tensor
   constexpr const char* op = "hallolive_kv::write_block";
   validate_write_block(op, cache, src, offset, ring_start, ring_size);
   const c10::cuda::CUDAGuard guard(cache.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), op, [&] {
+  dispatch_cache_dtype(op, cache.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     launch_write<scalar_t, false>(cache, src, nullptr, nullptr, offset, ring_start, ring_size);
   });
 }
@@ -143,7 +143,8 @@ void rope_write_block_cuda(at::Tensor& cache, const at::Tensor& src, const at::T
   constexpr const char* op = "hallolive_kv::rope_write_block";
   validate_rope_write_block(op, cache, src, cos, sin, offset, ring_start, ring_size);
   const c10::cuda::CUDAGuard guard(cache.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), op, [&] {
+  dispatch_cache_dtype(op, cache.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     launch_write<scalar_t, true>(cache, src, cos.data_ptr<float>(), sin.data_ptr<float>(), offset, ring_start,
                                  ring_size);
   });
@@ -158,7 +159,8 @@ void rerotate_cuda(at::Tensor& cache, const at::Tensor& cos_delta, const at::Ten
   const float* c = cos_delta.data_ptr<float>();
   const float* s = sin_delta.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(cache.device().index()).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cache.scalar_type(), op, [&] {
+  dispatch_cache_dtype(op, cache.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     scalar_t* base = cache.data_ptr<scalar_t>();
     // Row starts are multiples of D from an aligned allocation, so only D and the base pointer matter.
     const int p = pick_pairs<scalar_t>(D, {base}, {});

@@ -298,12 +298,12 @@ def test_cuda_graph_replays_with_moving_offset(ext):
         body()  # warm-up outside capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the ops would raise here
-    try:
-        with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):
+        torch.cuda.set_sync_debug_mode("error")  # any host sync inside the ops raises here
+        try:
             body()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     want_k = torch.zeros(b, s, h, d, dtype=torch.bfloat16)
     want_v = torch.zeros_like(want_k)
     for block in range(12):  # 12 * 6 rows: the ring wraps twice

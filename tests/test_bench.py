@@ -1,0 +1,83 @@
+"""Metrics definitions on synthetic timings; the bench on the tiny preset (CPU): JSON schema, modes,
+projection labels; FLOP counts of the full-size architecture against FACTS.md section 6."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hallolive_rt.profile import load_profile
+from hallolive_rt.runtime.bench import FlopCounts, bench_main, combine_projection
+from hallolive_rt.runtime.devices import DecodedBlock
+from hallolive_rt.runtime.metrics import stream_metrics
+
+
+def _blk(i, frames, start, first, done, dit, vv, va):
+    return DecodedBlock(i, np.zeros((frames, 2, 2, 3), np.uint8), np.zeros(512 * 30, np.float32),
+                        {"dit": dit, "vae_video": vv, "vae_audio": va}, start, first, done)
+
+
+def test_metrics_definitions_on_synthetic_timings():
+    # block 0: 21 frames; blocks 1..3: 24 frames, delivered 0.8 s apart
+    blocks = [_blk(0, 21, 0.0, 0.30, 0.90, 400, 500, 50),
+              _blk(1, 24, 0.40, 1.00, 1.70, 400, 600, 50),
+              _blk(2, 24, 0.80, 1.90, 2.50, 500, 600, 50),
+              _blk(3, 24, 1.30, 2.60, 3.30, 400, 700, 50)]
+    m = stream_metrics(blocks, fps=25.0, text_encode_s=0.2, device="cpu", dtype="bfloat16", with_env=False)
+    assert m["ttff_s"] == 0.30 and m["text_encode_s"] == 0.2
+    assert m["frames"] == 93 and m["audio_samples"] == 4 * 15360
+    # steady FPS: 72 frames of blocks 2..4 over done_s[3] - done_s[0] = 2.4 s
+    assert m["steady_fps"] == pytest.approx(72 / 2.4) and m["steady_wall_s"] == pytest.approx(2.4)
+    # block time = done - start of blocks 2..N: 1.3, 1.7, 2.0
+    assert m["block_time_s"]["values"] == pytest.approx([1.3, 1.7, 2.0])
+    assert m["block_time_s"]["median"] == pytest.approx(1.7)
+    assert m["block_time_s"]["p95"] == pytest.approx(1.7 + 0.9 * 0.3)
+    # FPS-equivalents from medians over steady blocks: DiT 400 ms, VAE 650 ms, 24 frames per block
+    assert m["dit_only_fps_equiv"] == pytest.approx(24 / 0.4)
+    assert m["vae_only_fps_equiv"] == pytest.approx(24 / 0.65)
+    assert m["projected_two_device_fps"]["value"] == pytest.approx(24 / 0.65)
+    assert "projected" in m["projected_two_device_fps"]["label"]
+    # gaps between first frames: 0.7, 0.9, 0.7; p99 by linear interpolation; playback 24/25 s
+    assert m["inter_block_gap_s"]["values"] == pytest.approx([0.7, 0.9, 0.7])
+    assert m["inter_block_gap_s"]["p99"] == pytest.approx(0.7 + 0.98 * 0.2)
+    assert m["inter_block_gap_s"]["block_playback_s"] == pytest.approx(0.96)
+    assert m["inter_block_gap_s"]["real_time"] is True
+    one = stream_metrics(blocks[:1], fps=25.0, with_env=False)
+    assert one["steady_fps"] is None and one["block_time_s"]["median"] is None
+
+
+def test_bench_tiny_cpu_json_schema_and_projection(tmp_path):
+    out = {}
+    for mode in ("e2e", "dit", "vae"):
+        out[mode] = bench_main("tiny", True, ["eager"], 2, mode, tmp_path / f"{mode}.json", device="cpu",
+                               warmup_runs=0)
+        disk = json.loads((tmp_path / f"{mode}.json").read_text())
+        for k in ("command", "git_commit", "env", "shapes", "dtype", "mode", "results", "flops_per_block",
+                  "projected"):
+            assert k in disk, (mode, k)
+        assert "projected" in disk["projected"]["label"]
+    e2e = out["e2e"]["results"]["eager"]
+    assert e2e["steady_fps"] > 0 and e2e["ttff_s"] > 0 and len(e2e["per_block"]) == 2
+    assert e2e["stage_tflops"]["dit"]["tflops"] > 0 and e2e["stage_tflops"]["vae_video"]["tflops"] > 0
+    assert out["e2e"]["projected"]["two_device_fps"] > 0
+    d = out["dit"]["results"]["eager"]
+    assert d["steady_fps"] is None and d["dit_only_fps_equiv"] > 0 and d["vae_only_fps_equiv"] is None
+    v = out["vae"]["results"]["eager (decoders)"]
+    assert v["vae_only_fps_equiv"] > 0 and v["dit_only_fps_equiv"] is None
+    proj = combine_projection(tmp_path / "dit.json", tmp_path / "vae.json")
+    assert proj["two_device_fps"] == pytest.approx(min(d["dit_only_fps_equiv"], v["vae_only_fps_equiv"]))
+
+
+def test_full_size_flop_counts_match_facts():
+    """FACTS.md section 6: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
+    from hallolive_rt.cache_policy import AppendPolicy
+
+    p = load_profile("hallolive-512x992")
+    plans = list(AppendPolicy(p).plans())
+    fc = FlopCounts(p)
+    first, last = fc.dit_forward(plans[0]) / 1e12, fc.dit_forward(plans[-1]) / 1e12
+    assert first == pytest.approx(33.5, abs=0.1) and last == pytest.approx(48.8, abs=0.1)
+    per_frame = fc.vae_video_block(first_block=False) / p.stream.latent_frames_per_block / 1e12
+    assert per_frame == pytest.approx(37.0, rel=0.03)

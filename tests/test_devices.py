@@ -1,0 +1,120 @@
+"""The decode pipeline (runtime/devices.py) on CPU: overlapped threads == inline == plain decode;
+ordering, back-pressure and error propagation; device-name validation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hallolive_rt.model.audio_stream import StreamingAudioDecoder
+from hallolive_rt.profile import load_profile
+from hallolive_rt.runtime.components import load_components
+from hallolive_rt.runtime.devices import DecodePipeline, frames_to_uint8, resolve_devices
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return load_components(load_profile("tiny").with_overrides(future_audio_tokens=5), seed=0, with_text=False)
+
+
+def _latents(p, blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, v = p.stream, p.video
+    return [SimpleNamespace(index=i,
+                            video=torch.randn(1, s.latent_frames_per_block, 48, v.latent_height, v.latent_width, generator=g),
+                            audio=torch.randn(1, s.audio_tokens_per_block, 20, generator=g),
+                            audio_future=torch.randn(1, s.future_audio_tokens, 20, generator=g)) for i in range(blocks)]
+
+
+def _marks(pipe):
+    m = pipe.clock.mark()
+    return {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)}
+
+
+def _run(pipe, outs, drain_each=False):
+    pipe.start()
+    got = []
+    for o in outs:
+        pipe.submit(o, _marks(pipe))
+        if drain_each:
+            got += pipe.ready()
+    return got + pipe.finish()
+
+
+def _plain(c, p, outs):
+    vstate = c.video_decoder.new_state(1, p.video.latent_height, p.video.latent_width)
+    adec = StreamingAudioDecoder.from_profile(p, c.audio_vae, c.vocoder)
+    astate = adec.new_state(1)
+    res = []
+    with torch.no_grad():
+        for o in outs:
+            x = c.video_decoder.decode_block(o.video.transpose(1, 2), vstate, first_block=o.index == 0)
+            res.append((frames_to_uint8(x[0]).numpy(), adec.step(astate, o.audio, o.audio_future)[0].numpy()))
+    return res
+
+
+def test_overlapped_pipeline_equals_plain_sequential_decode(comps):
+    p = comps.profile
+    outs = _latents(p, 5)  # more blocks than staging (2) and host slots (3): slot reuse is exercised
+    ref = _plain(comps, p, outs)
+    written = []
+    threaded = _run(DecodePipeline(comps, p, overlap=True, on_block=lambda b: written.append(b.index)), outs, True)
+    inline = _run(DecodePipeline(comps, p, overlap=False), outs)
+    assert [b.index for b in threaded] == [b.index for b in inline] == list(range(5)) == written
+    for got in (threaded, inline):
+        for b, (frames, audio) in zip(got, ref):
+            assert np.array_equal(b.frames, frames) and np.array_equal(b.audio, audio), f"block {b.index}"
+
+
+def test_single_host_slot_back_pressure_keeps_order(comps):
+    p = comps.profile
+    outs = _latents(p, 4, seed=1)
+    got = _run(DecodePipeline(comps, p, overlap=True, host_slots=1), outs)
+    ref = _plain(comps, p, outs)
+    assert [b.index for b in got] == [0, 1, 2, 3]
+    assert all(np.array_equal(b.frames, f) for b, (f, _) in zip(got, ref))
+    assert all(b.first_frame_s <= b.done_s for b in got)
+
+
+def test_writer_error_surfaces_on_the_main_thread(comps):
+    p = comps.profile
+
+    def boom(b):
+        raise OSError("disk full")
+
+    pipe = DecodePipeline(comps, p, overlap=True, on_block=boom)
+    with pytest.raises(OSError, match="disk full"):
+        _run(pipe, _latents(p, 2))
+    assert pipe._threads == []  # workers stopped
+
+
+def test_device_names_are_validated():
+    assert resolve_devices("cpu") == (torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_devices("gpu0")
+    with pytest.raises(ValueError, match="both must be CUDA or both CPU|no CUDA device|CUDA device"):
+        resolve_devices("cpu", "cuda:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--dit-device cuda:1: no CUDA device"):
+            resolve_devices("cuda:1")
+
+
+def test_uint8_conversion_range():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0]).view(1, 5, 1, 1).expand(3, 5, 1, 1)
+    u = frames_to_uint8(x)
+    assert u.shape == (5, 1, 1, 3) and u[:, 0, 0, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+@pytest.mark.cuda
+def test_cuda_pipeline_same_device_equals_inline():
+    p = load_profile("tiny")
+    c = load_components(p, dit_device="cuda", seed=0, with_text=False)
+    outs = [SimpleNamespace(index=o.index, video=o.video.cuda(), audio=o.audio.cuda(), audio_future=o.audio_future.cuda())
+            for o in _latents(p, 4)]
+    a = _run(DecodePipeline(c, p, overlap=True), outs)
+    b = _run(DecodePipeline(c, p, overlap=False), outs)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.frames, y.frames) and np.allclose(x.audio, y.audio, atol=1e-5)

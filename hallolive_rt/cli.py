@@ -1,0 +1,213 @@
+"""`hallolive-rt`: a thin typer shell over library functions.
+
+Heavy imports happen inside the commands so `--help` stays instant. Every command validates its inputs
+before opening outputs; bad input exits with code 2 and a message saying what to change.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Streaming text-to-talking-avatar (video + speech) inference for Hallo-Live. "
+         "Run `hallolive-rt stream` for the embedded tiny demo (random weights, CPU, no downloads).",
+)
+
+DEMO_PROMPT = "A young woman with short dark hair looks into the camera and says: <S>Hello, and welcome.<E>"
+
+
+class Backend(str, Enum):
+    eager = "eager"
+    cudagraph = "cudagraph"
+    aoti = "aoti"
+    tensorrt = "tensorrt"
+
+
+class KVImpl(str, Enum):
+    ext = "ext"
+    torch = "torch"
+
+
+class Policy(str, Enum):
+    auto = "auto"
+    append = "append"
+    rolling = "rolling"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+# options shared by `stream` and `profile` (one definition; typer reads defaults from these objects)
+PROMPT = typer.Option(DEMO_PROMPT, "--prompt", "-p", help="Text prompt (speech between <S> and <E>).")
+MODEL_DIR = typer.Option(None, "--model-dir", help="Official download root: Hallo-Live/hallolive_dit.pt, "
+                         "Wan2.2-TI2V-5B/Wan2.2_VAE.pth, MMAudio/ext_weights/{v1-16.pth,best_netG.pt}, "
+                         "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/.")
+RANDOM = typer.Option(False, "--random-weights", help="The architecture with random weights (benchmarks); "
+                      "the tiny preset always uses random weights.")
+PRESET = typer.Option("tiny", "--preset", help="Shape preset from profiles/: tiny (CPU demo) or hallolive-512x992.")
+BLOCKS = typer.Option(None, "--blocks", min=1, help="Blocks to stream (any number; past the released 5 the "
+                      "rolling cache policy keeps memory flat). Default: the preset's.")
+FUTURE = typer.Option(None, "--future-audio-frames", min=0, help="Audio lookahead F in audio tokens "
+                      "(window 30+F from the next block's noise; only 30 committed). Default: the preset's (0).")
+SEED = typer.Option(0, "--seed", help="Seed of the initial and re-noise draws.")
+DEVICE = typer.Option("cpu", "--device", "--dit-device", help="Device of the DiT (and of everything unless "
+                      "--vae-device is given): cpu, cuda, cuda:0 ...")
+VAE_DEVICE = typer.Option(None, "--vae-device", help="Device of the video/audio decoders (e.g. cuda:1: "
+                          "the DiT of block i+1 overlaps the decode of block i).")
+DTYPE = typer.Option(None, "--dtype", help="Compute dtype. Default: the preset's (bf16 full size, fp32 tiny).")
+BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph, aoti (artifacts from "
+                       "`hallolive-rt export`), tensorrt (optional).")
+KV = typer.Option(KVImpl.ext, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA extension, built on first "
+                  "use) or torch (pure-torch reference).")
+POLICY = typer.Option(Policy.auto, "--cache-policy", help="append (released, up to the preset's blocks), "
+                      "rolling (sink + ring, endless) or auto.")
+
+
+@app.command()
+def stream(
+    prompt: str = PROMPT,
+    model_dir: Optional[Path] = MODEL_DIR,
+    random_weights: bool = RANDOM,
+    preset: str = PRESET,
+    blocks: Optional[int] = BLOCKS,
+    future_audio_frames: Optional[int] = FUTURE,
+    seed: int = SEED,
+    out: Path = typer.Option(Path("hallolive.mp4"), "--out", "-o", help="Fragmented MP4 (H.264 + AAC), "
+                             "written block by block: an interrupted stream leaves a playable file."),
+    frames_out: Optional[Path] = typer.Option(None, "--frames-out", help="Also write raw frames (.y4m)."),
+    wav_out: Optional[Path] = typer.Option(None, "--wav-out", help="Also write the 16 kHz audio (.wav)."),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Write per-block times, TTFF, steady FPS, "
+                                           "frames, audio samples, device, dtype as JSON."),
+    device: str = DEVICE,
+    vae_device: Optional[str] = VAE_DEVICE,
+    dtype: Optional[DType] = DTYPE,
+    backend: Backend = BACKEND,
+    kv_impl: KVImpl = KV,
+    cache_policy: Policy = POLICY,
+    truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Accept cutting a prompt longer "
+                                         "than 512 tokens (otherwise it is refused, saying what would be cut)."),
+    warmup_runs: int = typer.Option(0, "--warmup-runs", min=0, help="Untimed, unwritten streams first "
+                                    "(graph capture, autotuning); used by profiling sessions."),
+):
+    """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
+    from hallolive_rt.runtime.session import InputError, stream_main
+
+    try:
+        summary = stream_main(
+            prompt, out=str(out), preset=preset, model_dir=None if model_dir is None else str(model_dir),
+            random_weights=random_weights, blocks=blocks, future_audio_frames=future_audio_frames, seed=seed,
+            metrics=None if metrics is None else str(metrics), device=device, vae_device=vae_device,
+            dtype=None if dtype is None else dtype.value, backend=backend.value, cache_policy=cache_policy.value,
+            kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
+            wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
+            warmup_runs=warmup_runs, progress=sys.stderr.isatty())
+    except InputError as e:
+        _fail(str(e), getattr(e, "exit_code", 2))
+    typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
+
+
+@app.command()
+def export(
+    preset: str = typer.Option("tiny", "--preset", help="Shape preset whose static shapes are exported."),
+    model_dir: Optional[Path] = MODEL_DIR,
+    random_weights: bool = RANDOM,
+    format: str = typer.Option("onnx", "--format", help="onnx | tensorrt | aoti"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp8 (fp32 for CPU checks)"),
+    out_dir: Path = typer.Option(Path("artifacts"), "--out-dir", help="Artifact directory (with manifest.json)."),
+    seed: int = SEED,
+):
+    """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2)."""
+    from hallolive_rt.export import export_main
+
+    try:
+        export_main(preset=preset, model_dir=None if model_dir is None else str(model_dir),
+                    random_weights=random_weights, format=format, precision=precision, out_dir=str(out_dir),
+                    seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("hallolive-512x992", "--preset"),
+    random_weights: bool = typer.Option(True, "--random-weights/--no-random-weights"),
+    model_dir: Optional[Path] = MODEL_DIR,
+    backends: str = typer.Option("eager,cudagraph", "--backends", help="Comma-separated, run in one process."),
+    blocks: Optional[int] = BLOCKS,
+    mode: str = typer.Option("e2e", "--mode", help="e2e | dit | vae (dit/vae give the projected two-device rate)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON result (commit it under bench/results/)."),
+    device: str = typer.Option("cuda", "--device"),
+    vae_device: Optional[str] = VAE_DEVICE,
+    dtype: Optional[DType] = DTYPE,
+    kv_impl: KVImpl = KV,
+    seed: int = SEED,
+):
+    """Benchmark backends on the full-size architecture (random weights built on the device)."""
+    from hallolive_rt.runtime.bench import bench_main
+
+    try:
+        bench_main(preset, random_weights=random_weights and model_dir is None, backends=backends.split(","),
+                   blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
+                   dtype=None if dtype is None else dtype.value,
+                   model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def profile(
+    ctx: typer.Context,
+    session: str = typer.Option("torch", "--session", help="nsys | ncu | torch"),
+    target: Optional[str] = typer.Option(None, "--target", help="ncu kernel target from profiles/ncu.toml "
+                                         "(dit, attention, gemm, context, vae, audio)."),
+    out_dir: Path = typer.Option(Path("profile-out"), "--out-dir"),
+    warmup_runs: int = typer.Option(1, "--warmup-runs", min=0),
+):
+    """Run `stream` under Nsight Systems / Nsight Compute, or the PyTorch profiler (`--session torch`).
+
+    Every other option is passed to `hallolive-rt stream` (e.g. --preset tiny --blocks 2).
+    """
+    from hallolive_rt.runtime import profiling
+
+    stream_args = list(ctx.args)
+    if session in ("nsys", "ncu"):
+        cmd = profiling.build_command(session, None, stream_args, out_dir=str(out_dir), target=target)
+        exe = profiling.find_profiler(session)
+        if exe is None:
+            _fail(profiling.missing_profiler_message(session, cmd), 3)
+        import subprocess
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raise typer.Exit(subprocess.call(cmd))
+    if session != "torch":
+        _fail(f"unknown --session {session!r}: choose nsys, ncu or torch")
+    trace, table = profiling.run_torch_session(lambda: _run_stream_args(stream_args), out_dir,
+                                               warmup_runs=warmup_runs)
+    typer.echo(str(table))
+    typer.echo(f"trace: {trace} (open in https://ui.perfetto.dev)")
+
+
+def _run_stream_args(args: list[str]) -> None:
+    """Run `stream` with CLI-style args in this process (so the profiler sees it)."""
+    from typer.main import get_command
+
+    get_command(app).main(["stream", *args], standalone_mode=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -18,6 +18,7 @@ timed one (graph capture and autotuning stay out of the numbers). Weights are bu
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -42,7 +43,6 @@ BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.
 def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hallolive_rt.cache_policy import BlockPlan
     from hallolive_rt.config import load_fusion_config
     from hallolive_rt.model.dit import DualStreamDiT
     from hallolive_rt.state import CacheLayout, DiTState
@@ -55,7 +55,6 @@ def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
     st = DiTState.allocate(cfg, profile, CacheLayout(slots=kv_len), device="meta", dtype=profile.dtype)
     s, v = profile.stream, profile.video
     cur = Cursor("meta")
-    _ = BlockPlan
     xv = torch.empty(s.batch, s.latent_frames_per_block, v.latent_channels, v.latent_height, v.latent_width,
                      device="meta", dtype=profile.dtype)
     xa = torch.empty(s.batch, audio_len, profile.audio.latent_channels, device="meta", dtype=profile.dtype)
@@ -146,6 +145,8 @@ def _sync(dev: torch.device) -> None:
 
 def _dit_only(sess, ctx, seed: int):
     """The session's DiT loop without decoding; returns fake DecodedBlocks with DiT stage times only."""
+    import numpy as np
+
     from .devices import DecodedBlock
     from .session import BlockNoise
     from hallolive_rt.sampler import TorchNoise
@@ -154,15 +155,17 @@ def _dit_only(sess, ctx, seed: int):
     c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
     init, fresh = BlockNoise(p, seed, c.dit_device, c.dtype), TorchNoise(seed + 1, device=c.dit_device)
     clock.start()
-    bs.start(ctx)
     marks = []
-    for plan in sess.plans:
-        win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block, p.audio_window)
-        sess._k, sess._marks = 0, {"steps": []}
-        sess._marks["dit_start"] = clock.mark()
-        bs.run_block(plan, init.video(plan.index), win, fresh)
-        sess._marks["dit_end"] = clock.mark()
-        marks.append(sess._marks)
+    with sess._on_dit_device(), torch.no_grad():
+        bs.start(ctx)
+        for plan in sess.plans:
+            win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block,
+                               p.audio_window)
+            sess._k, sess._marks = 0, {"steps": []}
+            sess._marks["dit_start"] = clock.mark()
+            bs.run_block(plan, init.video(plan.index), win, fresh)
+            sess._marks["dit_end"] = clock.mark()
+            marks.append(sess._marks)
     _sync(c.dit_device)
     out = []
     fpb = [p.pixel_frames(p.stream.latent_frames_per_block, first_block=i == 0) for i in range(len(marks))]
@@ -170,8 +173,6 @@ def _dit_only(sess, ctx, seed: int):
         t = {"dit": clock.ms(m["dit_start"], m["dit_end"]),
              "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
         e = clock.at_s(m["dit_end"], c.dit_device)
-        import numpy as np
-
         out.append(DecodedBlock(i, np.zeros((fpb[i], 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
                                 clock.at_s(m["dit_start"], c.dit_device), e, e, [e]))
     return out
@@ -189,7 +190,7 @@ def _vae_only(comps, profile: Profile, blocks: int, seed: int):
     g = torch.Generator(device=dev).manual_seed(seed)
     pipe.start()
     got = []
-    with (torch.cuda.device(dev) if dev.type == "cuda" else torch.device(dev)):
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for i in range(blocks):
             r = lambda *sh: torch.randn(sh, generator=g, device=dev).to(dt)  # noqa: E731
             out = SimpleNamespace(index=i, video=r(1, s.latent_frames_per_block, v.latent_channels,
@@ -226,7 +227,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     from rich.console import Console
     from rich.table import Table
 
-    from .components import load_components
+    from .components import load_components, weights_nbytes
     from .devices import resolve_devices
     from .session import StreamSession
 
@@ -287,7 +288,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
         f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights})",
         "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
-        "weights": comps.source, "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
+        "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
         "env": env_info([dit_dev, vae_dev]), "results": results,
     }
@@ -329,10 +330,10 @@ def _table(console, Table, out: dict) -> None:
         sm, tf = r["stage_ms_median"], r["stage_tflops"]
         vae_ms = (sm.get("vae_video") or 0) + (sm.get("vae_audio") or 0) or None
         peak = max(r.get("peak_memory_gib", {}).values(), default=None)
-        t.add_row(name, _fmt(r["ttff_s"], ".3f"), _fmt(r["steady_fps"]), _fmt((r["block_time_s"] or {}).get("median"), ".3f"),
-                  _fmt(sm.get("dit"), ".1f"), _fmt(vae_ms, ".1f"), _fmt(r["dit_only_fps_equiv"]),
-                  _fmt(r["vae_only_fps_equiv"]), _fmt(tf["dit"]["tflops"], ".3g"), _fmt(tf["vae_video"]["tflops"], ".3g"),
-                  _fmt(peak, ".1f"))
+        t.add_row(name, _fmt(r["ttff_s"], ".3f"), _fmt(r["steady_fps"]),
+                  _fmt((r["block_time_s"] or {}).get("median"), ".3f"), _fmt(sm.get("dit"), ".1f"),
+                  _fmt(vae_ms, ".1f"), _fmt(r["dit_only_fps_equiv"]), _fmt(r["vae_only_fps_equiv"]),
+                  _fmt(tf["dit"]["tflops"], ".3g"), _fmt(tf["vae_video"]["tflops"], ".3g"), _fmt(peak, ".1f"))
     console.print(t)
     pr = out["projected"]
     console.print(f"projected two-device FPS (not measured): {_fmt(pr['two_device_fps'])}")

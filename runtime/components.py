@@ -37,7 +37,7 @@ from hallolive_rt.model.vocoder import BigVGANConfig, BigVGANVocoder, build_voco
 from hallolive_rt.profile import Profile
 
 __all__ = ["ModelFiles", "MODEL_FILES", "MissingModelFiles", "Components", "check_model_dir",
-           "load_components", "decoder_configs"]
+           "load_components", "decoder_configs", "weights_nbytes"]
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,6 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
         source = str(model_dir)
     return Components(profile, cfg, dit, enc, tok, vdec, adec, voc, dtype, dit_dev, vae_dev,
                       model_dir is None, source)
-
-
-def param_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def weights_nbytes(c: Components) -> dict[str, int]:

@@ -41,7 +41,8 @@ __all__ = ["DecodedBlock", "DecodePipeline", "Clock", "resolve_devices", "frames
 def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.device | None = None):
     """Validate the two device names; returns (dit, vae) torch.devices (vae defaults to the DiT's)."""
     devs = []
-    for flag, d in (("--dit-device", dit_device), ("--vae-device", vae_device if vae_device is not None else dit_device)):
+    pairs = (("--dit-device", dit_device), ("--vae-device", vae_device if vae_device is not None else dit_device))
+    for flag, d in pairs:
         try:
             dev = torch.device(d)
         except RuntimeError as e:

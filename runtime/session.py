@@ -19,6 +19,7 @@ vae/video, vae/audio, io/write (on the decode and writer threads when overlapped
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -145,13 +146,11 @@ class StreamSession:
         Time zero of the block times (``start_s``, ``first_frame_s``, ``done_s``) is this call: TTFF is
         ``first block's first_frame_s``, text K/V preparation included, prompt encoding excluded.
         """
-        dev = self.c.dit_device
-        with (torch.cuda.device(dev) if dev.type == "cuda" else _null()), torch.no_grad():
-            if self._in_session:
+        if self._in_session:
+            yield from self._run(ctx, seed)
+        else:
+            with stage("session"):
                 yield from self._run(ctx, seed)
-            else:
-                with stage("session"):
-                    yield from self._run(ctx, seed)
 
     def stream(self, prompt: str, seed: int = 0) -> Iterator[DecodedBlock]:
         """encode + run inside one ``session`` range."""
@@ -169,10 +168,12 @@ class StreamSession:
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
         try:
-            bs.start(ctx)
+            with self._on_dit_device():
+                bs.start(ctx)
             for plan in self.plans:
                 i = plan.index
-                with stage("block", block=i):
+                # device / grad state is set per block, never across a yield (it would leak into the caller)
+                with stage("block", block=i), self._on_dit_device(), torch.no_grad():
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
                     self._marks["dit_start"] = pipe.clock.mark()
@@ -185,17 +186,13 @@ class StreamSession:
         finally:
             pipe.close()
 
+    def _on_dit_device(self):
+        dev = self.c.dit_device
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
     def describe(self) -> dict:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
                 "blocks": self.blocks, "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------

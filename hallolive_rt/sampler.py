@@ -60,9 +60,12 @@ def x0_from_flow(x_t: torch.Tensor, flow: torch.Tensor, sigma: float | torch.Ten
 
 
 def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Next step's input (1 - sigma) x0 + sigma eps, in float32 like the release's add_noise."""
-    s = torch.tensor(sigma, dtype=torch.float32, device=x0.device)
-    return ((1 - s) * x0.float() + s * eps.float()).to(eps.dtype)
+    """Next step's input (1 - sigma) x0 + sigma eps, in float32 like the release's add_noise.
+
+    ``sigma`` is a float32 table value held as a Python float, so 1 - sigma is exact in float32 and the
+    scalars travel as kernel arguments (no host-to-device copy, no stall of the host).
+    """
+    return ((1.0 - sigma) * x0.float() + sigma * eps.float()).to(eps.dtype)
 
 
 class NoiseSource:

@@ -151,7 +151,8 @@ class BlockStream:
         xa = torch.cat([hist, xa_win], dim=1)
         b, nf, w = xv.shape[0], xv.shape[1], xa_win.shape[1]
         hist_t = torch.zeros(b, h, device=self.device)
-        sig_tok = torch.cat([torch.full((h,), sch.context_sigma), torch.ones(w)]).to(self.device)
+        # per-token sigma of the x0 conversion: sigma(0) for the history, the step's sigma for the window
+        sig_a = torch.full((1, h + w, 1), sch.context_sigma, device=self.device, dtype=torch.float64)
         records = []
         x0v = x0a = None
         for k, (t, sigma) in enumerate(zip(sch.timesteps, sch.sigmas)):
@@ -159,9 +160,8 @@ class BlockStream:
             at = torch.cat([hist_t, torch.full((b, w), t, device=self.device)], dim=1)
             fv, fa = self.step_fn(xv, xa, vt, at, plan)
             x0v = x0_from_flow(xv, fv, sigma)
-            sig_a = sig_tok.clone()
-            sig_a[h:] = sigma
-            x0a = x0_from_flow(xa, fa, sig_a.view(1, -1, 1))
+            sig_a[:, h:].fill_(sigma)
+            x0a = x0_from_flow(xa, fa, sig_a)
             if record:
                 records.append(ForwardRecord(plan.index, k, xv, xa, vt, at, fv, fa, x0v, x0a))
             if k + 1 < sch.steps:

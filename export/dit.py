@@ -1,0 +1,85 @@
+"""DiT block exporter: ``DualStreamDiT.forward`` with its state spread into the contract's named tensors.
+
+Two wrappers of the same forward, one per way a compiled format can express the cache writes:
+
+* ``functional=True`` (ONNX, TensorRT): the caches are inputs and their updated copies are outputs
+  (``video_k_out``, ...). Each layer's cache is cloned, written with the reference ``index_copy_``
+  ops, and the layers are stacked again, so the graph holds ScatterElements + Concat and nothing aliases.
+  (Writing through ``cache[i]`` views of one cloned tensor traces fine, but the TorchScript ONNX
+  exporter then returns the pre-write tensor for some layers; per-layer tensors avoid the view.)
+* ``functional=False`` (AOTInductor): the forward writes the input caches in place, exactly like
+  eager; ``torch.export`` records the writes as input mutations and the compiled package applies them
+  to the caller's buffers, so the runtime passes ``stream.state`` tensors and gets flows back.
+
+Cache writes always use the pure-torch reference ops (``get_kv_ops("torch")``): the C++ extension's
+ops are opaque to the ONNX exporter. ``float64_time=False`` switches the sinusoidal time embedding to
+float32 for float64-free targets (TensorRT); the manifest records which was used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from hallolive_rt.kvcache import get_kv_ops
+from hallolive_rt.model.dit import DualStreamDiT
+from hallolive_rt.state import CacheLayout, DiTState, StepPositions
+
+from .contracts import DIT_CACHES, Contract, Variant
+
+__all__ = ["DiTStepModule", "dit_export_mode", "dit_module_for"]
+
+
+class _Layers(list):
+    """Per-layer cache tensors standing in for one [L, B, S, H, D] tensor (``cache[i]``, ``.dtype``)."""
+
+    def __init__(self, tensors, dtype: torch.dtype):
+        super().__init__(tensors)
+        self.dtype = dtype
+
+
+@contextlib.contextmanager
+def dit_export_mode(dit: DualStreamDiT, *, float64_time: bool):
+    """Reference cache ops and the requested time-embedding precision, restored afterwards."""
+    old = (dit._kv, dit.video_model.time_fp64, dit.audio_model.time_fp64)
+    dit._kv = get_kv_ops("torch")
+    dit.video_model.time_fp64 = dit.audio_model.time_fp64 = float64_time
+    try:
+        yield dit
+    finally:
+        dit._kv, dit.video_model.time_fp64, dit.audio_model.time_fp64 = old
+
+
+class DiTStepModule(nn.Module):
+    """One DiT variant with explicit tensors; argument order = the contract's input order."""
+
+    def __init__(self, dit: DualStreamDiT, layout: CacheLayout, video_kv_len: int, *, functional: bool):
+        super().__init__()
+        self.dit = dit
+        self.layout = layout
+        self.video_kv_len = video_kv_len
+        self.functional = functional
+
+    def forward(self, vid_x, aud_x, vid_t, aud_t, video_k, video_v, fusion_k, fusion_v,
+                text_k_video, text_v_video, text_k_audio, text_v_audio, video_slot, frame0, audio0):
+        caches = (video_k, video_v, fusion_k, fusion_v)
+        if self.functional:
+            caches = tuple(_Layers([c[i].clone() for i in range(c.shape[0])], c.dtype) for c in caches)
+        state = DiTState(self.layout, *caches, text_k_video, text_v_video, text_k_audio, text_v_audio)
+        dev = frame0.device
+        # the Cursor's positions: block frames / audio tokens are consecutive from frame0 / audio0
+        pos = StepPositions(frame0 + torch.arange(vid_x.shape[1], device=dev),
+                            audio0 + torch.arange(aud_x.shape[1], device=dev), video_slot)
+        flow_v, flow_a = self.dit(vid_x, aud_x, vid_t, aud_t, state, pos, self.video_kv_len)
+        if not self.functional:
+            return flow_v, flow_a
+        return (flow_v, flow_a, *(torch.stack(list(c)) for c in caches))
+
+
+def dit_module_for(dit: DualStreamDiT, contract: Contract, variant: Variant, *, functional: bool) -> DiTStepModule:
+    m = contract.meta
+    layout = CacheLayout(slots=m["slots"], sink=m["sink"], ring=m["ring"])
+    assert tuple(variant.input_names[4:8]) == DIT_CACHES
+    return DiTStepModule(dit, layout, variant.static["video_kv_len"], functional=functional).eval()

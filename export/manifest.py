@@ -1,0 +1,207 @@
+"""``manifest.json``: what an artifact directory holds, what it was built from, and the refusal rules.
+
+Schema (version 1)::
+
+    {"schema": 1, "format": "onnx|tensorrt|aoti", "precision": "fp32|bf16|fp16|fp8",
+     "profile": {"name": str, "digest": str}, "weights": {submodel: "random:<seed>" | file digest},
+     "tools": {"python", "torch", "onnx"?, "onnxruntime"?, "tensorrt"?}, "device": {"kind", "arch", "name"},
+     "time_embedding": "float32|float64", "opset": int | null, "command": "hallolive-rt export ...",
+     "contracts": {submodel: Contract.to_dict()},
+     "artifacts": {"<submodel>/<variant>": {"submodel", "variant", "file", "sha256", "bytes", "key",
+                                            "data_file"?, "data_sha256"?, "io": "functional|inplace"}},
+     "digest": sha256 of everything above (canonical JSON)}
+
+``key`` hashes every input of one artifact (profile digest, weights id, precision, format, tool versions,
+device arch, the variant's contract, time embedding, opset): a re-run skips an artifact whose key and
+file hash still match. ``load_artifacts`` refuses, with the difference and the command that rebuilds:
+a missing/corrupt/edited manifest, another profile, other weights, another format/precision, other tool
+versions or device architecture (compiled formats only), a missing or modified artifact file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.profile import Profile
+
+__all__ = ["MANIFEST", "SCHEMA", "ArtifactMismatch", "LoadedArtifacts", "load_artifacts", "read_manifest",
+           "write_manifest", "sha256_file", "tool_versions", "device_info", "rebuild_command", "artifact_key",
+           "manifest_digest"]
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+
+
+class ArtifactMismatch(RuntimeError):
+    """An artifact directory that does not fit the current run; the message says why and how to rebuild."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions(fmt: str) -> dict[str, str]:
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    mods = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "aoti": ()}[fmt]
+    for name in mods:
+        try:
+            v[name] = __import__(name).__version__
+        except ImportError:
+            v[name] = "missing"
+    return v
+
+
+def device_info(device: str | torch.device) -> dict[str, str]:
+    d = torch.device(device)
+    if d.type == "cuda":
+        cap = torch.cuda.get_device_capability(d)
+        return {"kind": "cuda", "arch": f"sm_{cap[0]}{cap[1]}", "name": torch.cuda.get_device_name(d)}
+    return {"kind": "cpu", "arch": platform.machine(), "name": platform.processor() or platform.machine()}
+
+
+def rebuild_command(profile: str, weights: Mapping[str, str] | str, fmt: str, precision: str, out_dir: str | Path,
+                    model_dir: str | None = None) -> str:
+    if model_dir:
+        src = f"--model-dir {model_dir}"
+    else:
+        w = weights if isinstance(weights, str) else next(iter(weights.values()), "random:0")
+        seed = w.split(":", 1)[1] if w.startswith("random:") else "0"
+        src = f"--random-weights --seed {seed}"
+    return f"hallolive-rt export --preset {profile} {src} --format {fmt} --precision {precision} --out-dir {out_dir}"
+
+
+def artifact_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def manifest_digest(m: Mapping) -> str:
+    body = {k: v for k, v in m.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(out_dir: str | Path, m: dict) -> Path:
+    m = dict(m)
+    m["digest"] = manifest_digest(m)
+    p = Path(out_dir) / MANIFEST
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(m, indent=1, sort_keys=True))
+    tmp.replace(p)  # atomic: a killed export never leaves half a manifest
+    return p
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    """The manifest, or None when there is none (a corrupt or edited one raises ArtifactMismatch)."""
+    p = Path(out_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactMismatch(f"{p}: not valid JSON ({e})") from e
+    if m.get("schema") != SCHEMA:
+        raise ArtifactMismatch(f"{p}: manifest schema {m.get('schema')!r}, this runtime reads {SCHEMA}")
+    if m.get("digest") != manifest_digest(m):
+        raise ArtifactMismatch(f"{p}: manifest was modified after export (its digest does not match its content)")
+    return m
+
+
+@dataclass
+class LoadedArtifacts:
+    root: Path
+    manifest: dict
+    paths: dict[str, Path]  # "<submodel>/<variant>" -> file
+
+    def path(self, submodel: str, variant: str) -> Path:
+        return self.paths[f"{submodel}/{variant}"]
+
+    def variants(self, submodel: str) -> list[str]:
+        return [k.split("/", 1)[1] for k in self.paths if k.startswith(submodel + "/")]
+
+
+def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[str, str] | str,
+                   device: str | torch.device = "cpu", *, fmt: str | None = None, precision: str | None = None,
+                   submodels: tuple[str, ...] | None = None, verify_hashes: bool = True) -> LoadedArtifacts:
+    """Validate an artifact directory against this run; return its artifact paths or refuse.
+
+    ``weights_id``: one id for every sub-model (``"random:0"``) or a mapping per sub-model.
+    """
+    root = Path(out_dir)
+    m = None
+    try:
+        m = read_manifest(root)
+    except ArtifactMismatch as e:
+        raise ArtifactMismatch(f"{e}\n  rebuild: {_cmd(None, profile, weights_id, fmt, precision, root)}") from None
+    if m is None:
+        raise ArtifactMismatch(f"{root}: no {MANIFEST} (not an export directory, or the export did not finish)\n"
+                               f"  rebuild: {_cmd(None, profile, weights_id, fmt, precision, root)}")
+    diffs = []
+    if m["profile"]["name"] != profile.name or m["profile"]["digest"] != profile.digest():
+        diffs.append(f"profile: artifacts built for {m['profile']['name']} ({m['profile']['digest']}), "
+                     f"this run uses {profile.name} ({profile.digest()})")
+    if fmt is not None and m["format"] != fmt:
+        diffs.append(f"format: artifacts are {m['format']}, this run wants {fmt}")
+    if precision is not None and m["precision"] != precision:
+        diffs.append(f"precision: artifacts are {m['precision']}, this run wants {precision}")
+    subs = submodels or tuple(m["contracts"])
+    for sub in subs:
+        want = weights_id if isinstance(weights_id, str) else weights_id.get(sub)
+        have = m["weights"].get(sub)
+        if want is not None and have != want:
+            diffs.append(f"weights of {sub}: artifacts built from {have}, this run has {want}")
+    if m["format"] in ("aoti", "tensorrt"):  # compiled code: exact tools and GPU architecture
+        now = tool_versions(m["format"])
+        for tool, ver in m["tools"].items():
+            if tool != "python" and now.get(tool) != ver:
+                diffs.append(f"{tool}: artifacts built with {ver}, this runtime has {now.get(tool)}")
+        dev = device_info(device)
+        if (dev["kind"], dev["arch"]) != (m["device"]["kind"], m["device"]["arch"]):
+            diffs.append(f"device: artifacts built for {m['device']['kind']} {m['device']['arch']}, "
+                         f"this run is on {dev['kind']} {dev['arch']}")
+    paths = {}
+    for key, a in m["artifacts"].items():
+        if a["submodel"] not in subs:
+            continue
+        p = root / a["file"]
+        if not p.is_file():
+            diffs.append(f"missing artifact {key}: {p}")
+            continue
+        if verify_hashes and sha256_file(p) != a["sha256"]:
+            diffs.append(f"artifact {key} was modified: sha256 of {p.name} differs from the manifest")
+        if a.get("data_file"):
+            dp = root / a["data_file"]
+            if not dp.is_file():
+                diffs.append(f"missing external data of {key}: {dp}")
+            elif verify_hashes and sha256_file(dp) != a["data_sha256"]:
+                diffs.append(f"external data of {key} was modified: {dp.name}")
+        paths[key] = p
+    for sub in subs:
+        if sub not in m["contracts"]:
+            diffs.append(f"no {sub} artifacts in this directory")
+    if diffs:
+        lines = "\n  - ".join(diffs)
+        raise ArtifactMismatch(f"{root} does not match this run:\n  - {lines}\n"
+                               f"  rebuild: {_cmd(m, profile, weights_id, fmt, precision, root)}")
+    return LoadedArtifacts(root, m, paths)
+
+
+def _cmd(m, profile: Profile, weights_id, fmt, precision, root) -> str:
+    fmt = fmt or (m or {}).get("format", "onnx")
+    precision = precision or (m or {}).get("precision") or {"float32": "fp32", "bfloat16": "bf16",
+                                                              "float16": "fp16"}[profile.dtype_name]
+    model_dir = (m or {}).get("model_dir") if not (isinstance(weights_id, str) and weights_id.startswith("random:")) else None
+    if model_dir is None and not (isinstance(weights_id, str) and weights_id.startswith("random:")):
+        model_dir = "<MODEL_DIR>"
+    return rebuild_command(profile.name, weights_id, fmt, precision, root, model_dir)
+
+

@@ -1,0 +1,178 @@
+"""The four exported sub-models: where their weights live, how to build them, their wrappers, and the
+memory each export needs (checked before anything is allocated)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.config import load_fusion_config
+from hallolive_rt.profile import Profile
+
+from .contracts import Contract, Variant, contracts_for
+
+__all__ = ["MODEL_FILES", "build_submodel", "weights_ids", "wrapper_for", "param_bytes", "check_memory",
+           "estimate_peak_bytes", "available_bytes"]
+
+# release files under --model-dir (FACTS.md section 3); the audio sub-model is the VAE decoder + BigVGAN
+MODEL_FILES = {
+    "dit": ("Hallo-Live/hallolive_dit.pt",),
+    "vae_video": ("Wan2.2-TI2V-5B/Wan2.2_VAE.pth",),
+    "audio": ("MMAudio/ext_weights/v1-16.pth", "MMAudio/ext_weights/best_netG.pt"),
+    "text": ("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth",),
+}
+# peak host memory of one export, in multiples of the weights: the module, the exporter's protobuf copy
+# and the re-loaded graph (ONNX); the module and the packaged constants (AOTInductor)
+_WEIGHT_COPIES = {"onnx": 3, "tensorrt": 3, "aoti": 2}
+_OVERHEAD = 1 << 30
+
+
+def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
+    """``random:<seed>`` or, per sub-model, the fast file digests of its release files."""
+    if not model_dir:
+        return {s: f"random:{seed}" for s in subs}
+    from hallolive_rt.weights import file_digest
+
+    out = {}
+    for s in subs:
+        paths = [Path(model_dir) / f for f in MODEL_FILES[s]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{s}: missing release file(s) {missing} under --model-dir {model_dir}")
+        out[s] = "+".join(file_digest(p)[:32] for p in paths)
+    return out
+
+
+def _configs(profile: Profile):
+    from hallolive_rt.model.text import UMT5Config
+    from hallolive_rt.model.vae_audio import MMAudioVAEConfig
+    from hallolive_rt.model.vae_video import WanVAEConfig
+    from hallolive_rt.model.vocoder import BigVGANConfig
+
+    tiny = profile.decoders == "tiny"
+    return {"vae_video": WanVAEConfig.from_profile(profile),
+            "audio": (MMAudioVAEConfig.tiny() if tiny else MMAudioVAEConfig(), BigVGANConfig.tiny() if tiny else BigVGANConfig()),
+            "text": UMT5Config.tiny() if tiny else UMT5Config()}
+
+
+def _meta_module(sub: str, profile: Profile) -> torch.nn.Module:
+    from hallolive_rt.model.dit import DualStreamDiT
+    from hallolive_rt.model.text import TextEncoder
+    from hallolive_rt.model.vae_audio import AudioVAEDecoder
+    from hallolive_rt.model.vae_video import WanVideoDecoder
+    from hallolive_rt.model.vocoder import BigVGANVocoder
+
+    cfg = _configs(profile)
+    with torch.device("meta"):
+        if sub == "dit":
+            return DualStreamDiT(load_fusion_config(profile.video_config, profile.audio_config))
+        if sub == "vae_video":
+            return WanVideoDecoder(cfg["vae_video"])
+        if sub == "audio":
+            return torch.nn.ModuleList([AudioVAEDecoder(cfg["audio"][0]), BigVGANVocoder(cfg["audio"][1])])
+        return TextEncoder(cfg["text"])
+
+
+def param_bytes(sub: str, profile: Profile, dtype: torch.dtype) -> int:
+    """Weight bytes of a sub-model in ``dtype``, counted on the meta device (nothing allocated)."""
+    n = sum(p.numel() for p in _meta_module(sub, profile).parameters())
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _io_bytes(contract: Contract) -> int:
+    return max(sum(math.prod(s.shape) * s.torch_dtype.itemsize for s in v.inputs + v.outputs) for v in contract.variants)
+
+
+def estimate_peak_bytes(sub: str, profile: Profile, dtype: torch.dtype, fmt: str, contract: Contract) -> int:
+    return _WEIGHT_COPIES[fmt] * param_bytes(sub, profile, dtype) + _io_bytes(contract) + _OVERHEAD
+
+
+def available_bytes(device: str = "cpu") -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def check_memory(profile: Profile, subs, dtype: torch.dtype, fmt: str, device: str,
+                 available: int | None = None) -> None:
+    """Refuse, before any allocation, an export whose estimated peak exceeds the memory available."""
+    from .main import ExportError
+
+    avail = available if available is not None else available_bytes(device if fmt == "aoti" else "cpu")
+    contracts = contracts_for(profile, dtype, vae_history=None if "vae_video" in subs else [])
+    too_big, fits = [], []
+    for s in subs:
+        need = estimate_peak_bytes(s, profile, dtype, fmt, contracts[s])
+        (too_big if need > avail else fits).append((s, need))
+    if too_big:
+        lines = "; ".join(f"{s} needs ~{n / 2**30:.1f} GiB ({_WEIGHT_COPIES[fmt]} x "
+                          f"{param_bytes(s, profile, dtype) / 2**30:.1f} GiB weights + I/O + 1 GiB)" for s, n in too_big)
+        ok = ",".join(s for s, _ in fits)
+        hint = f" Sub-models that fit: {ok} (export them alone with submodels=({ok!r}))." if fits else ""
+        raise ExportError(f"not enough memory for a {profile.name} {fmt} export: {lines}; "
+                          f"{avail / 2**30:.1f} GiB available ({'GPU' if fmt == 'aoti' and device != 'cpu' else 'MemAvailable'})."
+                          f" Use a machine with more memory.{hint}")
+
+
+def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, device):
+    """The sub-model with release weights (``model_dir``) or random weights from ``seed``."""
+    cfg = _configs(profile)
+    root = Path(model_dir) if model_dir else None
+    if sub == "dit":
+        from hallolive_rt.model.dit_weights import build_dit, load_dit
+
+        fc = load_fusion_config(profile.video_config, profile.audio_config)
+        if root:
+            return load_dit(root / MODEL_FILES["dit"][0], fc, device=device, dtype=dtype)
+        return build_dit(fc, device=device, dtype=dtype, seed=seed)
+    if sub == "vae_video":
+        from hallolive_rt.model.vae_video import build_video_decoder, load_video_decoder
+
+        if root:
+            return load_video_decoder(root / MODEL_FILES[sub][0], cfg[sub], dtype=dtype, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_video_decoder(cfg[sub], device="cpu").to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if sub == "audio":
+        from hallolive_rt.model.vae_audio import build_audio_decoder, load_audio_decoder
+        from hallolive_rt.model.vocoder import build_vocoder, load_vocoder
+
+        if root:
+            vae = load_audio_decoder(root / MODEL_FILES[sub][0], cfg[sub][0], dtype=dtype, device=device)
+            voc = load_vocoder(root / MODEL_FILES[sub][1], cfg[sub][1], dtype=dtype, device=device)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                vae = build_audio_decoder(cfg[sub][0], device=device, dtype=dtype)
+                voc = build_vocoder(cfg[sub][1], device=device, dtype=dtype)
+        return torch.nn.ModuleList([vae, voc])
+    from hallolive_rt.model.text import build_text_encoder, load_text_encoder
+
+    if root:
+        return load_text_encoder(root / MODEL_FILES["text"][0], cfg["text"], dtype=dtype, device=device)
+    return build_text_encoder(cfg["text"], device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def wrapper_for(sub: str, model, contract: Contract, variant: Variant, *, functional: bool) -> torch.nn.Module:
+    """The nn.Module whose forward(*contract inputs) an exporter traces."""
+    if sub == "dit":
+        from .dit import dit_module_for
+
+        return dit_module_for(model, contract, variant, functional=functional)
+    if sub == "vae_video":
+        from .vae_video import vae_module_for
+
+        return vae_module_for(model, variant, functional=functional)
+    if sub == "audio":
+        from .audio import AudioWindowModule
+
+        return AudioWindowModule(model[0], model[1]).eval()
+    from .text import TextModule
+
+    return TextModule(model).eval()

@@ -103,6 +103,8 @@ def stream(
                                          "than 512 tokens (otherwise it is refused, saying what would be cut)."),
     warmup_runs: int = typer.Option(0, "--warmup-runs", min=0, help="Untimed, unwritten streams first "
                                     "(graph capture, autotuning); used by profiling sessions."),
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Decode and write on their own "
+                                 "threads/streams while the DiT runs the next block (default), or inline."),
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
     from hallolive_rt.runtime.session import InputError, stream_main
@@ -115,7 +117,7 @@ def stream(
             dtype=None if dtype is None else dtype.value, backend=backend.value, cache_policy=cache_policy.value,
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
-            warmup_runs=warmup_runs, progress=sys.stderr.isatty())
+            warmup_runs=warmup_runs, overlap=overlap, progress=sys.stderr.isatty())
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -180,7 +182,8 @@ def profile(
 ):
     """Run `stream` under Nsight Systems / Nsight Compute, or the PyTorch profiler (`--session torch`).
 
-    Every other option is passed to `hallolive-rt stream` (e.g. --preset tiny --blocks 2).
+    Every other option is passed to `hallolive-rt stream` (e.g. --preset tiny --blocks 2). The torch
+    session decodes inline (--no-overlap) unless told otherwise: its profiler records one thread.
     """
     from hallolive_rt.runtime import profiling
 
@@ -196,6 +199,9 @@ def profile(
         raise typer.Exit(subprocess.call(cmd))
     if session != "torch":
         _fail(f"unknown --session {session!r}: choose nsys, ncu or torch")
+    if "--overlap" not in stream_args and "--no-overlap" not in stream_args:
+        # the PyTorch profiler records the thread that started it: decode inline so every stage is seen
+        stream_args.append("--no-overlap")
     trace, table = profiling.run_torch_session(lambda: _run_stream_args(stream_args), out_dir,
                                                warmup_runs=warmup_runs)
     typer.echo(str(table))

@@ -13,8 +13,8 @@ source: ``documented_tree()`` parses it, ``stage()`` takes categories and payloa
 tests/test_nvtx.py compares what a real NVTX tool records against it.
 
     range             category  payload      repeat
+    text/encode       text      -            once
     session           session   -            once
-      text/encode     text      -            once
       block           block     block        per-block
         dit/step      dit       block,step   per-step
         dit/context   dit       block        once
@@ -22,7 +22,8 @@ tests/test_nvtx.py compares what a real NVTX tool records against it.
         vae/audio     vae       block        once
         io/write      io        block        once
 
-``session`` wraps the streaming loop of one stream (after model build, compilation and graph capture,
+``text/encode`` runs once per prompt, before any warm-up stream, so it sits beside ``session``, not in
+it. ``session`` wraps the streaming loop of one stream (after model build, compilation and graph capture,
 so set-up never lands inside it); ``block`` is one streaming block: ``per-step`` denoising steps
 (4 in both presets), the context pass that writes the KV caches, the two decoders and the hand-off
 of decoded media to the writer. NVTX push/pop ranges nest per thread: the tree is that of the thread

@@ -148,4 +148,28 @@ def test_torch_session_trace_has_every_range_and_table_has_one_row_per_stage(tmp
     text = table.render()
     print("\n" + text)
     assert len(text.splitlines()) == 2 + len(hn.range_names())
-    assert json.loads(json.dumps(table.to_dict()))["stages"][0]["name"] == "session"
+    stages = json.loads(json.dumps(table.to_dict()))["stages"]
+    assert [x["name"] for x in stages[:2]] == ["text/encode", "session"]
+
+
+def test_cli_profile_torch_session_on_the_tiny_stream(tmp_path):
+    """`hallolive-rt profile --session torch` runs the real tiny stream and writes a JSON trace that holds
+    every documented range (decode ranges included, whichever thread ran them)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "prof"
+    cmd = [sys.executable, "-m", "hallolive_rt.cli", "profile", "--session", "torch", "--out-dir", str(out),
+           "--warmup-runs", "0", "--preset", "tiny", "--blocks", "2", "--out", str(tmp_path / "p.mp4"),
+           "--kv-impl", "torch"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = list(out.glob("*.json"))
+    assert len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    names = [e.get("name") for e in trace["traceEvents"] if e.get("cat") == "user_annotation"]
+    for name in hn.range_names():
+        assert name in names, f"{name} missing from the trace of the real stream"
+    assert names.count("dit/step") == 2 * 4 and names.count("block") == 2
+    assert "dit/step" in proc.stdout and "perfetto" in proc.stdout

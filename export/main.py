@@ -72,9 +72,12 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
         raise ExportError(f"unknown sub-model(s) {unknown}; choose from {', '.join(SUBMODELS)}")
     device = device or ("cuda" if format != "onnx" and torch.cuda.is_available() else "cpu")
     if format == "tensorrt":
-        from .trt import require_tensorrt
+        from .trt import TensorRTMissing, require_tensorrt
 
-        require_tensorrt()
+        try:
+            require_tensorrt()
+        except TensorRTMissing as e:
+            raise ExportError(str(e)) from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_memory(profile, subs, dtype, format, device)  # before any weight is allocated

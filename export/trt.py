@@ -1,0 +1,74 @@
+"""TensorRT plans from the exported ONNX graphs, with the TensorRT Python API (no trtexec).
+
+UNVERIFIED HERE: TensorRT cannot be installed in this workplace, so this file is written against the
+TensorRT 10 Python API and has never run. The import is optional; without TensorRT every entry point
+raises ``TensorRTMissing`` saying how to install it.
+
+Precision comes from one enum (``--precision fp32|bf16|fp16|fp8``) and is already in the ONNX graph:
+it is exported in that dtype, with the explicit float32 islands of the model (norm statistics, RoPE,
+the time embedding) as Cast nodes. The network is therefore built STRONGLY_TYPED: TensorRT keeps the
+graph's types instead of choosing per layer, so a bf16 plan computes what the bf16 eager model does.
+fp8 needs explicit Q/DQ nodes (TensorRT has no implicit FP8 calibration): a graph without
+QuantizeLinear/DequantizeLinear is refused.
+
+The timing cache (``timing.cache`` beside the plans) is loaded before and saved after every build, so
+re-building a variant or a sibling variant reuses the kernel timings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["TensorRTMissing", "require_tensorrt", "build_engine", "trt_version"]
+
+
+class TensorRTMissing(RuntimeError):
+    """The ``tensorrt`` Python package is not importable."""
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise TensorRTMissing("TensorRT is not installed: pip install 'tensorrt>=10' (or the hallolive-rt[tensorrt] "
+                              f"extra) on a machine with an NVIDIA GPU ({e})") from e
+    return trt
+
+
+def trt_version() -> str:
+    return require_tensorrt().__version__
+
+
+def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, precision: str, *,
+                 timing_cache: str | os.PathLike | None = None, workspace_bytes: int | None = None) -> Path:
+    """Parse ``onnx_path`` (external data next to it is found by the parser) and write a serialized plan."""
+    trt = require_tensorrt()
+    import onnx
+
+    if precision == "fp8":
+        ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+        if not {"QuantizeLinear", "DequantizeLinear"} & ops:
+            raise ValueError(f"{onnx_path}: fp8 plans need an explicitly quantized graph (Q/DQ nodes); none found")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n  {errs}")
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_path} (see the log above)")
+    plan_path = Path(plan_path)
+    plan_path.write_bytes(bytes(serialized))
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return plan_path

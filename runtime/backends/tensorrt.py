@@ -1,0 +1,93 @@
+"""The ``tensorrt`` backend: DiT plans built by ``hallolive-rt export --format tensorrt``.
+
+UNVERIFIED HERE (no TensorRT in this workplace): written against the TensorRT 10 Python API.
+
+Tensors are bound by address (``set_tensor_address``) and run with ``execute_async_v3`` on the current
+CUDA stream. TensorRT engines are functional: the caches are inputs and ``<cache>_out`` outputs, and an
+output may not alias an input, so the updated caches land in one set of scratch buffers (shared by all
+variants: same shapes) and are copied back into ``stream.state`` after each step - one device copy of
+the four caches per forward. Flow outputs are static buffers owned by the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hallolive_rt.cache_policy import BlockPlan
+from hallolive_rt.export.contracts import DIT_CACHES, dit_variant_name
+from hallolive_rt.export.manifest import ArtifactMismatch, load_artifacts
+
+from .base import Backend, BackendUnavailable, distinct_variants, variant_name
+
+__all__ = ["TensorRTBackend", "create_backend"]
+
+_PREC = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, artifact_dir=None, weights_id=None):
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BackendUnavailable(f"TensorRT is not installed (pip install 'tensorrt>=10'): {e}") from e
+        if artifact_dir is None:
+            raise BackendUnavailable("the tensorrt backend needs artifact_dir= (a `hallolive-rt export --format "
+                                     "tensorrt` output directory)")
+        self.trt = trt
+        self.dir, self.weights_id = artifact_dir, weights_id
+        self.engines: dict[tuple[int, int], tuple] = {}
+        self.scratch: dict[str, torch.Tensor] = {}
+
+    def prepare(self, stream, plans: list[BlockPlan]) -> None:
+        trt = self.trt
+        prec = _PREC[str(stream.dtype).removeprefix("torch.")]
+        arts = load_artifacts(self.dir, stream.p, self.weights_id or {}, stream.device, fmt="tensorrt",
+                              precision=prec, submodels=("dit",))
+        contracts = arts.manifest["contracts"]["dit"]["variants"]
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        for v in distinct_variants(plans):
+            name = dit_variant_name(*v)
+            spec = next((c for c in contracts if c["name"] == name), None)
+            if spec is None:
+                raise ArtifactMismatch(f"{self.dir}: no DiT plan for {variant_name(v)}; rebuild: "
+                                       f"{arts.manifest['command']}")
+            engine = runtime.deserialize_cuda_engine(arts.path("dit", name).read_bytes())
+            ctx = engine.create_execution_context()
+            names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+            outs = {}
+            for o in spec["outputs"]:
+                dt = getattr(torch, o["dtype"])
+                if o["name"].removesuffix("_out") in DIT_CACHES:
+                    buf = self.scratch.setdefault(o["name"], torch.empty(o["shape"], dtype=dt, device=stream.device))
+                else:
+                    buf = torch.empty(o["shape"], dtype=dt, device=stream.device)
+                outs[o["name"]] = buf
+                ctx.set_tensor_address(o["name"], buf.data_ptr())
+            self.engines[v] = (engine, ctx, outs, names)
+        self.stream = stream
+
+    def step(self, xv, xa, vt, at, plan: BlockPlan):
+        engine, ctx, outs, names = self.engines[plan.variant]
+        st, c = self.stream.state, self.stream.cursor
+        keep = []  # contiguous copies must outlive the launch
+        feed = {"vid_x": xv, "aud_x": xa, "vid_t": vt, "aud_t": at, **st.tensors(),
+                "video_slot": c.video_slot, "frame0": c.frame0, "audio0": c.audio0}
+        for name, t in feed.items():
+            if name in names:  # TensorRT drops inputs a graph never reads
+                t = t.contiguous()
+                keep.append(t)
+                ctx.set_tensor_address(name, t.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for {variant_name(plan.variant)}")
+        for name in DIT_CACHES:
+            getattr(st, name).copy_(outs[f"{name}_out"])
+        return outs["flow_v"], outs["flow_a"]
+
+    def variants(self) -> list[str]:
+        return [variant_name(v) for v in self.engines]
+
+
+def create_backend(**options) -> TensorRTBackend:
+    return TensorRTBackend(**options)

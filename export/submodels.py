@@ -114,7 +114,8 @@ def check_memory(profile: Profile, subs, dtype: torch.dtype, fmt: str, device: s
         lines = "; ".join(f"{s} needs ~{n / 2**30:.1f} GiB ({_WEIGHT_COPIES[fmt]} x "
                           f"{param_bytes(s, profile, dtype) / 2**30:.1f} GiB weights + I/O + 1 GiB)" for s, n in too_big)
         ok = ",".join(s for s, _ in fits)
-        hint = f" Sub-models that fit: {ok} (export them alone with submodels=({ok!r}))." if fits else ""
+        hint = (f" Sub-models that fit: {ok} (export them alone with submodels={tuple(s for s, _ in fits)!r})."
+                if fits else "")
         raise ExportError(f"not enough memory for a {profile.name} {fmt} export: {lines}; "
                           f"{avail / 2**30:.1f} GiB available ({'GPU' if fmt == 'aoti' and device != 'cpu' else 'MemAvailable'})."
                           f" Use a machine with more memory.{hint}")

@@ -129,18 +129,23 @@ def export(
     model_dir: Optional[Path] = MODEL_DIR,
     random_weights: bool = RANDOM,
     format: str = typer.Option("onnx", "--format", help="onnx | tensorrt | aoti"),
-    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp8 (fp32 for CPU checks)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp16 | fp8 | fp32 (CPU checks). "
+                                            "Default: the preset's dtype."),
     out_dir: Path = typer.Option(Path("artifacts"), "--out-dir", help="Artifact directory (with manifest.json)."),
+    submodels: Optional[str] = typer.Option(None, "--submodels", help="Comma-separated subset: dit, vae_video, "
+                                            "audio, text (default: all)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even artifacts that are up to date."),
     seed: int = SEED,
 ):
-    """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2)."""
-    from hallolive_rt.export import export_main
+    """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
+    with a manifest that the runtime checks before it trusts an artifact."""
+    from hallolive_rt.export.main import ExportError, export_main
 
     try:
-        export_main(preset=preset, model_dir=None if model_dir is None else str(model_dir),
-                    random_weights=random_weights, format=format, precision=precision, out_dir=str(out_dir),
-                    seed=seed)
-    except (ValueError, FileNotFoundError) as e:
+        export_main(preset, None if model_dir is None else str(model_dir), random_weights, format=format,
+                    precision=precision, out_dir=str(out_dir), seed=seed, force=force,
+                    submodels=None if submodels is None else submodels.split(","))
+    except (ExportError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 

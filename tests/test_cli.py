@@ -1,0 +1,79 @@
+"""`hallolive-rt` as a user runs it: the demo MP4 for 3 and 8 blocks, exit codes on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from hallolive_rt.runtime.media import probe_media
+
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "hallolive_rt.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_help_lists_the_commands():
+    p = _cli("--help")
+    assert p.returncode == 0
+    for cmd in ("stream", "export", "bench", "profile"):
+        assert cmd in p.stdout
+
+
+@pytest.mark.parametrize("blocks,kv", [(3, "ext"), (8, "torch")])
+def test_demo_mp4_has_h264_and_16k_aac_of_matching_duration(tmp_path, blocks, kv):
+    out = tmp_path / "demo.mp4"
+    p = _cli("stream", "--blocks", str(blocks), "--out", str(out), "--kv-impl", kv)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = probe_media(out)
+    assert info["error"] is None
+    (v,), (a,) = info["video"], info["audio"]
+    assert v["codec"] == "h264" and a["codec"] == "aac" and a["sample_rate"] == 16000
+    # tiny preset: 1 + 4 frames for the first block, 8 per later block, + the 3 frames held at the end so
+    # the picture lasts as long as the audio (the first latent frame gives 1 frame for 5 audio tokens)
+    generated = 5 + 8 * (blocks - 1)
+    assert v["frames"] == generated + 3
+    assert v["fps"] == Fraction(25)
+    assert abs(a["duration_s"] - v["duration_s"]) < 1 / 25, (a["duration_s"], v["duration_s"])
+    assert abs(a["duration_s"] - blocks * 10 * 512 / 16000) < 1 / 25
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--blocks", "0"], "--blocks"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--out", "/nonexistent-dir/x.mp4"], "does not exist"),
+    (["--prompt", ""], "empty"),
+    (["--model-dir", "/tmp", "--random-weights"], "exclude each other"),
+])
+def test_bad_input_exits_2_with_a_message_and_no_output(tmp_path, args, needle):
+    out = tmp_path / "x.mp4"
+    full = ["stream", *args] if "--out" in args else ["stream", "--out", str(out), *args]
+    p = _cli(*full, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert needle in (p.stderr + p.stdout)
+    assert not out.exists()
+
+
+def test_corrupted_checkpoints_name_the_file(tmp_path):
+    from hallolive_rt.profile import load_profile
+    from hallolive_rt.runtime.components import MODEL_FILES, load_components
+    from hallolive_rt.weights import CheckpointError
+
+    root = tmp_path / "models"
+    for name in MODEL_FILES.names():
+        rel = getattr(MODEL_FILES, name)
+        f = root / rel
+        if rel.endswith("/"):
+            f.mkdir(parents=True, exist_ok=True)
+            continue
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"\x00partial download\x00" * 10)
+    with pytest.raises(CheckpointError) as e:
+        load_components(load_profile("hallolive-512x992"), root, dit_device="cpu", with_text=False)
+    assert str(root) in str(e.value) and "not a PyTorch checkpoint" in str(e.value)

@@ -56,18 +56,11 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(SelfAttention):
     """Text attention + fusion attention over the other stream, sharing one q and one o projection."""
 
     def __init__(self, dim: int, other_dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
         self.k_fusion = nn.Linear(other_dim, dim)
         self.v_fusion = nn.Linear(other_dim, dim)
         self.pre_attn_norm_fusion = LayerNorm(other_dim, 1e-6, elementwise_affine=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .contracts import DTYPE_NAMES, Variant
+from .contracts import Variant
 
 __all__ = ["OPSETS", "OnnxLintError", "LintIssue", "export_onnx", "check_onnx", "lint_tensorrt",
            "TRT_SUPPORTED_OPS", "OrtRunner", "EXTERNAL_DATA_THRESHOLD"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ from hallolive_rt.config import load_fusion_config
 from hallolive_rt.model.dit_weights import build_dit
 from hallolive_rt.profile import Profile, load_profile
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # CI: a clone with shared/ beside it
+KEYS_DIR = Path(os.environ.get("HALLOLIVE_KEYS_DIR", SHARED / "data" / "keys"))
 
 
 def tiny_dit(dtype=torch.float32, seed: int = 0, profile: Profile | None = None):
@@ -32,7 +34,7 @@ def tiny_inputs(profile: Profile, blocks: int, seed: int = 1, dtype=torch.float3
 def key_list(name: str) -> dict[str, tuple[int, ...]]:
     """name -> shape from a shared key list (``name<TAB>shape<TAB>dtype`` lines)."""
     out = {}
-    for line in (SHARED / "data" / "keys" / name).read_text().splitlines():
+    for line in (KEYS_DIR / name).read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
         k, shape, _ = line.split("\t")

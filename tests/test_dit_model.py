@@ -104,7 +104,6 @@ def test_forward_has_no_complex_and_float64_only_in_the_release_time_embedding(t
         with _DtypeLog() as log:
             bs.eager_step(nv[:, :2], xa, t_v, t_a, plan)
         assert not [f for f, d in log.seen if d.is_complex]
-        f64 = {f for f, d in log.seen if d == torch.float64}
         n64 = len([1 for f, d in log.seen if d == torch.float64])
         if fp64:  # the sinusoidal time embedding is float64 in the release (once per stream); nothing else is
             with _DtypeLog() as one:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,9 @@ from hallolive_rt.model.text import (
 from hallolive_rt.model.text_tokenizer import ByteTokenizer, PromptError, clean_prompt, load_tokenizer
 from hallolive_rt.weights import CheckpointError
 from tests.conftest import assert_close
+from tests.dit_fixtures import KEYS_DIR
 
-KEYS = Path("/work/shared/data/keys/umt5_xxl_enc.txt")
+KEYS = KEYS_DIR / "umt5_xxl_enc.txt"
 PROMPTS = ["A woman in a red coat says: hello there!", "rain   on\ta  tin roof"]
 
 

@@ -20,8 +20,9 @@ from hallolive_rt.model.vae_audio import (
 )
 from hallolive_rt.weights import CheckpointError
 from tests.conftest import assert_close
+from tests.dit_fixtures import KEYS_DIR
 
-KEYS = Path("/work/shared/data/keys/mmaudio_vae_16k.txt")
+KEYS = KEYS_DIR / "mmaudio_vae_16k.txt"
 DECODER_PARAMS = 99_127_297  # FACTS.md section 5
 
 

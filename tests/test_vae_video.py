@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ast
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,9 @@ from hallolive_rt.model.vae_video import (
 )
 from hallolive_rt.weights import CheckpointError
 from tests.conftest import assert_close
+from tests.dit_fixtures import KEYS_DIR
 
-KEYS = Path(os.environ.get("HALLOLIVE_KEYS_DIR", "/work/shared/data/keys")) / "wan22_vae.txt"
+KEYS = KEYS_DIR / "wan22_vae.txt"
 DECODER_PARAMS, CONV2_PARAMS = 555_049_228, 2_352  # counted from the release's WanVAE_ (FACTS.md section 5)
 H, W = 4, 6  # tiny profile latent grid
 

@@ -28,8 +28,9 @@ from hallolive_rt.model.vocoder import (
 from hallolive_rt.model.vocoder_activations import AntiAliasedActivation, kaiser_sinc_filter
 from hallolive_rt.weights import CheckpointError
 from tests.conftest import assert_close
+from tests.dit_fixtures import KEYS_DIR
 
-KEYS = Path("/work/shared/data/keys")
+KEYS = KEYS_DIR
 VOCODER_PARAMS = 112_199_473  # after weight-norm removal (FACTS.md section 5)
 
 

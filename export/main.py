@@ -20,7 +20,7 @@ from hallolive_rt.profile import Profile, load_profile
 from .contracts import SUBMODELS, Contract, contracts_for
 from .manifest import (SCHEMA, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
                        tool_versions, write_manifest)
-from .submodels import MODEL_FILES, build_submodel, check_memory, weights_ids, wrapper_for
+from .submodels import SUBMODEL_FILES, build_submodel, check_memory, weights_ids, wrapper_for
 
 __all__ = ["export_main", "PRECISIONS", "FORMATS", "ExportError"]
 
@@ -187,4 +187,4 @@ class _null:
         return False
 
 
-assert set(MODEL_FILES) == set(SUBMODELS)
+assert set(SUBMODEL_FILES) == set(SUBMODELS)

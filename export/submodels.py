@@ -10,19 +10,19 @@ import torch
 
 from hallolive_rt.config import load_fusion_config
 from hallolive_rt.profile import Profile
+from hallolive_rt.release import MODEL_FILES as RELEASE
+from hallolive_rt.release import decoder_configs
 
 from .contracts import Contract, Variant, contracts_for
 
-__all__ = ["MODEL_FILES", "build_submodel", "weights_ids", "wrapper_for", "param_bytes", "check_memory",
+__all__ = ["SUBMODEL_FILES", "build_submodel", "weights_ids", "wrapper_for", "param_bytes", "check_memory",
            "estimate_peak_bytes", "available_bytes"]
 
-# release files under --model-dir (FACTS.md section 3); the audio sub-model is the VAE decoder + BigVGAN
-MODEL_FILES = {
-    "dit": ("Hallo-Live/hallolive_dit.pt",),
-    "vae_video": ("Wan2.2-TI2V-5B/Wan2.2_VAE.pth",),
-    "audio": ("MMAudio/ext_weights/v1-16.pth", "MMAudio/ext_weights/best_netG.pt"),
-    "text": ("Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth",),
-}
+# release files of each exported sub-model, as paths of the one layout in hallolive_rt.release
+# (the audio sub-model is the VAE decoder + BigVGAN)
+SUBMODEL_FILES = {sub: tuple(getattr(RELEASE, f) for f in names) for sub, names in {
+    "dit": ("dit",), "vae_video": ("video_vae",), "audio": ("audio_vae", "vocoder"), "text": ("text_encoder",),
+}.items()}
 # peak host memory of one export, in multiples of the weights: the module, the exporter's protobuf copy
 # and the re-loaded graph (ONNX); the module and the packaged constants (AOTInductor)
 _WEIGHT_COPIES = {"onnx": 3, "tensorrt": 3, "aoti": 2}
@@ -37,7 +37,7 @@ def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
 
     out = {}
     for s in subs:
-        paths = [Path(model_dir) / f for f in MODEL_FILES[s]]
+        paths = [Path(model_dir) / f for f in SUBMODEL_FILES[s]]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{s}: missing release file(s) {missing} under --model-dir {model_dir}")
@@ -46,15 +46,8 @@ def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
 
 
 def _configs(profile: Profile):
-    from hallolive_rt.model.text import UMT5Config
-    from hallolive_rt.model.vae_audio import MMAudioVAEConfig
-    from hallolive_rt.model.vae_video import WanVAEConfig
-    from hallolive_rt.model.vocoder import BigVGANConfig
-
-    tiny = profile.decoders == "tiny"
-    return {"vae_video": WanVAEConfig.from_profile(profile),
-            "audio": (MMAudioVAEConfig.tiny() if tiny else MMAudioVAEConfig(), BigVGANConfig.tiny() if tiny else BigVGANConfig()),
-            "text": UMT5Config.tiny() if tiny else UMT5Config()}
+    video, audio, vocoder, text = decoder_configs(profile)
+    return {"vae_video": video, "audio": (audio, vocoder), "text": text}
 
 
 def _meta_module(sub: str, profile: Profile) -> torch.nn.Module:
@@ -130,13 +123,13 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
 
         fc = load_fusion_config(profile.video_config, profile.audio_config)
         if root:
-            return load_dit(root / MODEL_FILES["dit"][0], fc, device=device, dtype=dtype)
+            return load_dit(root / SUBMODEL_FILES["dit"][0], fc, device=device, dtype=dtype)
         return build_dit(fc, device=device, dtype=dtype, seed=seed)
     if sub == "vae_video":
         from hallolive_rt.model.vae_video import build_video_decoder, load_video_decoder
 
         if root:
-            return load_video_decoder(root / MODEL_FILES[sub][0], cfg[sub], dtype=dtype, device=device)
+            return load_video_decoder(root / SUBMODEL_FILES[sub][0], cfg[sub], dtype=dtype, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_video_decoder(cfg[sub], device="cpu").to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -145,8 +138,8 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
         from hallolive_rt.model.vocoder import build_vocoder, load_vocoder
 
         if root:
-            vae = load_audio_decoder(root / MODEL_FILES[sub][0], cfg[sub][0], dtype=dtype, device=device)
-            voc = load_vocoder(root / MODEL_FILES[sub][1], cfg[sub][1], dtype=dtype, device=device)
+            vae = load_audio_decoder(root / SUBMODEL_FILES[sub][0], cfg[sub][0], dtype=dtype, device=device)
+            voc = load_vocoder(root / SUBMODEL_FILES[sub][1], cfg[sub][1], dtype=dtype, device=device)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -156,7 +149,7 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
     from hallolive_rt.model.text import build_text_encoder, load_text_encoder
 
     if root:
-        return load_text_encoder(root / MODEL_FILES["text"][0], cfg["text"], dtype=dtype, device=device)
+        return load_text_encoder(root / SUBMODEL_FILES["text"][0], cfg["text"], dtype=dtype, device=device)
     return build_text_encoder(cfg["text"], device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 

@@ -1,17 +1,7 @@
 """Every model a stream needs, from the official download layout or with random weights.
 
-Official model directory (``--model-dir``), as the release's download script lays it out:
-
-    Hallo-Live/hallolive_dit.pt                         dual-stream DiT (student)
-    Wan2.2-TI2V-5B/Wan2.2_VAE.pth                       video VAE (decoder used)
-    MMAudio/ext_weights/v1-16.pth                       audio VAE 16 kHz (decoder used)
-    MMAudio/ext_weights/best_netG.pt                    BigVGAN vocoder 16 kHz
-    Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth     umT5-XXL text encoder
-    Wan2.1-T2V-1.3B/google/umt5-xxl/                    umT5 tokenizer files (where the release's
-                                                        tools/download_models.sh puts them; a top-level
-                                                        google/umt5-xxl/ is accepted too)
-
-``check_model_dir`` reports EVERY missing file in one error. ``load_components(profile, None, ...)``
+The official model directory layout and ``check_model_dir`` (which reports EVERY missing file in one
+error) live in ``hallolive_rt.release``, shared with the exporters. ``load_components(profile, None, ...)``
 builds random weights of the profile's architecture directly on the target devices (the full-size
 benchmark never holds a weight in host RAM): the DiT via ``build_dit`` (meta build + ``to_empty``), the
 decoders under ``torch.device(...)``, the umT5 encoder meta-built and filled on its device. Random
@@ -21,7 +11,7 @@ file at all is needed; the tiny preset uses the small encoder of ``UMT5Config.ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,86 +21,14 @@ from hallolive_rt.model.dit import DualStreamDiT
 from hallolive_rt.model.dit_weights import build_dit, load_dit
 from hallolive_rt.model.text import TextEncoder, UMT5Config, build_text_encoder, load_text_encoder
 from hallolive_rt.model.text_tokenizer import load_tokenizer
-from hallolive_rt.model.vae_audio import AudioVAEDecoder, MMAudioVAEConfig, build_audio_decoder, load_audio_decoder
-from hallolive_rt.model.vae_video import WanVAEConfig, WanVideoDecoder, build_video_decoder, load_video_decoder
-from hallolive_rt.model.vocoder import BigVGANConfig, BigVGANVocoder, build_vocoder, load_vocoder
+from hallolive_rt.model.vae_audio import AudioVAEDecoder, build_audio_decoder, load_audio_decoder
+from hallolive_rt.model.vae_video import WanVideoDecoder, build_video_decoder, load_video_decoder
+from hallolive_rt.model.vocoder import BigVGANVocoder, build_vocoder, load_vocoder
 from hallolive_rt.profile import Profile
+from hallolive_rt.release import MODEL_FILES, MissingModelFiles, ModelFiles, check_model_dir, decoder_configs
 
 __all__ = ["ModelFiles", "MODEL_FILES", "MissingModelFiles", "Components", "check_model_dir",
            "load_components", "decoder_configs", "weights_nbytes"]
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """Relative paths of the official release inside ``--model-dir`` (a trailing '/' marks a folder)."""
-
-    dit: str = "Hallo-Live/hallolive_dit.pt"
-    video_vae: str = "Wan2.2-TI2V-5B/Wan2.2_VAE.pth"
-    audio_vae: str = "MMAudio/ext_weights/v1-16.pth"
-    vocoder: str = "MMAudio/ext_weights/best_netG.pt"
-    text_encoder: str = "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth"
-    tokenizer: str = "Wan2.1-T2V-1.3B/google/umt5-xxl/"
-    tokenizer_alt: tuple[str, ...] = ("google/umt5-xxl/",)  # also accepted (the issue's layout)
-
-    def names(self) -> list[str]:
-        return [f.name for f in fields(self) if not f.name.endswith("_alt")]
-
-    def resolve(self, root: Path) -> dict[str, Path]:
-        out = {n: root / getattr(self, n).rstrip("/") for n in self.names()}
-        if not _present(out["tokenizer"], folder=True):
-            for alt in self.tokenizer_alt:
-                if _present(root / alt.rstrip("/"), folder=True):
-                    out["tokenizer"] = root / alt.rstrip("/")
-        return out
-
-
-def _present(p: Path, *, folder: bool) -> bool:
-    return (p.is_dir() and any(p.iterdir())) if folder else p.is_file()
-
-
-MODEL_FILES = ModelFiles()
-
-_WHERE = {  # where the official release publishes each file (shown for every missing one)
-    "dit": "the Hallo-Live release (Hugging Face fudan-generative-ai/Hallo-Live)",
-    "video_vae": "Wan-AI/Wan2.2-TI2V-5B on Hugging Face",
-    "audio_vae": "MMAudio's ext_weights (hkchengrex/MMAudio release assets)",
-    "vocoder": "MMAudio's ext_weights (hkchengrex/MMAudio release assets)",
-    "text_encoder": "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face",
-    "tokenizer": "Wan-AI/Wan2.1-T2V-1.3B on Hugging Face, folder google/umt5-xxl/ (tokenizer files)",
-}
-
-
-class MissingModelFiles(FileNotFoundError):
-    """One or more official files are missing; ``missing`` lists (relative path, where to get it)."""
-
-    def __init__(self, root: Path, missing: list[tuple[str, str]]):
-        self.root, self.missing = root, missing
-        lines = "\n".join(f"  {rel:<52} from {where}" for rel, where in missing)
-        super().__init__(f"--model-dir {root}: {len(missing)} of {len(MODEL_FILES.names())} model files missing:\n"
-                         f"{lines}\n(the layout is the official download's; or pass --random-weights)")
-
-
-def check_model_dir(root: str | Path, files: ModelFiles = MODEL_FILES) -> dict[str, Path]:
-    """Absolute paths of every component, or ``MissingModelFiles`` listing all that are absent."""
-    root = Path(root)
-    paths = files.resolve(root)
-    missing = []
-    for name in files.names():
-        rel = getattr(files, name)
-        if not _present(paths[name], folder=rel.endswith("/")):
-            missing.append((rel, _WHERE[name]))
-    if missing:
-        raise MissingModelFiles(root, missing)
-    return paths
-
-
-def decoder_configs(profile: Profile) -> tuple[WanVAEConfig, MMAudioVAEConfig, BigVGANConfig, UMT5Config]:
-    """Configs named by ``profile.decoders`` ("full" = released sizes, "tiny" = CPU test sizes)."""
-    if profile.decoders == "tiny":
-        return WanVAEConfig.tiny(), MMAudioVAEConfig.tiny(), BigVGANConfig.tiny(), UMT5Config.tiny()
-    if profile.decoders == "full":
-        return WanVAEConfig(), MMAudioVAEConfig(), BigVGANConfig(), UMT5Config()
-    raise ValueError(f"profile {profile.name}: decoders must be 'full' or 'tiny', got {profile.decoders!r}")
 
 
 @dataclass
@@ -167,7 +85,7 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
     dtype = dtype or profile.dtype
     cfg = load_fusion_config(profile.video_config, profile.audio_config)
     vcfg, acfg, gcfg, tcfg = decoder_configs(profile)
-    tcfg = UMT5Config(**{**{f.name: getattr(tcfg, f.name) for f in fields(tcfg)}, "text_len": profile.text.text_len})
+    tcfg = replace(tcfg, text_len=profile.text.text_len)
     if tcfg.dim != profile.text.text_dim or cfg.video.text_dim != profile.text.text_dim:
         raise ValueError(f"profile {profile.name}: text_dim {profile.text.text_dim} does not match the text "
                          f"encoder ({tcfg.dim}) / DiT ({cfg.video.text_dim})")

@@ -14,6 +14,10 @@ device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFL
 the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
 timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
 (``load_components(profile, None, ...)``): no weight ever passes through host RAM.
+
+The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
+``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
+result's ``session``: compare runs that differ only in them to decide whether they pay.
 """
 
 from __future__ import annotations
@@ -222,14 +226,17 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None, *,
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
-               overlap: bool = True, console=None) -> dict:
+               overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
+               console=None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
     from rich.console import Console
     from rich.table import Table
 
+    from hallolive_rt.config import load_fusion_config
+
     from .components import load_components, weights_nbytes
     from .devices import resolve_devices
-    from .session import StreamSession
+    from .session import StreamSession, check_fast_paths
 
     console = console or Console(stderr=True, width=200)
     if mode not in MODES:
@@ -240,6 +247,10 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
     n = prof.stream.blocks
     dit_dev, vae_dev = resolve_devices(device, vae_device)
+    runs = backends if mode != "vae" else ["eager"]
+    cfg = load_fusion_config(prof.video_config, prof.audio_config)
+    for name in runs:  # before building anything: a choice that cannot run fails now, naming itself
+        check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
     t = time.perf_counter()
     comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
                             vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
@@ -248,7 +259,6 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
     results: dict[str, dict] = {}
     flops = None
-    runs = backends if mode != "vae" else ["eager"]
     for name in runs:
         if dit_dev.type == "cuda":
             gc.collect()
@@ -260,7 +270,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                 _vae_only(comps, prof, min(n, 2), seed)
             got, sess_info, plans = _vae_only(comps, prof, n, seed), {"backend": "eager (decoders)"}, None
         else:
-            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap)
+            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap,
+                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel)
             plans = sess.plans
             for _ in range(warmup_runs):
                 list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
@@ -286,8 +297,10 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     out = {
         "command": "hallolive-rt bench " + " ".join(sys.argv[2:]) if "bench" in " ".join(sys.argv) else
         f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
-        f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights})",
+        f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
+        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})",
         "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
+        "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
         "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
         "env": env_info([dit_dev, vae_dev]), "results": results,
@@ -322,7 +335,8 @@ def _fmt(x, spec=".2f"):
 
 def _table(console, Table, out: dict) -> None:
     t = Table(title=f"hallolive-rt bench: {out['preset']} {out['mode']} x{out['blocks']} blocks "
-                    f"({out['dtype']}, {out['dit_device']}/{out['vae_device']})")
+                    f"({out['dtype']}, {out['dit_device']}/{out['vae_device']}, fused projections "
+                    f"{'on' if out['fuse_projections'] else 'off'}, attention kernel {out['attn_kernel']})")
     for col in ("backend", "TTFF s", "steady FPS", "block s (med)", "DiT ms", "VAE ms", "DiT FPS-eq",
                 "VAE FPS-eq", "DiT TFLOP/s", "VAE TFLOP/s", "peak GiB"):
         t.add_column(col, justify="right")

@@ -15,6 +15,10 @@ on the DiT device: the same seed gives the same stream on every backend.
 
 NVTX (hallolive_rt.nvtx): session > text/encode, block > dit/step (x steps), dit/context, and
 vae/video, vae/audio, io/write (on the decode and writer threads when overlapped).
+
+Opt-in fast paths of the DiT forward (``fuse_projections``, ``attn_kernel``; off / ``auto`` by default,
+unmeasured until a GPU run commits numbers) are set on the DiT by the session and reported by
+``describe()``; ``check_fast_paths`` validates them before anything is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import torch
 
 from hallolive_rt.cache_policy import choose_policy
+from hallolive_rt.config import FusionConfig
+from hallolive_rt.model.attention import check_attention_kernel
 from hallolive_rt.model.text import encode_prompt, release_text_encoder
 from hallolive_rt.nvtx import stage
 from hallolive_rt.profile import Profile
@@ -36,7 +42,22 @@ from hallolive_rt.stream import BlockStream, window_noise
 from .backends import Backend, get_backend
 from .devices import DecodedBlock, DecodePipeline
 
-__all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main"]
+__all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main", "check_fast_paths",
+           "PYTORCH_FORWARD_BACKENDS"]
+
+PYTORCH_FORWARD_BACKENDS = ("eager", "cudagraph")  # backends that run DualStreamDiT.forward itself
+
+
+def check_fast_paths(backend: str, fuse_projections: bool, attn_kernel: str, device, dtype: torch.dtype,
+                     cfg: FusionConfig) -> None:
+    """Raise ``ValueError`` unless the opt-in fast paths can apply: ``attn_kernel`` runs on ``device`` in
+    ``dtype`` at the DiT's head dims, and a non-default choice goes with a backend that runs the PyTorch
+    forward (an aoti / tensorrt artifact has its kernels compiled in: the choice would be a silent no-op)."""
+    check_attention_kernel(attn_kernel, device, dtype, (cfg.video.head_dim, cfg.audio.head_dim))
+    if backend not in PYTORCH_FORWARD_BACKENDS and (fuse_projections or attn_kernel != "auto"):
+        raise ValueError(f"--fuse-projections / --attn-kernel change the PyTorch forward, which the {backend} "
+                         f"backend does not run (its artifact was compiled by `hallolive-rt export`): use "
+                         f"--backend {' or '.join(PYTORCH_FORWARD_BACKENDS)}, or drop them")
 
 
 class BlockNoise:
@@ -76,7 +97,8 @@ class StreamSession:
     def __init__(self, components, profile: Profile | None = None, *, backend: str | Backend = "eager",
                  blocks: int | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
-                 on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None):
+                 on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
+                 fuse_projections: bool = False, attn_kernel: str = "auto"):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -93,6 +115,12 @@ class StreamSession:
         self.bs = BlockStream(c.dit, p, blocks=self.blocks, policy=self.policy, device=c.dit_device, dtype=c.dtype)
         self.plans = list(self.policy.plans())
         self.backend = get_backend(backend, **(backend_options or {})) if isinstance(backend, str) else backend
+        check_fast_paths(self.backend.name, fuse_projections, attn_kernel, c.dit_device, c.dtype, c.cfg)
+        if fuse_projections:
+            c.dit.fuse_projections()
+        else:
+            c.dit.unfuse_projections()
+        c.dit.set_attention_kernel(attn_kernel)  # before prepare: graphs capture the chosen forward
         t = time.perf_counter()
         with torch.no_grad():
             self.backend.prepare(self.bs, self.plans)  # may run the DiT: caches are zeroed by start()
@@ -192,7 +220,8 @@ class StreamSession:
 
     def describe(self) -> dict:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
-                "blocks": self.blocks, "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name}
+                "blocks": self.blocks, "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
+                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -210,18 +239,20 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 backend: str = "eager", cache_policy: str = "auto", kv_impl: str = "torch",
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
-                progress: bool = True, console=None) -> dict:
+                fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
+                console=None) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
     Validation happens before any file is opened or any weight is loaded where possible (preset, block
-    count, dtype, devices, backend, model files, prompt, output paths); a failure raises ``InputError``
+    count, dtype, devices, backend, fast paths, model files, prompt, output paths); a failure raises ``InputError``
     (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
     audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
     with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
     """
     from rich.console import Console
 
+    from hallolive_rt.config import load_fusion_config
     from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
@@ -251,6 +282,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         dit_dev, vae_dev = resolve_devices(device, vae_device)
         paths = check_model_dir(model_dir) if model_dir is not None else None
         be = get_backend(backend)
+        check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
+                         load_fusion_config(prof.video_config, prof.audio_config))
     except (ValueError, MissingModelFiles, BackendUnavailable) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)
@@ -281,7 +314,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
     sess = StreamSession(comps, prof, backend=be, blocks=nblocks, cache_policy=cache_policy, kv_impl=kv_impl,
-                         overlap=overlap)
+                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel)
     ctx, _ = sess.encode(prompt)
     for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed

@@ -70,6 +70,17 @@ def test_bench_tiny_cpu_json_schema_and_projection(tmp_path):
     assert proj["two_device_fps"] == pytest.approx(min(d["dit_only_fps_equiv"], v["vae_only_fps_equiv"]))
 
 
+def test_bench_records_the_fast_path_choices_and_refuses_unavailable_ones(tmp_path):
+    out = bench_main("tiny", True, ["eager"], 1, "dit", tmp_path / "f.json", device="cpu", warmup_runs=0,
+                     fuse_projections=True, attn_kernel="math")
+    disk = json.loads((tmp_path / "f.json").read_text())
+    assert disk["fuse_projections"] is True and disk["attn_kernel"] == "math"
+    assert disk["results"]["eager"]["session"]["fuse_projections"] is True
+    assert out["results"]["eager"]["dit_only_fps_equiv"] > 0
+    with pytest.raises(ValueError, match="attention kernel 'efficient' cannot run on cpu"):
+        bench_main("tiny", True, ["eager"], 1, "dit", None, device="cpu", attn_kernel="efficient")
+
+
 def test_full_size_flop_counts_match_facts():
     """FACTS.md section 6: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
     from hallolive_rt.cache_policy import AppendPolicy

@@ -1,22 +1,76 @@
 """One attention facade for every attention in the DiT (self, text cross, fusion cross).
 
 Inputs are [B, L, H, D] like the caches; no mask is ever needed at inference (causality comes from
-what is in the caches). PyTorch's SDPA picks the best available kernel (flash / cuDNN / efficient
-on CUDA, the math path on CPU); the explicit math reference below is what tests compare it with.
+what is in the caches). ``attention`` is PyTorch's SDPA; which SDPA kernel runs is a choice:
+
+    auto       PyTorch picks per call (flash / cuDNN / efficient on CUDA, the CPU flash or math kernel
+               on CPU): the default and the released behaviour
+    math       SDPA's composite math kernel (any device and dtype)
+    flash      FlashAttention (CUDA: fp16/bf16, sm80+) or, on CPU, PyTorch's CPU flash kernel
+    cudnn      cuDNN attention (CUDA only)
+    efficient  memory-efficient attention (CUDA only)
+
+A non-auto choice is applied with ``torch.nn.attention.sdpa_kernel`` around the SDPA calls
+(``attention_kernel``) and allows that one kernel only: inputs it cannot take raise instead of silently
+falling back. ``check_attention_kernel`` probes the choice on the device, dtype and head dims before a
+run and names the choice, device and torch's reasons when it cannot run there. ``attention_reference``
+is the explicit float32 math that every kernel is tested against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["attention", "attention_reference"]
+__all__ = ["ATTENTION_KERNELS", "attention", "attention_kernel", "attention_reference", "check_attention_kernel"]
+
+_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+ATTENTION_KERNELS = ("auto", *_BACKENDS)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def attention_kernel(kernel: str):
+    """Context manager restricting ``attention`` to ``kernel`` (a no-op for ``auto``)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+    return contextlib.nullcontext() if kernel == "auto" else sdpa_kernel(_BACKENDS[kernel])
+
+
+def check_attention_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype,
+                           head_dims: Iterable[int]) -> None:
+    """Raise ``ValueError`` unless ``kernel`` runs ``attention`` on ``device`` in ``dtype`` for every head dim.
+
+    Probes a small self- and cross-shaped call per head dim (host-side set-up, never inside a block). The
+    meta device runs no kernel, so any valid name passes there.
+    """
+    device = torch.device(device)
+    with attention_kernel(kernel):  # validates the name
+        if kernel == "auto" or device.type == "meta":
+            return
+        for d in sorted(set(head_dims)):
+            q = torch.zeros(1, 16, 2, d, device=device, dtype=dtype)
+            kv = torch.zeros(1, 24, 2, d, device=device, dtype=dtype)
+            with warnings.catch_warnings(record=True) as why:
+                warnings.simplefilter("always")
+                try:
+                    attention(q, kv, kv)
+                    attention(q, q, q)
+                except RuntimeError as e:
+                    reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in why)) or str(e).strip()
+                    raise ValueError(f"attention kernel {kernel!r} cannot run on {device} with {dtype} and head "
+                                     f"dim {d} (torch says: {reasons.rstrip('.')}). Choose another --attn-kernel "
+                                     f"(auto lets PyTorch pick).") from e
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,10 @@ Per layer (FACTS.md section 2):
     V += cross_v(norm3(V), text, A0)       video sees audio after self-attention, before audio cross/ffn
     V += g2v * ffn_v(...)
 Nothing here syncs the host: positions and offsets are tensors, every size is static per variant.
+
+Two opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
+``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``) and
+``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from torch import nn
 
 from ..config import FusionConfig, StreamConfig
 from ..state import DiTState, StepPositions
-from .attention import attention
+from .attention import attention, attention_kernel, check_attention_kernel
+from .fused import FusableProjections
 from .layers import ChannelLastConv1d, ConvMLP, FusionLayer, Head
 from .rope import RopeTables, apply_rope
 
@@ -98,6 +103,7 @@ class DualStreamDiT(nn.Module):
         self.video_model = StreamDiT(cfg.video, cfg.audio)
         self.audio_model = StreamDiT(cfg.audio, cfg.video)
         self._kv = None
+        self.attn_kernel = "auto"
 
     # ---- cache operations (C++ extension or the pure-torch reference) ---------------------------
     @property
@@ -113,6 +119,32 @@ class DualStreamDiT(nn.Module):
         from ..kvcache import get_kv_ops
 
         self._kv = get_kv_ops(impl)
+
+    # ---- opt-in fast paths (see the module docstring) --------------------------------------------------
+    def set_attention_kernel(self, kernel: str) -> None:
+        """``auto`` (PyTorch picks, as released) or one SDPA kernel: math, flash, cudnn, efficient.
+        Probed on the parameters' device and dtype first; one that cannot run there raises ValueError."""
+        p = self.video_model.head.head.weight
+        check_attention_kernel(kernel, p.device, p.dtype, (self.cfg.video.head_dim, self.cfg.audio.head_dim))
+        self.attn_kernel = kernel
+
+    def _fusable(self) -> list[FusableProjections]:
+        return [m for m in self.modules() if isinstance(m, FusableProjections)]
+
+    def fuse_projections(self) -> None:
+        """One GEMM per group of projections on the same input (names, shapes, values unchanged).
+        Call after loading; calling again re-fuses from the current parameters."""
+        for m in self._fusable():
+            m.fuse_projections()
+
+    def unfuse_projections(self) -> None:
+        """Back to the released one-GEMM-per-projection forward (copies nothing)."""
+        for m in self._fusable():
+            m.unfuse_projections()
+
+    @property
+    def projections_fused(self) -> bool:
+        return all(m.projections_fused for m in self._fusable())
 
     def reset_rope(self) -> None:
         """Rebuild RoPE tables (not in the checkpoint) on the parameters' device after a meta load."""
@@ -142,6 +174,10 @@ class DualStreamDiT(nn.Module):
         vid_t [B, Fb], aud_t [B, La] float timesteps; ``video_kv_len`` (static) cache rows attended,
         the block's own rows included. Returns flow predictions shaped like vid_x and aud_x.
         """
+        with attention_kernel(self.attn_kernel):  # a no-op for auto
+            return self._forward(vid_x, aud_x, vid_t, aud_t, state, pos, video_kv_len)
+
+    def _forward(self, vid_x, aud_x, vid_t, aud_t, state: DiTState, pos: StepPositions, video_kv_len: int):
         vm, am = self.video_model, self.audio_model
         b, nf, _, lh, lw = vid_x.shape
         gh, gw = lh // vm.cfg.patch_size[1], lw // vm.cfg.patch_size[2]

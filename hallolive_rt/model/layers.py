@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import FusableProjections
+
 __all__ = ["RMSNorm", "LayerNorm", "SelfAttention", "CrossAttention", "FusionLayer", "Head", "ConvMLP",
            "ChannelLastConv1d", "Modulation"]
 
@@ -33,8 +35,13 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class SelfAttention(nn.Module):
-    """Projections of the causal self-attention; the attention itself runs in the fusion forward."""
+class SelfAttention(FusableProjections):
+    """Projections of the causal self-attention; the attention itself runs in the fusion forward.
+
+    Fusable group (``fuse_projections()``): ``qkv`` = q, k, v, all on the layer's modulated input.
+    """
+
+    FUSED_GROUPS = {"qkv": ("q", "k", "v")}
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -50,14 +57,19 @@ class SelfAttention(nn.Module):
         """x [B, L, C] -> q, k, v [B, L, H, D] (q, k RMS-normed over all C before the head split)."""
         b, n, _ = x.shape
         h = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, n, h, -1)
-        k = self.norm_k(self.k(x)).view(b, n, h, -1)
-        v = self.v(x).view(b, n, h, -1)
-        return q, k, v
+        q, k, v = self.project("qkv", x)
+        return self.norm_q(q).view(b, n, h, -1), self.norm_k(k).view(b, n, h, -1), v.view(b, n, h, -1)
 
 
 class CrossAttention(SelfAttention):
-    """Text attention + fusion attention over the other stream, sharing one q and one o projection."""
+    """Text attention + fusion attention over the other stream, sharing one q and one o projection.
+
+    Fusable groups (``fuse_projections()``): ``kv`` = k, v on the embedded text (``text_kv``, once per
+    prompt) and ``kv_fusion`` = k_fusion, v_fusion on the other stream's normed hidden states
+    (``fusion_kv``, every layer of every forward). q reads this stream's tokens alone and stays apart.
+    """
+
+    FUSED_GROUPS = {"kv": ("k", "v"), "kv_fusion": ("k_fusion", "v_fusion")}
 
     def __init__(self, dim: int, other_dim: int, num_heads: int, eps: float):
         super().__init__(dim, num_heads, eps)
@@ -73,15 +85,14 @@ class CrossAttention(SelfAttention):
     def text_kv(self, ctx: torch.Tensor):
         """ctx [B, T, C] (already text-embedded) -> k, v [B, T, H, D]; cached once per prompt."""
         b, n, _ = ctx.shape
-        return (self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1),
-                self.v(ctx).view(b, n, self.num_heads, -1))
+        k, v = self.project("kv", ctx)
+        return self.norm_k(k).view(b, n, self.num_heads, -1), v.view(b, n, self.num_heads, -1)
 
     def fusion_kv(self, other: torch.Tensor):
         """other stream [B, L', C'] -> k, v [B, L', H, D] before RoPE."""
         b, n, _ = other.shape
-        y = self.pre_attn_norm_fusion(other)
-        return (self.norm_k_fusion(self.k_fusion(y)).view(b, n, self.num_heads, -1),
-                self.v_fusion(y).view(b, n, self.num_heads, -1))
+        k, v = self.project("kv_fusion", self.pre_attn_norm_fusion(other))
+        return self.norm_k_fusion(k).view(b, n, self.num_heads, -1), v.view(b, n, self.num_heads, -1)
 
 
 class Modulation(nn.Module):

@@ -1,0 +1,80 @@
+"""Fused projections: the ``nn.Linear`` layers of a module that read the same input, run as one GEMM.
+
+Opt-in (``DualStreamDiT.fuse_projections()``, ``--fuse-projections``) and off by default: whether one
+wide GEMM beats several narrow ones is a GPU measurement (``hallolive-rt bench``), not yet made.
+
+The checkpoint's names and shapes never change. Fusing a group concatenates its members' weights and
+biases into one non-persistent buffer (``<group>_weight`` / ``<group>_bias``: not in ``state_dict()``,
+not in ``parameters()``) and re-points every member's parameters at their row slice of it, so:
+  * ``state_dict()`` and ``named_parameters()`` yield the released names, shapes and values, and the
+    parameter count is unchanged (the buffer is the parameters' storage, not a copy);
+  * in-place writes to a member (``copy_``, ``init_random_``, ``load_state_dict`` without ``assign``)
+    land in the fused weight;
+  * ``.to()`` / ``to_empty()`` (which replace tensors) go through ``_apply``, which re-fuses afterwards.
+``load_state_dict(assign=True)`` replaces parameters without ``_apply``: load first, then fuse (calling
+``fuse_projections()`` again re-fuses from the current parameters). Unfusing drops the buffers and
+leaves the members' parameters where they are (contiguous row slices), so it copies nothing; the members
+of a group then still share one storage (``torch.save`` writes it once; ``safetensors.save_file`` refuses
+shared tensors: clone them first).
+
+Works on the meta device (structure only), and keeps the forward free of host syncs: the fused path is
+a Python attribute test resolved at trace / capture time, then ``F.linear`` and ``split``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FusableProjections"]
+
+
+class FusableProjections(nn.Module):
+    """Mixin for modules whose ``nn.Linear`` members in ``FUSED_GROUPS`` (group -> member names, all
+    with bias, all reading one input) may run as one GEMM per group; see the module docstring."""
+
+    FUSED_GROUPS: dict[str, tuple[str, ...]] = {}
+    projections_fused: bool = False
+
+    def project(self, group: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``group``'s members on ``x``, in member order (one GEMM when fused)."""
+        names = self.FUSED_GROUPS[group]
+        if not self.projections_fused:
+            return tuple(getattr(self, n)(x) for n in names)
+        y = F.linear(x, getattr(self, f"{group}_weight"), getattr(self, f"{group}_bias"))
+        return y.split([getattr(self, n).out_features for n in names], dim=-1)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate each group's weights once and make the members' parameters views of them."""
+        self.unfuse_projections()
+        for group, names in self.FUSED_GROUPS.items():
+            members = [getattr(self, n) for n in names]
+            for attr in ("weight", "bias"):
+                fused = torch.cat([getattr(m, attr) for m in members])
+                self.register_buffer(f"{group}_{attr}", fused, persistent=False)
+                row = 0
+                for m in members:
+                    old = getattr(m, attr)
+                    setattr(m, attr, nn.Parameter(fused[row:row + old.shape[0]], requires_grad=old.requires_grad))
+                    row += old.shape[0]
+        self.projections_fused = True
+
+    def unfuse_projections(self) -> None:
+        """Back to one GEMM per member (no copy: the members keep their slices as parameters)."""
+        if not self.projections_fused:
+            return
+        for group in self.FUSED_GROUPS:
+            del self._buffers[f"{group}_weight"], self._buffers[f"{group}_bias"]
+        self.projections_fused = False
+
+    def _apply(self, fn, recurse=True):
+        # .to() / to_empty() replace each parameter separately: the slices would stop aliasing the fused
+        # buffer, so convert the members alone and concatenate again on the converted tensors
+        fused = self.projections_fused
+        self.unfuse_projections()
+        super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections()
+        return self

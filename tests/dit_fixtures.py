@@ -31,6 +31,20 @@ def tiny_inputs(profile: Profile, blocks: int, seed: int = 1, dtype=torch.float3
     return nv.to(dtype), na_.to(dtype), ctx.to(dtype)
 
 
+def first_step(profile: Profile, dit=None):
+    """A one-block ``BlockStream`` of ``dit`` (default: ``tiny_dit()``) started on a random prompt and
+    positioned at its first step: ``(dit, stream, plan, noise_video, noise_audio)``."""
+    from hallolive_rt.stream import BlockStream
+
+    dit = dit if dit is not None else tiny_dit()
+    nv, na, ctx = tiny_inputs(profile, 1)
+    bs = BlockStream(dit, profile, blocks=1)
+    bs.start(ctx)
+    plan = next(bs.policy.plans())
+    bs.cursor.set(plan)
+    return dit, bs, plan, nv, na
+
+
 def key_list(name: str) -> dict[str, tuple[int, ...]]:
     """name -> shape from a shared key list (``name<TAB>shape<TAB>dtype`` lines)."""
     out = {}

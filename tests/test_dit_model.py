@@ -11,7 +11,7 @@ from hallolive_rt.config import ConfigError, StreamConfig, load_fusion_config
 from hallolive_rt.model.dit import DualStreamDiT, sinusoidal_embedding
 from hallolive_rt.model.rope import RopeTables, apply_rope
 from tests.conftest import assert_close
-from tests.dit_fixtures import SHARED, key_list, tiny_dit, tiny_inputs
+from tests.dit_fixtures import SHARED, first_step, key_list
 from tests.reference_loop import audio_freqs, rope_1d, rope_3d, video_freqs
 
 FULL_PARAMS = 11_660_753_108
@@ -89,14 +89,7 @@ class _DtypeLog(TorchDispatchMode):
 
 
 def test_forward_has_no_complex_and_float64_only_in_the_release_time_embedding(tiny_profile):
-    from hallolive_rt.stream import BlockStream
-
-    dit = tiny_dit()
-    nv, na, ctx = tiny_inputs(tiny_profile, 1)
-    bs = BlockStream(dit, tiny_profile, blocks=1)
-    bs.start(ctx)
-    plan = next(bs.policy.plans())
-    bs.cursor.set(plan)
+    dit, bs, plan, nv, na = first_step(tiny_profile)
     xa = na[:, :tiny_profile.audio_window]
     t_v, t_a = torch.full((1, 2), 937.5), torch.full((1, xa.shape[1]), 937.5)
     for fp64 in (True, False):

@@ -24,7 +24,7 @@ from hallolive_rt.model.dit_weights import build_dit, init_random_
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import BlockStream, generate
 from tests.conftest import assert_close
-from tests.dit_fixtures import SHARED, key_list, tiny_dit, tiny_inputs
+from tests.dit_fixtures import SHARED, first_step, key_list, tiny_dit, tiny_inputs
 
 FULL_PARAMS = 11_660_753_108
 BLOCKS = 3
@@ -234,12 +234,7 @@ def test_cpu_kernels_equal_the_reference(kernel, dtype):
 
 
 def test_the_forward_runs_the_chosen_kernel_and_refuses_unavailable_ones(tiny_profile):
-    dit = tiny_dit()
-    nv, na, ctx = tiny_inputs(tiny_profile, 1)
-    bs = BlockStream(dit, tiny_profile, blocks=1)
-    bs.start(ctx)
-    plan = next(bs.policy.plans())
-    bs.cursor.set(plan)
+    dit, bs, plan, nv, na = first_step(tiny_profile)
     args = _step_args(nv, na, plan)
     flows = {}
     for kernel in ("math", "flash"):

@@ -4,9 +4,9 @@ Two wrappers of the same forward, one per way a compiled format can express the 
 
 * ``functional=True`` (ONNX, TensorRT): the caches are inputs and their updated copies are outputs
   (``video_k_out``, ...). Each layer's cache is cloned, written with the reference ``index_copy_``
-  ops, and the layers are stacked again, so the graph holds ScatterElements + Concat and nothing aliases.
-  (Writing through ``cache[i]`` views of one cloned tensor traces fine, but the TorchScript ONNX
-  exporter then returns the pre-write tensor for some layers; per-layer tensors avoid the view.)
+  ops, and the layers are stacked again, so the graph holds ScatterND + Concat and nothing aliases
+  (per-layer tensors rather than writes through ``cache[i]`` views of one clone: no view semantics for
+  an exporter to get wrong).
 * ``functional=False`` (AOTInductor): the forward writes the input caches in place, exactly like
   eager; ``torch.export`` records the writes as input mutations and the compiled package applies them
   to the caller's buffers, so the runtime passes ``stream.state`` tensors and gets flows back.

@@ -8,6 +8,7 @@ still has the recorded sha256.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -18,9 +19,9 @@ import torch
 from hallolive_rt.profile import Profile, load_profile
 
 from .contracts import SUBMODELS, Contract, contracts_for
-from .manifest import (SCHEMA, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
+from .manifest import (SCHEMA, FileHashes, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
                        tool_versions, write_manifest)
-from .submodels import SUBMODEL_FILES, build_submodel, check_memory, weights_ids, wrapper_for
+from .submodels import SUBMODEL_FILES, build_submodel, check_disk, check_memory, onnx_source, weights_ids, wrapper_for
 
 __all__ = ["export_main", "PRECISIONS", "FORMATS", "ExportError"]
 
@@ -47,17 +48,31 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
     CLI flags (``hallolive-rt export``):
       --preset P            profile name or .toml path (shapes, batch, blocks)
       --model-dir D         release weights (Hallo-Live/, Wan2.2-TI2V-5B/, MMAudio/, Wan2.1-T2V-1.3B/)
-      --random-weights      random weights instead (exclusive with --model-dir); --seed N picks them
+      --random-weights      random weights instead (exclusive with --model-dir); --seed N picks them;
+                            the tiny preset always exports random weights
       --format F            onnx | tensorrt | aoti
       --precision X         fp32 | bf16 | fp16 | fp8 (default: the profile's dtype); fp8 needs a Q/DQ ONNX
       --out-dir DIR         artifact directory (manifest.json + one file per sub-model variant)
       (library-only: submodels, opset 18-20, device, force re-export, fp64_time, aoti_configs)
     """
-    if bool(model_dir) == bool(random_weights):
+    if model_dir and random_weights:
         raise ExportError("pass exactly one of --model-dir DIR or --random-weights")
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     profile = load_profile(preset)
+    if model_dir and profile.decoders == "tiny":
+        raise ExportError(f"the {profile.name} preset has no released weights; drop --model-dir (it exports random weights)")
+    if not model_dir and not random_weights:
+        if profile.decoders != "tiny":
+            raise ExportError(f"the {profile.name} preset needs --model-dir DIR (the release download) or --random-weights")
+        random_weights = True  # the tiny architecture only ever has random weights
+    if format != "aoti":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ExportError(f"--format {format} needs onnx and onnxscript ({', '.join(missing)} missing): "
+                              "pip install 'hallolive-rt[export]'")
     precision = precision or _default_precision(profile)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -79,32 +94,37 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
         except TensorRTMissing as e:
             raise ExportError(str(e)) from None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_memory(profile, subs, dtype, format, device)  # before any weight is allocated
+    if format != "aoti":  # weights files not on disk yet must fit there (a re-run rewrites in place)
+        check_disk(profile, [s for s in subs if not (out / f"{s}_{profile.name}_{precision}.weights").is_file()],
+                   dtype, next(d for d in (out, *out.absolute().parents) if d.is_dir()))
+    wids = weights_ids(model_dir, seed, subs)  # raises for missing release files, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     # float64 time embedding (release fidelity) where the target runs float64; TensorRT/ONNX cannot well
     fp64 = fp64_time if fp64_time is not None else format == "aoti"
-    wids = weights_ids(model_dir, seed, subs)
     tools = tool_versions(format)
     dev = device_info(device)
     contracts = contracts_for(profile, dtype)
     old = None if force else read_manifest(out)
-    old_art = (old or {}).get("artifacts", {})
+    old_art, old_wf = (old or {}).get("artifacts", {}), (old or {}).get("weights_files", {})
     manifest = {
         "schema": SCHEMA, "format": format, "precision": precision,
         "profile": {"name": profile.name, "digest": profile.digest()},
         "weights": dict(wids), "model_dir": str(model_dir) if model_dir else None, "tools": tools, "device": dev,
         "time_embedding": "float64" if fp64 else "float32", "opset": opset if format != "aoti" else None,
         "command": rebuild_command(profile.name, wids, format, precision, out, model_dir),
-        "contracts": {s: contracts[s].to_dict() for s in subs}, "artifacts": {},
+        "contracts": {s: contracts[s].to_dict() for s in subs}, "artifacts": {}, "weights_files": {},
     }
     if old:  # keep other sub-models' entries of the same build (partial re-exports)
         manifest["artifacts"] = {k: v for k, v in old_art.items() if v["submodel"] not in subs}
         manifest["contracts"] = {**old.get("contracts", {}), **manifest["contracts"]}
         manifest["weights"] = {**old.get("weights", {}), **manifest["weights"]}
+        manifest["weights_files"] = {k: v for k, v in old_wf.items() if k not in subs}
+    hashes = FileHashes()
     trt_ver = tools.get("tensorrt", "")
     for sub in subs:
         contract: Contract = contracts[sub]
-        model = None
+        todo = []
         for variant in contract.variants:
             key_name = f"{sub}/{variant.name}"
             key = artifact_key(profile=profile.digest(), weights=wids[sub], precision=precision, format=format,
@@ -112,26 +132,104 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
                                time=manifest["time_embedding"], opset=opset)
             fname = _file_name(sub, variant.name, profile.name, precision, format, trt_ver, dev["arch"])
             prev = old_art.get(key_name)
-            if prev and prev["key"] == key and (out / prev["file"]).is_file() and \
-                    sha256_file(out / prev["file"]) == prev["sha256"]:
+            if prev and prev["key"] == key and _intact(out, prev, hashes):
                 manifest["artifacts"][key_name] = prev
                 log(f"[export] {key_name}: skipped (up to date) {prev['file']}")
                 continue
-            if model is None:
-                t0 = time.perf_counter()
-                log(f"[export] {sub}: building {'random' if random_weights else 'release'} weights ({precision}) ...")
-                model = build_submodel(sub, profile, model_dir, seed, dtype, device)
-                log(f"[export] {sub}: built in {time.perf_counter() - t0:.1f} s")
-            t0 = time.perf_counter()
-            entry = _export_one(sub, model, contract, variant, out / fname, format, precision, opset, device,
-                                fp64, aoti_configs, log)
-            entry.update(submodel=sub, variant=variant.name, key=key)
-            manifest["artifacts"][key_name] = entry
-            write_manifest(out, manifest)  # after every pass: an interrupted export keeps what it finished
-            log(f"[export] {key_name}: exported {entry['file']} ({entry['bytes'] / 1e6:.1f} MB) "
-                f"in {time.perf_counter() - t0:.1f} s")
-        del model
+            todo.append((variant, key_name, key, fname))
+        if not todo:
+            if sub in old_wf:  # graphs up to date: so is the weights file they were checked with
+                manifest["weights_files"][sub] = old_wf[sub]
+            continue
+        if format == "aoti":
+            _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo,
+                         out, manifest, fp64, aoti_configs, log)
+        else:
+            _export_graphs(sub, profile, model_dir, seed, dtype, precision, format, contract, todo, out, manifest,
+                           old_wf.get(sub), wids[sub], opset, hashes, log)
     return write_manifest(out, manifest)
+
+
+def _intact(out: Path, entry: dict, hashes: FileHashes) -> bool:
+    """The artifact's file (and its external weights file) are on disk with the recorded sha256."""
+    files = [(entry["file"], entry["sha256"])]
+    if entry.get("data_file"):
+        files.append((entry["data_file"], entry["data_sha256"]))
+    return all((out / f).is_file() and hashes(out / f) == h for f, h in files)
+
+
+def _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo, out,
+                 manifest, fp64, aoti_configs, log) -> None:
+    from .aoti import export_aoti
+    from .dit import dit_export_mode
+
+    t0 = time.perf_counter()
+    log(f"[export] {sub}: building {'random' if random_weights else 'release'} weights ({precision}) on {device} ...")
+    model = build_submodel(sub, profile, model_dir, seed, dtype, device)
+    log(f"[export] {sub}: built in {time.perf_counter() - t0:.1f} s")
+    for variant, key_name, key, fname in todo:
+        t0 = time.perf_counter()
+        wrapper = wrapper_for(sub, model, contract, variant, functional=False)
+        ctx = dit_export_mode(model, float64_time=fp64) if sub == "dit" else contextlib.nullcontext()
+        log(f"[export] {key_name}: AOTInductor compile (minutes on CPU) ...")
+        with ctx:
+            export_aoti(wrapper, variant, out / fname, device=device, inputs=variant.sample_inputs(device=device),
+                        inductor_configs=aoti_configs)
+        _record(out, manifest, key_name, key, sub, variant, {"file": fname, "io": "inplace"}, t0, log)
+
+
+def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contract, todo, out, manifest, prev_weights,
+                   weights_id, opset, hashes, log) -> None:
+    """ONNX graphs on the meta device + the shared weights file (then TensorRT plans from them)."""
+    from .dit import dit_export_mode
+    from .onnx import check_onnx, export_onnx
+    from .weights_file import WeightsLayout, tensor_names, write_weights
+
+    source = onnx_source(sub, profile, model_dir, seed, dtype)
+    layout = WeightsLayout.of(source.model)
+    wfile = out / f"{sub}_{profile.name}_{precision}.weights"
+    wkey = artifact_key(weights=weights_id, precision=precision, layout=layout.digest())
+    if prev_weights and prev_weights["key"] == wkey and wfile.is_file() and hashes(wfile) == prev_weights["sha256"]:
+        manifest["weights_files"][sub] = prev_weights
+        log(f"[export] {sub}: weights skipped (up to date) {wfile.name}")
+    else:
+        t0 = time.perf_counter()
+        log(f"[export] {sub}: writing {layout.total / 2**30:.2f} GiB of weights to {wfile.name} ...")
+        write_weights(wfile, layout, source.values(), what=sub, log=log)
+        hashes.pop(wfile, None)  # a stale file may have been hashed above
+        manifest["weights_files"][sub] = {"file": wfile.name, "key": wkey, "sha256": hashes(wfile),
+                                          "bytes": wfile.stat().st_size}
+        write_manifest(out, manifest)  # an interrupted export keeps the (long) weights write
+        log(f"[export] {sub}: weights written in {time.perf_counter() - t0:.1f} s")
+    ctx = dit_export_mode(source.model, float64_time=False) if sub == "dit" else contextlib.nullcontext()
+    with ctx:  # float32 time embedding: ONNX/TensorRT targets are float64-free
+        for variant, key_name, key, fname in todo:
+            t0 = time.perf_counter()
+            wrapper = wrapper_for(sub, source.model, contract, variant, functional=True)
+            onnx_path = out / fname if fmt == "onnx" else (out / fname).with_suffix(".onnx")
+            export_onnx(wrapper, variant, onnx_path, layout=layout, weights_file=wfile,
+                        names=tensor_names(wrapper, source.model), opset=opset)
+            check_onnx(onnx_path, variant)
+            entry = {"file": fname, "io": "functional"}
+            if fmt == "onnx":
+                entry.update(data_file=wfile.name, data_sha256=hashes(wfile))
+            else:
+                from .trt import build_engine
+
+                log(f"[export] {key_name}: TensorRT build ...")
+                build_engine(onnx_path, out / fname, precision, timing_cache=out / "timing.cache")
+                entry["onnx"] = onnx_path.name
+            _record(out, manifest, key_name, key, sub, variant, entry, t0, log)
+
+
+def _record(out, manifest, key_name, key, sub, variant, entry, t0, log) -> None:
+    entry["sha256"] = sha256_file(out / entry["file"])
+    entry["bytes"] = (out / entry["file"]).stat().st_size
+    entry.update(submodel=sub, variant=variant.name, key=key)
+    manifest["artifacts"][key_name] = entry
+    write_manifest(out, manifest)  # after every pass: an interrupted export keeps what it finished
+    log(f"[export] {key_name}: exported {entry['file']} ({entry['bytes'] / 1e6:.1f} MB) "
+        f"in {time.perf_counter() - t0:.1f} s")
 
 
 def _file_name(sub, variant, profile, precision, fmt, trt_ver, arch) -> str:
@@ -140,51 +238,6 @@ def _file_name(sub, variant, profile, precision, fmt, trt_ver, arch) -> str:
     if fmt == "aoti":
         return f"{sub}_{variant}_{profile}_{precision}_torch{torch.__version__.split('+')[0]}_{arch}{_EXT[fmt]}"
     return f"{sub}_{variant}_{profile}_{precision}{_EXT[fmt]}"
-
-
-def _export_one(sub, model, contract, variant, path: Path, fmt, precision, opset, device, fp64, aoti_configs,
-                log) -> dict:
-    from .dit import dit_export_mode
-
-    functional = fmt != "aoti"
-    wrapper = wrapper_for(sub, model, contract, variant, functional=functional)
-    inputs = variant.sample_inputs(device=device if fmt == "aoti" else "cpu")
-    ctx = dit_export_mode(model, float64_time=fp64) if sub == "dit" else _null()
-    with ctx:
-        if fmt == "aoti":
-            from .aoti import export_aoti
-
-            log(f"[export] {sub}/{variant.name}: AOTInductor compile (minutes on CPU) ...")
-            export_aoti(wrapper, variant, path, device=device, inputs=inputs, inductor_configs=aoti_configs)
-            entry = {"file": path.name, "io": "inplace"}
-        else:
-            from .onnx import check_onnx, export_onnx
-
-            onnx_path = path if fmt == "onnx" else path.with_suffix(".onnx")
-            export_onnx(wrapper, variant, onnx_path, opset=opset, inputs=inputs)
-            check_onnx(onnx_path, variant)
-            entry = {"file": path.name, "io": "functional"}
-            if fmt == "tensorrt":
-                from .trt import build_engine
-
-                log(f"[export] {sub}/{variant.name}: TensorRT build ...")
-                build_engine(onnx_path, path, precision, timing_cache=path.parent / "timing.cache")
-                entry["onnx"] = onnx_path.name
-    entry["sha256"] = sha256_file(path)
-    entry["bytes"] = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if fmt == "onnx" and data.is_file():
-        entry["data_file"], entry["data_sha256"] = data.name, sha256_file(data)
-        entry["bytes"] += data.stat().st_size
-    return entry
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 assert set(SUBMODEL_FILES) == set(SUBMODELS)

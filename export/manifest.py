@@ -9,6 +9,7 @@ Schema (version 1)::
      "contracts": {submodel: Contract.to_dict()},
      "artifacts": {"<submodel>/<variant>": {"submodel", "variant", "file", "sha256", "bytes", "key",
                                             "data_file"?, "data_sha256"?, "io": "functional|inplace"}},
+     "weights_files": {submodel: {"file", "key", "sha256", "bytes"}},   (ONNX / TensorRT)
      "digest": sha256 of everything above (canonical JSON)}
 
 ``key`` hashes every input of one artifact (profile digest, weights id, precision, format, tool versions,
@@ -16,6 +17,10 @@ device arch, the variant's contract, time embedding, opset): a re-run skips an a
 file hash still match. ``load_artifacts`` refuses, with the difference and the command that rebuilds:
 a missing/corrupt/edited manifest, another profile, other weights, another format/precision, other tool
 versions or device architecture (compiled formats only), a missing or modified artifact file.
+
+ONNX graphs keep their weights outside: every variant of a sub-model points into one shared
+``<submodel>_<profile>_<precision>.weights`` file (``data_file``), hashed once per load however many
+graphs share it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from hallolive_rt.profile import Profile
 
 __all__ = ["MANIFEST", "SCHEMA", "ArtifactMismatch", "LoadedArtifacts", "load_artifacts", "read_manifest",
-           "write_manifest", "sha256_file", "tool_versions", "device_info", "rebuild_command", "artifact_key",
+           "write_manifest", "sha256_file", "FileHashes", "tool_versions", "device_info", "rebuild_command", "artifact_key",
            "manifest_digest"]
 
 MANIFEST = "manifest.json"
@@ -49,6 +54,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class FileHashes(dict):
+    """``hashes(path)``: sha256 of a file, computed once per instance (a run, a load): the DiT's 21.7 GiB
+    weights file is shared by five graphs and is hashed once."""
+
+    def __call__(self, path: str | Path) -> str:
+        path = Path(path)
+        if path not in self:
+            self[path] = sha256_file(path)
+        return self[path]
 
 
 def tool_versions(fmt: str) -> dict[str, str]:
@@ -169,6 +185,7 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
             diffs.append(f"device: artifacts built for {m['device']['kind']} {m['device']['arch']}, "
                          f"this run is on {dev['kind']} {dev['arch']}")
     paths = {}
+    _hash = FileHashes()
     for key, a in m["artifacts"].items():
         if a["submodel"] not in subs:
             continue
@@ -176,13 +193,13 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
         if not p.is_file():
             diffs.append(f"missing artifact {key}: {p}")
             continue
-        if verify_hashes and sha256_file(p) != a["sha256"]:
+        if verify_hashes and _hash(p) != a["sha256"]:
             diffs.append(f"artifact {key} was modified: sha256 of {p.name} differs from the manifest")
         if a.get("data_file"):
             dp = root / a["data_file"]
             if not dp.is_file():
                 diffs.append(f"missing external data of {key}: {dp}")
-            elif verify_hashes and sha256_file(dp) != a["data_sha256"]:
+            elif verify_hashes and _hash(dp) != a["data_sha256"]:
                 diffs.append(f"external data of {key} was modified: {dp.name}")
         paths[key] = p
     for sub in subs:

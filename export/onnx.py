@@ -1,8 +1,13 @@
 """ONNX export of one contract variant, its checks, and a TensorRT-compatibility lint.
 
-Export uses PyTorch's TorchScript-based exporter (``dynamo=False``): it needs nothing beyond torch and
-onnx, and the graph it emits for these models is plain (MatMul/Softmax attention, ScatterElements cache
-writes). Shapes are the contract's static shapes; no dynamic axes are declared, ever.
+Export traces the sub-model on the **meta device** and never touches a weight value: ``torch.export``
+records the graph at the contract's static shapes, PyTorch's ``torch.export``-based ONNX exporter
+(``dynamo=True``, needs ``onnxscript``) translates it, and every initializer is then pointed at its
+(offset, length) in the sub-model's shared weights file (``weights_file.py``), which is written
+separately, one tensor at a time. Host memory is therefore independent of the model size: the
+full-size 11.7B DiT exports on a 24 GB machine. Then ``onnxscript``'s optimizer cleans the graph
+(inlining, dead code, folding of shape and index arithmetic up to 1M elements); it never folds a node
+that reads a weight (TensorRT folds those itself), so no weight is ever loaded. No dynamic axes, ever.
 
 Checks after every export (``check_onnx``):
   * ``onnx.checker`` (by path, so graphs with external data past 2 GB are checked too);
@@ -15,20 +20,21 @@ A failure raises ``OnnxLintError`` naming the node, its op type and the offendin
 
 from __future__ import annotations
 
+import logging
 import os
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .contracts import Variant
+from .weights_file import WeightsLayout, on_meta
 
 __all__ = ["OPSETS", "OnnxLintError", "LintIssue", "export_onnx", "check_onnx", "lint_tensorrt",
-           "TRT_SUPPORTED_OPS", "OrtRunner", "EXTERNAL_DATA_THRESHOLD"]
+           "TRT_SUPPORTED_OPS", "OrtRunner", "FOLD_LIMIT"]
 
 OPSETS = (18, 19, 20)
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom for the graph
+FOLD_LIMIT = 1 << 20  # elements: shape/index arithmetic up to this size is folded into constants
 
 # Operators the TensorRT 10 ONNX parser imports (onnx-tensorrt docs/operators.md, opsets 9-20), restricted
 # to the deterministic, non-sequence, non-string ones a diffusion/VAE/vocoder/T5 graph can contain. An
@@ -69,178 +75,78 @@ class LintIssue:
         return f"node {self.node!r} ({self.op}): {self.what}"
 
 
-def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, opset: int = 18,
-                functional_outputs: bool = True, inputs: list[torch.Tensor] | None = None,
-                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Trace ``module`` with the variant's sample inputs and write ``path`` (+ ``path.data`` if large)."""
-    import onnx
+def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, layout: WeightsLayout,
+                weights_file: str | os.PathLike, names: dict[str, str], opset: int = 18) -> Path:
+    """Trace ``module`` (the contract wrapper) on the meta device and write ``path``; its initializers
+    reference ``weights_file`` (same directory) through ``layout``; ``names`` maps the wrapper's tensor
+    names to the layout's. The graph file appears under its name only when complete."""
+    import onnx_ir as ir
 
     if opset not in OPSETS:
         raise ValueError(f"opset {opset}: use one of {OPSETS} (TensorRT 10 parses up to 20)")
-    path = Path(path)
+    path, weights_file = Path(path), Path(weights_file)
+    if weights_file.parent.resolve() != path.parent.resolve():
+        raise ValueError(f"{weights_file} must sit next to {path}: external data is found relative to the graph")
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = tuple(inputs if inputs is not None else variant.sample_inputs())
-    outs = variant.outputs if functional_outputs else variant.inplace_outputs
-    tmp = path.with_suffix(".tmp.onnx")
-    _register_symbolics(opset)
-    with torch.no_grad():
-        # torch.export first: every size becomes a Python int, so the TorchScript exporter below sees
-        # static kernels (it cannot export a conv whose weight shape it traced as data) and no dynamic dim
-        gm = torch.export.export(module, args, strict=False).module()
-        gm.train = types.MethodType(lambda self, mode=True: self, gm)  # exporters call .eval(); gm refuses
-        torch.onnx.export(gm, args, str(tmp), dynamo=False, opset_version=opset, input_names=variant.input_names,
-                          output_names=[s.name for s in outs], do_constant_folding=True, dynamic_axes=None)
-    model = onnx.load(str(tmp), load_external_data=True)
-    for f in tmp.parent.glob(tmp.name + "*"):
-        f.unlink()
-    fold_static_shapes(model)
-    _set_io_shapes(model, variant.inputs, outs)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > external_threshold
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    # one external data file next to the graph (the exporter would write one file per tensor)
-    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    args = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in variant.inputs)
+    with on_meta(module), torch.no_grad():
+        ep = torch.export.export(module, args, strict=False)
+        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=variant.input_names,
+                                    output_names=[s.name for s in variant.outputs], optimize=False, verify=False,
+                                    report=False)
+    model = program.model
+    for name, init in model.graph.initializers.items():
+        slot = layout.slots.get(names.get(name, ""))
+        if slot is None:
+            raise RuntimeError(f"{path.name}: the exported graph holds a tensor {name!r} that is not a parameter "
+                               "or buffer of the model (a constant created in forward?); register it as a buffer")
+        if tuple(init.shape.dims) != slot.shape:
+            raise RuntimeError(f"{path.name}: {name!r} is {tuple(init.shape.dims)} in the graph, {slot.shape} in the layout")
+        init.const_value = ir.ExternalTensor(weights_file.name, slot.offset, slot.nbytes, init.dtype,
+                                             shape=init.shape, name=name, base_dir=str(path.parent))
+    _optimize(model)
+    proto = ir.serde.serialize_model(model)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        import onnx
+
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-_FOLDABLE = frozenset("""
-Shape Gather Slice Concat Unsqueeze Squeeze Cast Reshape Add Sub Mul Div Mod Neg Equal Less Greater Where Range
-ConstantOfShape Expand Identity ReduceProd ReduceSum Floor Ceil Sqrt Min Max Abs Not ScatterElements ScatterND
-Tile Transpose Split GatherElements Size Sign Pow Clip Log Exp Less LessOrEqual GreaterOrEqual And Or
-""".split())
-_FOLD_MAX = 1 << 20  # elements: only small (shape/index) tensors are folded, weights are left alone
+def _optimize(model) -> None:
+    """``onnxscript``'s default optimizer without its pattern rewriter, which is quadratic in the graph size
+    (it did not finish one full-size DiT variant in 10 minutes) and rewrites nothing these graphs need:
+    inline functions, fold constants twice (this also turns SplitToSequence/SequenceAt into Split),
+    drop dead nodes, lift constants to initializers, deduplicate, eliminate common subexpressions."""
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants
+
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # per-initializer chatter of its passes
+    common.InlinePass()(model)
+    for _ in range(2):
+        fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT,
+                       should_fold=_never_read_weights)
+        common.RemoveUnusedNodesPass()(model)
+    for step in (common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+                 common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                 common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+                 common.OutputFixPass(), common.NameFixPass()):
+        step(model)
 
 
-def fold_static_shapes(model, max_rounds: int = 50) -> int:
-    """Fold the shape arithmetic the TorchScript exporter leaves in (Shape -> Gather/Slice -> Concat ->
-    Reshape) into constants, in place; returns the number of nodes folded.
+def _never_read_weights(node) -> bool | None:
+    """Folding policy: a node reading an external initializer (a weight) is left to the runtime."""
+    import onnx_ir as ir
 
-    Every input shape is static, so each ``Shape`` is a constant once shape inference reaches it, and so
-    is everything computed only from constants. Without this, ONNX shape inference (and the lint) sees
-    unknown dims after every Reshape. Works on any dtype (onnxruntime cannot fold bf16 graphs on CPU).
-    """
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    g = model.graph
-    consts: dict[str, np.ndarray] = {}
-    for t in g.initializer:
-        if _numel(t.dims) <= _FOLD_MAX and not t.external_data:
-            consts[t.name] = numpy_helper.to_array(t)
-    folded = 0
-    for _ in range(max_rounds):
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        static = {}
-        for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-            d = _dims(v)
-            if v.type.tensor_type.HasField("shape") and all(isinstance(x, int) for x in d):
-                static[v.name] = d
-        nodes, changed = [], 0
-        for n in g.node:
-            vals = None
-            if n.op_type == "Constant":
-                t = next((a.t for a in n.attribute if a.name == "value"), None)
-                if t is not None and _numel(t.dims) <= _FOLD_MAX:
-                    consts[n.output[0]] = numpy_helper.to_array(t)
-            elif n.op_type == "Shape" and n.input[0] in static:
-                shp = np.array(static[n.input[0]], dtype=np.int64)
-                at = {a.name: a.i for a in n.attribute}
-                vals = [shp[at.get("start", 0):at.get("end", len(shp))]]
-            elif n.op_type in _FOLDABLE and all(i in consts for i in n.input if i):
-                try:
-                    vals = ReferenceEvaluator(n).run(None, {i: consts[i] for i in n.input if i})
-                except Exception:  # an op the reference evaluator cannot run: leave it to TensorRT
-                    vals = None
-                if vals is not None and any(np.asarray(v).size > _FOLD_MAX for v in vals):
-                    vals = None
-            if vals is None:
-                nodes.append(n)
-                continue
-            for o, v in zip(n.output, vals):
-                v = np.asarray(v)
-                consts[o] = v
-                nodes.append(helper.make_node("Constant", [], [o], value=numpy_helper.from_array(v, o),
-                                              name=(n.name or o) + "_folded"))
-            changed += 1
-        del g.node[:]
-        g.node.extend(_live(nodes, [o.name for o in g.output]))
-        folded += changed
-        if not changed:
-            break
-    keep = {i for n in g.node for i in n.input}
-    live_inits = [t for t in g.initializer if t.name in keep]
-    del g.initializer[:]
-    g.initializer.extend(live_inits)
-    del g.value_info[:]
-    return folded
-
-
-def _set_io_shapes(model, inputs, outputs) -> None:
-    """Declare the contract's static shapes on the graph I/O (the exporter names traced dims)."""
-    import onnx
-
-    # the exporter drops inputs a variant never reads (the VAE's first frame reads no history); keep them
-    # as declared, unused inputs so every variant of a contract binds the same names
-    have = {v.name: v for v in model.graph.input}
-    elem = {s.name: onnx.helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=s.torch_dtype).numpy().dtype)
-            if s.dtype != "bfloat16" else onnx.TensorProto.BFLOAT16 for s in inputs}
-    ordered = [have.get(s.name) or onnx.helper.make_tensor_value_info(s.name, elem[s.name], list(s.shape))
-               for s in inputs]
-    del model.graph.input[:]
-    model.graph.input.extend(ordered)
-    for vals, specs in ((model.graph.input, inputs), (model.graph.output, outputs)):
-        for v, s in zip(vals, specs):
-            shape = v.type.tensor_type.shape
-            del shape.dim[:]
-            for d in s.shape:
-                shape.dim.add().dim_value = d
-    onnx.shape_inference.infer_shapes(model, strict_mode=True)  # raises if the graph disagrees
-
-
-def _live(nodes, outputs) -> list:
-    """Dead-node elimination: keep nodes that some graph output depends on (order preserved)."""
-    need, keep = set(outputs), []
-    for n in reversed(nodes):
-        if any(o in need for o in n.output):
-            keep.append(n)
-            need.update(i for i in n.input if i)
-    return keep[::-1]
-
-
-def _nearest_exact(g, x, output_size, *scales):
-    """aten::_upsample_nearest_exact{2,3}d -> Resize(nearest, asymmetric, floor).
-
-    nearest-exact reads source index floor((i + 0.5) / s); for the integer upscale factors the VAE uses
-    that equals floor(i / s), which is what asymmetric + floor computes (TensorRT supports both modes).
-    """
-    from torch.onnx import symbolic_helper as sh
-
-    size = sh._maybe_get_const(output_size, "is")
-    in_sizes = sh._get_tensor_sizes(x)
-    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
-    if isinstance(size, (list, tuple)) and in_sizes and all(isinstance(d, int) for d in in_sizes):
-        full = list(in_sizes[:2]) + list(size)
-        factors = [o / i for o, i in zip(full, in_sizes)]
-        sizes = g.op("Constant", value_t=torch.tensor(full, dtype=torch.int64))
-        args = (empty, empty, sizes)
-    else:  # the .vec overload: per-dim scale factors, static by construction
-        factors = [1.0, 1.0] + list(sh._maybe_get_const(scales[-1], "fs"))
-        args = (empty, g.op("Constant", value_t=torch.tensor(factors, dtype=torch.float32)))
-    if any(f != int(f) or f < 1 for f in factors):
-        raise RuntimeError(f"nearest-exact with factors {factors}: only integer upscaling maps onto ONNX Resize")
-    return g.op("Resize", x, *args, mode_s="nearest", coordinate_transformation_mode_s="asymmetric",
-                nearest_mode_s="floor")
-
-
-def _register_symbolics(opset: int) -> None:
-    from torch.onnx import register_custom_op_symbolic
-
-    for name in ("aten::_upsample_nearest_exact2d", "aten::_upsample_nearest_exact3d"):
-        register_custom_op_symbolic(name, _nearest_exact, opset)
+    for v in node.inputs:
+        if v is not None and isinstance(v.const_value, ir.ExternalTensor):
+            return False
+    return None  # the optimizer's own size limits decide
 
 
 def _dtype_name(elem_type: int) -> str:

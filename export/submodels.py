@@ -1,9 +1,22 @@
 """The four exported sub-models: where their weights live, how to build them, their wrappers, and the
-memory each export needs (checked before anything is allocated)."""
+memory and disk each export needs (checked before anything is allocated or written).
+
+Two ways to get a sub-model to an exporter:
+  * ``build_submodel``: the module with its weights, on a device (AOTInductor compiles real modules);
+  * ``onnx_source``: what the ONNX exporter needs, which is less: a module whose structure can be traced
+    (the meta device will do) and an iterator over its tensor values, consumed once, one tensor at a
+    time, into the weights file. The DiT and the text encoder stream their values (random draws or the
+    memory-mapped release file), so their host memory does not grow with the model; the two decoders
+    (small; the audio one folds its weight norms at load) are built and read back.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,18 +28,21 @@ from hallolive_rt.release import decoder_configs
 
 from .contracts import Contract, Variant, contracts_for
 
-__all__ = ["SUBMODEL_FILES", "build_submodel", "weights_ids", "wrapper_for", "param_bytes", "check_memory",
-           "estimate_peak_bytes", "available_bytes"]
+__all__ = ["SUBMODEL_FILES", "build_submodel", "onnx_source", "OnnxSource", "weights_ids", "wrapper_for",
+           "param_bytes", "check_memory", "check_disk", "estimate_peak_bytes", "available_bytes"]
 
 # release files of each exported sub-model, as paths of the one layout in hallolive_rt.release
 # (the audio sub-model is the VAE decoder + BigVGAN)
 SUBMODEL_FILES = {sub: tuple(getattr(RELEASE, f) for f in names) for sub, names in {
     "dit": ("dit",), "vae_video": ("video_vae",), "audio": ("audio_vae", "vocoder"), "text": ("text_encoder",),
 }.items()}
-# peak host memory of one export, in multiples of the weights: the module, the exporter's protobuf copy
-# and the re-loaded graph (ONNX); the module and the packaged constants (AOTInductor)
-_WEIGHT_COPIES = {"onnx": 3, "tensorrt": 3, "aoti": 2}
+# sub-models whose ONNX export streams its values (nothing resident); the others are built, then read
+_STREAMED = ("dit", "text")
+# peak memory of an AOTInductor export, in multiples of the weights: the module and the packaged constants
+_AOTI_COPIES = 2
 _OVERHEAD = 1 << 30
+# tracing + optimizing the full-size DiT graph on the meta device, and the protobuf: measured ~1.5 GiB
+_GRAPH_OVERHEAD = 2 << 30
 
 
 def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
@@ -78,8 +94,16 @@ def _io_bytes(contract: Contract) -> int:
     return max(sum(math.prod(s.shape) * s.torch_dtype.itemsize for s in v.inputs + v.outputs) for v in contract.variants)
 
 
+def _largest_tensor_bytes(sub: str, profile: Profile) -> int:
+    return max(p.numel() for p in _meta_module(sub, profile).parameters()) * 4  # drawn / read as float32
+
+
 def estimate_peak_bytes(sub: str, profile: Profile, dtype: torch.dtype, fmt: str, contract: Contract) -> int:
-    return _WEIGHT_COPIES[fmt] * param_bytes(sub, profile, dtype) + _io_bytes(contract) + _OVERHEAD
+    """Host (ONNX, TensorRT's ONNX step) or device (AOTInductor) memory one sub-model's export needs."""
+    if fmt == "aoti":
+        return _AOTI_COPIES * param_bytes(sub, profile, dtype) + _io_bytes(contract) + _OVERHEAD
+    resident = 0 if sub in _STREAMED else param_bytes(sub, profile, dtype)
+    return resident + 2 * _largest_tensor_bytes(sub, profile) + _GRAPH_OVERHEAD
 
 
 def available_bytes(device: str = "cpu") -> int:
@@ -104,14 +128,35 @@ def check_memory(profile: Profile, subs, dtype: torch.dtype, fmt: str, device: s
         need = estimate_peak_bytes(s, profile, dtype, fmt, contracts[s])
         (too_big if need > avail else fits).append((s, need))
     if too_big:
-        lines = "; ".join(f"{s} needs ~{n / 2**30:.1f} GiB ({_WEIGHT_COPIES[fmt]} x "
-                          f"{param_bytes(s, profile, dtype) / 2**30:.1f} GiB weights + I/O + 1 GiB)" for s, n in too_big)
+        lines = "; ".join(f"{s} needs ~{n / 2**30:.1f} GiB ({_explain(s, profile, dtype, fmt)})" for s, n in too_big)
         ok = ",".join(s for s, _ in fits)
         hint = (f" Sub-models that fit: {ok} (export them alone with submodels={tuple(s for s, _ in fits)!r})."
                 if fits else "")
         raise ExportError(f"not enough memory for a {profile.name} {fmt} export: {lines}; "
                           f"{avail / 2**30:.1f} GiB available ({'GPU' if fmt == 'aoti' and device != 'cpu' else 'MemAvailable'})."
                           f" Use a machine with more memory.{hint}")
+
+
+def _explain(sub: str, profile: Profile, dtype: torch.dtype, fmt: str) -> str:
+    w = param_bytes(sub, profile, dtype) / 2**30
+    if fmt == "aoti":
+        return f"{_AOTI_COPIES} x {w:.1f} GiB weights + I/O + 1 GiB"
+    if sub in _STREAMED:
+        return f"weights streamed to disk, 2 x largest tensor + {_GRAPH_OVERHEAD >> 30} GiB for the graph"
+    return f"{w:.1f} GiB weights + 2 x largest tensor + {_GRAPH_OVERHEAD >> 30} GiB for the graph"
+
+
+def check_disk(profile: Profile, subs, dtype: torch.dtype, out_dir: str | Path, free: int | None = None) -> None:
+    """Refuse, before writing anything, an ONNX export whose weights files would not fit on the disk."""
+    from .main import ExportError
+
+    need = {s: param_bytes(s, profile, dtype) for s in subs}
+    free = free if free is not None else shutil.disk_usage(out_dir).free
+    total = sum(need.values()) + (64 << 20) * len(subs)  # + graphs and page alignment
+    if total > free:
+        each = ", ".join(f"{s} {b / 2**30:.1f} GiB" for s, b in need.items())
+        raise ExportError(f"not enough disk under {out_dir}: the weights files need ~{total / 2**30:.1f} GiB ({each}), "
+                          f"{free / 2**30:.1f} GiB free. Choose another --out-dir or free space.")
 
 
 def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, device):
@@ -151,6 +196,50 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
     if root:
         return load_text_encoder(root / SUBMODEL_FILES["text"][0], cfg["text"], dtype=dtype, device=device)
     return build_text_encoder(cfg["text"], device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class OnnxSource:
+    """``model``: a module with the sub-model's structure, names and dtypes (parameters may be on the meta
+    device); ``values()``: a fresh iterator over ``(name, tensor)`` for every tensor of ``model``."""
+
+    model: torch.nn.Module
+    values: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+
+def onnx_source(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype) -> OnnxSource:
+    """What the ONNX exporter reads of a sub-model (see the module docstring). Random values equal those
+    of ``build_submodel(..., device="cpu")`` with the same seed; release values are checked against the
+    model's keys and shapes before anything is written (``CheckpointError`` names the file and keys)."""
+    from .weights_file import module_tensors
+
+    if sub not in _STREAMED:
+        model = build_submodel(sub, profile, model_dir, seed, dtype, "cpu")
+        return OnnxSource(model, lambda: module_tensors(model))
+    from hallolive_rt.weights import check_state_dict, read_checkpoint, strip_and_select
+
+    model = _meta_module(sub, profile).to(dtype)
+    path = Path(model_dir) / SUBMODEL_FILES[sub][0] if model_dir else None
+    if sub == "dit":
+        from hallolive_rt.model.dit_weights import dit_state_dict_from_file, random_dit_values
+        from hallolive_rt.weights import materialize_non_persistent
+
+        # RoPE tables are computed, not stored: real (CPU) buffers in an otherwise meta module
+        materialize_non_persistent(model, lambda m: (m.video_model.rope.reset_tables(),
+                                                     m.audio_model.rope.reset_tables()), "cpu")
+        sd = dit_state_dict_from_file(path) if path else None
+        params = (lambda: sd.items()) if sd is not None else (lambda: random_dit_values(model, seed))
+        what = "Hallo-Live DiT"
+    else:
+        from hallolive_rt.model.text import random_text_values
+
+        sd = strip_and_select(read_checkpoint(path)) if path else None
+        params = (lambda: sd.items()) if sd is not None else (
+            lambda: random_text_values(model.cfg, torch.Generator().manual_seed(seed)))
+        what = "umT5 text encoder"
+    if sd is not None:
+        check_state_dict({k: v.shape for k, v in model.state_dict(keep_vars=True).items()}, sd, path, what=what)
+    return OnnxSource(model, lambda: itertools.chain(params(), model.named_buffers()))
 
 
 def wrapper_for(sub: str, model, contract: Contract, variant: Variant, *, functional: bool) -> torch.nn.Module:

@@ -41,6 +41,14 @@ class Policy(str, Enum):
     rolling = "rolling"
 
 
+class AttnKernel(str, Enum):  # = hallolive_rt.model.attention.ATTENTION_KERNELS (a test holds them equal)
+    auto = "auto"
+    math = "math"
+    flash = "flash"
+    cudnn = "cudnn"
+    efficient = "efficient"
+
+
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -77,6 +85,15 @@ KV = typer.Option(KVImpl.ext, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA
 POLICY = typer.Option(Policy.auto, "--cache-policy", help="append (released, up to the preset's blocks), "
                       "rolling (sink + ring, endless) or auto.")
 
+FUSE = typer.Option(False, "--fuse-projections/--no-fuse-projections", help="Opt-in fast path: run q/k/v of "
+                    "each self-attention, and k/v of each text and fusion cross-attention, as one GEMM per group "
+                    "(same weights and names; results equal within rounding). Off by default, as released, "
+                    "until `hallolive-rt bench` on a GPU shows it pays. eager and cudagraph backends only.")
+ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA kernel every attention uses. "
+                    "auto lets PyTorch pick per call (default, as released); math, flash, cudnn (CUDA), "
+                    "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
+                    "up front, never silently replaced. eager and cudagraph backends only.")
+
 
 @app.command()
 def stream(
@@ -99,6 +116,8 @@ def stream(
     backend: Backend = BACKEND,
     kv_impl: KVImpl = KV,
     cache_policy: Policy = POLICY,
+    fuse_projections: bool = FUSE,
+    attn_kernel: AttnKernel = ATTN,
     truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Accept cutting a prompt longer "
                                          "than 512 tokens (otherwise it is refused, saying what would be cut)."),
     warmup_runs: int = typer.Option(0, "--warmup-runs", min=0, help="Untimed, unwritten streams first "
@@ -117,7 +136,8 @@ def stream(
             dtype=None if dtype is None else dtype.value, backend=backend.value, cache_policy=cache_policy.value,
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
-            warmup_runs=warmup_runs, overlap=overlap, progress=sys.stderr.isatty())
+            warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
+            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty())
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -138,14 +158,19 @@ def export(
     seed: int = SEED,
 ):
     """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
-    with a manifest that the runtime checks before it trusts an artifact."""
+    with a manifest that the runtime checks before it trusts an artifact.
+
+    ONNX traces on the meta device and streams the weights, one tensor at a time, into one .weights file
+    per sub-model that all its graphs share: the full-size preset exports on a 24 GB machine (~34 GiB of
+    disk). Re-running skips what is up to date; memory and disk are checked before anything is written."""
     from hallolive_rt.export.main import ExportError, export_main
+    from hallolive_rt.weights import CheckpointError
 
     try:
         export_main(preset, None if model_dir is None else str(model_dir), random_weights, format=format,
                     precision=precision, out_dir=str(out_dir), seed=seed, force=force,
                     submodels=None if submodels is None else submodels.split(","))
-    except (ExportError, ValueError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 
@@ -162,16 +187,20 @@ def bench(
     vae_device: Optional[str] = VAE_DEVICE,
     dtype: Optional[DType] = DTYPE,
     kv_impl: KVImpl = KV,
+    fuse_projections: bool = FUSE,
+    attn_kernel: AttnKernel = ATTN,
     seed: int = SEED,
 ):
-    """Benchmark backends on the full-size architecture (random weights built on the device)."""
+    """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
+    records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
     from hallolive_rt.runtime.bench import bench_main
 
     try:
         bench_main(preset, random_weights=random_weights and model_dir is None, backends=backends.split(","),
                    blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
                    dtype=None if dtype is None else dtype.value,
-                   model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value)
+                   model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
+                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value)
     except ValueError as e:
         _fail(str(e))
 

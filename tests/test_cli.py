@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def test_demo_mp4_has_h264_and_16k_aac_of_matching_duration(tmp_path, blocks, kv
     (["--out", "/nonexistent-dir/x.mp4"], "does not exist"),
     (["--prompt", ""], "empty"),
     (["--model-dir", "/tmp", "--random-weights"], "exclude each other"),
+    (["--attn-kernel", "fastest"], "--attn-kernel"),
+    (["--attn-kernel", "cudnn"], "attention kernel 'cudnn' cannot run on cpu"),
 ])
 def test_bad_input_exits_2_with_a_message_and_no_output(tmp_path, args, needle):
     out = tmp_path / "x.mp4"
@@ -59,6 +62,15 @@ def test_bad_input_exits_2_with_a_message_and_no_output(tmp_path, args, needle):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     assert needle in (p.stderr + p.stdout)
     assert not out.exists()
+
+
+def test_fast_path_flags_reach_the_session_and_the_metrics(tmp_path):
+    out, metrics = tmp_path / "x.mp4", tmp_path / "m.json"
+    p = _cli("stream", "--blocks", "1", "--out", str(out), "--metrics", str(metrics), "--kv-impl", "torch",
+             "--fuse-projections", "--attn-kernel", "math")
+    assert p.returncode == 0, p.stderr[-3000:]
+    sess = json.loads(metrics.read_text())["session"]
+    assert sess["fuse_projections"] is True and sess["attn_kernel"] == "math"
 
 
 def test_corrupted_checkpoints_name_the_file(tmp_path):
@@ -79,3 +91,13 @@ def test_corrupted_checkpoints_name_the_file(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_components(load_profile("hallolive-512x992"), root, dit_device="cpu", with_text=False)
     assert str(root) in str(e.value) and "not a PyTorch checkpoint" in str(e.value)
+
+
+def test_export_tiny_needs_no_weights_flag_and_full_size_asks_for_one(tmp_path):
+    p = _cli("export", "--submodels", "text", "--out-dir", str(tmp_path / "art"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["weights"] == {"text": "random:0"} and m["weights_files"]["text"]["file"] == "text_tiny_fp32.weights"
+    p = _cli("export", "--preset", "hallolive-512x992", "--out-dir", str(tmp_path / "full"))
+    assert p.returncode == 2 and "needs --model-dir DIR (the release download) or --random-weights" in p.stderr
+    assert not (tmp_path / "full").exists()

@@ -7,6 +7,8 @@ atol 2e-4 (observed ~1e-6: the graphs and eager use the same float32 time embedd
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -118,3 +120,30 @@ def test_rerun_skips_up_to_date(exported):
     lines = []
     export_main("tiny", None, True, "onnx", None, out, 0, log=lines.append)
     assert len(lines) == 8 and all("skipped (up to date)" in ln for ln in lines), lines
+    m = json.loads((out / "manifest.json").read_text())
+    assert sorted(m["weights_files"]) == ["audio", "dit", "text", "vae_video"]
+
+
+def test_graphs_share_one_weights_file_and_a_lost_graph_is_rebuilt_alone(exported):
+    """Every DiT variant points into the one dit weights file (page-aligned, in bounds); deleting one
+    graph re-exports that graph only and keeps the weights file (checked by hash, not rewritten)."""
+    import onnx
+
+    out, _ = exported
+    m = json.loads((out / "manifest.json").read_text())
+    wf = m["weights_files"]["dit"]
+    size = (out / wf["file"]).stat().st_size
+    graphs = [a for a in m["artifacts"].values() if a["submodel"] == "dit"]
+    assert len(graphs) == 3 and all(a["data_file"] == wf["file"] for a in graphs)
+    for a in graphs:
+        g = onnx.load(str(out / a["file"]), load_external_data=False).graph
+        ext = [{e.key: e.value for e in t.external_data} for t in g.initializer if t.external_data]
+        assert len(ext) > 100 and all(e["location"] == wf["file"] for e in ext)
+        assert all(int(e["offset"]) % 4096 == 0 and int(e["offset"]) + int(e["length"]) <= size for e in ext)
+    mtime = (out / wf["file"]).stat().st_mtime_ns
+    (out / graphs[0]["file"]).unlink()
+    lines = []
+    export_main("tiny", None, True, "onnx", None, out, 0, submodels=("dit",), log=lines.append)
+    assert f"[export] dit: weights skipped (up to date) {wf['file']}" in lines
+    assert sum("exported" in ln for ln in lines) == 1 and sum(ln.startswith("[export] dit/") and "skipped" in ln for ln in lines) == 2
+    assert (out / wf["file"]).stat().st_mtime_ns == mtime and (out / graphs[0]["file"]).is_file()

@@ -65,6 +65,15 @@ def test_full_size_layout_matches_release_on_meta():
     assert [k for k in got if got[k] != expected[k]] == []
 
 
+def test_nearest_equals_the_releases_nearest_exact_at_factor_two():
+    """Resample upsamples with 'nearest' (an ONNX Resize) where the release wrote 'nearest-exact'."""
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 3, 2, 5, 7)  # odd sizes: any rounding difference would show at the edges
+    got = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    assert torch.equal(got, F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"))
+
+
 def test_stats_are_real_after_build():
     m = build_video_decoder(WanVAEConfig.tiny(), device="cpu")
     assert m.latent_mean.shape == (48,) and m.latent_std.shape == (48,)

@@ -10,6 +10,7 @@ The model is built on the meta device and the (mmapped) tensors are assigned: no
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -19,7 +20,8 @@ from ..config import FusionConfig
 from ..weights import CheckpointError, assign_state_dict, read_checkpoint, strip_and_select
 from .dit import DualStreamDiT
 
-__all__ = ["dit_state_dict_from_file", "select_dit_weights", "load_dit", "build_dit", "init_random_"]
+__all__ = ["dit_state_dict_from_file", "select_dit_weights", "load_dit", "build_dit", "init_random_", "random_dit_values",
+           "random_parameter"]
 
 _FSDP = "_fsdp_wrapped_module."
 _NESTED = ("generator_ema", "generator")
@@ -57,22 +59,35 @@ def load_dit(path: str | os.PathLike, cfg: FusionConfig, *, device: str | torch.
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def init_random_(model: DualStreamDiT, seed: int = 0, std: float = 0.02) -> DualStreamDiT:
-    """Fill every parameter in place with small random values (never zeros: benchmarks must not time
-    on zeros, and a zero head would hide bugs). Norm weights stay near 1. Works on any device."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+def random_parameter(name: str, shape: torch.Size, gen: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """One parameter's random value (float32, on ``gen``'s device): never zeros (benchmarks must not time
+    on zeros, and a zero head would hide bugs); norm weights near 1, modulations scaled by their width."""
+    r = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+    if "norm" in name and len(shape) == 1:  # RMSNorm / affine LayerNorm weight ~1, bias ~0
+        return 1 + 0.1 * r if name.endswith("weight") else 0.1 * r
+    if "modulation" in name:
+        return r / shape[-1] ** 0.5
+    if len(shape) == 1:
+        return 0.02 * r
+    return r * min(std, math.prod(shape[1:]) ** -0.5)
+
+
+def random_dit_values(model: DualStreamDiT, seed: int = 0, device: str | torch.device = "cpu"):
+    """Yield ``(name, float32 value)`` for every parameter, in ``named_parameters`` order, drawn from one
+    generator seeded with ``seed``: the values ``init_random_`` gives a model on ``device``. The model
+    may live on the meta device (its names and shapes are all that is read), so a full-size DiT can be
+    streamed to disk one tensor at a time (``hallolive-rt export``)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
-        if "norm" in name and p.dim() == 1:  # RMSNorm / affine LayerNorm weight ~1, bias ~0
-            p.copy_(1 + 0.1 * r if name.endswith("weight") else 0.1 * r)
-        elif "modulation" in name:
-            p.copy_(r / p.shape[-1] ** 0.5)
-        elif p.dim() == 1:
-            p.copy_(0.02 * r)
-        else:
-            fan_in = p[0].numel()
-            p.copy_(r * min(std, fan_in ** -0.5))
+        yield name, random_parameter(name, p.shape, gen)
+
+
+@torch.no_grad()
+def init_random_(model: DualStreamDiT, seed: int = 0) -> DualStreamDiT:
+    """Fill every parameter in place with ``random_dit_values`` (works on any device)."""
+    params = dict(model.named_parameters())
+    for name, value in random_dit_values(model, seed, next(model.parameters()).device):
+        params[name].copy_(value)
     return model
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "TextEncoder",
     "relative_position_buckets",
     "build_text_encoder",
+    "random_text_values",
     "load_text_encoder",
     "encode_prompt",
     "release_text_encoder",
@@ -80,7 +81,7 @@ class UMT5Config:
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_dist: int, device=None) -> torch.Tensor:
-    """Bucket of key position j seen from query i, [L, L] int64 (bidirectional T5 bucketing).
+    """Bucket of key position j seen from query i, [L, L] int32 (bidirectional T5 bucketing).
 
     Half the buckets are for j > i. Within a half, distances below ``num_buckets // 4`` get a bucket
     each; larger ones are log-spaced up to ``max_dist``, beyond which they share the last bucket.
@@ -97,7 +98,9 @@ def relative_position_buckets(length: int, num_buckets: int, max_dist: int, devi
         torch.log(dist.clamp(min=1).float() / exact) / math.log(max_dist / exact) * (half - exact)
     ).to(torch.int64)
     far = far.clamp(max=half - 1)
-    return side + torch.where(dist < exact, dist, far)
+    # int32: an index for the bias lookup; exported graphs fold this [L, L] table into a constant, and
+    # TensorRT wants index constants in int32
+    return (side + torch.where(dist < exact, dist, far)).to(torch.int32)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -208,23 +211,29 @@ class TextEncoder(nn.Module):
 
 
 @torch.no_grad()
-def _init_like_release(enc: TextEncoder, generator: torch.Generator | None) -> None:
-    """Random weights with the release's init scales, so a random tiny encoder has sane activations."""
-    cfg = enc.cfg
+def random_text_values(cfg: UMT5Config, generator: torch.Generator | None = None):
+    """Yield ``(name, float32 value)`` for every parameter: normal draws with the release's init scales
+    (so a random tiny encoder has sane activations), in a fixed draw order, and the RMSNorm weights at 1.
+    Nothing but the config is read, so a full-size encoder can be streamed to disk one tensor at a time."""
 
-    def normal(p: torch.Tensor, std: float) -> None:
-        p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p))
+    def normal(name: str, shape: tuple[int, ...], std: float):
+        return name, torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std)
 
-    normal(enc.token_embedding.weight, 1.0)
-    for blk in enc.blocks:
-        normal(blk.attn.q.weight, (cfg.dim * cfg.dim_attn) ** -0.5)
-        normal(blk.attn.k.weight, cfg.dim**-0.5)
-        normal(blk.attn.v.weight, cfg.dim**-0.5)
-        normal(blk.attn.o.weight, (cfg.num_heads * cfg.dim_attn) ** -0.5)
-        normal(blk.ffn.gate[0].weight, cfg.dim**-0.5)
-        normal(blk.ffn.fc1.weight, cfg.dim**-0.5)
-        normal(blk.ffn.fc2.weight, cfg.dim_ffn**-0.5)
-        normal(blk.pos_embedding.embedding.weight, (2 * cfg.num_buckets * cfg.num_heads) ** -0.5)
+    d, da, f, h = cfg.dim, cfg.dim_attn, cfg.dim_ffn, cfg.num_heads
+    yield normal("token_embedding.weight", (cfg.vocab, d), 1.0)
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        yield normal(b + "attn.q.weight", (da, d), (d * da) ** -0.5)
+        yield normal(b + "attn.k.weight", (da, d), d**-0.5)
+        yield normal(b + "attn.v.weight", (da, d), d**-0.5)
+        yield normal(b + "attn.o.weight", (d, da), (h * da) ** -0.5)
+        yield normal(b + "ffn.gate.0.weight", (f, d), d**-0.5)
+        yield normal(b + "ffn.fc1.weight", (f, d), d**-0.5)
+        yield normal(b + "ffn.fc2.weight", (d, f), f**-0.5)
+        yield normal(b + "pos_embedding.embedding.weight", (cfg.num_buckets, h), (2 * cfg.num_buckets * h) ** -0.5)
+        yield b + "norm1.weight", torch.ones(d)
+        yield b + "norm2.weight", torch.ones(d)
+    yield "norm.weight", torch.ones(d)
 
 
 def build_text_encoder(
@@ -232,10 +241,17 @@ def build_text_encoder(
     *, generator: torch.Generator | None = None,
 ) -> TextEncoder:
     """A randomly initialised encoder in eval mode (tiny preset, tests). Deterministic given ``generator``
-    (a CPU generator; the weights are drawn on the CPU and moved)."""
-    enc = TextEncoder(cfg)
-    _init_like_release(enc, generator)
-    return enc.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    (a CPU generator; each tensor is drawn on the CPU, cast and moved, so the full-size encoder needs its
+    weights once, in ``dtype``, on ``device``)."""
+    with torch.device("meta"):
+        enc = TextEncoder(cfg)
+    enc = enc.to(dtype).to_empty(device=device)
+    params = dict(enc.named_parameters())
+    with torch.no_grad():
+        for name, value in random_text_values(cfg, generator):
+            params.pop(name).copy_(value)
+    assert not params, f"random_text_values left {sorted(params)} uninitialised"
+    return enc.eval().requires_grad_(False)
 
 
 def load_text_encoder(

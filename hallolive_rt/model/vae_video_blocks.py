@@ -130,7 +130,10 @@ class Resample(nn.Module):
             # Channel half p is output frame 2t + p: interleave the two halves in time.
             x = y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
         # Per-frame 2-D ops as 5-D ops with a unit time kernel: same numbers, no (b t) layout copies.
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+        # The release's 'nearest-exact' at a factor of 2 reads source pixel floor((i + 0.5) / 2) = floor(i / 2),
+        # which is what 'nearest' reads: same numbers (a test holds them equal), and 'nearest' stays one
+        # core ATen op that exporters map to ONNX Resize (nearest-exact is decomposed into index gathers)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
         conv = self.resample[1]
         return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
 

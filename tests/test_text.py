@@ -244,6 +244,7 @@ def test_configs_match_profiles(tiny_profile):
     assert UMT5Config.tiny().vocab == ByteTokenizer.VOCAB_SIZE
 
 
+@pytest.mark.skipif(not KEYS.is_file(), reason="shared/ key lists not present (set HALLOLIVE_KEYS_DIR)")
 def test_meta_state_dict_matches_release_key_list():
     lines = [ln for ln in KEYS.read_text().splitlines() if ln and not ln.startswith("#")]
     want = {}

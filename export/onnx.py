@@ -126,17 +126,22 @@ def _optimize(model) -> None:
     import onnx_ir.passes.common as common
     from onnxscript.optimizer import fold_constants
 
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # per-initializer chatter of its passes
-    common.InlinePass()(model)
-    for _ in range(2):
-        fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT,
-                       should_fold=_never_read_weights)
-        common.RemoveUnusedNodesPass()(model)
-    for step in (common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
-                 common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-                 common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
-                 common.OutputFixPass(), common.NameFixPass()):
-        step(model)
+    log = logging.getLogger("onnx_ir")
+    level = log.level
+    log.setLevel(logging.ERROR)  # per-initializer chatter of its passes
+    try:
+        common.InlinePass()(model)
+        for _ in range(2):
+            fold_constants(model, onnx_shape_inference=True, input_size_limit=FOLD_LIMIT,
+                           output_size_limit=FOLD_LIMIT, should_fold=_never_read_weights)
+            common.RemoveUnusedNodesPass()(model)
+        for step in (common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+                     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                     common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+                     common.OutputFixPass(), common.NameFixPass()):
+            step(model)
+    finally:
+        log.setLevel(level)
 
 
 def _never_read_weights(node) -> bool | None:

@@ -18,7 +18,10 @@ import torch
 
 from hallolive_rt.profile import Profile, load_profile
 
-from .contracts import SUBMODELS, Contract, contracts_for
+from .contracts import DTYPE_NAMES, SUBMODELS, Contract, contracts_for
+from .fp8 import calibrate_dit, calibration_key, fp8_compute_dtype, fp8_layout, linear_weight_names, quantized_values
+from .fp8 import manifest_entry as fp8_manifest_entry
+from .fp8_graph import quantize_graph
 from .manifest import (SCHEMA, FileHashes, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
                        tool_versions, write_manifest)
 from .submodels import SUBMODEL_FILES, build_submodel, check_disk, check_memory, onnx_source, weights_ids, wrapper_for
@@ -40,7 +43,7 @@ def _default_precision(profile: Profile) -> str:
 
 def export_main(preset: str, model_dir: str | None, random_weights: bool, format: str = "onnx",
                 precision: str | None = None, out_dir: str | os.PathLike = "artifacts", seed: int = 0, *,
-                submodels: tuple[str, ...] | None = None, opset: int = 18, device: str | None = None,
+                submodels: tuple[str, ...] | None = None, opset: int | None = None, device: str | None = None,
                 force: bool = False, fp64_time: bool | None = None, aoti_configs: dict | None = None,
                 log: Callable[[str], None] = print) -> Path:
     """Export the sub-models of a preset; returns the manifest path.
@@ -51,9 +54,12 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
       --random-weights      random weights instead (exclusive with --model-dir); --seed N picks them;
                             the tiny preset always exports random weights
       --format F            onnx | tensorrt | aoti
-      --precision X         fp32 | bf16 | fp16 | fp8 (default: the profile's dtype); fp8 needs a Q/DQ ONNX
+      --precision X         fp32 | bf16 | fp16 | fp8 (default: the profile's dtype); fp8: the DiT's Linear
+                            GEMMs in float8 (Q/DQ graph, calibrated on a GPU at full size), the other
+                            sub-models in bf16 (float32 on the tiny preset); see export/fp8.py
       --out-dir DIR         artifact directory (manifest.json + one file per sub-model variant)
-      (library-only: submodels, opset 18-20, device, force re-export, fp64_time, aoti_configs)
+      (library-only: submodels, opset 18-20 (default 18; fp8: 19, needs 19-20), device, force re-export,
+       fp64_time, aoti_configs)
     """
     if model_dir and random_weights:
         raise ExportError("pass exactly one of --model-dir DIR or --random-weights")
@@ -76,16 +82,16 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
     precision = precision or _default_precision(profile)
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp8":
-        raise ExportError("--precision fp8: TensorRT builds FP8 only from an explicitly quantized (Q/DQ) ONNX, "
-                          "which this exporter does not produce; quantize the bf16 ONNX (e.g. NVIDIA ModelOpt) "
-                          "and build it with hallolive_rt.export.trt.build_engine(..., precision='fp8')")
-    dtype = PRECISIONS[precision]
     subs = tuple(submodels or SUBMODELS)
     unknown = [s for s in subs if s not in SUBMODELS]
     if unknown:
         raise ExportError(f"unknown sub-model(s) {unknown}; choose from {', '.join(SUBMODELS)}")
-    device = device or ("cuda" if format != "onnx" and torch.cuda.is_available() else "cpu")
+    fp8 = precision == "fp8"
+    dtype = fp8_compute_dtype(profile.dtype) if fp8 else PRECISIONS[precision]
+    opset = opset if opset is not None else (19 if fp8 else 18)
+    device = device or ("cuda" if (format != "onnx" or fp8) and torch.cuda.is_available() else "cpu")
+    if fp8:
+        _check_fp8(profile, format, opset, device, subs)
     if format == "tensorrt":
         from .trt import TensorRTMissing, require_tensorrt
 
@@ -115,6 +121,10 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
         "command": rebuild_command(profile.name, wids, format, precision, out, model_dir),
         "contracts": {s: contracts[s].to_dict() for s in subs}, "artifacts": {}, "weights_files": {},
     }
+    quant = None
+    if fp8:
+        quant = calibration_key(profile.stream.blocks, seed)
+        manifest["fp8"] = fp8_manifest_entry(DTYPE_NAMES[dtype], profile.stream.blocks, seed, str(device))
     if old:  # keep other sub-models' entries of the same build (partial re-exports)
         manifest["artifacts"] = {k: v for k, v in old_art.items() if v["submodel"] not in subs}
         manifest["contracts"] = {**old.get("contracts", {}), **manifest["contracts"]}
@@ -129,7 +139,8 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
             key_name = f"{sub}/{variant.name}"
             key = artifact_key(profile=profile.digest(), weights=wids[sub], precision=precision, format=format,
                                tools=tools, arch=dev["arch"], variant=variant.to_dict(), meta=contract.meta,
-                               time=manifest["time_embedding"], opset=opset)
+                               time=manifest["time_embedding"], opset=opset,
+                               **({"quant": quant} if quant and sub == "dit" else {}))
             fname = _file_name(sub, variant.name, profile.name, precision, format, trt_ver, dev["arch"])
             prev = old_art.get(key_name)
             if prev and prev["key"] == key and _intact(out, prev, hashes):
@@ -146,8 +157,21 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
                          out, manifest, fp64, aoti_configs, log)
         else:
             _export_graphs(sub, profile, model_dir, seed, dtype, precision, format, contract, todo, out, manifest,
-                           old_wf.get(sub), wids[sub], opset, hashes, log)
+                           old_wf.get(sub), wids[sub], opset, hashes, log, device)
     return write_manifest(out, manifest)
+
+
+def _check_fp8(profile: Profile, format: str, opset: int, device: str, subs) -> None:
+    """Refuse an fp8 request the exporter cannot honour, before anything is built or written."""
+    if format == "aoti":
+        raise ExportError("--precision fp8 is for --format onnx|tensorrt (Q/DQ graphs); "
+                          "AOTInductor has no fp8 path here")
+    if opset not in (19, 20):
+        raise ExportError(f"--precision fp8 needs opset 19 or 20 (float8 QuantizeLinear/DequantizeLinear), not {opset}")
+    if "dit" in subs and profile.decoders != "tiny" and torch.device(device).type != "cuda":
+        raise ExportError(f"--precision fp8: calibrating the activation scales runs the full {profile.name} DiT "
+                          f"through the streaming loop, which needs a GPU (device='cuda'); device is {device!r}. "
+                          "Run the fp8 export on a machine with a CUDA GPU (or export bf16 here).")
 
 
 def _intact(out: Path, entry: dict, hashes: FileHashes) -> bool:
@@ -179,14 +203,23 @@ def _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, p
 
 
 def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contract, todo, out, manifest, prev_weights,
-                   weights_id, opset, hashes, log) -> None:
-    """ONNX graphs on the meta device + the shared weights file (then TensorRT plans from them)."""
+                   weights_id, opset, hashes, log, device) -> None:
+    """ONNX graphs on the meta device + the shared weights file (then TensorRT plans from them); for an
+    fp8 DiT, calibration first, the quantized weights file, and the Q/DQ rewrite of every graph."""
     from .dit import dit_export_mode
     from .onnx import check_onnx, export_onnx
     from .weights_file import WeightsLayout, tensor_names, write_weights
 
     source = onnx_source(sub, profile, model_dir, seed, dtype)
-    layout = WeightsLayout.of(source.model)
+    fp8 = precision == "fp8" and sub == "dit"
+    layout = fp8_layout(source.model, linear_weight_names(source.model)) if fp8 else WeightsLayout.of(source.model)
+    values = (lambda: quantized_values(source.values(), layout)) if fp8 else source.values
+    graph_pass = None
+    if fp8:
+        t0 = time.perf_counter()
+        log(f"[export] dit: fp8 calibration ({profile.stream.blocks} blocks, seed {seed}) on {device} ...")
+        cal = calibrate_dit(source.model, source.values(), profile, seed=seed, device=device, dtype=dtype)
+        log(f"[export] dit: calibrated {len(cal.amax)} Linear inputs in {time.perf_counter() - t0:.1f} s")
     wfile = out / f"{sub}_{profile.name}_{precision}.weights"
     wkey = artifact_key(weights=weights_id, precision=precision, layout=layout.digest())
     if prev_weights and prev_weights["key"] == wkey and wfile.is_file() and hashes(wfile) == prev_weights["sha256"]:
@@ -195,7 +228,7 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
     else:
         t0 = time.perf_counter()
         log(f"[export] {sub}: writing {layout.total / 2**30:.2f} GiB of weights to {wfile.name} ...")
-        write_weights(wfile, layout, source.values(), what=sub, log=log)
+        write_weights(wfile, layout, values(), what=sub, log=log)
         hashes.pop(wfile, None)  # a stale file may have been hashed above
         manifest["weights_files"][sub] = {"file": wfile.name, "key": wkey, "sha256": hashes(wfile),
                                           "bytes": wfile.stat().st_size}
@@ -207,8 +240,13 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
             t0 = time.perf_counter()
             wrapper = wrapper_for(sub, source.model, contract, variant, functional=True)
             onnx_path = out / fname if fmt == "onnx" else (out / fname).with_suffix(".onnx")
-            export_onnx(wrapper, variant, onnx_path, layout=layout, weights_file=wfile,
-                        names=tensor_names(wrapper, source.model), opset=opset)
+            names = tensor_names(wrapper, source.model)
+            if fp8:
+                def graph_pass(model, names=names):
+                    n_w, n_a = quantize_graph(model, names, layout, cal)
+                    log(f"[export] dit/{variant.name}: fp8 Q/DQ on {n_w} weights, {n_a} activations")
+            export_onnx(wrapper, variant, onnx_path, layout=layout, weights_file=wfile, names=names, opset=opset,
+                        graph_pass=graph_pass)
             check_onnx(onnx_path, variant)
             entry = {"file": fname, "io": "functional"}
             if fmt == "onnx":

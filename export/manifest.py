@@ -10,6 +10,8 @@ Schema (version 1)::
      "artifacts": {"<submodel>/<variant>": {"submodel", "variant", "file", "sha256", "bytes", "key",
                                             "data_file"?, "data_sha256"?, "io": "functional|inplace"}},
      "weights_files": {submodel: {"file", "key", "sha256", "bytes"}},   (ONNX / TensorRT)
+     "fp8"?: {"submodels": ["dit"], "others": dtype of the other sub-models, "compute", "weights",
+              "activations", "calibration": {"blocks", "seed", "inputs", "device"}},   (--precision fp8)
      "digest": sha256 of everything above (canonical JSON)}
 
 ``key`` hashes every input of one artifact (profile digest, weights id, precision, format, tool versions,

@@ -14,7 +14,9 @@ Checks after every export (``check_onnx``):
   * graph inputs/outputs equal the contract (names, order, static shapes, dtypes);
   * ``lint_tensorrt``: ops outside TensorRT's ONNX parser support list, any dynamic or unknown dim
     after shape inference, any float64 tensor, int64 feeding anything but index/shape arithmetic
-    (TensorRT computes int64 only in a few layers, and large int64 constants waste memory).
+    (TensorRT computes int64 only in a few layers, and large int64 constants waste memory);
+    float8: only e4m3fn, only as a QuantizeLinear output or a DequantizeLinear input (TensorRT computes
+    fp8 only through explicit Q/DQ), never as graph I/O; every Q/DQ's scale and zero point are constants.
 A failure raises ``OnnxLintError`` naming the node, its op type and the offending tensor.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +79,15 @@ class LintIssue:
 
 
 def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, layout: WeightsLayout,
-                weights_file: str | os.PathLike, names: dict[str, str], opset: int = 18) -> Path:
+                weights_file: str | os.PathLike, names: dict[str, str], opset: int = 18,
+                graph_pass: Callable | None = None) -> Path:
     """Trace ``module`` (the contract wrapper) on the meta device and write ``path``; its initializers
     reference ``weights_file`` (same directory) through ``layout``; ``names`` maps the wrapper's tensor
-    names to the layout's. The graph file appears under its name only when complete."""
+    names to the layout's. ``graph_pass(model)`` (the fp8 rewrite) runs on the onnx_ir model before
+    ``_optimize``; it must leave every initializer's type equal to its bytes' (a layout slot stored in
+    another dtype than traced, float8, needs it). The graph file appears under its name only when complete."""
     import onnx_ir as ir
+    from onnx_ir.tensor_adapters import from_torch_dtype
 
     if opset not in OPSETS:
         raise ValueError(f"opset {opset}: use one of {OPSETS} (TensorRT 10 parses up to 20)")
@@ -102,8 +109,16 @@ def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLi
                                "or buffer of the model (a constant created in forward?); register it as a buffer")
         if tuple(init.shape.dims) != slot.shape:
             raise RuntimeError(f"{path.name}: {name!r} is {tuple(init.shape.dims)} in the graph, {slot.shape} in the layout")
-        init.const_value = ir.ExternalTensor(weights_file.name, slot.offset, slot.nbytes, init.dtype,
+        init.const_value = ir.ExternalTensor(weights_file.name, slot.offset, slot.nbytes,
+                                             from_torch_dtype(slot.dtype),  # float8 where the layout says so
                                              shape=init.shape, name=name, base_dir=str(path.parent))
+    if graph_pass is not None:
+        graph_pass(model)
+    retyped = [n for n, v in model.graph.initializers.items()
+               if v.const_value is not None and v.dtype != v.const_value.dtype]
+    if retyped:
+        raise RuntimeError(f"{path.name}: {len(retyped)} initializer(s) typed unlike their stored bytes, e.g. "
+                           f"{retyped[:3]} (a layout dtype other than the traced one needs a graph pass)")
     _optimize(model)
     proto = ir.serde.serialize_model(model)
     tmp = path.with_name(path.name + ".partial")
@@ -196,8 +211,9 @@ def lint_tensorrt(model) -> list[LintIssue]:
     double, int64 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
     info = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info)}
     producer = {o: n for n in g.node for o in n.output}
-    inits = {t.name for t in g.initializer}
+    inits = {t.name: t.data_type for t in g.initializer}
     issues: list[LintIssue] = []
+    issues += _lint_float8(g, info, inits, producer)
     for v in list(g.input) + list(g.output):
         if any(not isinstance(d, int) or d <= 0 for d in _dims(v)):
             issues.append(LintIssue(v.name, "graph I/O", f"dynamic shape {_dims(v)}"))
@@ -243,6 +259,48 @@ def lint_tensorrt(model) -> list[LintIssue]:
     return issues
 
 
+_FLOAT8_OTHER = ("FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _lint_float8(g, info, inits, producer) -> list[LintIssue]:
+    """float8 e4m3fn through explicit Q/DQ only (module docstring); other 8/4-bit float types not at all.
+    Constant nodes are left to the other rules (the exporter lifts them into initializers)."""
+    import onnx
+
+    e4m3 = onnx.TensorProto.FLOAT8E4M3FN
+    other = {getattr(onnx.TensorProto, n) for n in _FLOAT8_OTHER if hasattr(onnx.TensorProto, n)}
+
+    def elem(name):
+        if name in inits:
+            return inits[name]
+        v = info.get(name)
+        return v.type.tensor_type.elem_type if v is not None else None
+
+    issues = []
+    for v in list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type in other | {e4m3}:
+            issues.append(LintIssue(v.name, "graph I/O", "float8 graph input/output (quantize inside the graph)"))
+    for n in g.node:
+        name = n.name or (n.output[0] if n.output else "?")
+        for k, i in enumerate(n.input):
+            t = elem(i) if i else None
+            if t in other:
+                issues.append(LintIssue(name, n.op_type, f"input {i!r} is a float type TensorRT does not take here"))
+            elif t == e4m3 and not (n.op_type == "DequantizeLinear" and k in (0, 2)) and not (
+                    n.op_type == "QuantizeLinear" and k == 2):
+                issues.append(LintIssue(name, n.op_type, f"computes on float8 input {i!r} (only through Q/DQ)"))
+        for o in n.output:
+            if n.op_type != "QuantizeLinear" and elem(o) == e4m3:
+                issues.append(LintIssue(name, n.op_type, f"output {o!r} is float8 (only QuantizeLinear makes float8)"))
+        if n.op_type in _QDQ:
+            for i in n.input[1:]:
+                src = producer.get(i)
+                if i and i not in inits and not (src is not None and src.op_type == "Constant"):
+                    issues.append(LintIssue(name, n.op_type, f"scale/zero point {i!r} is not a constant"))
+    return issues
+
+
 def _numel(dims) -> int:
     n = 1
     for d in dims:
@@ -259,6 +317,9 @@ class OrtRunner:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # compute the graph as written: onnxruntime's Q/DQ rewrites (propagating float8 Q/DQ through a
+        # Transpose, fusing into quantized kernels) produce float8 Transposes its CPU provider cannot run
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -8,8 +8,8 @@ Precision comes from one enum (``--precision fp32|bf16|fp16|fp8``) and is alread
 it is exported in that dtype, with the explicit float32 islands of the model (norm statistics, RoPE,
 the time embedding) as Cast nodes. The network is therefore built STRONGLY_TYPED: TensorRT keeps the
 graph's types instead of choosing per layer, so a bf16 plan computes what the bf16 eager model does.
-fp8 needs explicit Q/DQ nodes (TensorRT has no implicit FP8 calibration): a graph without
-QuantizeLinear/DequantizeLinear is refused.
+fp8 needs explicit Q/DQ nodes (TensorRT has no implicit FP8 calibration): the exporter writes them into
+the DiT graph (``fp8.py``, ``fp8_graph.py``); a graph without QuantizeLinear/DequantizeLinear is refused.
 
 The timing cache (``timing.cache`` beside the plans) is loaded before and saved after every build, so
 re-building a variant or a sibling variant reuses the kernel timings.

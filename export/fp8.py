@@ -1,0 +1,182 @@
+"""``--precision fp8`` for the DiT: which tensors are quantized, how, and the calibration of activation scales.
+
+The scheme (one definition, used by the weights writer, the graph rewrite in ``fp8_graph.py`` and the
+tests' PyTorch reference):
+
+* **weights**: every 2-D weight of an ``nn.Linear`` in the DiT is stored as float8 e4m3fn, quantized per
+  output channel (row): ``scale = amax(|row|) / 448`` computed in float32 (a zero row gets scale 1), then
+  rounded to the compute dtype, and ``q = clamp(w / scale, -448, 448)`` cast to float8 (round to nearest
+  even). The scale is its own tensor ``<weight>_scale`` ([out_features]) in the same weights file.
+* **activations**: each such Linear's input is quantized per tensor, ``scale = amax / 448`` with ``amax`` the
+  largest ``|input|`` seen while running the DiT through the real streaming loop (``BlockStream``) for
+  the profile's blocks on seeded random noise and prompt context (``calibrate_dit``).
+* everything else (biases, norms, convolutions, embeddings, caches) stays in the compute dtype.
+
+Scales are stored in the dtype of the tensor they scale (float32 on the tiny preset, bfloat16 at full
+size): opsets 19-20 require QuantizeLinear's scale to have its input's dtype, and DequantizeLinear's
+output takes its scale's dtype, so the dequantized weight lands in the graph's dtype without a Cast.
+The compute dtype of an fp8 run is float32 where the profile's dtype is float32 (the tiny preset, so that
+onnxruntime's CPU provider can check the graphs), bfloat16 otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .weights_file import WeightsLayout, module_tensors
+
+__all__ = ["FP8", "FP8_MAX", "fp8_compute_dtype", "linear_weight_names", "scale_name", "fp8_layout",
+           "quantize_rows", "fake_quant", "quantized_values", "Calibration", "calibrate_dit", "calibration_key",
+           "manifest_entry"]
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def fp8_compute_dtype(profile_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of everything an fp8 run does not quantize (module docstring)."""
+    return torch.float32 if profile_dtype == torch.float32 else torch.bfloat16
+
+
+def linear_weight_names(model: nn.Module) -> list[str]:
+    """Names of the 2-D weights of every ``nn.Linear`` in ``model`` (its own naming), in module order."""
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2]
+
+
+def scale_name(weight_name: str) -> str:
+    return f"{weight_name}_scale"
+
+
+def fp8_layout(model: nn.Module, quantized: Iterable[str]) -> WeightsLayout:
+    """The weights-file layout of ``model`` with ``quantized`` weights as float8, each followed by its
+    per-row scale (the compute dtype); every other tensor as the model holds it."""
+    quantized = set(quantized)
+
+    def specs():
+        for name, t in module_tensors(model):
+            if name in quantized:
+                yield name, tuple(t.shape), FP8
+                yield scale_name(name), (t.shape[0],), t.dtype
+            else:
+                yield name, tuple(t.shape), t.dtype
+    return WeightsLayout(specs())
+
+
+def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``amax / 448`` (1 where amax is 0), rounded to ``dtype`` and back: the scale actually used."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(dtype).float()
+
+
+def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel float8 quantization of a [out, in] weight: ``(q float8, scale [out] scale_dtype)``."""
+    w32 = w.detach().float()
+    scale = _scale(w32.abs().amax(dim=1), scale_dtype)
+    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.to(scale_dtype)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``x`` through float8 at ``scale`` and back (what QuantizeLinear -> DequantizeLinear computes)."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s).to(x.dtype)
+
+
+def quantized_values(values: Iterable[tuple[str, torch.Tensor]],
+                     layout: WeightsLayout) -> Iterator[tuple[str, torch.Tensor]]:
+    """``values`` with every tensor the layout stores as float8 replaced by its quantized rows and scale."""
+    for name, t in values:
+        slot = layout.slots.get(name)
+        if slot is not None and slot.dtype == FP8:
+            q, s = quantize_rows(t, layout.slots[scale_name(name)].dtype)
+            yield name, q
+            yield scale_name(name), s
+        else:
+            yield name, t
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-tensor activation amax of each quantized Linear's input (keyed by the Linear's weight name)."""
+
+    blocks: int
+    seed: int
+    amax: dict[str, float] = field(repr=False)
+
+    def scale(self, weight_name: str, dtype: torch.dtype) -> float:
+        """The activation scale of ``weight_name``'s Linear as a float, rounded through ``dtype``."""
+        if weight_name not in self.amax:
+            raise KeyError(f"no calibrated activation range for {weight_name!r} (its Linear never ran)")
+        return float(_scale(torch.tensor(self.amax[weight_name]), dtype))
+
+    def key(self) -> dict:
+        return calibration_key(self.blocks, self.seed)
+
+
+def calibration_key(blocks: int, seed: int) -> dict:
+    """What decides the activation scales besides the weights: in the manifest and the DiT artifact keys."""
+    return {"blocks": blocks, "seed": seed, "inputs": "seeded random noise and prompt context"}
+
+
+def manifest_entry(compute: str, blocks: int, seed: int, device: str) -> dict:
+    """The manifest's ``fp8`` record: what is quantized, how, what is not, and the calibration."""
+    return {"submodels": ["dit"], "others": compute, "compute": compute,
+            "weights": "nn.Linear weights: float8_e4m3fn, per output channel, scale = amax/448",
+            "activations": "nn.Linear inputs: QuantizeLinear/DequantizeLinear float8e4m3fn, per tensor, "
+                           "scale = calibrated amax/448",
+            "calibration": {**calibration_key(blocks, seed), "device": device}}
+
+
+@torch.no_grad()
+def calibrate_dit(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]], profile, *, seed: int,
+                  device: str | torch.device, dtype: torch.dtype) -> Calibration:
+    """Fill a copy of ``model`` (structure only; may be on the meta device) with ``values`` on ``device``,
+    run it through ``BlockStream`` for the profile's blocks with a forward pre-hook on every Linear
+    recording the largest ``|input|``, and return those ranges."""
+    from hallolive_rt.sampler import TorchNoise
+    from hallolive_rt.stream import BlockStream
+
+    from .dit import dit_export_mode
+
+    dit = copy.deepcopy(model).to_empty(device=device)
+    own = dict(module_tensors(dit))
+    filled = set()
+    for name, v in values:
+        if name in own:
+            own[name].copy_(v)
+            filled.add(name)
+    missing = [n for n, _ in dit.named_parameters() if n not in filled]
+    if missing:
+        raise ValueError(f"calibration: no value for {len(missing)} DiT parameter(s), e.g. {missing[:3]}")
+    dit.reset_rope()  # computed tables, not stored values
+    amax: dict[str, torch.Tensor] = {}
+    hooks = []
+    for n, m in dit.named_modules():
+        if isinstance(m, nn.Linear) and m.weight.dim() == 2:
+            def hook(_mod, args, key=f"{n}.weight"):
+                a = args[0].detach().abs().amax().float()
+                amax[key] = torch.maximum(amax[key], a) if key in amax else a
+            hooks.append(m.register_forward_pre_hook(hook))
+    blocks = profile.stream.blocks
+    g = torch.Generator().manual_seed(seed)
+    s, v = profile.stream, profile.video
+    fb, na = s.latent_frames_per_block, s.audio_tokens_per_block
+    nv = torch.randn(s.batch, blocks * fb, v.latent_channels, v.latent_height, v.latent_width, generator=g)
+    nav = torch.randn(s.batch, blocks * na, profile.audio.latent_channels, generator=g)
+    ctx = torch.randn(s.batch, profile.text.text_len, profile.text.text_dim, generator=g)
+    nv, nav, ctx = (t.to(device=device, dtype=dtype) for t in (nv, nav, ctx))
+    try:
+        with dit_export_mode(dit, float64_time=False):  # what the exported graphs compute
+            bs = BlockStream(dit, profile, blocks=blocks, device=device, dtype=dtype)
+            for _ in bs.run(ctx, lambda i: nv[:, i * fb:(i + 1) * fb], lambda i: nav[:, i * na:(i + 1) * na],
+                            TorchNoise(seed, device)):
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return Calibration(blocks, seed, {k: float(a) for k, a in amax.items()})

@@ -149,8 +149,9 @@ def export(
     model_dir: Optional[Path] = MODEL_DIR,
     random_weights: bool = RANDOM,
     format: str = typer.Option("onnx", "--format", help="onnx | tensorrt | aoti"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp16 | fp8 | fp32 (CPU checks). "
-                                            "Default: the preset's dtype."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp16 | fp32 (CPU checks) | fp8 (ONNX/"
+                                            "TensorRT: the DiT's Linear GEMMs as calibrated float8 Q/DQ, the rest "
+                                            "bf16; calibration needs a GPU at full size). Default: the preset's dtype."),
     out_dir: Path = typer.Option(Path("artifacts"), "--out-dir", help="Artifact directory (with manifest.json)."),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Comma-separated subset: dit, vae_video, "
                                             "audio, text (default: all)."),

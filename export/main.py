@@ -9,6 +9,7 @@ still has the recorded sha256.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -214,7 +215,6 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
     fp8 = precision == "fp8" and sub == "dit"
     layout = fp8_layout(source.model, linear_weight_names(source.model)) if fp8 else WeightsLayout.of(source.model)
     values = (lambda: quantized_values(source.values(), layout)) if fp8 else source.values
-    graph_pass = None
     if fp8:
         t0 = time.perf_counter()
         log(f"[export] dit: fp8 calibration ({profile.stream.blocks} blocks, seed {seed}) on {device} ...")
@@ -241,10 +241,8 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
             wrapper = wrapper_for(sub, source.model, contract, variant, functional=True)
             onnx_path = out / fname if fmt == "onnx" else (out / fname).with_suffix(".onnx")
             names = tensor_names(wrapper, source.model)
-            if fp8:
-                def graph_pass(model, names=names):
-                    n_w, n_a = quantize_graph(model, names, layout, cal)
-                    log(f"[export] dit/{variant.name}: fp8 Q/DQ on {n_w} weights, {n_a} activations")
+            graph_pass = functools.partial(_fp8_pass, names=names, layout=layout, calibration=cal, log=log,
+                                           what=key_name) if fp8 else None
             export_onnx(wrapper, variant, onnx_path, layout=layout, weights_file=wfile, names=names, opset=opset,
                         graph_pass=graph_pass)
             check_onnx(onnx_path, variant)
@@ -258,6 +256,12 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
                 build_engine(onnx_path, out / fname, precision, timing_cache=out / "timing.cache")
                 entry["onnx"] = onnx_path.name
             _record(out, manifest, key_name, key, sub, variant, entry, t0, log)
+
+
+def _fp8_pass(model, *, names, layout, calibration, log, what) -> None:
+    """The fp8 rewrite of one exported DiT graph (``fp8_graph.quantize_graph``), logged."""
+    n_w, n_a = quantize_graph(model, names, layout, calibration)
+    log(f"[export] {what}: fp8 Q/DQ on {n_w} weights, {n_a} activations")
 
 
 def _record(out, manifest, key_name, key, sub, variant, entry, t0, log) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,7 +50,7 @@ class WeightsLayout:
         self.slots: dict[str, Slot] = {}
         off = 0
         for name, shape, dtype in specs:
-            nbytes = _numel(shape) * dtype.itemsize
+            nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
             self.slots[name] = Slot(off, nbytes, tuple(shape), dtype)
             off += -(-nbytes // ALIGN) * ALIGN
         self.total = off
@@ -135,10 +136,3 @@ def on_meta(module: nn.Module):
     finally:
         for store, k, t in saved:
             store[k] = t
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -131,8 +131,6 @@ def test_bfloat16_compute_graph_checks(tmp_path):
 
 
 def test_weights_file_holds_float8_rows_and_scales(one_block):
-    import onnx
-
     p, _, out, _ = one_block
     path, model = _graph(out)
     raw = (out / "dit_tiny_fp8.weights").read_bytes()
@@ -199,7 +197,6 @@ def test_full_size_fp8_on_cpu_refused_before_writing(tmp_path):
 
 
 def test_lint_accepts_qdq_and_flags_float8_compute():
-    import onnx
     from onnx import TensorProto, helper
 
     zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], b"\x00", raw=True)

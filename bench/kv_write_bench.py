@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hallolive_rt.kvcache import get_kv_ops  # noqa: E402
+from hallolive_rt.kvcache.ops import has_cuda_kernels  # noqa: E402  (builds the extension on first use)
+from hallolive_rt.runtime.metrics import env_info  # noqa: E402
 
 
 def _timer(device: torch.device, repeat: int):
@@ -54,22 +53,6 @@ def _timer(device: torch.device, repeat: int):
                 times.append((time.perf_counter() - t0) / repeat)
             return times
     return run
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _driver() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "none"
-    res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True)
-    return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
 def main() -> None:
@@ -102,17 +85,26 @@ def main() -> None:
     elem = cache.element_size()
     block_bytes = b * n * h * d * elem
     table_bytes = 2 * n * (d // 2) * 4
-    variants = {
-        # name: (fn, bytes the op must move at least: read src + tables, write the block)
-        "rope_write_block/ext": (lambda: ext.rope_write_block(cache, src, cos, sin, offset, sink, ring),
-                                 2 * block_bytes + table_bytes),
-        "rope_write_block/torch": (lambda: ref.rope_write_block(cache, src, cos, sin, offset, sink, ring),
-                                   2 * block_bytes + table_bytes),
-        "write_block/ext": (lambda: ext.write_block(cache, src, offset, sink, ring), 2 * block_bytes),
-        "write_block/torch": (lambda: ref.write_block(cache, src, offset, sink, ring), 2 * block_bytes),
-        "rerotate/ext": (lambda: ext.rerotate(cache, cos, sin, sink, n), 2 * block_bytes + table_bytes),
-        "rerotate/torch": (lambda: ref.rerotate(cache, cos, sin, sink, n), 2 * block_bytes + table_bytes),
+    # op: (call on an implementation and a cache, bytes the op must move at least: read src (+ tables),
+    # write the block; rerotate reads and writes the rows in place)
+    ops = {
+        "rope_write_block": (lambda impl, c: impl.rope_write_block(c, src, cos, sin, offset, sink, ring),
+                             2 * block_bytes + table_bytes),
+        "write_block": (lambda impl, c: impl.write_block(c, src, offset, sink, ring), 2 * block_bytes),
+        "rerotate": (lambda impl, c: impl.rerotate(c, cos, sin, sink, n), 2 * block_bytes + table_bytes),
     }
+    # A speed-up only counts if both sides compute the same thing: one call each on copies of the cache.
+    agreement = {}
+    for op, (call, _) in ops.items():
+        got, want = cache.clone(), cache.clone()
+        call(ext, got)
+        call(ref, want)
+        agreement[op] = {"max_abs_diff": (got.float() - want.float()).abs().max().item(),
+                         "max_abs_ref": want.float().abs().max().item()}
+        print(f"{op:26s} ext vs torch max abs diff {agreement[op]['max_abs_diff']:.3g}", file=sys.stderr)
+    del got, want
+    variants = {f"{op}/{impl.name}": ((lambda call=call, impl=impl: call(impl, cache)), nbytes)
+                for op, (call, nbytes) in ops.items() for impl in (ext, ref)}
     timer = _timer(device, args.repeat)
     results = {}
     for name, (fn, nbytes) in variants.items():
@@ -122,22 +114,21 @@ def main() -> None:
         results[name] = {"median_s": med, "p90_s": sorted(raw)[int(0.9 * (len(raw) - 1))],
                          "effective_GBps": nbytes / med / 1e9, "bytes": nbytes, "raw_s": raw}
         print(f"{name:26s} median {med * 1e6:9.1f} us  {nbytes / med / 1e9:8.1f} GB/s", file=sys.stderr)
-    for op in ("rope_write_block", "write_block", "rerotate"):
+    for op in ops:
         results[f"{op}/speedup"] = results[f"{op}/torch"]["median_s"] / results[f"{op}/ext"]["median_s"]
 
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _git_commit(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "driver": _driver() if device.type == "cuda" else "n/a",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        "env": env_info([device]),  # devices, driver, torch / CUDA versions, git commit and dirty flag
+        "kv_ext_cuda_kernels": has_cuda_kernels(),
+        "threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "shapes": {"cache": [b, s, h, d], "block": [b, n, h, d], "tables": [n, d // 2],
                    "ring_start": sink, "ring_size": ring, "offset": int(offset.cpu()[0])},
         "warmup": args.warmup,
         "iters": args.iters,
         "repeat": args.repeat,
+        "agreement": agreement,
         "results": results,
     }
     out = args.out or REPO / "bench" / "results" / f"kv_write_bench_{device.type}{'_tiny' if args.tiny else ''}.json"

@@ -7,6 +7,7 @@ CUDA tests are marked and skip without a GPU.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -252,6 +253,26 @@ def test_cmake_configure_and_build_root_project(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"ok {lib}"
+
+
+def test_write_bench_script_checks_agreement_and_records_its_environment(tmp_path):
+    """bench/kv_write_bench.py (the committed microbenchmark) runs, and only times ops that agree."""
+    out = tmp_path / "kv.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "kv_write_bench.py"), "--device", "cpu", "--tiny",
+                          "--dtype", "float32", "--warmup", "1", "--iters", "3", "--repeat", "2", "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(out.read_text())
+    for op in ("rope_write_block", "write_block", "rerotate"):
+        assert rec["agreement"][op]["max_abs_diff"] == 0.0  # same fp32 math, same rounding on CPU
+        assert rec["agreement"][op]["max_abs_ref"] > 0
+        for impl in ("ext", "torch"):
+            r = rec["results"][f"{op}/{impl}"]
+            assert len(r["raw_s"]) == 3 and all(t > 0 for t in r["raw_s"])
+            assert r["median_s"] == sorted(r["raw_s"])[1]
+        assert rec["results"][f"{op}/speedup"] > 0
+    assert rec["env"]["torch"] == torch.__version__ and rec["env"]["git_commit"]
+    assert rec["shapes"]["cache"] == [1, 120, 4, 32] and isinstance(rec["kv_ext_cuda_kernels"], bool)
 
 
 # --------------------------------------------------------------------------- CUDA (skip without a GPU)

@@ -47,12 +47,14 @@ def achieved_tflops(flops: float, ms: float | None) -> float | None:
 
 
 def _git(*args) -> str | None:
+    """git's output in the repository this file lives in ("" when it printed nothing); None without git
+    or outside a checkout (an installed package), so a clean tree and an unknown one read differently."""
     try:
         root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        res = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
+    return res.stdout.strip() if res.returncode == 0 else None
 
 
 def _driver() -> str | None:
@@ -91,7 +93,7 @@ def env_info(devices: list[torch.device | str] | None = None) -> dict:
         "numpy": np.__version__,
         "pyav": av_v,
         "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD") or None,
         "git_dirty": bool(dirty) if dirty is not None else None,
     }
 

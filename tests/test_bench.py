@@ -92,3 +92,23 @@ def test_full_size_flop_counts_match_facts():
     assert first == pytest.approx(33.5, abs=0.1) and last == pytest.approx(48.8, abs=0.1)
     per_frame = fc.vae_video_block(first_block=False) / p.stream.latent_frames_per_block / 1e12
     assert per_frame == pytest.approx(37.0, rel=0.03)
+
+
+def test_env_info_tells_a_clean_tree_from_an_unknown_one(monkeypatch):
+    """git_dirty is a bool inside a checkout (False when clean) and None only where git cannot tell."""
+    import subprocess
+
+    from hallolive_rt.runtime import metrics
+
+    def fake_run(cmd, **kw):
+        out = "abc123\n" if "rev-parse" in cmd else ""  # a clean tree prints nothing for status
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(metrics.subprocess, "run", fake_run)
+    env = metrics.env_info(["cpu"])
+    assert env["git_commit"] == "abc123" and env["git_dirty"] is False
+
+    monkeypatch.setattr(metrics.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 128, stdout="", stderr="not a repo"))
+    env = metrics.env_info(["cpu"])
+    assert env["git_commit"] is None and env["git_dirty"] is None

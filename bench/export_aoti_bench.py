@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from hallolive_rt.export.contracts import contracts_for
 from hallolive_rt.export.dit import dit_export_mode
 from hallolive_rt.export.submodels import build_submodel, wrapper_for
 from hallolive_rt.profile import load_profile
+from hallolive_rt.runtime.metrics import env_info
 
 
 def _err(a, b):
@@ -33,6 +35,7 @@ def _err(a, b):
 
 
 def _time(fn, n=5):
+    """Raw seconds of n synchronized calls (the caller has warmed fn up)."""
     torch.cuda.synchronize()
     out = []
     for _ in range(n):
@@ -40,7 +43,7 @@ def _time(fn, n=5):
         fn()
         torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return out
 
 
 def main():
@@ -79,16 +82,17 @@ def main():
             for k, name in zip(range(4, 8), ("video_k", "video_v", "fusion_k", "fusion_v")):
                 errs[name] = _err(pkg_in[k], ref_in[k])
             with torch.no_grad():
-                eager_s = _time(lambda: mod(*ref_in))
-            pkg_s = _time(lambda: runner(*pkg_in))
+                eager_raw = _time(lambda: mod(*ref_in))
+            pkg_raw = _time(lambda: runner(*pkg_in))
         rows.append({"variant": v.name, "static": v.static, "compile_s": compile_s, "load_s": load_s,
-                     "package_bytes": path.stat().st_size, "errors": errs, "eager_step_s": eager_s,
-                     "aoti_step_s": pkg_s})
+                     "package_bytes": path.stat().st_size, "errors": errs,
+                     "eager_step_s": statistics.median(eager_raw), "aoti_step_s": statistics.median(pkg_raw),
+                     "eager_step_raw_s": eager_raw, "aoti_step_raw_s": pkg_raw})
         print(json.dumps(rows[-1], indent=1))
     gpu = torch.cuda.get_device_name().replace(" ", "_")
-    res = {"preset": p.name, "profile_digest": p.digest(), "precision": "bf16", "weights": "random:0",
-           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
-           "cc": "sm_%d%d" % torch.cuda.get_device_capability(), "host": platform.node(),
+    res = {"command": " ".join(["python", *sys.argv]), "env": env_info([dev]),
+           "preset": p.name, "profile_digest": p.digest(), "precision": "bf16", "weights": "random:0",
+           "host": platform.node(),
            "dit_build_s": build_s, "variants": rows,
            "tolerance_note": "bf16: compare max_abs against max_ref; eager and package share inputs and weights"}
     out = Path(a.out)

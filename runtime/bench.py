@@ -227,8 +227,11 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               console=None) -> dict:
-    """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
+               artifacts: str | None = None, console=None) -> dict:
+    """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict.
+
+    ``backends`` None: every backend that can run here (``default_backends``). ``artifacts``: the export
+    directory the aoti / tensorrt backends run from, checked before any weight is built."""
     from rich.console import Console
     from rich.table import Table
 
@@ -243,12 +246,13 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not random_weights and model_dir is None:
         raise ValueError("bench needs --random-weights or --model-dir")
-    backends = list(backends or ["eager"])
     prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry: the policy depends on it
     n = blocks if blocks is not None else prof.stream.blocks
     dit_dev, vae_dev = resolve_devices(device, vae_device)
+    backends = list(backends) if backends else default_backends(dit_dev, artifacts, console)
     runs = backends if mode != "vae" else ["eager"]
     cfg = load_fusion_config(prof.video_config, prof.audio_config)
+    objs = _check_backends(runs, prof, n, dit_dev, artifacts, model_dir if not random_weights else None, seed)
     for name in runs:  # before building anything: a choice that cannot run fails now, naming itself
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
     t = time.perf_counter()
@@ -270,7 +274,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                 _vae_only(comps, prof, min(n, 2), seed)
             got, sess_info, plans = _vae_only(comps, prof, n, seed), {"backend": "eager (decoders)"}, None
         else:
-            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap,
+            sess = StreamSession(comps, prof, backend=objs[name], blocks=n, kv_impl=kv_impl, overlap=overlap,
                                  fuse_projections=fuse_projections, attn_kernel=attn_kernel)
             plans = sess.plans
             for _ in range(warmup_runs):
@@ -315,6 +319,53 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     _table(console, Table, out)
     if out_json is not None:
         write_json(out, out_json)
+    return out
+
+
+def default_backends(dit_dev: torch.device, artifacts: str | None, console=None) -> list[str]:
+    """The backends ``--backends`` means when not given: eager everywhere, cudagraph on CUDA, and the
+    format of ``artifacts`` (aoti / tensorrt) when a directory is given; says which were left out."""
+    import json
+
+    names = ["eager"] + (["cudagraph"] if dit_dev.type == "cuda" else [])
+    if artifacts is not None:
+        try:
+            fmt = json.loads((Path(artifacts) / "manifest.json").read_text()).get("format")
+        except (OSError, ValueError):
+            fmt = None  # the artifact check names what is wrong with the directory
+        names.append(fmt if fmt in ("aoti", "tensorrt") else "aoti")
+    if dit_dev.type != "cuda" and console is not None:
+        console.print(f"backends: {', '.join(names)} (cudagraph needs a CUDA device: not run on {dit_dev})")
+    return names
+
+
+def _check_backends(names: list[str], prof: Profile, blocks: int, dit_dev: torch.device,
+                    artifacts: str | None, model_dir: str | None, seed: int) -> dict:
+    """One backend object per name, each shown able to run this bench before any weight is built (the
+    compiled ones against their artifact directory); a refusal names --backends and what runs here."""
+    from hallolive_rt.cache_policy import choose_policy, variant_plans
+    from hallolive_rt.export.manifest import ArtifactMismatch
+
+    from .backends import BACKENDS, BackendUnavailable
+    from .backends.artifacts import ArtifactBackend, backend_for_run
+    from .backends.cudagraph import require_cuda
+
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"--backends {','.join(unknown)}: unknown; choose from {', '.join(BACKENDS)}")
+    policy = choose_policy(prof, blocks)
+    out = {}
+    for name in names:
+        try:
+            if name == "cudagraph":
+                require_cuda(dit_dev, flag="--backends")
+            be = backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
+                                 model_dir=model_dir, seed=seed, flag="--backends")
+            if isinstance(be, ArtifactBackend):
+                be.check(prof, policy.layout(), {p.variant for p in variant_plans(policy)}, dit_dev, prof.dtype)
+        except (BackendUnavailable, ArtifactMismatch, FileNotFoundError) as e:
+            raise ValueError(f"--backends {name} cannot run here: {e}") from None
+        out[name] = be
     return out
 
 

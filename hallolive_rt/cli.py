@@ -146,9 +146,11 @@ def stream(
     tracks end together, and the exit code is 130 / 143. Progress: a bar on a terminal, one line per
     block otherwise."""
     try:
-        from hallolive_rt.runtime.media import OutputWriteError
+        from hallolive_rt.runtime.media import MediaError
         from hallolive_rt.runtime.session import InputError, stream_main
-
+    except KeyboardInterrupt:
+        _interrupted_early()
+    try:
         summary = stream_main(
             prompt, out=str(out), preset=preset, model_dir=None if model_dir is None else str(model_dir),
             random_weights=random_weights, blocks=blocks, future_audio_frames=future_audio_frames, seed=seed,
@@ -159,15 +161,19 @@ def stream(
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
             attn_kernel=attn_kernel.value, progress=True, artifacts=None if artifacts is None else str(artifacts),
             overwrite=overwrite)
-    except KeyboardInterrupt:  # Ctrl-C before stream_main took over the signals (imports)
-        typer.echo("interrupted by SIGINT before the stream started: nothing was written", err=True)
-        raise typer.Exit(130)
-    except (InputError, OutputWriteError) as e:
+    except KeyboardInterrupt:  # Ctrl-C before stream_main took over the signals
+        _interrupted_early()
+    except (InputError, MediaError) as e:  # MediaError: an output failed mid-stream (disk full, ...)
         _fail(str(e), getattr(e, "exit_code", 2))
     if summary.get("interrupted"):
         typer.echo(_interrupted_line(summary), err=True)
         raise typer.Exit(summary["exit_code"])
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
+
+
+def _interrupted_early() -> None:
+    typer.echo("interrupted by SIGINT before the stream started: nothing was written", err=True)
+    raise typer.Exit(130)
 
 
 def _interrupted_line(summary: dict) -> str:
@@ -228,7 +234,7 @@ def bench(
     blocks: Optional[int] = BLOCKS,
     mode: str = typer.Option("e2e", "--mode", help="e2e | dit | vae (dit/vae give the projected two-device rate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON result (commit it under bench/results/)."),
-    device: str = typer.Option("cuda", "--device", help="Device of the DiT (and of the decoders unless "
+    device: str = typer.Option("cuda", "--device", "--dit-device", help="Device of the DiT (and of the decoders unless "
                                "--vae-device is given): cuda (default), cuda:N or cpu."),
     vae_device: Optional[str] = VAE_DEVICE,
     dtype: Optional[DType] = DTYPE,

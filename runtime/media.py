@@ -296,8 +296,9 @@ class StreamWriter:
                 self._open_mp4()
         except Exception as e:
             self._abort()
-            raise MediaError(f"cannot open media outputs ({self.path}, {self.frames_out}, "
-                             f"{self.wav_out}): {e}") from e
+            err = OutputWriteError if isinstance(e, OSError) else MediaError  # e.g. a full disk: nothing kept
+            raise err(f"cannot open media outputs ({self.path}, {self.frames_out}, {self.wav_out}): {e}; "
+                      f"nothing was written") from e
 
     def _open_mp4(self):
         opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}

@@ -123,11 +123,15 @@ def claim_outputs(outputs: Iterable[tuple[str, str | os.PathLike | None]], *,
     existing one unless ``overwrite``. Everything taken is released on any exit, the refusals included."""
     locks: list[OutputLock] = []
     try:
-        seen = set()
+        seen: dict[Path, str] = {}
         for what, path in outputs:
-            if path is None or Path(path).resolve() in seen:
+            if path is None:
                 continue
-            seen.add(Path(path).resolve())
+            real = Path(path).resolve()
+            if real in seen:
+                raise OutputClaimError(f"{seen[real]} and {what} name the same file {str(path)!r}: give each "
+                                       f"output its own path")
+            seen[real] = what
             locks.append(OutputLock(path, what).acquire())
         if not overwrite:
             for lk in locks:

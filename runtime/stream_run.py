@@ -31,14 +31,14 @@ def claim_and_stream(run: dict, overwrite: bool) -> dict:
 
     o = run["outputs"]
     with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopSignals())  # first: a signal while claiming still releases the claims
         try:
-            stack.enter_context(claim_outputs([("--out", o["out"]), ("--frames-out", o["frames_out"]),
-                                               ("--wav-out", o["wav_out"]), ("--metrics", run["metrics"])],
-                                              overwrite=overwrite))
-        except OutputClaimError as e:
-            raise InputError(str(e)) from None
-        stop = stack.enter_context(StopSignals())
-        try:
+            try:
+                stack.enter_context(claim_outputs([("--out", o["out"]), ("--frames-out", o["frames_out"]),
+                                                   ("--wav-out", o["wav_out"]), ("--metrics", run["metrics"])],
+                                                  overwrite=overwrite))
+            except OutputClaimError as e:
+                raise InputError(str(e)) from None
             return _stream(run, stop)
         except StreamInterrupted as e:  # before the stream started, or a second signal: ends now
             summary = {**o, "writer": run["writer"].summary, "blocks": run["writer"].summary.get("blocks", 0)}
@@ -84,11 +84,15 @@ def _stream(run: dict, stop) -> dict:
 
     sess.pipeline.on_block = on_block
     stop.graceful = True  # from here a first SIGINT / SIGTERM ends the stream at the next block boundary
+    blocks = sess.run(ctx, seed)
     with writer, _Progress(console, nblocks, run["progress"]) as bar:
-        for blk in sess.run(ctx, seed):
-            bar.update(blk)
-            if stop.requested:
-                break  # closing the run drains what is decoding; the writer then ends both tracks
+        try:
+            for blk in blocks:
+                bar.update(blk)
+                if stop.requested:
+                    break
+        finally:
+            blocks.close()  # the run's end drains what is decoding (written); the writer then ends both tracks
     if writer.error is not None:  # a write failed while the pipeline drained
         raise writer.error
     summary = {**run["outputs"], "writer": writer.summary, "blocks": len(written),

@@ -203,7 +203,7 @@ class DecodePipeline:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
             self.vae_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
-            self.dit_stream_ = torch.cuda.Stream(self.dit_dev, priority=DIT_STREAM_PRIORITY)
+            self._dit_stream = torch.cuda.Stream(self.dit_dev, priority=DIT_STREAM_PRIORITY)
             self.slot_free = [torch.cuda.Event() for _ in range(2)]
         if self.vdec.conv2.weight.dtype != dt:
             raise ValueError(f"the video decoder holds {self.vdec.conv2.weight.dtype} weights, the stream runs {dt}")
@@ -266,7 +266,7 @@ class DecodePipeline:
         """What the bench JSON and ``--metrics`` record: overlap, the video runner, stream priorities."""
         d = {"overlap": self.overlap, "vae": self.vrunner.describe()}
         if self.cuda:
-            d["stream_priorities"] = {"dit": self.dit_stream_.priority, "decode": self.vae_stream.priority,
+            d["stream_priorities"] = {"dit": self._dit_stream.priority, "decode": self.vae_stream.priority,
                                       "copy": self.copy_stream.priority}
         return d
 
@@ -282,11 +282,13 @@ class DecodePipeline:
             yield
             return
         cur = torch.cuda.current_stream(self.dit_dev)
-        s = self.dit_stream_
+        s = self._dit_stream
         s.wait_stream(cur)
-        with torch.cuda.stream(s):
-            yield
-        cur.wait_stream(s)
+        try:
+            with torch.cuda.stream(s):
+                yield
+        finally:
+            cur.wait_stream(s)
 
     def dit_mark(self):
         return self.clock.mark()

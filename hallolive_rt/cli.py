@@ -68,8 +68,11 @@ MODEL_DIR = typer.Option(None, "--model-dir", help="Official download root: Hall
 RANDOM = typer.Option(False, "--random-weights", help="The architecture with random weights (benchmarks); "
                       "the tiny preset always uses random weights.")
 PRESET = typer.Option("tiny", "--preset", help="Shape preset from profiles/: tiny (CPU demo) or hallolive-512x992.")
-BLOCKS = typer.Option(None, "--blocks", min=1, help="Blocks to stream (any number; past the released 5 the "
-                      "rolling cache policy keeps memory flat). Default: the preset's.")
+BLOCKS = typer.Option(None, "--blocks", min=1, help="Blocks to run. Default: the preset's clip (5 at full size).")
+STREAM_BLOCKS = typer.Option(None, "--blocks", metavar="N|endless", help="Blocks to stream: any N, or 'endless' "
+                             "(until interrupted). Up to the preset's clip (5 at full size) the released append "
+                             "caches; past it the rolling policy keeps memory and block time flat. Default: "
+                             "the preset's clip.")
 FUTURE = typer.Option(None, "--future-audio-frames", min=0, help="Audio lookahead F in audio tokens "
                       "(window 30+F from the next block's noise; only 30 committed). Default: the preset's (0).")
 SEED = typer.Option(0, "--seed", help="Seed of the initial and re-noise draws.")
@@ -109,7 +112,7 @@ def stream(
     model_dir: Optional[Path] = MODEL_DIR,
     random_weights: bool = RANDOM,
     preset: str = PRESET,
-    blocks: Optional[int] = BLOCKS,
+    blocks: Optional[str] = STREAM_BLOCKS,
     future_audio_frames: Optional[int] = FUTURE,
     seed: int = SEED,
     out: Path = typer.Option(Path("hallolive.mp4"), "--out", "-o", help="Fragmented MP4 (H.264 + AAC), "

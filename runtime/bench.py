@@ -254,8 +254,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     if not random_weights and model_dir is None:
         raise ValueError("bench needs --random-weights or --model-dir")
     backends = list(backends or ["eager"])
-    prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
-    n = prof.stream.blocks
+    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry: the policy depends on it
+    n = blocks if blocks is not None else prof.stream.blocks
     dit_dev, vae_dev = resolve_devices(device, vae_device)
     vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
     runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])

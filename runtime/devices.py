@@ -32,7 +32,7 @@ import contextlib
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -148,6 +148,12 @@ class DecodedBlock:
     first_frame_s: float = 0.0  # its first frame reached the host
     done_s: float = 0.0  # its last frame and all its audio reached the host
     frame_ready_s: list[float] = field(default_factory=list)  # per latent frame
+
+    def without_media(self) -> "DecodedBlock":
+        """This block's times and counts with its frames and audio dropped: arrays of the same shapes that
+        hold no memory (read-only broadcasts of one zero), for keeping per-block records of long streams."""
+        return replace(self, frames=np.broadcast_to(np.zeros((), self.frames.dtype), self.frames.shape),
+                       audio=np.broadcast_to(np.zeros((), self.audio.dtype), self.audio.shape))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hallolive_rt.cache_policy import choose_policy
+from hallolive_rt.cache_policy import ENDLESS, choose_policy, parse_blocks, variant_plans
 from hallolive_rt.config import FusionConfig
 from hallolive_rt.model.attention import check_attention_kernel
 from hallolive_rt.model.text import encode_prompt, release_text_encoder
@@ -95,7 +95,7 @@ class StreamSession:
     """Everything one stream needs, allocated once; ``run`` may be called again for a new stream."""
 
     def __init__(self, components, profile: Profile | None = None, *, backend: str | Backend = "eager",
-                 blocks: int | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
+                 blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
                  fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None):
@@ -107,13 +107,13 @@ class StreamSession:
             if want is not None and torch.device(want) != have:
                 raise ValueError(f"{flag}={want} but the components were built on {have}; build them there")
         self.c, self.p = c, p
-        self.blocks = blocks if blocks is not None else p.stream.blocks
-        if self.blocks < 1:
-            raise ValueError(f"blocks must be >= 1, got {self.blocks}")
+        # blocks: None = the profile's released clip, ENDLESS ("endless") = until the caller stops reading;
+        # self.blocks is then None. The profile keeps its released geometry: the policy is chosen on it.
+        self.blocks = parse_blocks(blocks if blocks is not None else p.stream.blocks)
         c.dit.set_kv_impl(kv_impl)
         self.policy = choose_policy(p, self.blocks, cache_policy)
         self.bs = BlockStream(c.dit, p, blocks=self.blocks, policy=self.policy, device=c.dit_device, dtype=c.dtype)
-        self.plans = list(self.policy.plans())
+        self.variant_plans = variant_plans(self.policy)
         self.backend = get_backend(backend, **(backend_options or {})) if isinstance(backend, str) else backend
         check_fast_paths(self.backend.name, fuse_projections, attn_kernel, c.dit_device, c.dtype, c.cfg)
         if fuse_projections:
@@ -123,7 +123,7 @@ class StreamSession:
         c.dit.set_attention_kernel(attn_kernel)  # before prepare: graphs capture the chosen forward
         t = time.perf_counter()
         with torch.no_grad():
-            self.backend.prepare(self.bs, self.plans)  # may run the DiT: caches are zeroed by start()
+            self.backend.prepare(self.bs, self.variant_plans)  # may run the DiT: start() zeroes the caches
         self.prepare_s = time.perf_counter() - t
         self._backend_step = self.backend.step
         self.bs.step_fn = self._step
@@ -133,6 +133,13 @@ class StreamSession:
         self._in_session = False
         self._k = 0
         self._marks: dict = {}
+
+    @property
+    def plans(self) -> list:
+        """Every block's plan (a finite stream only; an endless one iterates ``policy.plans()``)."""
+        if self.blocks is None:
+            raise ValueError("an endless stream has no finite list of plans; iterate policy.plans()")
+        return list(self.policy.plans())
 
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, prompt: str, *, release: bool = True):
@@ -199,7 +206,7 @@ class StreamSession:
         try:
             with self._on_dit_device(), pipe.dit_stream():
                 bs.start(ctx)
-            for plan in self.plans:
+            for plan in self.policy.plans():  # lazily: an endless stream has no last plan
                 i = plan.index
                 # device / grad state is set per block, never across a yield (it would leak into the caller)
                 with stage("block", block=i), self._on_dit_device(), pipe.dit_stream(), torch.no_grad():
@@ -221,7 +228,8 @@ class StreamSession:
 
     def describe(self) -> dict:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
-                "blocks": self.blocks, "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
+                "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
+                "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
                 "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
                 **self.pipeline.describe()}
 
@@ -235,7 +243,7 @@ class InputError(ValueError):
 
 
 def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str = "tiny",
-                model_dir: str | None = None, random_weights: bool = False, blocks: int | None = None,
+                model_dir: str | None = None, random_weights: bool = False, blocks: int | str | None = None,
                 future_audio_frames: int | None = None, seed: int = 0, metrics: str | None = None,
                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
                 backend: str = "eager", cache_policy: str = "auto", kv_impl: str = "torch",
@@ -268,11 +276,13 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
 
     console = console or Console(stderr=True)
     try:
-        prof = load_profile(preset).with_overrides(blocks=blocks, future_audio_tokens=future_audio_frames,
-                                                    dtype=dtype)
-    except ProfileError as e:
+        # the profile keeps its released clip length: the block count goes to the session, whose cache
+        # policy depends on it (append up to the clip, rolling past it and for endless streams)
+        prof = load_profile(preset).with_overrides(future_audio_tokens=future_audio_frames, dtype=dtype)
+        nblocks = parse_blocks(blocks if blocks is not None else prof.stream.blocks)  # None = endless
+        choose_policy(prof, nblocks, cache_policy)  # refuses e.g. append past the clip, before any load
+    except (ProfileError, ValueError) as e:
         raise InputError(str(e)) from e
-    nblocks = prof.stream.blocks
     if model_dir is not None and random_weights:
         raise InputError("--model-dir and --random-weights exclude each other: drop one")
     if model_dir is None and not random_weights and prof.decoders != "tiny":
@@ -318,7 +328,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                                 dtype=prof.dtype, seed=seed)
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
-    sess = StreamSession(comps, prof, backend=be, blocks=nblocks, cache_policy=cache_policy, kv_impl=kv_impl,
+    sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
+                         cache_policy=cache_policy, kv_impl=kv_impl,
                          overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel,
                          video_runner=vae_opts)
     ctx, _ = sess.encode(prompt)
@@ -329,10 +340,10 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
             for _blk in sess.run(ctx, seed):
                 pass
     sess.pipeline.on_block = lambda b: writer.write_block(b.frames, b.audio)  # on the writer thread
-    got: list[DecodedBlock] = []
+    got: list[DecodedBlock] = []  # times and counts only: an endless stream must not keep its frames
     with writer, _Progress(console, nblocks, progress) as bar:
         for blk in sess.run(ctx, seed):
-            got.append(blk)
+            got.append(blk.without_media())
             bar.update(blk)
     summary = {"out": out, "frames_out": frames_out, "wav_out": wav_out, "writer": writer.summary,
                "blocks": len(got), "frames": sum(b.frames.shape[0] for b in got),
@@ -361,7 +372,7 @@ def _check_parent_writable(p: Path, what: str) -> None:
 class _Progress:
     """rich progress bar per block on a terminal; one plain line per block otherwise."""
 
-    def __init__(self, console, total: int, enabled: bool):
+    def __init__(self, console, total: int | None, enabled: bool):  # total None: an endless stream
         self.console, self.total, self.enabled = console, total, enabled
         self.bar = None
 
@@ -381,7 +392,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=info)
         elif self.enabled:
-            self.console.print(f"[{b.index + 1}/{self.total}] {info}", highlight=False)
+            of = "" if self.total is None else f"/{self.total}"
+            self.console.print(f"[{b.index + 1}{of}] {info}", highlight=False)
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -129,7 +129,7 @@ def test_stream_main_writes_mp4_and_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"blocks": 0}, "blocks must be >= 1"),
+    ({"blocks": 0}, "blocks must be a whole number >= 1"),
     ({"preset": "nope"}, "unknown preset"),
     ({"preset": "hallolive-512x992"}, "needs weights"),
     ({"random_weights": True, "model_dir": "/x"}, "exclude each other"),

@@ -99,8 +99,8 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
 VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (unmeasured on a GPU "
                           "yet): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
                           "per-frame decode replayed from a CUDA graph), compiled-cudagraph (both). A +cl3d suffix "
-                          "is the same as --vae-channels-last. bench: a comma-separated list, each a run (--mode vae runs the "
-                          "eager baseline first, in the same process).")
+                          "is the same as --vae-channels-last. bench: a comma-separated list, each a run "
+                          "(--mode vae runs the eager baseline first, in the same process).")
 VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help="Opt-in: the video decoder's "
                       "conv weights, caches and input in channels_last_3d layout (same values; for cuDNN's "
                       "NDHWC kernels). Off by default until a GPU run shows it pays.")

@@ -116,7 +116,7 @@ def set_conv_layout(decoder: WanVideoDecoder, channels_last: bool) -> int:
     runner prepared at an older epoch (a CUDA graph holds the old addresses) refuses to run.
     """
     fmt = CL3D if channels_last else torch.contiguous_format
-    prev_cl, epoch = _LAYOUTS.get(decoder, (False, 0))
+    _, epoch = _LAYOUTS.get(decoder, (False, 0))
     changed = False
     with torch.no_grad():
         for p in decoder.parameters():

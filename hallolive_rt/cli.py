@@ -96,6 +96,14 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
                     "auto lets PyTorch pick per call (default, as released); math, flash, cudnn (CUDA), "
                     "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
                     "up front, never silently replaced. eager and cudagraph backends only.")
+VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (unmeasured on a GPU "
+                          "yet): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
+                          "per-frame decode replayed from a CUDA graph), compiled-cudagraph (both). A +cl3d suffix "
+                          "is the same as --vae-channels-last. bench: a comma-separated list, each a run "
+                          "(--mode vae runs the eager baseline first, in the same process).")
+VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help="Opt-in: the video decoder's "
+                      "conv weights, caches and input in channels_last_3d layout (same values; for cuDNN's "
+                      "NDHWC kernels). Off by default until a GPU run shows it pays.")
 
 
 @app.command()
@@ -127,6 +135,8 @@ def stream(
                                     "(graph capture, autotuning); used by profiling sessions."),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Decode and write on their own "
                                  "threads/streams while the DiT runs the next block (default), or inline."),
+    vae_backend: str = VAE_BACKEND,
+    vae_channels_last: bool = VAE_CL,
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
     from hallolive_rt.runtime.session import InputError, stream_main
@@ -140,7 +150,8 @@ def stream(
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
-            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty())
+            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
+            vae_channels_last=vae_channels_last)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -194,6 +205,12 @@ def bench(
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
     seed: int = SEED,
+    vae_backend: str = VAE_BACKEND,
+    vae_channels_last: bool = VAE_CL,
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="e2e: decode block i on its own "
+                                 "(low-priority) stream while the DiT runs block i+1 (default), or inline."),
+    compare_overlap: bool = typer.Option(False, "--compare-overlap", help="e2e: run every variant both "
+                                         "overlapped and sequential in this process (keys '... no-overlap')."),
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
     records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
@@ -204,7 +221,8 @@ def bench(
                    blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
-                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value)
+                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, vae_backend=vae_backend,
+                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap)
     except ValueError as e:
         _fail(str(e))
 

@@ -98,7 +98,7 @@ class StreamSession:
                  blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
-                 fuse_projections: bool = False, attn_kernel: str = "auto"):
+                 fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -127,7 +127,8 @@ class StreamSession:
         self.prepare_s = time.perf_counter() - t
         self._backend_step = self.backend.step
         self.bs.step_fn = self._step
-        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block)
+        # video_runner: VideoDecodeOptions or "eager" | "cudagraph+cl3d" ... (runtime/vae_runner.py)
+        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block, video_runner=video_runner)
         self.text_encode_s: float | None = None
         self._in_session = False
         self._k = 0
@@ -203,12 +204,12 @@ class StreamSession:
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
         try:
-            with self._on_dit_device():
+            with self._on_dit_device(), pipe.dit_stream():
                 bs.start(ctx)
             for plan in self.policy.plans():  # lazily: an endless stream has no last plan
                 i = plan.index
                 # device / grad state is set per block, never across a yield (it would leak into the caller)
-                with stage("block", block=i), self._on_dit_device(), torch.no_grad():
+                with stage("block", block=i), self._on_dit_device(), pipe.dit_stream(), torch.no_grad():
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
                     self._marks["dit_start"] = pipe.clock.mark()
@@ -229,7 +230,8 @@ class StreamSession:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
                 "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
                 "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
-                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel}
+                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
+                **self.pipeline.describe()}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -248,7 +250,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                console=None) -> dict:
+                vae_backend: str = "eager", vae_channels_last: bool = False, console=None) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -270,6 +272,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from .components import MODEL_FILES, MissingModelFiles, check_model_dir, load_components
     from .devices import resolve_devices
     from .metrics import stream_metrics, write_json
+    from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)
     try:
@@ -294,6 +297,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
+        vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
+        check_vae_options(vae_opts, vae_dev)
     except (ValueError, MissingModelFiles, BackendUnavailable) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)
@@ -325,7 +330,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
                          cache_policy=cache_policy, kv_impl=kv_impl,
-                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel)
+                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel,
+                         video_runner=vae_opts)
     ctx, _ = sess.encode(prompt)
     for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed

@@ -93,6 +93,9 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
                     "auto lets PyTorch pick per call (default, as released); math, flash, cudnn (CUDA), "
                     "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
                     "up front, never silently replaced. eager and cudagraph backends only.")
+EMA = typer.Option(False, "--ema/--no-ema", help="With --model-dir, for a training checkpoint nested under "
+                   "generator_ema/generator: load the EMA weights (the release's --use_ema) or the generator "
+                   "(default, as the release's inference.py). The released flat hallolive_dit.pt ignores it.")
 
 
 @app.command()
@@ -124,6 +127,7 @@ def stream(
                                     "(graph capture, autotuning); used by profiling sessions."),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Decode and write on their own "
                                  "threads/streams while the DiT runs the next block (default), or inline."),
+    ema: bool = EMA,
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
     from hallolive_rt.runtime.session import InputError, stream_main
@@ -137,7 +141,7 @@ def stream(
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
-            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty())
+            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), ema=ema)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -157,6 +161,7 @@ def export(
                                             "audio, text (default: all)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even artifacts that are up to date."),
     seed: int = SEED,
+    ema: bool = EMA,
 ):
     """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
     with a manifest that the runtime checks before it trusts an artifact.
@@ -170,7 +175,7 @@ def export(
     try:
         export_main(preset, None if model_dir is None else str(model_dir), random_weights, format=format,
                     precision=precision, out_dir=str(out_dir), seed=seed, force=force,
-                    submodels=None if submodels is None else submodels.split(","))
+                    submodels=None if submodels is None else submodels.split(","), ema=ema)
     except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -191,6 +196,7 @@ def bench(
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
     seed: int = SEED,
+    ema: bool = EMA,
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
     records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
@@ -201,7 +207,7 @@ def bench(
                    blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
-                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value)
+                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, ema=ema)
     except ValueError as e:
         _fail(str(e))
 

@@ -227,7 +227,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               console=None) -> dict:
+               console=None, ema: bool = False) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
     from rich.console import Console
     from rich.table import Table
@@ -253,7 +253,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
     t = time.perf_counter()
     comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False, ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)

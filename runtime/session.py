@@ -240,7 +240,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                console=None) -> dict:
+                console=None, ema: bool = False) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -249,6 +249,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
     audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
     with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
+    ``ema``: load the DiT's ``generator_ema`` entry of a nested training file (``load_dit``).
     """
     from rich.console import Console
 
@@ -310,7 +311,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
 
     try:
         comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
-                                dtype=prof.dtype, seed=seed)
+                                dtype=prof.dtype, seed=seed, ema=ema)
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
     sess = StreamSession(comps, prof, backend=be, blocks=nblocks, cache_policy=cache_policy, kv_impl=kv_impl,

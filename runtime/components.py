@@ -95,8 +95,9 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
         dit = build_dit(cfg, device=dit_dev, dtype=dtype, seed=seed)
         with torch.device(vae_dev):
             torch.manual_seed(seed + 1)  # default inits of the decoders draw from the global generator
+            # the cast rebuilds the latent statistics in the dtype the decoder's ``stats`` mode asks for
+            # (the release's: the weights' dtype; vae_video.py's docstring)
             vdec = build_video_decoder(vcfg, device=vae_dev).to(dtype)
-            vdec.init_stats()  # latent statistics stay float32 (the release un-normalises in float32)
         adec = build_audio_decoder(acfg, vae_dev, dtype)
         voc = build_vocoder(gcfg, vae_dev, dtype)
         if with_text:

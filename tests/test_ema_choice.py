@@ -74,3 +74,16 @@ def test_cli_ema_flag_reaches_the_command(monkeypatch, command, target):
         r = runner.invoke(app, [command, *([flag] if flag else [])])
         assert r.exit_code == 0, r.output
         assert seen[-1] is want, (command, flag, seen)
+
+
+def test_export_tags_ema_weights_and_loads_the_entry(model_dir):
+    """An EMA export is other weights than a generator export of the same file: its id says so."""
+    from hallolive_rt.export.submodels import build_submodel, weights_ids
+
+    root, ema = model_dir
+    plain, tagged = weights_ids(str(root), 0, ["dit", "vae_video"]), weights_ids(str(root), 0, ["dit", "vae_video"],
+                                                                                 ema=True)
+    assert tagged["dit"] == plain["dit"] + "@generator_ema" and tagged["vae_video"] == plain["vae_video"]
+    p = load_profile("tiny")
+    got = build_submodel("dit", p, str(root), 0, torch.float32, "cpu", ema=True).state_dict()
+    assert all(torch.equal(got[k[len("model."):]], v) for k, v in ema.items())

@@ -254,7 +254,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
+    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
     from hallolive_rt.weights import CheckpointError
@@ -281,6 +281,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                          "weights) or choose --preset hallolive-512x992")
     try:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
+        if model_dir is not None:
+            require_text_extra()  # the release's tokenizer: said before the model files are looked at
         paths = check_model_dir(model_dir) if model_dir is not None else None
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,

@@ -1,4 +1,4 @@
-"""The streaming block loop of Hallo-Live (FACTS.md section 4), on explicit state.
+"""The streaming block loop of Hallo-Live (docs/FACTS.md section 4), on explicit state.
 
 Block i (F future tokens, W = 30 + F):
     xv = video noise of the block; xa = cat(committed audio history, W window tokens of noise)

@@ -11,7 +11,7 @@ Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, a
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
 the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
 device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
-the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
+the video VAE at 512x992, as docs/FACTS.md section 7 states. One warm-up stream per backend precedes the
 timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
 (``load_components(profile, None, ...)``): no weight ever passes through host RAM.
 
@@ -38,7 +38,7 @@ from .metrics import achieved_tflops, env_info, percentile, stream_metrics, writ
 __all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
 
 MODES = ("e2e", "dit", "vae")
-BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
+BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
 
 
 # ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------

@@ -19,7 +19,7 @@ from tests.conftest import assert_close
 from tests.dit_fixtures import KEYS_DIR
 
 KEYS = KEYS_DIR / "wan22_vae.txt"
-DECODER_PARAMS, CONV2_PARAMS = 555_049_228, 2_352  # counted from the release's WanVAE_ (FACTS.md section 5)
+DECODER_PARAMS, CONV2_PARAMS = 555_049_228, 2_352  # counted from the release's WanVAE_ (docs/FACTS.md section 5)
 H, W = 4, 6  # tiny profile latent grid
 
 

@@ -1,6 +1,6 @@
 """Checkpoint layouts of the DiT and how to build it: from a file, or with random weights on a device.
 
-Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (docs/FACTS.md, "Checkpoints"):
+Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (docs/FACTS.md section 3):
   * flat ``{"model.video_model...": tensor}`` (the released file): its one set of weights is loaded
     whatever ``ema`` says;
   * nested training files ``{"generator_ema": {...}, "generator": {...}, "critic": ...}``: ``ema=False``

@@ -89,3 +89,17 @@ def test_links_and_paths_resolve_inside_the_repository(doc):
     for name in ("FACTS.md", "MEASURE.md"):
         bad.extend(f"{name} named without a link: {ln.strip()[:100]}" for ln in unlinked.splitlines() if name in ln)
     assert not bad, f"{doc.name}:\n  " + "\n  ".join(bad)
+
+
+def test_metrics_json_points_at_the_definitions_in_this_repository():
+    import numpy as np
+
+    from hallolive_rt.runtime.devices import DecodedBlock
+    from hallolive_rt.runtime.metrics import stream_metrics
+
+    blk = DecodedBlock(0, np.zeros((1, 2, 2, 3), np.uint8), np.zeros(512, np.float32), {"dit": 1.0}, 0.0, 0.1, 0.2)
+    where = stream_metrics([blk], fps=25.0, with_env=False)["definitions"].split(";")[0]
+    assert where == "docs/MEASURE.md" and (ROOT / where).is_file()
+    text = (ROOT / where).read_text()
+    for key in ("ttff_s", "steady_fps", "block_time_s", "inter_block_gap_s", "projected_two_device_fps"):
+        assert f"`{key}`" in text, f"{where} does not define {key}"

@@ -104,6 +104,9 @@ VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder 
 VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help="Opt-in: the video decoder's "
                       "conv weights, caches and input in channels_last_3d layout (same values; for cuDNN's "
                       "NDHWC kernels). Off by default until a GPU run shows it pays.")
+EMA = typer.Option(False, "--ema/--no-ema", help="With --model-dir, for a training checkpoint nested under "
+                   "generator_ema/generator: load the EMA weights (the release's --use_ema) or the generator "
+                   "(default, as the release's inference.py). The released flat hallolive_dit.pt ignores it.")
 
 
 @app.command()
@@ -137,6 +140,7 @@ def stream(
                                  "threads/streams while the DiT runs the next block (default), or inline."),
     vae_backend: str = VAE_BACKEND,
     vae_channels_last: bool = VAE_CL,
+    ema: bool = EMA,
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
     from hallolive_rt.runtime.session import InputError, stream_main
@@ -151,7 +155,7 @@ def stream(
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
             attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
-            vae_channels_last=vae_channels_last)
+            vae_channels_last=vae_channels_last, ema=ema)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -171,6 +175,7 @@ def export(
                                             "audio, text (default: all)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even artifacts that are up to date."),
     seed: int = SEED,
+    ema: bool = EMA,
 ):
     """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
     with a manifest that the runtime checks before it trusts an artifact.
@@ -184,7 +189,7 @@ def export(
     try:
         export_main(preset, None if model_dir is None else str(model_dir), random_weights, format=format,
                     precision=precision, out_dir=str(out_dir), seed=seed, force=force,
-                    submodels=None if submodels is None else submodels.split(","))
+                    submodels=None if submodels is None else submodels.split(","), ema=ema)
     except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -211,6 +216,7 @@ def bench(
                                  "(low-priority) stream while the DiT runs block i+1 (default), or inline."),
     compare_overlap: bool = typer.Option(False, "--compare-overlap", help="e2e: run every variant both "
                                          "overlapped and sequential in this process (keys '... no-overlap')."),
+    ema: bool = EMA,
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
     records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
@@ -222,7 +228,7 @@ def bench(
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
                    fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, vae_backend=vae_backend,
-                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap)
+                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema)
     except ValueError as e:
         _fail(str(e))
 

@@ -11,7 +11,7 @@ Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, a
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
 the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
 device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
-the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
+the video VAE at 512x992, as docs/FACTS.md section 7 states. One warm-up stream per backend precedes the
 timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
 (``load_components(profile, None, ...)``): no weight ever passes through host RAM.
 
@@ -45,7 +45,7 @@ from .metrics import achieved_tflops, env_info, percentile, stream_metrics, writ
 __all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
 
 MODES = ("e2e", "dit", "vae")
-BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
+BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
 
 
 # ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
@@ -236,7 +236,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
                vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
-               console=None) -> dict:
+               console=None, ema: bool = False) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
     from rich.console import Console
     from rich.table import Table
@@ -266,7 +266,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         check_vae_options(vo, vae_dev)
     t = time.perf_counter()
     comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False, ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)

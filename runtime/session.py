@@ -250,7 +250,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                vae_backend: str = "eager", vae_channels_last: bool = False, console=None) -> dict:
+                vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -259,11 +259,12 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
     audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
     with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
+    ``ema``: load the DiT's ``generator_ema`` entry of a nested training file (``load_dit``).
     """
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
+    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
     from hallolive_rt.weights import CheckpointError
@@ -293,6 +294,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                          "weights) or choose --preset hallolive-512x992")
     try:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
+        if model_dir is not None:
+            require_text_extra()  # the release's tokenizer: said before the model files are looked at
         paths = check_model_dir(model_dir) if model_dir is not None else None
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
@@ -325,7 +328,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
 
     try:
         comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
-                                dtype=prof.dtype, seed=seed)
+                                dtype=prof.dtype, seed=seed, ema=ema)
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,

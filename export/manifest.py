@@ -97,7 +97,8 @@ def device_info(device: str | torch.device) -> dict[str, str]:
 def rebuild_command(profile: str, weights: Mapping[str, str] | str, fmt: str, precision: str, out_dir: str | Path,
                     model_dir: str | None = None) -> str:
     if model_dir:
-        src = f"--model-dir {model_dir}"
+        ids = [weights] if isinstance(weights, str) else list(weights.values())
+        src = f"--model-dir {model_dir}" + (" --ema" if any(w.endswith("@generator_ema") for w in ids) else "")
     else:
         w = weights if isinstance(weights, str) else next(iter(weights.values()), "random:0")
         seed = w.split(":", 1)[1] if w.startswith("random:") else "0"

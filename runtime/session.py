@@ -98,7 +98,7 @@ class StreamSession:
                  blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
-                 fuse_projections: bool = False, attn_kernel: str = "auto"):
+                 fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -127,7 +127,8 @@ class StreamSession:
         self.prepare_s = time.perf_counter() - t
         self._backend_step = self.backend.step
         self.bs.step_fn = self._step
-        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block)
+        # video_runner: VideoDecodeOptions or "eager" | "cudagraph+cl3d" ... (runtime/vae_runner.py)
+        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block, video_runner=video_runner)
         self.text_encode_s: float | None = None
         self._in_session = False
         self._k = 0
@@ -203,12 +204,12 @@ class StreamSession:
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
         try:
-            with self._on_dit_device():
+            with self._on_dit_device(), pipe.dit_stream():
                 bs.start(ctx)
             for plan in self.policy.plans():  # lazily: an endless stream has no last plan
                 i = plan.index
                 # device / grad state is set per block, never across a yield (it would leak into the caller)
-                with stage("block", block=i), self._on_dit_device(), torch.no_grad():
+                with stage("block", block=i), self._on_dit_device(), pipe.dit_stream(), torch.no_grad():
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
                     self._marks["dit_start"] = pipe.clock.mark()
@@ -229,7 +230,8 @@ class StreamSession:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
                 "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
                 "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
-                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel}
+                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
+                **self.pipeline.describe()}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -248,17 +250,20 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                artifacts: str | None = None, overwrite: bool = False, console=None) -> dict:
+                vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False,
+                artifacts: str | None = None, overwrite: bool = False) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with per-block progress (a bar on a terminal, one line per block otherwise) and an
     optional ``metrics`` JSON. Returns a summary.
 
     Validation happens before any file is opened or any weight is loaded (preset, block count, lookahead
-    range, dtype, devices, backend and its ``artifacts`` directory, fast paths, model files, prompt, output
-    paths); a failure raises ``InputError`` (exit code 2) with a message that says what to change. Every
-    output is then claimed (``runtime/outputs.claim_outputs``): another process writing one is refused with
-    its PID and command, an existing one unless ``overwrite``. ``future_audio_frames``: audio lookahead in
-    audio latent frames (= tokens: one audio "frame" of the release is one token).
+    range, dtype, devices, backend and its ``artifacts`` directory, fast paths, video decoder options, model
+    files, prompt, output paths); a failure raises ``InputError`` (exit code 2) with a message that says
+    what to change. Every output is then claimed (``runtime/outputs.claim_outputs``): another process
+    writing one is refused with its PID and command, an existing one unless ``overwrite``.
+    ``future_audio_frames``: audio lookahead in audio latent frames (= tokens: one audio "frame" of the
+    release is one token). ``ema``: load the DiT's ``generator_ema`` entry of a nested training file
+    (``load_dit``).
 
     Ends: a write that fails (disk full) raises ``OutputWriteError`` after cutting the outputs back to
     their last complete block; SIGINT / SIGTERM (``runtime/stopping.py``) end the stream at a block
@@ -269,7 +274,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
+    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
 
@@ -277,6 +282,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from .backends.artifacts import backend_for_run
     from .components import MissingModelFiles, check_model_dir
     from .devices import resolve_devices
+    from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)
     try:
@@ -298,10 +304,14 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                          "weights) or choose --preset hallolive-512x992")
     try:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
+        if model_dir is not None:
+            require_text_extra()  # the release's tokenizer: said before the model files are looked at
         paths = check_model_dir(model_dir) if model_dir is not None else None
-        be = backend_for_run(backend, artifacts, model_dir=model_dir, seed=seed)
+        be = backend_for_run(backend, artifacts, model_dir=model_dir, seed=seed, ema=ema)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
+        vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
+        check_vae_options(vae_opts, vae_dev)
     except (ValueError, MissingModelFiles, BackendUnavailable, FileNotFoundError) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)
@@ -329,7 +339,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     run = dict(prompt=prompt, prof=prof, policy=policy, nblocks=nblocks, be=be, paths=paths, model_dir=model_dir,
                dit_dev=dit_dev, vae_dev=vae_dev, seed=seed, cache_policy=cache_policy, kv_impl=kv_impl,
                overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel, warmup_runs=warmup_runs,
-               writer=writer, console=console, progress=progress, fps=fps, metrics=metrics,
+               vae_opts=vae_opts, ema=ema, writer=writer, console=console, progress=progress, fps=fps, metrics=metrics,
                outputs={"out": out, "frames_out": frames_out, "wav_out": wav_out})
     from .stream_run import claim_and_stream
 

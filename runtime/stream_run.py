@@ -63,12 +63,13 @@ def _stream(run: dict, stop) -> dict:
             raise InputError(str(e)) from None
     try:
         comps = load_components(prof, run["paths"] and Path(run["model_dir"]), dit_device=dit_dev,
-                                vae_device=run["vae_dev"], dtype=prof.dtype, seed=seed)
+                                vae_device=run["vae_dev"], dtype=prof.dtype, seed=seed, ema=run["ema"])
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
                          cache_policy=run["cache_policy"], kv_impl=run["kv_impl"], overlap=run["overlap"],
-                         fuse_projections=run["fuse_projections"], attn_kernel=run["attn_kernel"])
+                         fuse_projections=run["fuse_projections"], attn_kernel=run["attn_kernel"],
+                         video_runner=run["vae_opts"])
     ctx, _ = sess.encode(run["prompt"])
     for _ in range(run["warmup_runs"]):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed

@@ -25,12 +25,12 @@ __all__ = ["ArtifactBackend", "dit_weights_id", "PRECISION_NAMES"]
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def dit_weights_id(model_dir: str | None, seed: int) -> str:
+def dit_weights_id(model_dir: str | None, seed: int, ema: bool = False) -> str:
     """The id ``hallolive-rt export`` records for the DiT's weights: ``random:<seed>`` or the release file's
-    digest (what a run with these flags loads)."""
+    digest, tagged with the entry ``ema`` picks (what a run with these flags loads)."""
     from hallolive_rt.export.submodels import weights_ids
 
-    return weights_ids(model_dir, seed, ("dit",))["dit"]
+    return weights_ids(model_dir, seed, ("dit",), ema=ema)["dit"]
 
 
 class ArtifactBackend(Backend):
@@ -75,7 +75,7 @@ class ArtifactBackend(Backend):
         return self.check(stream.p, stream.state.layout, {p.variant for p in plans}, stream.device, stream.dtype)
 
 
-def backend_for_run(name: str, artifacts: str | None, *, model_dir: str | None, seed: int,
+def backend_for_run(name: str, artifacts: str | None, *, model_dir: str | None, seed: int, ema: bool = False,
                     flag: str = "--backend") -> Backend:
     """The backend ``name`` for a CLI run: the compiled ones get ``artifacts`` and the id of the DiT weights
     the run loads (checked against the manifest); the others refuse ``artifacts`` rather than ignore it.
@@ -86,7 +86,7 @@ def backend_for_run(name: str, artifacts: str | None, *, model_dir: str | None, 
         if artifacts is None:
             raise BackendUnavailable(f"{flag} {name} runs the DiT from `hallolive-rt export --format {name}` "
                                      f"artifacts: pass --artifacts DIR (that export's --out-dir)")
-        return get_backend(name, artifact_dir=str(artifacts), weights_id=dit_weights_id(model_dir, seed))
+        return get_backend(name, artifact_dir=str(artifacts), weights_id=dit_weights_id(model_dir, seed, ema))
     if artifacts is not None:
         raise ValueError(f"--artifacts is read by {flag} aoti or tensorrt only ({flag} {name} runs the PyTorch "
                          f"DiT): drop --artifacts, or choose {flag} aoti|tensorrt")

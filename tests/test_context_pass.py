@@ -198,3 +198,13 @@ def test_cuda_backends_capture_and_replay_the_lean_pass(backend):
     for k in ref_caches:
         scale = ref_caches[k].float().abs().max().item()
         assert (caches[k].float() - ref_caches[k].float()).abs().max().item() < 5e-2 * scale, k
+
+
+def test_bench_counts_the_lean_pass_flops(tiny_profile):
+    """bench's achieved TFLOP/s of the context stage divide by the work the lean pass really does."""
+    from hallolive_rt.runtime.bench import FlopCounts
+
+    plan = next(AppendPolicy(tiny_profile, 1).plans())
+    full, lean = FlopCounts(tiny_profile).dit_block(plan, 4), FlopCounts(tiny_profile, lean_context=True).dit_block(plan, 4)
+    assert lean["dit_steps"] == full["dit_steps"] == 4 * full["dit_context"]
+    assert 0 < lean["dit_context"] < full["dit_context"] and lean["dit"] == lean["dit_steps"] + lean["dit_context"]

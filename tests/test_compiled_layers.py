@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hallolive_rt.cache_policy import RollingPolicy
+from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy
 from hallolive_rt.model.compile import LayerCompiler
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import generate
@@ -120,7 +120,7 @@ def _gpu_run(p, dit, nv, na, ctx, backend=None, lean=False):
     if backend is not None:
         backend.prepare(bs, list(bs.policy.plans()))
         bs.step_fn = backend.step
-    n, fb, na_ = p.stream.blocks, p.stream.latent_frames_per_block, p.stream.audio_tokens_per_block
+    fb, na_ = p.stream.latent_frames_per_block, p.stream.audio_tokens_per_block
     return list(bs.run(ctx, lambda i: nv[:, i * fb:(i + 1) * fb], lambda i: na[:, i * na_:(i + 1) * na_],
                        TorchNoise(7, "cuda")))
 
@@ -136,7 +136,7 @@ def test_cuda_compiled_backend_equals_eager_replays_without_sync_and_reports_com
     got_first = _gpu_run(p, dit, nv, na, ctx, be, lean)  # prepare compiles + captures
     assert dit.layer_fn is None  # the graphs hold the compiled kernels; the module is eager again
     info = be.compile_info()
-    variants = len({pl.variant for pl in __import__("hallolive_rt.cache_policy", fromlist=["x"]).AppendPolicy(p).plans()})
+    variants = len({pl.variant for pl in AppendPolicy(p).plans()})
     assert info["compiled_graphs"] == variants * (3 if lean else 1), info
     assert info["compile_s"] > 0 and info["capture_s"] > 0 and "compiled layer graphs" in be.describe()
     for r, g in zip(ref, got_first):

@@ -17,7 +17,7 @@ import torch
 from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy
 from hallolive_rt.model.dual_layer import context_parts
 from hallolive_rt.sampler import TorchNoise
-from hallolive_rt.stream import BlockStream, generate
+from hallolive_rt.stream import BlockStream
 from tests.dit_fixtures import tiny_dit, tiny_inputs
 from tests.test_fast_paths import _OpLog
 

@@ -4,18 +4,16 @@ State-dict names equal the checkpoint's after its ``model.`` prefix: ``video_mod
 One forward denoises one block: the video block's tokens (incremental, written into the video caches at
 ``pos.video_slot``) and the whole audio sequence from position 0 (recomputed every forward, as released).
 
-Per layer (FACTS.md section 2):
-    A += g1a * self_attn_a(...)            V += g1v * self_attn_v(...)      (video attends its cache)
-    A0 = A
-    A += cross_a(norm3(A), text, V)        audio sees video after its self-attention (fusion cache)
-    A += g2a * ffn_a(...)
-    V += cross_v(norm3(V), text, A0)       video sees audio after self-attention, before audio cross/ffn
-    V += g2v * ffn_v(...)
-Nothing here syncs the host: positions and offsets are tensors, every size is static per variant.
+Each layer runs ``dual_layer`` (``model/dual_layer.py``: both streams' blocks of that layer, FACTS.md
+section 2), the same function for every layer, so ``torch.compile`` of it serves all of them
+(``layer_fn``, set by the ``compiled`` backend; ``model/compile.py``). Nothing here syncs the host:
+positions and offsets are tensors, every size is static per variant.
 
-Two opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
-``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``) and
-``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``).
+Opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
+``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``),
+``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``),
+``quantize_fp8()`` (float8 Linears; ``model/fp8.py``) and ``forward(context=True)`` (the lean t = 0
+context pass: only what reaches a cache).
 """
 
 from __future__ import annotations

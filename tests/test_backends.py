@@ -17,6 +17,9 @@ from tests.dit_fixtures import tiny_dit, tiny_inputs
 
 def test_registry_names_and_errors():
     assert BACKENDS == ("eager", "cudagraph", "compiled", "aoti", "tensorrt")
+    from hallolive_rt.cli import Backend as CliBackend
+
+    assert tuple(b.value for b in CliBackend) == BACKENDS  # every backend is selectable from the CLI
     eager = get_backend("eager")
     assert isinstance(eager, Backend) and eager.name == "eager"
     with pytest.raises(ValueError, match="unknown backend 'warp'.*eager, cudagraph, compiled, aoti, tensorrt"):

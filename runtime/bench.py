@@ -11,7 +11,7 @@ Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, a
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
 the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
 device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
-the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
+the video VAE at 512x992, as docs/FACTS.md section 7 states. One warm-up stream per backend precedes the
 timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
 (``load_components(profile, None, ...)``): no weight ever passes through host RAM.
 
@@ -20,6 +20,13 @@ The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-pro
 result's ``session``: compare runs that differ only in them to decide whether they pay. The speed levers
 of issue #15 (``levers=DiTLevers(...)``: ``--precision fp8``, ``--lean-context``; and the ``compiled``
 backend) are recorded the same way (``levers`` at the top, fp8 / compile details in each ``session``).
+
+The video decoder's opt-in fast paths (``vae_backend``, ``vae_channels_last``: ``--vae-backend
+eager,cudagraph+cl3d ...``, runtime/vae_runner.py) are run variants: ``--mode vae`` runs each in this
+process after the eager baseline (keys ``"<variant> (decoders)"``, ``ratios_vs_eager`` on the VAE-only
+rate); e2e runs every DiT backend with every listed variant (keys ``"<backend> vae=<variant>"`` except the
+eager decoder). ``compare_overlap`` (``--compare-overlap``) runs each e2e variant overlapped and sequential
+(keys ``"... no-overlap"``). The choices are recorded at the top of the JSON and in each ``session``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from .metrics import achieved_tflops, env_info, percentile, stream_metrics, writ
 __all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
 
 MODES = ("e2e", "dit", "vae")
-BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
+BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
 
 
 # ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
@@ -185,13 +192,14 @@ def _dit_only(sess, ctx, seed: int):
     return out
 
 
-def _vae_only(comps, profile: Profile, blocks: int, seed: int):
-    """Decode random latents block by block (sequential, exact stage times)."""
+def _vae_only(comps, profile: Profile, blocks: int, seed: int, pipe=None):
+    """Decode random latents block by block (sequential, exact stage times) with ``pipe`` (a sequential
+    DecodePipeline, built once per video runner variant: its capture/compile happens at construction)."""
     from types import SimpleNamespace
 
     from .devices import DecodePipeline
 
-    pipe = DecodePipeline(comps, profile, overlap=False)
+    pipe = pipe or DecodePipeline(comps, profile, overlap=False)
     s, v = profile.stream, profile.video
     dev, dt = comps.vae_device, comps.dtype
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -230,7 +238,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               console=None, levers=None) -> dict:
+               vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
+               console=None, ema: bool = False, levers=None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
     from rich.console import Console
     from rich.table import Table
@@ -238,9 +247,10 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     from hallolive_rt.config import load_fusion_config
 
     from .components import load_components, weights_nbytes
-    from .devices import resolve_devices
+    from .devices import DecodePipeline, resolve_devices
     from .levers import DiTLevers, check_levers, precision_dtype
     from .session import StreamSession, check_fast_paths
+    from .vae_runner import check_vae_options, parse_vae_variants
 
     console = console or Console(stderr=True, width=200)
     if mode not in MODES:
@@ -249,36 +259,44 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         raise ValueError("bench needs --random-weights or --model-dir")
     backends = list(backends or ["eager"])
     levers = levers or DiTLevers()
-    prof = load_profile(preset).with_overrides(blocks=blocks, dtype=precision_dtype(levers.precision, dtype))
-    n = prof.stream.blocks
+    # released geometry: the policy depends on it; --precision bf16|fp16|fp32 name the --dtype
+    prof = load_profile(preset).with_overrides(dtype=precision_dtype(levers.precision, dtype))
+    n = blocks if blocks is not None else prof.stream.blocks
     dit_dev, vae_dev = resolve_devices(device, vae_device)
-    runs = backends if mode != "vae" else ["eager"]
+    vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
+    runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])
     cfg = load_fusion_config(prof.video_config, prof.audio_config)
-    for name in runs:  # before building anything: a choice that cannot run fails now, naming itself
+    for name in dict.fromkeys(r[1] for r in runs):  # before building anything: a choice that cannot run fails now
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
         if mode != "vae":
             check_levers(name, levers, prof.dtype)
+    for vo in vae_variants:
+        check_vae_options(vo, vae_dev)
     t = time.perf_counter()
     comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False, ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
     results: dict[str, dict] = {}
     flops = None
-    for name in runs:
+    for key, name, vae_opts, ov in runs:
         if dit_dev.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
             for d in {dit_dev, vae_dev}:
                 torch.cuda.reset_peak_memory_stats(d)
         if mode == "vae":
+            pipe = DecodePipeline(comps, prof, overlap=False, video_runner=vae_opts)
             for _ in range(warmup_runs):
-                _vae_only(comps, prof, min(n, 2), seed)
-            got, sess_info, plans = _vae_only(comps, prof, n, seed), {"backend": "eager (decoders)"}, None
+                _vae_only(comps, prof, min(n, 2), seed, pipe)
+            got, plans = _vae_only(comps, prof, n, seed, pipe), None
+            sess_info = {"backend": key, **pipe.describe()}
+            del pipe
         else:
-            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap,
-                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, levers=levers)
+            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=ov,
+                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts,
+                                 levers=levers)
             plans = sess.plans
             for _ in range(warmup_runs):
                 list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
@@ -299,23 +317,27 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         m["session"] = sess_info
         if dit_dev.type == "cuda":
             m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
-        results[sess_info["backend"] if mode == "vae" else name] = m
+        results[key] = m
 
     out = {
         "command": "hallolive-rt bench " + " ".join(sys.argv[2:]) if "bench" in " ".join(sys.argv) else
         f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
         f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
-        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, levers={levers!r})",
+        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, vae_backend={vae_backend!r}, "
+        f"vae_channels_last={vae_channels_last}, overlap={overlap}, compare_overlap={compare_overlap}, "
+        f"levers={levers!r})",
         "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
         "fuse_projections": fuse_projections, "attn_kernel": attn_kernel, "levers": levers.to_dict(),
+        "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
         "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
         "env": env_info([dit_dev, vae_dev]), "results": results,
     }
     out["git_commit"] = out["env"]["git_commit"]
-    if len(results) > 1 and "eager" in results:
-        key = "steady_fps" if mode == "e2e" else "dit_only_fps_equiv"
-        out["ratios_vs_eager"] = {k: (r[key] / results["eager"][key]) if r[key] and results["eager"][key] else None
+    base = "eager (decoders)" if mode == "vae" else "eager"
+    if len(results) > 1 and base in results:
+        key = {"e2e": "steady_fps", "dit": "dit_only_fps_equiv", "vae": "vae_only_fps_equiv"}[mode]
+        out["ratios_vs_eager"] = {k: (r[key] / results[base][key]) if r[key] and results[base][key] else None
                                   for k, r in results.items()}
         out["ratios_metric"] = key
     out["projected"] = _projection(results, mode)
@@ -323,6 +345,23 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     if out_json is not None:
         write_json(out, out_json)
     return out
+
+
+def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: list[bool]) -> list[tuple]:
+    """(result key, DiT backend, video runner options, overlap) per run, baselines first.
+
+    vae: the eager decoder first (the ratios' baseline), then each listed variant; dit: the decoders do
+    not run, so one run per DiT backend; e2e: every DiT backend x video variant x overlap setting.
+    """
+    from .vae_runner import VideoDecodeOptions
+
+    if mode == "vae":
+        vs = list(dict.fromkeys([VideoDecodeOptions(), *vae_variants]))
+        return [(f"{vo.label} (decoders)", "eager", vo, False) for vo in vs]
+    if mode == "dit":
+        return [(b, b, VideoDecodeOptions(), overlaps[0]) for b in backends]
+    return [(b + ("" if vo.label == "eager" else f" vae={vo.label}") + ("" if ov or len(overlaps) == 1 else
+             " no-overlap"), b, vo, ov) for b in backends for vo in vae_variants for ov in overlaps]
 
 
 def _projection(results: dict, mode: str) -> dict:

@@ -1,5 +1,5 @@
 """Metrics definitions on synthetic timings; the bench on the tiny preset (CPU): JSON schema, modes,
-projection labels; FLOP counts of the full-size architecture against FACTS.md section 6."""
+projection labels; FLOP counts of the full-size architecture against docs/FACTS.md section 7."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_bench_records_the_fast_path_choices_and_refuses_unavailable_ones(tmp_pa
 
 
 def test_full_size_flop_counts_match_facts():
-    """FACTS.md section 6: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
+    """docs/FACTS.md section 7: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
     from hallolive_rt.cache_policy import AppendPolicy
 
     p = load_profile("hallolive-512x992")

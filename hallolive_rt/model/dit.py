@@ -4,8 +4,8 @@ State-dict names equal the checkpoint's after its ``model.`` prefix: ``video_mod
 One forward denoises one block: the video block's tokens (incremental, written into the video caches at
 ``pos.video_slot``) and the whole audio sequence from position 0 (recomputed every forward, as released).
 
-Each layer runs ``dual_layer`` (``model/dual_layer.py``: both streams' blocks of that layer, FACTS.md
-section 2), the same function for every layer, so ``torch.compile`` of it serves all of them
+Each layer runs ``dual_layer`` (``model/dual_layer.py``: both streams' blocks of that layer,
+docs/FACTS.md section 2), the same function for every layer, so ``torch.compile`` of it serves all of them
 (``layer_fn``, set by the ``compiled`` backend; ``model/compile.py``). Nothing here syncs the host:
 positions and offsets are tensors, every size is static per variant.
 

@@ -6,7 +6,7 @@ numbers, so ``torch.compile`` of it (``compile_dual_layer``) traces and compiles
 code for every layer: regional compilation, seconds instead of a whole-model compile (the modules'
 parameters are graph inputs, not constants, because ``torch._dynamo`` inlines built-in ``nn.Module``s).
 
-Per layer (FACTS.md section 2):
+Per layer (docs/FACTS.md section 2):
     A += g1a * self_attn_a(...)            V += g1v * self_attn_v(...)      (video attends its cache)
     A0 = A
     A += cross_a(norm3(A), text, V)        audio sees video after its self-attention (fusion cache)

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", default="scaled_mm,emulate", help="fp8 implementations to run (comma-separated)")
     ap.add_argument("--act-scale", default="token", choices=["token", "tensor"])
     ap.add_argument("--no-decode", action="store_true", help="skip decoding frames (no PSNR column)")
-    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/<cpu|gpu>-fp8-deviation-<preset>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: bench/results/<cpu|gpu>-fp8-deviation-<preset>.json)")
     a = ap.parse_args(argv)
     res = fp8_deviation(a.preset, device=a.device, blocks=a.blocks, seed=a.seed, with_fp32=not a.no_fp32,
                         impls=tuple(a.impls.split(",")), act_scale=a.act_scale, decode=not a.no_decode,

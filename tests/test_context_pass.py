@@ -205,6 +205,7 @@ def test_bench_counts_the_lean_pass_flops(tiny_profile):
     from hallolive_rt.runtime.bench import FlopCounts
 
     plan = next(AppendPolicy(tiny_profile, 1).plans())
-    full, lean = FlopCounts(tiny_profile).dit_block(plan, 4), FlopCounts(tiny_profile, lean_context=True).dit_block(plan, 4)
+    full = FlopCounts(tiny_profile).dit_block(plan, 4)
+    lean = FlopCounts(tiny_profile, lean_context=True).dit_block(plan, 4)
     assert lean["dit_steps"] == full["dit_steps"] == 4 * full["dit_context"]
     assert 0 < lean["dit_context"] < full["dit_context"] and lean["dit"] == lean["dit_steps"] + lean["dit_context"]

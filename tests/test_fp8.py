@@ -185,7 +185,8 @@ def test_cli_precision_flags_reach_the_stream(tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "m.json").read_text())["session"]
     assert s["precision"] == "fp8" and s["lean_context"] is True and s["fp8"]["impl"] in ("scaled_mm", "emulate")
-    r = CliRunner().invoke(app, ["stream", "--out", str(tmp_path / "b.mp4"), "--precision", "fp8", "--dtype", "float16"])
+    r = CliRunner().invoke(app, ["stream", "--out", str(tmp_path / "b.mp4"), "--precision", "fp8",
+                                 "--dtype", "float16"])
     assert r.exit_code == 2 and "bfloat16" in r.output
 
 

@@ -26,6 +26,7 @@ DEMO_PROMPT = "A young woman with short dark hair looks into the camera and says
 class Backend(str, Enum):
     eager = "eager"
     cudagraph = "cudagraph"
+    compiled = "compiled"
     aoti = "aoti"
     tensorrt = "tensorrt"
 
@@ -47,6 +48,18 @@ class AttnKernel(str, Enum):  # = hallolive_rt.model.attention.ATTENTION_KERNELS
     flash = "flash"
     cudnn = "cudnn"
     efficient = "efficient"
+
+
+class Precision(str, Enum):  # = hallolive_rt.runtime.levers.PRECISIONS (a test holds them equal)
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+    fp8 = "fp8"
+
+
+class ActScale(str, Enum):  # = hallolive_rt.model.fp8.ACT_SCALES
+    token = "token"
+    tensor = "tensor"
 
 
 class DType(str, Enum):
@@ -81,8 +94,9 @@ DEVICE = typer.Option("cpu", "--device", "--dit-device", help="Device of the DiT
 VAE_DEVICE = typer.Option(None, "--vae-device", help="Device of the video/audio decoders (e.g. cuda:1: "
                           "the DiT of block i+1 overlaps the decode of block i).")
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype. Default: the preset's (bf16 full size, fp32 tiny).")
-BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph, aoti (artifacts from "
-                       "`hallolive-rt export`), tensorrt (optional).")
+BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph, compiled (cudagraph with "
+                       "the DiT's layers compiled by inductor, opt-in), aoti (artifacts from `hallolive-rt "
+                       "export`), tensorrt (optional).")
 KV = typer.Option(KVImpl.ext, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA extension, built on first "
                   "use) or torch (pure-torch reference).")
 POLICY = typer.Option(Policy.auto, "--cache-policy", help="append (released, up to the preset's blocks), "
@@ -108,6 +122,24 @@ EMA = typer.Option(False, "--ema/--no-ema", help="With --model-dir, for a traini
                    "generator_ema/generator: load the EMA weights (the release's --use_ema) or the generator "
                    "(default, as the release's inference.py). The released flat hallolive_dit.pt ignores it.")
 
+PRECISION = typer.Option(None, "--precision", help="bf16 | fp16 | fp32: the compute dtype (same as --dtype). "
+                         "fp8 (opt-in, Hopper): the DiT's Linear GEMMs in float8 e4m3 with per-row weight "
+                         "scales and dynamic activation scales (torch._scaled_mm; emulated where it cannot run), "
+                         "the rest in bf16 (fp32 on the tiny preset); as `export --precision fp8` but with "
+                         "dynamic instead of calibrated activation scales. eager/cudagraph/compiled backends.")
+FP8_ACT = typer.Option(ActScale.token, "--fp8-act-scale", help="With --precision fp8: one activation scale per "
+                       "token (default) or per tensor, computed on the fly.")
+LEAN = typer.Option(False, "--lean-context/--no-lean-context", help="Opt-in: the t=0 context pass computes "
+                    "only what reaches a KV cache (the last layer stops after its cache writes, no output heads); "
+                    "caches bit-identical to the full pass. eager/cudagraph/compiled backends.")
+
+
+def _levers(precision, fp8_act_scale, lean_context):
+    from hallolive_rt.runtime.levers import DiTLevers
+
+    return DiTLevers(precision=None if precision is None else precision.value, fp8_act_scale=fp8_act_scale.value,
+                     lean_context=lean_context)
+
 
 @app.command()
 def stream(
@@ -132,6 +164,9 @@ def stream(
     cache_policy: Policy = POLICY,
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
+    precision: Optional[Precision] = PRECISION,
+    fp8_act_scale: ActScale = FP8_ACT,
+    lean_context: bool = LEAN,
     truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Accept cutting a prompt longer "
                                          "than 512 tokens (otherwise it is refused, saying what would be cut)."),
     warmup_runs: int = typer.Option(0, "--warmup-runs", min=0, help="Untimed, unwritten streams first "
@@ -155,7 +190,7 @@ def stream(
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
             attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
-            vae_channels_last=vae_channels_last, ema=ema)
+            vae_channels_last=vae_channels_last, ema=ema, levers=_levers(precision, fp8_act_scale, lean_context))
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -199,7 +234,8 @@ def bench(
     preset: str = typer.Option("hallolive-512x992", "--preset"),
     random_weights: bool = typer.Option(True, "--random-weights/--no-random-weights"),
     model_dir: Optional[Path] = MODEL_DIR,
-    backends: str = typer.Option("eager,cudagraph", "--backends", help="Comma-separated, run in one process."),
+    backends: str = typer.Option("eager,cudagraph", "--backends", help="Comma-separated, run in one process "
+                                 "(eager, cudagraph, compiled, aoti, tensorrt)."),
     blocks: Optional[int] = BLOCKS,
     mode: str = typer.Option("e2e", "--mode", help="e2e | dit | vae (dit/vae give the projected two-device rate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON result (commit it under bench/results/)."),
@@ -209,6 +245,9 @@ def bench(
     kv_impl: KVImpl = KV,
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
+    precision: Optional[Precision] = PRECISION,
+    fp8_act_scale: ActScale = FP8_ACT,
+    lean_context: bool = LEAN,
     seed: int = SEED,
     vae_backend: str = VAE_BACKEND,
     vae_channels_last: bool = VAE_CL,
@@ -219,7 +258,8 @@ def bench(
     ema: bool = EMA,
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
-    records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
+    records --fuse-projections, --attn-kernel, --precision and --lean-context (and each backend's compile
+    time): run once with and once without to see what they buy."""
     from hallolive_rt.runtime.bench import bench_main
 
     try:
@@ -228,7 +268,8 @@ def bench(
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
                    fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, vae_backend=vae_backend,
-                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema)
+                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema,
+                   levers=_levers(precision, fp8_act_scale, lean_context))
     except ValueError as e:
         _fail(str(e))
 

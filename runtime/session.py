@@ -18,7 +18,9 @@ vae/video, vae/audio, io/write (on the decode and writer threads when overlapped
 
 Opt-in fast paths of the DiT forward (``fuse_projections``, ``attn_kernel``; off / ``auto`` by default,
 unmeasured until a GPU run commits numbers) are set on the DiT by the session and reported by
-``describe()``; ``check_fast_paths`` validates them before anything is loaded.
+``describe()``; ``check_fast_paths`` validates them before anything is loaded. The speed levers of
+issue #15 (``levers=DiTLevers(...)``: fp8 Linears, lean context pass; ``runtime/levers.py``) are applied
+the same way, and ``backend="compiled"`` compiles the DiT's layers while capturing.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ from hallolive_rt.stream import BlockStream, window_noise
 
 from .backends import Backend, get_backend
 from .devices import DecodedBlock, DecodePipeline
+from .levers import DiTLevers, apply_levers, check_levers, levers_info, precision_dtype
 
 __all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main", "check_fast_paths",
            "PYTORCH_FORWARD_BACKENDS"]
 
-PYTORCH_FORWARD_BACKENDS = ("eager", "cudagraph")  # backends that run DualStreamDiT.forward itself
+PYTORCH_FORWARD_BACKENDS = ("eager", "cudagraph", "compiled")  # backends that run DualStreamDiT.forward itself
 
 
 def check_fast_paths(backend: str, fuse_projections: bool, attn_kernel: str, device, dtype: torch.dtype,
@@ -98,7 +101,8 @@ class StreamSession:
                  blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
-                 fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None):
+                 fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None,
+                 levers: DiTLevers | None = None):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -116,11 +120,14 @@ class StreamSession:
         self.variant_plans = variant_plans(self.policy)
         self.backend = get_backend(backend, **(backend_options or {})) if isinstance(backend, str) else backend
         check_fast_paths(self.backend.name, fuse_projections, attn_kernel, c.dit_device, c.dtype, c.cfg)
+        self.levers = levers or DiTLevers()
+        check_levers(self.backend.name, self.levers, c.dtype)
         if fuse_projections:
             c.dit.fuse_projections()
         else:
             c.dit.unfuse_projections()
         c.dit.set_attention_kernel(attn_kernel)  # before prepare: graphs capture the chosen forward
+        apply_levers(c.dit, self.bs, self.levers)  # fp8 after fusing; lean context pass
         t = time.perf_counter()
         with torch.no_grad():
             self.backend.prepare(self.bs, self.variant_plans)  # may run the DiT: start() zeroes the caches
@@ -231,7 +238,7 @@ class StreamSession:
                 "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
                 "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
                 "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
-                **self.pipeline.describe()}
+                **levers_info(self.c.dit, self.bs, self.backend), **self.pipeline.describe()}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -250,7 +257,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False) -> dict:
+                vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False,
+                levers: DiTLevers | None = None) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -276,7 +284,9 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)
+    levers = levers or DiTLevers()
     try:
+        dtype = precision_dtype(levers.precision, dtype)  # --precision bf16|fp16|fp32 name the --dtype
         # the profile keeps its released clip length: the block count goes to the session, whose cache
         # policy depends on it (append up to the clip, rolling past it and for endless streams)
         prof = load_profile(preset).with_overrides(future_audio_tokens=future_audio_frames, dtype=dtype)
@@ -300,6 +310,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
+        check_levers(be.name, levers, prof.dtype)
         vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
         check_vae_options(vae_opts, vae_dev)
     except (ValueError, MissingModelFiles, BackendUnavailable) as e:
@@ -334,7 +345,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
                          cache_policy=cache_policy, kv_impl=kv_impl,
                          overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel,
-                         video_runner=vae_opts)
+                         video_runner=vae_opts, levers=levers)
     ctx, _ = sess.encode(prompt)
     for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed

@@ -127,10 +127,18 @@ def stream(
                                     "(graph capture, autotuning); used by profiling sessions."),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Decode and write on their own "
                                  "threads/streams while the DiT runs the next block (default), or inline."),
+    prompt_at: Optional[list[str]] = typer.Option(None, "--prompt-at", metavar="BLOCK:PROMPT", help="Switch to "
+                                                  "PROMPT from block BLOCK on (counted from 0; repeatable), e.g. "
+                                                  "--prompt-at 3:\"A man smiles ...\". The caches of earlier blocks "
+                                                  "stay; every prompt is encoded before the stream starts."),
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
-    from hallolive_rt.runtime.session import InputError, stream_main
+    from hallolive_rt.runtime.session import InputError, parse_prompt_at, stream_main
 
+    try:
+        switches = [parse_prompt_at(spec) for spec in prompt_at or []]
+    except ValueError as e:
+        _fail(str(e))
     try:
         summary = stream_main(
             prompt, out=str(out), preset=preset, model_dir=None if model_dir is None else str(model_dir),
@@ -140,7 +148,7 @@ def stream(
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
-            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty())
+            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), prompt_at=switches)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")

@@ -19,11 +19,18 @@ vae/video, vae/audio, io/write (on the decode and writer threads when overlapped
 Opt-in fast paths of the DiT forward (``fuse_projections``, ``attn_kernel``; off / ``auto`` by default,
 unmeasured until a GPU run commits numbers) are set on the DiT by the session and reported by
 ``describe()``; ``check_fast_paths`` validates them before anything is loaded.
+
+Prompt switching: ``switch_prompt(prompt_or_ctx, at_block=None)`` (any thread, any time) takes effect at a
+block boundary, on the DiT thread before the block's first forward: the text K/V of both streams are
+recomputed in place (``prepare_text``), the caches of earlier blocks stay. A string is encoded there, with
+the resident text encoder (``keep_text_encoder=True``); an encoded context needs no encoder. ``request_stop``
+ends a stream after the block running now (the blocks already generated are still decoded and yielded).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +41,7 @@ from hallolive_rt.cache_policy import ENDLESS, choose_policy, parse_blocks, vari
 from hallolive_rt.config import FusionConfig
 from hallolive_rt.model.attention import check_attention_kernel
 from hallolive_rt.model.text import encode_prompt, release_text_encoder
+from hallolive_rt.model.text_tokenizer import PromptError
 from hallolive_rt.nvtx import stage
 from hallolive_rt.profile import Profile
 from hallolive_rt.sampler import TorchNoise
@@ -43,7 +51,7 @@ from .backends import Backend, get_backend
 from .devices import DecodedBlock, DecodePipeline
 
 __all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main", "check_fast_paths",
-           "PYTORCH_FORWARD_BACKENDS"]
+           "PYTORCH_FORWARD_BACKENDS", "PromptSwitch", "parse_prompt_at"]
 
 PYTORCH_FORWARD_BACKENDS = ("eager", "cudagraph")  # backends that run DualStreamDiT.forward itself
 
@@ -91,6 +99,22 @@ class BlockNoise:
             del self._blocks[k]
 
 
+class PromptSwitch:
+    """A prompt change waiting for a block boundary; ``block`` is the first block that uses it once applied."""
+
+    def __init__(self, prompt, at_block: int | None, on_applied: Callable[[int], None] | None):
+        self.prompt, self.at_block, self.on_applied = prompt, at_block, on_applied
+        self.block: int | None = None
+
+
+def parse_prompt_at(spec: str) -> tuple[int, str]:
+    """``"3:B"`` -> (3, "B"): the prompt that takes over from block 3 (``--prompt-at``)."""
+    head, sep, prompt = spec.partition(":")
+    if not sep or not head.strip().isdigit():
+        raise ValueError(f"--prompt-at {spec!r}: expected BLOCK:PROMPT with a block number, e.g. 3:\"A man ...\"")
+    return int(head), prompt
+
+
 class StreamSession:
     """Everything one stream needs, allocated once; ``run`` may be called again for a new stream."""
 
@@ -98,7 +122,7 @@ class StreamSession:
                  blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
-                 fuse_projections: bool = False, attn_kernel: str = "auto"):
+                 fuse_projections: bool = False, attn_kernel: str = "auto", keep_text_encoder: bool = False):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -129,6 +153,12 @@ class StreamSession:
         self.bs.step_fn = self._step
         self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block)
         self.text_encode_s: float | None = None
+        # keep_text_encoder: encode() keeps the encoder (a live session may still switch prompts by text)
+        self.keep_text_encoder = keep_text_encoder
+        self._switch_lock = threading.Lock()
+        self._pending: list[PromptSwitch] = []
+        self.applied_switches: list[PromptSwitch] = []  # of the current / last run, in order
+        self._stop = threading.Event()
         self._in_session = False
         self._k = 0
         self._marks: dict = {}
@@ -141,8 +171,10 @@ class StreamSession:
         return list(self.policy.plans())
 
     # ---- text ---------------------------------------------------------------------------------------
-    def encode(self, prompt: str, *, release: bool = True):
-        """prompt -> (ctx [1, text_len, text_dim] on the DiT device, TokenizedPrompts). Frees the encoder."""
+    def encode(self, prompt: str, *, release: bool | None = None):
+        """prompt -> (ctx [1, text_len, text_dim] on the DiT device, TokenizedPrompts). Frees the encoder
+        afterwards unless ``release=False`` or the session keeps it (``keep_text_encoder``)."""
+        release = not self.keep_text_encoder if release is None else release
         enc = self.c.text_encoder
         if enc is None:
             raise RuntimeError("the text encoder was released after the previous prompt (or never built); "
@@ -158,6 +190,52 @@ class StreamSession:
             release_text_encoder(enc)
             self.c.text_encoder = None
         return ctx.to(self.c.dit_device), info
+
+    def switch_prompt(self, prompt: str | torch.Tensor, *, at_block: int | None = None,
+                      on_applied: Callable[[int], None] | None = None) -> PromptSwitch:
+        """Use ``prompt`` (text, or a context from ``encode``) from block ``at_block`` on (None: the next
+        block whose DiT has not started). Thread-safe; ``on_applied(block)`` runs on the DiT thread once the
+        new text K/V are in place. Switches not reached by the end of a run are dropped with it. A text
+        prompt is checked here (tokenizer) and needs the resident encoder; raises ``PromptError`` /
+        ``RuntimeError`` / ``ValueError`` before anything is queued."""
+        if at_block is not None and at_block < 0:
+            raise ValueError(f"at_block must be >= 0, got {at_block}")
+        if isinstance(prompt, str):
+            if self.c.text_encoder is None:
+                raise RuntimeError("switching to a text prompt needs the text encoder, released after encoding: "
+                                   "build the session with keep_text_encoder=True, or pass an encoded context")
+            info = self.c.tokenizer(prompt)  # PromptError for an empty prompt
+            if info.truncated:
+                raise PromptError("prompt too long: " + "; ".join(info.truncation_messages()))
+        sw = PromptSwitch(prompt, at_block, on_applied)
+        with self._switch_lock:
+            self._pending.append(sw)
+        return sw
+
+    def request_stop(self) -> None:
+        """End the running stream before its next block (thread-safe; a run that has not started yet clears
+        it when it starts). Blocks already run are still decoded and yielded."""
+        self._stop.set()
+
+    def _apply_switches(self, block: int) -> None:
+        """On the DiT thread, between blocks: the due switches in the order they were asked for."""
+        with self._switch_lock:
+            due = [sw for sw in self._pending if sw.at_block is None or sw.at_block <= block]
+            self._pending = [sw for sw in self._pending if sw not in due]
+        for sw in due:
+            ctx = self.encode(sw.prompt, release=False)[0] if isinstance(sw.prompt, str) else sw.prompt
+            self.c.dit.prepare_text(ctx.to(self.bs.device), self.bs.state)  # in place: captured graphs see it
+            sw.block = block
+            self.applied_switches.append(sw)
+            if sw.on_applied is not None:
+                sw.on_applied(block)
+
+    def clear(self) -> None:
+        """Zero every per-stream state (caches, text K/V, decoder states): nothing of the last stream stays."""
+        with self._on_dit_device():
+            self.bs.state.reset()
+        self.pipeline.vstate.reset()
+        self.pipeline.astate = self.pipeline.adec.new_state(1)
 
     # ---- the DiT step with ranges and timing marks ----------------------------------------------------
     def _step(self, xv, xa, vt, at, plan):
@@ -202,13 +280,18 @@ class StreamSession:
         init = BlockNoise(p, seed, c.dit_device, c.dtype)
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
+        self.applied_switches = []
+        self._stop.clear()  # a stop asked for outside a run does not end the next one
         try:
             with self._on_dit_device():
                 bs.start(ctx)
             for plan in self.policy.plans():  # lazily: an endless stream has no last plan
+                if self._stop.is_set():
+                    break
                 i = plan.index
                 # device / grad state is set per block, never across a yield (it would leak into the caller)
                 with stage("block", block=i), self._on_dit_device(), torch.no_grad():
+                    self._apply_switches(i)
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
                     self._marks["dit_start"] = pipe.clock.mark()
@@ -220,6 +303,8 @@ class StreamSession:
             yield from pipe.finish()
         finally:
             pipe.close()
+            with self._switch_lock:
+                self._pending = []
 
     def _on_dit_device(self):
         dev = self.c.dit_device
@@ -229,7 +314,8 @@ class StreamSession:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
                 "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
                 "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
-                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel}
+                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
+                "prompt_switches": [sw.block for sw in self.applied_switches]}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -248,7 +334,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                console=None) -> dict:
+                console=None, prompt_at: list[tuple[int, str]] | None = None) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -257,6 +343,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
     audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
     with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
+    ``prompt_at``: [(block, prompt)], each prompt used from that block on (``--prompt-at 3:"B"``); every
+    prompt is encoded before the stream starts, then the encoder is freed.
     """
     from rich.console import Console
 
@@ -307,6 +395,17 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         if not truncate_prompt:
             raise InputError(f"prompt too long: {msg}. Shorten it or pass --truncate-prompt to accept the cut")
         console.print(f"[yellow]warning:[/] {msg}")
+    prompt_at = sorted(prompt_at or [])
+    for at, text in prompt_at:
+        if at < 1 or (nblocks is not None and at >= nblocks):
+            raise InputError(f"--prompt-at {at}:...: the block must be in 1..{'' if nblocks is None else nblocks - 1} "
+                             f"(block 0 uses --prompt; blocks are counted from 0)")
+        try:
+            sw_info = tok(text)
+        except PromptError as e:
+            raise InputError(f"--prompt-at {at}: {e}") from e
+        if sw_info.truncated and not truncate_prompt:
+            raise InputError(f"--prompt-at {at}: prompt too long: {'; '.join(sw_info.truncation_messages())}")
     fps = fps or prof.fps
     try:  # checks every output path now; the files themselves are opened at the first block
         writer = StreamWriter(None if out is None else Path(out), width=prof.pixel_width,
@@ -326,7 +425,10 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
                          cache_policy=cache_policy, kv_impl=kv_impl,
                          overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel)
-    ctx, _ = sess.encode(prompt)
+    ctx, _ = sess.encode(prompt, release=not prompt_at)
+    encode_s = sess.text_encode_s
+    switches = [(at, sess.encode(text, release=k == len(prompt_at) - 1)[0]) for k, (at, text) in enumerate(prompt_at)]
+    sess.text_encode_s = encode_s  # the metrics' text_encode_s is the first prompt's
     for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed
 
@@ -335,6 +437,8 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 pass
     sess.pipeline.on_block = lambda b: writer.write_block(b.frames, b.audio)  # on the writer thread
     got: list[DecodedBlock] = []  # times and counts only: an endless stream must not keep its frames
+    for at, sw_ctx in switches:  # after the warm-up runs, which would drop them
+        sess.switch_prompt(sw_ctx, at_block=at)
     with writer, _Progress(console, nblocks, progress) as bar:
         for blk in sess.run(ctx, seed):
             got.append(blk.without_media())

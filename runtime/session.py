@@ -213,8 +213,8 @@ class StreamSession:
         return sw
 
     def request_stop(self) -> None:
-        """End the running stream before its next block (thread-safe; a run that has not started yet clears
-        it when it starts). Blocks already run are still decoded and yielded."""
+        """End the stream of the last ``run`` call before its next block (thread-safe; the next ``run`` call
+        clears it). Blocks already run are still decoded and yielded."""
         self._stop.set()
 
     def _apply_switches(self, block: int) -> None:
@@ -256,9 +256,14 @@ class StreamSession:
     def run(self, ctx: torch.Tensor, seed: int = 0) -> Iterator[DecodedBlock]:
         """Stream every block for the encoded prompt ``ctx``; yields DecodedBlocks in order as they finish.
 
-        Time zero of the block times (``start_s``, ``first_frame_s``, ``done_s``) is this call: TTFF is
-        ``first block's first_frame_s``, text K/V preparation included, prompt encoding excluded.
+        Time zero of the block times (``start_s``, ``first_frame_s``, ``done_s``) is the start of the
+        iteration (first ``next``): TTFF is ``first block's first_frame_s``, text K/V preparation included,
+        prompt encoding excluded. A ``request_stop`` from this call on (even before the first block) ends this stream.
         """
+        self._stop.clear()  # a stop asked for before this call (outside any run) does not end this one
+        return self._iterate(ctx, seed)
+
+    def _iterate(self, ctx, seed):
         if self._in_session:
             yield from self._run(ctx, seed)
         else:
@@ -281,7 +286,6 @@ class StreamSession:
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
         self.applied_switches = []
-        self._stop.clear()  # a stop asked for outside a run does not end the next one
         try:
             with self._on_dit_device():
                 bs.start(ctx)

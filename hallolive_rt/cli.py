@@ -235,7 +235,9 @@ def serve(
     vae_device: Optional[str] = VAE_DEVICE,
     dtype: Optional[DType] = DTYPE,
     backend: Backend = BACKEND,
-    kv_impl: KVImpl = KV,
+    kv_impl: Optional[KVImpl] = typer.Option(None, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA "
+                                             "extension, built at the first start) or torch (reference). "
+                                             "Default: ext on CUDA, torch on CPU (the page plays without a build)."),
     max_blocks: Optional[int] = typer.Option(None, "--max-blocks", min=1, help="Longest session a client may ask "
                                              "for, in blocks (default: endless sessions allowed)."),
     max_prompt_chars: int = typer.Option(2000, "--max-prompt-chars", min=1, help="Longest prompt accepted."),
@@ -264,7 +266,8 @@ def serve(
                    on_ready=lambda url: typer.echo(f"live sessions at {url}", err=True), preset=preset,
                    model_dir=None if model_dir is None else str(model_dir), random_weights=random_weights,
                    device=device, vae_device=vae_device, dtype=None if dtype is None else dtype.value,
-                   backend=backend.value, kv_impl=kv_impl.value, seed=seed, max_sessions=max_sessions,
+                   backend=backend.value, kv_impl=None if kv_impl is None else kv_impl.value, seed=seed,
+                   max_sessions=max_sessions,
                    limits=limits)
     except InputError as e:
         _fail(str(e))

@@ -45,7 +45,8 @@ class Client:
 
         url = f"ws://{addr}/ws" + (f"?token={token}" if token else "")
         headers = {"Origin": origin} if origin else None
-        self.ws = connect(url, additional_headers=headers, open_timeout=timeout, max_size=2**24)
+        self._cm = connect(url, additional_headers=headers, open_timeout=timeout, max_size=2**24)
+        self.ws = self._cm.__enter__()  # the connection's life is the test's: closed by close() or the server
         self.timeout = timeout
         self.events: list[dict] = []
         self.media: list[tuple[dict, bytes]] = []  # (announcing event, bytes)
@@ -86,7 +87,10 @@ class Client:
                 if on_block is not None:
                     on_block(self, ev)
                 if ack:
-                    self.send(type="ack", block=ev["index"])
+                    from websockets.exceptions import ConnectionClosed
+
+                    with contextlib.suppress(ConnectionClosed):  # the session may have ended since
+                        self.send(type="ack", block=ev["index"])
 
     def stream_bytes(self) -> bytes:
         return b"".join(data for _, data in self.media)

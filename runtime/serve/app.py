@@ -124,11 +124,12 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
     try:
         await conn.run()
     finally:
-        if conn.session is not None:
+        if conn.session is None:
+            server.release(slot)
+        else:  # the session releases its slot when its thread ends
             conn.session.abort("disconnected")
-            while not conn.session.join(timeout=0):  # the slot is free once its thread is gone
+            while not conn.session.join(timeout=0):
                 await asyncio.sleep(0.02)
-        server.release(slot)
 
 
 class _Connection:

@@ -52,10 +52,11 @@ def check_bind(host: str, token: str | None) -> None:
 
 def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
                  device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
-                 backend: str = "eager", kv_impl: str = "ext", seed: int = 0, max_sessions: int = 1,
+                 backend: str = "eager", kv_impl: str | None = None, seed: int = 0, max_sessions: int = 1,
                  limits: Limits | None = None, replica_id: str | None = None) -> LiveServer:
     """Validate (as ``stream`` does), then load every component once, the text encoder included (it stays
-    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset)."""
+    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset).
+    ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
     from hallolive_rt.profile import ProfileError, load_profile
 
     from ..backends import BackendUnavailable, get_backend
@@ -82,6 +83,8 @@ def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_w
         raise InputError(str(e)) from e
     comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
                             dtype=prof.dtype, seed=seed)
+    kv_impl = kv_impl or ("ext" if dit_dev.type == "cuda" else "torch")
+    comps.dit.set_kv_impl(kv_impl)  # builds the extension now (once), not inside the first session
     return LiveServer(comps, max_sessions=max_sessions, limits=limits, replica_id=replica_id, backend=backend,
                       kv_impl=kv_impl)
 

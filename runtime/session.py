@@ -157,7 +157,7 @@ class StreamSession:
         self.keep_text_encoder = keep_text_encoder
         self._switch_lock = threading.Lock()
         self._pending: list[PromptSwitch] = []
-        self.applied_switches: list[PromptSwitch] = []  # of the current / last run, in order
+        self.switch_blocks: list[int] = []  # where the switches of the current / last run took effect
         self._stop = threading.Event()
         self._in_session = False
         self._k = 0
@@ -226,7 +226,7 @@ class StreamSession:
             ctx = self.encode(sw.prompt, release=False)[0] if isinstance(sw.prompt, str) else sw.prompt
             self.c.dit.prepare_text(ctx.to(self.bs.device), self.bs.state)  # in place: captured graphs see it
             sw.block = block
-            self.applied_switches.append(sw)
+            self.switch_blocks.append(block)
             if sw.on_applied is not None:
                 sw.on_applied(block)
 
@@ -285,7 +285,7 @@ class StreamSession:
         init = BlockNoise(p, seed, c.dit_device, c.dtype)
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
-        self.applied_switches = []
+        self.switch_blocks = []
         try:
             with self._on_dit_device():
                 bs.start(ctx)
@@ -319,7 +319,7 @@ class StreamSession:
                 "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
                 "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
                 "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
-                "prompt_switches": [sw.block for sw in self.applied_switches]}
+                "prompt_switches": list(self.switch_blocks)}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------

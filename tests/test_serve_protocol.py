@@ -18,18 +18,12 @@ import av
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("websockets")
-
-from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
-from hallolive_rt.runtime.serve.protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN,  # noqa: E402
-                                                 CLOSE_NORMAL, CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED,
-                                                 Limits)
-from hallolive_rt.runtime.serve.sessions import LiveSession  # noqa: E402
-from hallolive_rt.runtime.session import stream_main  # noqa: E402
-
-from tests.serve_helpers import Client, full_session, running_server, session  # noqa: E402
+from hallolive_rt.runtime.serve.launch import build_server
+from hallolive_rt.runtime.serve.protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_NORMAL,
+                                                 CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED, Limits)
+from hallolive_rt.runtime.serve.sessions import LiveSession
+from hallolive_rt.runtime.session import stream_main
+from tests.serve_helpers import Client, full_session, running_server, session
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
 

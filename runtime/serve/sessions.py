@@ -204,7 +204,7 @@ class LiveSession:
         self._thread = threading.Thread(target=self._work, name=f"hallolive-session-{sid}", daemon=True)
         self.t0 = time.perf_counter()
         self.ttff_s: float | None = None
-        self.block_times: list[float] = []
+        self.block_times: deque = deque(maxlen=1024)  # an endless session keeps the latest only
         self._prev_first: float | None = None  # first_frame_s of the previous block (inter-block gap)
         self._done0: float | None = None  # done_s of block 0 and frames since: the steady FPS (metrics.py)
         self._steady_frames = 0
@@ -345,12 +345,10 @@ class LiveSession:
                         audio_s=summary.get("audio_s", 0.0), duration_s=time.perf_counter() - self.t0))
         self._final_close = Close(CLOSE_NORMAL, self.end_reason)
 
-    def _prompt_of(self, block: int) -> int:
-        pid = 0
-        for from_block, i in self._applied:
-            if from_block <= block:
-                pid = i
-        return pid
+    def _prompt_of(self, block: int) -> int:  # under self._cond; blocks come in order, so older entries go
+        while len(self._applied) > 1 and self._applied[1][0] <= block:
+            self._applied.pop(0)
+        return self._applied[0][1] if self._applied and self._applied[0][0] <= block else 0
 
     def _on_block(self, b) -> None:
         """Writer thread: mux the block, emit it, then wait for the client (flow control)."""

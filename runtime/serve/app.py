@@ -57,7 +57,7 @@ def create_app(server: LiveServer, *, token: str | None = None, allowed_origins:
         async def get() -> Response:
             return Response(body, media_type=ctype, headers=headers)
 
-        app.get(route, include_in_schema=False)(get)
+        app.api_route(route, methods=["GET", "HEAD"], include_in_schema=False)(get)
 
     for route in page:
         static_route(route)

@@ -170,7 +170,10 @@ function onAppended() {
 video.addEventListener("playing", () => {
   if (!state.firstPlayingMs) state.firstPlayingMs = performance.now() - clickedAt;
 });
-video.addEventListener("error", () => fail(`video error: ${video.error ? video.error.message || video.error.code : "?"}`));
+video.addEventListener("error", () => {
+  const e = video.error;
+  fail(`video error: ${e ? e.message || e.code : "?"}`);
+});
 setInterval(() => {
   $("time").textContent = fmt(video.currentTime, " s");
   const b = sb && ms && ms.readyState !== "closed" ? sb.buffered : null;
@@ -181,5 +184,6 @@ $("start").addEventListener("click", () => { state.playRequested = false; start(
 $("stop").addEventListener("click", () => send({ type: "stop" }));
 $("switch").addEventListener("click", () => send({ type: "prompt", prompt: $("switch-prompt").value }));
 fetch("/health").then((r) => r.json()).then((h) => {
-  $("server").textContent = `replica ${h.replica} · ${h.active_sessions}/${h.max_sessions} sessions · protocol v${h.protocol}`;
+  $("server").textContent =
+    `replica ${h.replica} · ${h.active_sessions}/${h.max_sessions} sessions · protocol v${h.protocol}`;
 }).catch(() => {});

@@ -176,10 +176,18 @@ def stream(
     vae_backend: str = VAE_BACKEND,
     vae_channels_last: bool = VAE_CL,
     ema: bool = EMA,
+    prompt_at: Optional[list[str]] = typer.Option(None, "--prompt-at", metavar="BLOCK:PROMPT", help="Switch to "
+                                                  "PROMPT from block BLOCK on (counted from 0; repeatable), e.g. "
+                                                  "--prompt-at 3:\"A man smiles ...\". The caches of earlier blocks "
+                                                  "stay; every prompt is encoded before the stream starts."),
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
-    from hallolive_rt.runtime.session import InputError, stream_main
+    from hallolive_rt.runtime.session import InputError, parse_prompt_at, stream_main
 
+    try:
+        switches = [parse_prompt_at(spec) for spec in prompt_at or []]
+    except ValueError as e:
+        _fail(str(e))
     try:
         summary = stream_main(
             prompt, out=str(out), preset=preset, model_dir=None if model_dir is None else str(model_dir),
@@ -190,7 +198,8 @@ def stream(
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
             attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
-            vae_channels_last=vae_channels_last, ema=ema, levers=_levers(precision, fp8_act_scale, lean_context))
+            vae_channels_last=vae_channels_last, ema=ema, levers=_levers(precision, fp8_act_scale, lean_context),
+            prompt_at=switches)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -272,6 +281,64 @@ def bench(
                    levers=_levers(precision, fp8_act_scale, lean_context))
     except ValueError as e:
         _fail(str(e))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs --token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HALLOLIVE_TOKEN", help="Secret every WebSocket "
+                                        "must present (?token=... or Authorization: Bearer); required for a "
+                                        "non-loopback --host. Also read from HALLOLIVE_TOKEN."),
+    max_sessions: int = typer.Option(1, "--max-sessions", min=1, help="Concurrent sessions of this process "
+                                     "(each holds its own caches); one more gets a busy event and close 1013."),
+    preset: str = PRESET,
+    model_dir: Optional[Path] = MODEL_DIR,
+    random_weights: bool = RANDOM,
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights (tiny preset / --random-weights); "
+                             "clients choose the noise seed per session."),
+    device: str = DEVICE,
+    vae_device: Optional[str] = VAE_DEVICE,
+    dtype: Optional[DType] = DTYPE,
+    backend: Backend = BACKEND,
+    kv_impl: Optional[KVImpl] = typer.Option(None, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA "
+                                             "extension, built at the first start) or torch (reference). "
+                                             "Default: ext on CUDA, torch on CPU (the page plays without a build)."),
+    max_blocks: Optional[int] = typer.Option(None, "--max-blocks", min=1, help="Longest session a client may ask "
+                                             "for, in blocks (default: endless sessions allowed)."),
+    max_prompt_chars: int = typer.Option(2000, "--max-prompt-chars", min=1, help="Longest prompt accepted."),
+    max_unacked_blocks: int = typer.Option(4, "--max-unacked-blocks", min=1, help="Blocks sent and not yet "
+                                           "acknowledged before generation pauses (bounds memory per client)."),
+    client_timeout: float = typer.Option(30.0, "--client-timeout", min=0.1, help="Seconds without an ack "
+                                         "(while paused) or without a send completing before a client is dropped."),
+    allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", help="Extra page origin allowed "
+                                                     "to connect (repeatable; default: only this server's own)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning, info, debug."),
+):
+    """Serve live sessions: a page at / that plays the stream as it is generated (prompt switching
+    included) and the WebSocket protocol behind it (README, "Live sessions"). Needs the serve extra."""
+    from hallolive_rt.runtime.serve.launch import SERVE_EXTRA_HINT, missing_serve_deps
+
+    if missing_serve_deps():
+        _fail(f"{', '.join(missing_serve_deps())} not installed: {SERVE_EXTRA_HINT}", 3)
+    from hallolive_rt.runtime.serve.launch import serve_main
+    from hallolive_rt.runtime.serve.protocol import Limits
+    from hallolive_rt.runtime.session import InputError
+
+    limits = Limits(max_prompt_chars=max_prompt_chars, max_blocks=max_blocks,
+                    max_unacked_blocks=max_unacked_blocks, client_timeout_s=client_timeout)
+    try:
+        serve_main(host=host, port=port, token=token, allowed_origins=allow_origin or (), log_level=log_level,
+                   on_ready=lambda url: typer.echo(f"live sessions at {url}", err=True), preset=preset,
+                   model_dir=None if model_dir is None else str(model_dir), random_weights=random_weights,
+                   device=device, vae_device=vae_device, dtype=None if dtype is None else dtype.value,
+                   backend=backend.value, kv_impl=None if kv_impl is None else kv_impl.value, seed=seed,
+                   max_sessions=max_sessions,
+                   limits=limits)
+    except InputError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

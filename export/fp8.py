@@ -1,7 +1,8 @@
 """``--precision fp8`` for the DiT: which tensors are quantized, how, and the calibration of activation scales.
 
 The scheme (one definition, used by the weights writer, the graph rewrite in ``fp8_graph.py`` and the
-tests' PyTorch reference):
+tests' PyTorch reference; the float8 primitives ``quantize_rows`` / ``fake_quant`` live in
+``hallolive_rt.model.fp8``, shared with the PyTorch path's ``--precision fp8``):
 
 * **weights**: every 2-D weight of an ``nn.Linear`` in the DiT is stored as float8 e4m3fn, quantized per
   output channel (row): ``scale = amax(|row|) / 448`` computed in float32 (a zero row gets scale 1), then
@@ -28,14 +29,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hallolive_rt.model.fp8 import FP8, FP8_MAX, fake_quant, quantize_rows, weight_scale_of
+
 from .weights_file import WeightsLayout, module_tensors
 
 __all__ = ["FP8", "FP8_MAX", "fp8_compute_dtype", "linear_weight_names", "scale_name", "fp8_layout",
            "quantize_rows", "fake_quant", "quantized_values", "Calibration", "calibrate_dit", "calibration_key",
            "manifest_entry"]
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 def fp8_compute_dtype(profile_dtype: torch.dtype) -> torch.dtype:
@@ -67,26 +67,6 @@ def fp8_layout(model: nn.Module, quantized: Iterable[str]) -> WeightsLayout:
     return WeightsLayout(specs())
 
 
-def _scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 ``amax / 448`` (1 where amax is 0), rounded to ``dtype`` and back: the scale actually used."""
-    amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(dtype).float()
-
-
-def quantize_rows(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel float8 quantization of a [out, in] weight: ``(q float8, scale [out] scale_dtype)``."""
-    w32 = w.detach().float()
-    scale = _scale(w32.abs().amax(dim=1), scale_dtype)
-    q = (w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale.to(scale_dtype)
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """``x`` through float8 at ``scale`` and back (what QuantizeLinear -> DequantizeLinear computes)."""
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    return ((x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s).to(x.dtype)
-
-
 def quantized_values(values: Iterable[tuple[str, torch.Tensor]],
                      layout: WeightsLayout) -> Iterator[tuple[str, torch.Tensor]]:
     """``values`` with every tensor the layout stores as float8 replaced by its quantized rows and scale."""
@@ -112,7 +92,7 @@ class Calibration:
         """The activation scale of ``weight_name``'s Linear as a float, rounded through ``dtype``."""
         if weight_name not in self.amax:
             raise KeyError(f"no calibrated activation range for {weight_name!r} (its Linear never ran)")
-        return float(_scale(torch.tensor(self.amax[weight_name]), dtype))
+        return float(weight_scale_of(torch.tensor(self.amax[weight_name]), dtype))
 
     def key(self) -> dict:
         return calibration_key(self.blocks, self.seed)

@@ -39,6 +39,7 @@ class BlockPlan:
     audio_len: int  # tokens fed: history + window (static per variant)
     audio0: int  # RoPE position of that first token
     rebase_frames: int = 0  # > 0: rotate the ring's cached keys back by this many frames first
+    context: bool = False  # set by BlockStream for a lean t = 0 context pass (DualStreamDiT.forward(context=True))
 
     @property
     def variant(self) -> tuple[int, int]:

@@ -27,6 +27,7 @@ DEMO_PROMPT = "A young woman with short dark hair looks into the camera and says
 class Backend(str, Enum):
     eager = "eager"
     cudagraph = "cudagraph"
+    compiled = "compiled"
     aoti = "aoti"
     tensorrt = "tensorrt"
 
@@ -48,6 +49,18 @@ class AttnKernel(str, Enum):  # = hallolive_rt.model.attention.ATTENTION_KERNELS
     flash = "flash"
     cudnn = "cudnn"
     efficient = "efficient"
+
+
+class Precision(str, Enum):  # = hallolive_rt.runtime.levers.PRECISIONS (a test holds them equal)
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+    fp8 = "fp8"
+
+
+class ActScale(str, Enum):  # = hallolive_rt.model.fp8.ACT_SCALES
+    token = "token"
+    tensor = "tensor"
 
 
 class DType(str, Enum):
@@ -89,8 +102,9 @@ DEVICE = typer.Option("cpu", "--device", "--dit-device", help="Device of the DiT
 VAE_DEVICE = typer.Option(None, "--vae-device", help="Device of the video/audio decoders (e.g. cuda:1: "
                           "the DiT of block i+1 overlaps the decode of block i).")
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype. Default: the preset's (bf16 full size, fp32 tiny).")
-BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph (CUDA), aoti or "
-                       "tensorrt (the DiT from `hallolive-rt export` artifacts: pass --artifacts DIR).")
+BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph (CUDA), compiled "
+                       "(cudagraph with the DiT's layers compiled by inductor, opt-in), aoti or tensorrt (the DiT "
+                       "from `hallolive-rt export` artifacts: pass --artifacts DIR).")
 KV = typer.Option(KVImpl.ext, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA extension, built on first "
                   "use) or torch (pure-torch reference).")
 POLICY = typer.Option(Policy.auto, "--cache-policy", help="append (released, up to the preset's blocks), "
@@ -115,6 +129,24 @@ VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help=
 EMA = typer.Option(False, "--ema/--no-ema", help="With --model-dir, for a training checkpoint nested under "
                    "generator_ema/generator: load the EMA weights (the release's --use_ema) or the generator "
                    "(default, as the release's inference.py). The released flat hallolive_dit.pt ignores it.")
+
+PRECISION = typer.Option(None, "--precision", help="bf16 | fp16 | fp32: the compute dtype (same as --dtype). "
+                         "fp8 (opt-in, Hopper): the DiT's Linear GEMMs in float8 e4m3 with per-row weight "
+                         "scales and dynamic activation scales (torch._scaled_mm; emulated where it cannot run), "
+                         "the rest in bf16 (fp32 on the tiny preset); as `export --precision fp8` but with "
+                         "dynamic instead of calibrated activation scales. eager/cudagraph/compiled backends.")
+FP8_ACT = typer.Option(ActScale.token, "--fp8-act-scale", help="With --precision fp8: one activation scale per "
+                       "token (default) or per tensor, computed on the fly.")
+LEAN = typer.Option(False, "--lean-context/--no-lean-context", help="Opt-in: the t=0 context pass computes "
+                    "only what reaches a KV cache (the last layer stops after its cache writes, no output heads); "
+                    "caches bit-identical to the full pass. eager/cudagraph/compiled backends.")
+
+
+def _levers(precision, fp8_act_scale, lean_context):
+    from hallolive_rt.runtime.levers import DiTLevers
+
+    return DiTLevers(precision=None if precision is None else precision.value, fp8_act_scale=fp8_act_scale.value,
+                     lean_context=lean_context)
 
 
 @app.command()
@@ -141,6 +173,9 @@ def stream(
     cache_policy: Policy = POLICY,
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
+    precision: Optional[Precision] = PRECISION,
+    fp8_act_scale: ActScale = FP8_ACT,
+    lean_context: bool = LEAN,
     truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Accept cutting a prompt longer "
                                          "than 512 tokens (otherwise it is refused, saying what would be cut)."),
     warmup_runs: int = typer.Option(0, "--warmup-runs", min=0, help="Untimed, unwritten streams first "
@@ -150,6 +185,10 @@ def stream(
     vae_backend: str = VAE_BACKEND,
     vae_channels_last: bool = VAE_CL,
     ema: bool = EMA,
+    prompt_at: Optional[list[str]] = typer.Option(None, "--prompt-at", metavar="BLOCK:PROMPT", help="Switch to "
+                                                  "PROMPT from block BLOCK on (counted from 0; repeatable), e.g. "
+                                                  "--prompt-at 3:\"A man smiles ...\". The caches of earlier blocks "
+                                                  "stay; every prompt is encoded before the stream starts."),
     artifacts: Optional[Path] = ARTIFACTS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (--out, --frames-out, "
                                    "--wav-out, --metrics) that exist; without it they are refused."),
@@ -161,9 +200,13 @@ def stream(
     block otherwise."""
     try:
         from hallolive_rt.runtime.media import MediaError
-        from hallolive_rt.runtime.session import InputError, stream_main
+        from hallolive_rt.runtime.session import InputError, parse_prompt_at, stream_main
     except KeyboardInterrupt:
         _interrupted_early()
+    try:
+        switches = [parse_prompt_at(spec) for spec in prompt_at or []]
+    except ValueError as e:
+        _fail(str(e))
     try:
         summary = stream_main(
             prompt, out=str(out), preset=preset, model_dir=None if model_dir is None else str(model_dir),
@@ -174,8 +217,8 @@ def stream(
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
             attn_kernel=attn_kernel.value, progress=True, vae_backend=vae_backend,
-            vae_channels_last=vae_channels_last, ema=ema, artifacts=None if artifacts is None else str(artifacts),
-            overwrite=overwrite)
+            vae_channels_last=vae_channels_last, ema=ema, levers=_levers(precision, fp8_act_scale, lean_context),
+            prompt_at=switches, artifacts=None if artifacts is None else str(artifacts), overwrite=overwrite)
     except KeyboardInterrupt:  # Ctrl-C before stream_main took over the signals
         _interrupted_early()
     except (InputError, MediaError) as e:  # MediaError: an output failed mid-stream (disk full, ...)
@@ -243,9 +286,10 @@ def bench(
                                         "with random weights built on the device (default), or the release "
                                         "weights of --model-dir."),
     model_dir: Optional[Path] = MODEL_DIR,
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends, run one after "
-                                           "the other in one process. Default: the ones that can run here "
-                                           "(eager, plus cudagraph on CUDA, plus the --artifacts format)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends (eager, "
+                                           "cudagraph, compiled, aoti, tensorrt), run one after the other in one "
+                                           "process. Default: the ones that can run here (eager, plus cudagraph "
+                                           "on CUDA, plus the --artifacts format)."),
     artifacts: Optional[Path] = ARTIFACTS,
     blocks: Optional[int] = BLOCKS,
     mode: str = typer.Option("e2e", "--mode", help="e2e | dit | vae (dit/vae give the projected two-device rate)."),
@@ -257,6 +301,9 @@ def bench(
     kv_impl: KVImpl = KV,
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
+    precision: Optional[Precision] = PRECISION,
+    fp8_act_scale: ActScale = FP8_ACT,
+    lean_context: bool = LEAN,
     seed: int = SEED,
     vae_backend: str = VAE_BACKEND,
     vae_channels_last: bool = VAE_CL,
@@ -267,7 +314,8 @@ def bench(
     ema: bool = EMA,
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
-    records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
+    records --fuse-projections, --attn-kernel, --precision and --lean-context (and each backend's compile
+    time): run once with and once without to see what they buy."""
     from hallolive_rt.runtime.bench import bench_main
 
     try:
@@ -278,9 +326,68 @@ def bench(
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
                    fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, vae_backend=vae_backend,
-                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema)
+                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema,
+                   levers=_levers(precision, fp8_act_scale, lean_context))
     except ValueError as e:
         _fail(str(e))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Anything but loopback needs --token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="HALLOLIVE_TOKEN", help="Secret every WebSocket "
+                                        "must present (?token=... or Authorization: Bearer); required for a "
+                                        "non-loopback --host. Also read from HALLOLIVE_TOKEN."),
+    max_sessions: int = typer.Option(1, "--max-sessions", min=1, help="Concurrent sessions of this process "
+                                     "(each holds its own caches); one more gets a busy event and close 1013."),
+    preset: str = PRESET,
+    model_dir: Optional[Path] = MODEL_DIR,
+    random_weights: bool = RANDOM,
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights (tiny preset / --random-weights); "
+                             "clients choose the noise seed per session."),
+    device: str = DEVICE,
+    vae_device: Optional[str] = VAE_DEVICE,
+    dtype: Optional[DType] = DTYPE,
+    backend: Backend = BACKEND,
+    kv_impl: Optional[KVImpl] = typer.Option(None, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA "
+                                             "extension, built at the first start) or torch (reference). "
+                                             "Default: ext on CUDA, torch on CPU (the page plays without a build)."),
+    max_blocks: Optional[int] = typer.Option(None, "--max-blocks", min=1, help="Longest session a client may ask "
+                                             "for, in blocks (default: endless sessions allowed)."),
+    max_prompt_chars: int = typer.Option(2000, "--max-prompt-chars", min=1, help="Longest prompt accepted."),
+    max_unacked_blocks: int = typer.Option(4, "--max-unacked-blocks", min=1, help="Blocks sent and not yet "
+                                           "acknowledged before generation pauses (bounds memory per client)."),
+    client_timeout: float = typer.Option(30.0, "--client-timeout", min=0.1, help="Seconds without an ack "
+                                         "(while paused) or without a send completing before a client is dropped."),
+    allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", help="Extra page origin allowed "
+                                                     "to connect (repeatable; default: only this server's own)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning, info, debug."),
+):
+    """Serve live sessions: a page at / that plays the stream as it is generated (prompt switching
+    included) and the WebSocket protocol behind it (README, "Live sessions"). Needs the serve extra."""
+    from hallolive_rt.runtime.serve.launch import SERVE_EXTRA_HINT, missing_serve_deps
+
+    if missing_serve_deps():
+        _fail(f"{', '.join(missing_serve_deps())} not installed: {SERVE_EXTRA_HINT}", 3)
+    from hallolive_rt.runtime.serve.launch import serve_main
+    from hallolive_rt.runtime.serve.protocol import Limits
+    from hallolive_rt.runtime.session import InputError
+
+    limits = Limits(max_prompt_chars=max_prompt_chars, max_blocks=max_blocks,
+                    max_unacked_blocks=max_unacked_blocks, client_timeout_s=client_timeout)
+    try:
+        serve_main(host=host, port=port, token=token, allowed_origins=allow_origin or (), log_level=log_level,
+                   on_ready=lambda url: typer.echo(f"live sessions at {url}", err=True), preset=preset,
+                   model_dir=None if model_dir is None else str(model_dir), random_weights=random_weights,
+                   device=device, vae_device=vae_device, dtype=None if dtype is None else dtype.value,
+                   backend=backend.value, kv_impl=None if kv_impl is None else kv_impl.value, seed=seed,
+                   max_sessions=max_sessions,
+                   limits=limits)
+    except InputError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

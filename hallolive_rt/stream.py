@@ -15,7 +15,7 @@ The DiT step is a swappable callable so graph-captured or compiled backends reus
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -39,8 +39,8 @@ class ForwardRecord:
     aud_in: torch.Tensor
     vid_t: torch.Tensor
     aud_t: torch.Tensor
-    flow_v: torch.Tensor
-    flow_a: torch.Tensor
+    flow_v: torch.Tensor | None  # None for a lean context pass
+    flow_a: torch.Tensor | None
     x0_v: torch.Tensor | None
     x0_a: torch.Tensor | None
 
@@ -113,11 +113,14 @@ class BlockStream:
                                                 dtype=self.dtype)
         self.cursor = Cursor(self.device)
         self.step_fn: Callable = self.eager_step
+        # opt-in: the t = 0 pass computes only what reaches a cache and returns no flow (its plan carries
+        # context=True; backends that run the PyTorch forward honour it, compiled artifacts ignore it)
+        self.lean_context = False
 
     # ---- the DiT call a backend may replace (same arguments, same results) -----------------------
     def eager_step(self, xv, xa, vt, at, plan: BlockPlan):
         pos = self.cursor.positions(xv.shape[1], xa.shape[1])
-        return self.dit(xv, xa, vt, at, self.state, pos, plan.video_kv_len)
+        return self.dit(xv, xa, vt, at, self.state, pos, plan.video_kv_len, context=plan.context)
 
     def start(self, ctx: torch.Tensor) -> None:
         """New stream: zero the caches in place and compute the prompt's text K/V."""
@@ -173,8 +176,8 @@ class BlockStream:
         # context pass at t = 0 on the clean block and the re-predicted audio sequence
         vt0 = torch.zeros(b, nf, device=self.device)
         at0 = torch.zeros(b, xa.shape[1], device=self.device)
-        fv, fa = self.step_fn(x0v, x0a, vt0, at0, plan)
-        if record:
+        fv, fa = self.step_fn(x0v, x0a, vt0, at0, replace(plan, context=True) if self.lean_context else plan)
+        if record:  # a lean context pass has no flows (None)
             records.append(ForwardRecord(plan.index, sch.steps, x0v, x0a, vt0, at0, fv, fa, None, None))
         self._commit_audio(plan, committed)
         return BlockOutput(plan.index, x0v, committed, x0a[:, h + na:], plan, records)
@@ -212,12 +215,13 @@ def whole_blocks(profile: Profile, noise_v: torch.Tensor, noise_a: torch.Tensor)
 
 def generate(dit: DualStreamDiT, profile: Profile, ctx: torch.Tensor, noise_v: torch.Tensor,
              noise_a: torch.Tensor, noise: NoiseSource, *, record: bool = False,
-             policy=None, step_fn: Callable | None = None) -> StreamResult:
+             policy=None, step_fn: Callable | None = None, lean_context: bool = False) -> StreamResult:
     """Run every block of ``noise_v`` [B, N*Fb, Cv, Hl, Wl] / ``noise_a`` [B, N*30, Ca] and return the
     committed latents (and, with ``record``, every forward's inputs, flow and x0)."""
     fb, na = profile.stream.latent_frames_per_block, profile.stream.audio_tokens_per_block
     n = whole_blocks(profile, noise_v, noise_a)
     bs = BlockStream(dit, profile, blocks=n, policy=policy, device=noise_v.device)
+    bs.lean_context = lean_context
     if step_fn is not None:
         bs.step_fn = step_fn
     outs = list(bs.run(ctx, lambda i: noise_v[:, i * fb:(i + 1) * fb], lambda i: noise_a[:, i * na:(i + 1) * na],

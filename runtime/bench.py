@@ -17,7 +17,9 @@ timed one (graph capture and autotuning stay out of the numbers). Weights are bu
 
 The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
 ``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
-result's ``session``: compare runs that differ only in them to decide whether they pay.
+result's ``session``: compare runs that differ only in them to decide whether they pay. The speed levers
+of issue #15 (``levers=DiTLevers(...)``: ``--precision fp8``, ``--lean-context``; and the ``compiled``
+backend) are recorded the same way (``levers`` at the top, fp8 / compile details in each ``session``).
 
 The video decoder's opt-in fast paths (``vae_backend``, ``vae_channels_last``: ``--vae-backend
 eager,cudagraph+cl3d ...``, runtime/vae_runner.py) are run variants: ``--mode vae`` runs each in this
@@ -51,7 +53,7 @@ BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.
 # ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
 
 @lru_cache(maxsize=None)
-def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
+def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int, context: bool = False) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from hallolive_rt.config import load_fusion_config
@@ -72,7 +74,7 @@ def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
     vt = torch.empty(s.batch, s.latent_frames_per_block, device="meta")
     at = torch.empty(s.batch, audio_len, device="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len)
+        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len, context=context)
     return int(fc.get_total_flops())
 
 
@@ -113,15 +115,16 @@ def _audio_window_flops(profile: Profile, tokens: int) -> int:
 class FlopCounts:
     """FLOPs per block and stage for ``profile`` (counted once per static shape, cached)."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, lean_context: bool = False):
         self.p = profile
+        self.lean_context = lean_context  # the context pass counts only the lean forward's work
 
-    def dit_forward(self, plan) -> int:
-        return _dit_forward_flops(self.p, plan.audio_len, plan.video_kv_len)
+    def dit_forward(self, plan, context: bool = False) -> int:
+        return _dit_forward_flops(self.p, plan.audio_len, plan.video_kv_len, context)
 
     def dit_block(self, plan, steps: int) -> dict[str, int]:
-        f = self.dit_forward(plan)
-        return {"dit_steps": steps * f, "dit_context": f, "dit": (steps + 1) * f}
+        f, c = self.dit_forward(plan), self.dit_forward(plan, self.lean_context)
+        return {"dit_steps": steps * f, "dit_context": c, "dit": steps * f + c}
 
     def vae_video_block(self, first_block: bool) -> int:
         n = self.p.stream.latent_frames_per_block
@@ -135,9 +138,9 @@ class FlopCounts:
         return _audio_window_flops(self.p, have + s.audio_tokens_per_block + s.future_audio_tokens)
 
 
-def count_flops(profile: Profile, plans, steps: int) -> list[dict[str, int]]:
-    """Per block: FLOPs of dit, dit_steps, dit_context, vae_video, vae_audio."""
-    fc = FlopCounts(profile)
+def count_flops(profile: Profile, plans, steps: int, lean_context: bool = False) -> list[dict[str, int]]:
+    """Per block: FLOPs of dit, dit_steps, dit_context (the lean pass's if ``lean_context``), vae_video, vae_audio."""
+    fc = FlopCounts(profile, lean_context)
     return [{**fc.dit_block(pl, steps), "vae_video": fc.vae_video_block(pl.index == 0),
              "vae_audio": fc.vae_audio_block(pl.index)} for pl in plans]
 
@@ -236,7 +239,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
                vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
-               console=None, ema: bool = False, artifacts: str | None = None) -> dict:
+               console=None, ema: bool = False, levers=None, artifacts: str | None = None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict.
 
     ``backends`` None: every backend that can run here (``default_backends``). ``artifacts``: the export
@@ -248,6 +251,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
 
     from .components import load_components, weights_nbytes
     from .devices import DecodePipeline, resolve_devices
+    from .levers import DiTLevers, check_levers, precision_dtype
     from .session import StreamSession, check_fast_paths
     from .vae_runner import check_vae_options, parse_vae_variants
 
@@ -256,7 +260,9 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not random_weights and model_dir is None:
         raise ValueError("bench needs --random-weights or --model-dir")
-    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry: the policy depends on it
+    levers = levers or DiTLevers()
+    # released geometry: the policy depends on it; --precision bf16|fp16|fp32 name the --dtype
+    prof = load_profile(preset).with_overrides(dtype=precision_dtype(levers.precision, dtype))
     n = blocks if blocks is not None else prof.stream.blocks
     dit_dev, vae_dev = resolve_devices(device, vae_device)
     backends = list(backends) if backends else default_backends(dit_dev, artifacts, console)
@@ -268,6 +274,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                                   seed, ema)
     for name in names:  # before building anything: a choice that cannot run fails now, naming itself
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
+        if mode != "vae":
+            check_levers(name, levers, prof.dtype)
     for vo in vae_variants:
         check_vae_options(vo, vae_dev)
     t = time.perf_counter()
@@ -293,7 +301,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             del pipe
         else:
             sess = StreamSession(comps, prof, backend=backend_for(name), blocks=n, kv_impl=kv_impl, overlap=ov,
-                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts)
+                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts,
+                                 levers=levers)
             plans = sess.plans
             for _ in range(warmup_runs):
                 list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
@@ -304,7 +313,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             from hallolive_rt.cache_policy import choose_policy
 
             plans = plans or list(choose_policy(prof, n).plans())
-            flops = count_flops(prof, plans, len(prof.stream.denoising_steps))
+            flops = count_flops(prof, plans, len(prof.stream.denoising_steps), lean_context=levers.lean_context)
         m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
         if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
             for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
@@ -321,9 +330,10 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
         f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
         f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, vae_backend={vae_backend!r}, "
-        f"vae_channels_last={vae_channels_last}, overlap={overlap}, compare_overlap={compare_overlap})",
+        f"vae_channels_last={vae_channels_last}, overlap={overlap}, compare_overlap={compare_overlap}, "
+        f"levers={levers!r})",
         "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
-        "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
+        "fuse_projections": fuse_projections, "attn_kernel": attn_kernel, "levers": levers.to_dict(),
         "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
         "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
@@ -396,8 +406,8 @@ def _check_backends(names: list[str], prof: Profile, blocks: int, dit_dev: torch
     out = {}
     for name in names:
         try:
-            if name == "cudagraph":
-                require_cuda(dit_dev, flag="--backends")
+            if name in ("cudagraph", "compiled"):  # CUDA graphs: the message names this command's flag
+                require_cuda(dit_dev, what=f"{name} backend", flag="--backends")
             be = backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
                                  model_dir=model_dir, seed=seed, ema=ema, flag="--backends")
             if isinstance(be, ArtifactBackend):

@@ -123,6 +123,16 @@ def weights_nbytes(c: Components) -> dict[str, int]:
     mods = {"dit": c.dit, "video_vae": c.video_decoder, "audio_vae": c.audio_vae, "vocoder": c.vocoder}
     if c.text_encoder is not None:
         mods["text_encoder"] = c.text_encoder
-    return {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, m in mods.items()}
+    return {k: _stored_bytes(m) for k, m in mods.items()}
+
+
+def _stored_bytes(m: torch.nn.Module) -> int:
+    """Bytes of a module's state (parameters and persistent buffers: float8 weights included), each
+    storage once (fused projections and their members share one)."""
+    storages = {}
+    for t in m.state_dict(keep_vars=True).values():
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 

@@ -220,11 +220,15 @@ class DecodePipeline:
         self._threads: list[threading.Thread] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
+    def reset_states(self) -> None:
+        """Zero the video decoder's conv caches and start a fresh audio decode state."""
+        self.vrunner.reset()
+        self.astate = self.adec.new_state(1)
+
     def start(self) -> None:
         """A new stream: fresh decoder states, clocks at zero, worker threads up (overlap mode)."""
         self.close()
-        self.vrunner.reset()
-        self.astate = self.adec.new_state(1)
+        self.reset_states()
         self._free_hslots: queue.Queue = queue.Queue()
         for i in range(len(self.h_frames)):
             self._free_hslots.put(i)

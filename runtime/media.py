@@ -33,6 +33,11 @@ finished block's frames; its audio may stop up to 3 AAC frames (< 192 ms at 16 k
 the part of an AAC frame not yet fed plus the frames the encoder still holds. close() writes everything
 else as one last fragment (held frames + tail audio).
 
+In-memory output (live sessions): ``StreamWriter(None, ..., sink=FragmentSink())`` muxes through the very
+same encoders and muxer into memory instead of a file; ``sink.pop()`` hands out the init segment (ftyp +
+moov, at the first block), one media fragment (moof + mdat) per block and the tail that close() writes.
+Concatenated, they are byte for byte the file this writer writes for the same blocks (tests/test_media.py).
+
 The .y4m and .wav are raw records of exactly what the model produced (no held frames, no alignment):
 the .y4m is append-only, the .wav header is rewritten after every block.
 
@@ -62,7 +67,7 @@ import numpy as np
 
 from .outputs import FileSink
 
-__all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media"]
+__all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,44 @@ class SyncPoint:
     def audio_lead_s(self) -> float:
         """How far the received audio extends past the received video (negative: video ahead)."""
         return float(self.audio_end - self.video_end)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the fragmented MP4 as the muxer wrote it: ``init`` (ftyp + moov), ``fragment`` (the moof +
+    mdat of block ``block``) or ``tail`` (what close() writes: held frames, tail audio, mfra)."""
+
+    kind: str
+    block: int | None
+    data: bytes
+
+
+class FragmentSink:
+    """A write-only, in-memory output for StreamWriter's MP4 (PyAV muxes into any object with ``write``).
+
+    The writer cuts the bytes written so far into a ``Segment`` after the header, after each block's
+    fragment flush and after close; ``pop()`` takes the segments cut since the last call. Without the
+    explicit fragment flush (``StreamWriter.fragment_flush`` False) a block's segment holds the previous
+    block's fragment: the bytes stay in order, they only arrive one block later.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._segments: list[Segment] = []
+        self.bytes_written = 0
+
+    def write(self, data) -> int:
+        self._buf += data
+        self.bytes_written += len(data)
+        return len(data)
+
+    def cut(self, kind: str, block: int | None = None) -> None:
+        self._segments.append(Segment(kind, block, bytes(self._buf)))
+        self._buf.clear()
+
+    def pop(self) -> list[Segment]:
+        out, self._segments = self._segments, []
+        return out
 
 
 def _check_writable(path: Path, what: str) -> Path:
@@ -238,7 +281,8 @@ class StreamWriter:
 
     def __init__(self, path: Path | None, *, width: int, height: int, fps: float | Fraction,
                  sample_rate: int, frames_out: Path | None = None, wav_out: Path | None = None,
-                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 64_000):
+                 crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 64_000,
+                 sink: FragmentSink | None = None):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise MediaError(f"frame size {width}x{height} must be positive and even (yuv420p)")
         if sample_rate <= 0 or fps <= 0:
@@ -246,8 +290,11 @@ class StreamWriter:
         self.path = None if path is None else _check_writable(path, "video")
         self.frames_out = None if frames_out is None else _check_writable(frames_out, "frames")
         self.wav_out = None if wav_out is None else _check_writable(wav_out, "wav")
-        if self.path is None and self.frames_out is None and self.wav_out is None:
-            raise MediaError("StreamWriter needs at least one of path, frames_out, wav_out")
+        if path is not None and sink is not None:
+            raise MediaError("the MP4 goes to a path or to a sink, not both")
+        self.sink = sink  # the MP4 into memory instead of ``path`` (same encoders, same muxer, same bytes)
+        if self.path is None and self.sink is None and self.frames_out is None and self.wav_out is None:
+            raise MediaError("StreamWriter needs at least one of path, sink, frames_out, wav_out")
         self.width, self.height, self.sample_rate = width, height, sample_rate
         # 25.0 -> 25, 24000/1001 stays exact; a float like 29.97 becomes 2997/100, still exact.
         self.fps = Fraction(fps).limit_denominator(1_000_000)
@@ -292,7 +339,7 @@ class StreamWriter:
                 self._y4m = _Y4mWriter(self.frames_out, self.width, self.height, self.fps)
             if self.wav_out is not None:
                 self._wav = _WavWriter(self.wav_out, self.sample_rate)
-            if self.path is not None:
+            if self.path is not None or self.sink is not None:
                 self._open_mp4()
         except Exception as e:
             self._abort()
@@ -302,8 +349,11 @@ class StreamWriter:
 
     def _open_mp4(self):
         opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
-        self._sink = FileSink(self.path)  # the muxer writes through it: a failed write can be cut back
-        self._mp4 = av.open(self._sink, "w", format="mp4", options=opts)
+        if self.sink is not None:  # in memory (live sessions): nothing to cut back, no file
+            target = self.sink
+        else:
+            self._sink = target = FileSink(self.path)  # the muxer writes through it: a failure can be cut back
+        self._mp4 = av.open(target, "w", format="mp4", options=opts)
         vs = self._mp4.add_stream("libx264", rate=self.fps)
         vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
         vs.codec_context.time_base = 1 / self.fps
@@ -317,6 +367,8 @@ class StreamWriter:
         aus.codec_context.time_base = Fraction(1, self.sample_rate)
         self._mp4.start_encoding()  # opens both encoders: frame_size is known from here on
         self._vs, self._as = vs, aus
+        if self.sink is not None:
+            self.sink.cut("init")  # ftyp + moov (empty_moov: written with the header)
 
     def _abort(self):
         for w in (self._y4m, self._wav):
@@ -381,11 +433,14 @@ class StreamWriter:
                 self._encode_frame(rgb, self._frames + i, force_key=(i == 0))
             self._encode_audio(limit=self._samples_until_frame(self._frames + len(frames)))
             self.fragment_flush = _flush_fragment(self._mp4)
-            if self._sink.error is not None:  # the flush reports failure as False: the sink kept the error
-                raise self._sink.error
-            if self.fragment_flush:  # this block's fragment is on disk
-                self._sink.commit()
-                self._mp4_whole = len(self.timeline) + 1
+            if self._sink is not None:
+                if self._sink.error is not None:  # the flush reports failure as False: the sink kept the error
+                    raise self._sink.error
+                if self.fragment_flush:  # this block's fragment is on disk
+                    self._sink.commit()
+                    self._mp4_whole = len(self.timeline) + 1
+            if self.sink is not None:
+                self.sink.cut("fragment", len(self.timeline))
         for w in (self._y4m, self._wav):
             if w is not None:
                 w.commit()
@@ -457,7 +512,7 @@ class StreamWriter:
                 self._mp4.mux(self._vs.encode(None))
                 self._mp4.mux(self._as.encode(None))
                 self._mp4.close()  # writes the last fragment: held frames + tail audio
-                if self._sink.error is not None:
+                if self._sink is not None and self._sink.error is not None:
                     raise self._sink.error
         except OSError as e:  # the tail did not fit: cut back to the last complete block
             raise self._write_failed(e) from None
@@ -466,6 +521,8 @@ class StreamWriter:
                 for w in (self._mp4, self._y4m, self._wav, self._sink):
                     if w is not None:
                         w.close()
+                if self.sink is not None and self._mp4 is not None:
+                    self.sink.cut("tail")
         video_end = Fraction(self._frames + held) / self.fps
         audio_end = Fraction(self._samples, self.sample_rate)
         self.summary = {"blocks": len(self.timeline), "frames": self._frames, "held_frames": held,

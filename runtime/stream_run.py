@@ -69,14 +69,20 @@ def _stream(run: dict, stop) -> dict:
     sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
                          cache_policy=run["cache_policy"], kv_impl=run["kv_impl"], overlap=run["overlap"],
                          fuse_projections=run["fuse_projections"], attn_kernel=run["attn_kernel"],
-                         video_runner=run["vae_opts"])
-    ctx, _ = sess.encode(run["prompt"])
+                         video_runner=run["vae_opts"], levers=run["levers"])
+    prompt_at = run["prompt_at"]
+    ctx, _ = sess.encode(run["prompt"], release=not prompt_at)
+    encode_s = sess.text_encode_s
+    switches = [(at, sess.encode(text, release=k == len(prompt_at) - 1)[0]) for k, (at, text) in enumerate(prompt_at)]
+    sess.text_encode_s = encode_s  # the metrics' text_encode_s is the first prompt's
     for _ in range(run["warmup_runs"]):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed
 
         with suppressed():
             for _blk in sess.run(ctx, seed):
                 pass
+    for at, sw_ctx in switches:  # after the warm-up runs, which would drop them
+        sess.switch_prompt(sw_ctx, at_block=at)
     written: list[DecodedBlock] = []  # times and counts only: an endless stream must not keep its frames
 
     def on_block(b: DecodedBlock) -> None:  # on the writer thread (or inline)

@@ -16,10 +16,13 @@ from tests.dit_fixtures import tiny_dit, tiny_inputs
 
 
 def test_registry_names_and_errors():
-    assert BACKENDS == ("eager", "cudagraph", "aoti", "tensorrt")
+    assert BACKENDS == ("eager", "cudagraph", "compiled", "aoti", "tensorrt")
+    from hallolive_rt.cli import Backend as CliBackend
+
+    assert tuple(b.value for b in CliBackend) == BACKENDS  # every backend is selectable from the CLI
     eager = get_backend("eager")
     assert isinstance(eager, Backend) and eager.name == "eager"
-    with pytest.raises(ValueError, match="unknown backend 'warp'.*eager, cudagraph, aoti, tensorrt"):
+    with pytest.raises(ValueError, match="unknown backend 'warp'.*eager, cudagraph, compiled, aoti, tensorrt"):
         get_backend("warp")
 
 
@@ -37,8 +40,9 @@ def test_optional_backends_import_lazily_and_fail_clearly(name):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cudagraph_without_cuda_names_what_is_missing():
-    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU.*--backend eager"):
-        get_backend("cudagraph")
+    for name in ("cudagraph", "compiled"):
+        with pytest.raises(BackendUnavailable, match="needs a CUDA GPU.*--backend eager"):
+            get_backend(name)
 
 
 def test_variants_largest_first_and_eager_equals_stream(tiny_profile):

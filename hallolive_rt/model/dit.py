@@ -4,18 +4,16 @@ State-dict names equal the checkpoint's after its ``model.`` prefix: ``video_mod
 One forward denoises one block: the video block's tokens (incremental, written into the video caches at
 ``pos.video_slot``) and the whole audio sequence from position 0 (recomputed every forward, as released).
 
-Per layer (docs/FACTS.md section 2):
-    A += g1a * self_attn_a(...)            V += g1v * self_attn_v(...)      (video attends its cache)
-    A0 = A
-    A += cross_a(norm3(A), text, V)        audio sees video after its self-attention (fusion cache)
-    A += g2a * ffn_a(...)
-    V += cross_v(norm3(V), text, A0)       video sees audio after self-attention, before audio cross/ffn
-    V += g2v * ffn_v(...)
-Nothing here syncs the host: positions and offsets are tensors, every size is static per variant.
+Each layer runs ``dual_layer`` (``model/dual_layer.py``: both streams' blocks of that layer,
+docs/FACTS.md section 2), the same function for every layer, so ``torch.compile`` of it serves all of them
+(``layer_fn``, set by the ``compiled`` backend; ``model/compile.py``). Nothing here syncs the host:
+positions and offsets are tensors, every size is static per variant.
 
-Two opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
-``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``) and
-``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``).
+Opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
+``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``),
+``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``),
+``quantize_fp8()`` (float8 Linears; ``model/fp8.py``) and ``forward(context=True)`` (the lean t = 0
+context pass: only what reaches a cache).
 """
 
 from __future__ import annotations
@@ -27,10 +25,11 @@ from torch import nn
 
 from ..config import FusionConfig, StreamConfig
 from ..state import DiTState, StepPositions
-from .attention import attention, attention_kernel, check_attention_kernel
+from .attention import check_attention_kernel
+from .dual_layer import LayerState, LayerStatic, context_parts, dual_layer
 from .fused import FusableProjections
 from .layers import ChannelLastConv1d, ConvMLP, FusionLayer, Head
-from .rope import RopeTables, apply_rope
+from .rope import RopeTables
 
 __all__ = ["StreamDiT", "DualStreamDiT", "sinusoidal_embedding"]
 
@@ -104,6 +103,8 @@ class DualStreamDiT(nn.Module):
         self.audio_model = StreamDiT(cfg.audio, cfg.video)
         self._kv = None
         self.attn_kernel = "auto"
+        self.layer_fn = None  # None: dual_layer eagerly; a compiled dual_layer (runtime/backends/compiled.py)
+        self.fp8: dict | None = None  # what quantize_fp8 did (None: the released precision)
 
     # ---- cache operations (C++ extension or the pure-torch reference) ---------------------------
     @property
@@ -124,7 +125,7 @@ class DualStreamDiT(nn.Module):
     def set_attention_kernel(self, kernel: str) -> None:
         """``auto`` (PyTorch picks, as released) or one SDPA kernel: math, flash, cudnn, efficient.
         Probed on the parameters' device and dtype first; one that cannot run there raises ValueError."""
-        p = self.video_model.head.head.weight
+        p = self.video_model.patch_embedding.weight  # a conv: never float8
         check_attention_kernel(kernel, p.device, p.dtype, (self.cfg.video.head_dim, self.cfg.audio.head_dim))
         self.attn_kernel = kernel
 
@@ -134,13 +135,48 @@ class DualStreamDiT(nn.Module):
     def fuse_projections(self) -> None:
         """One GEMM per group of projections on the same input (names, shapes, values unchanged).
         Call after loading; calling again re-fuses from the current parameters."""
+        if self._fp8_layout_fixed(True):
+            return
         for m in self._fusable():
             m.fuse_projections()
 
     def unfuse_projections(self) -> None:
         """Back to the released one-GEMM-per-projection forward (copies nothing)."""
+        if self._fp8_layout_fixed(False):
+            return
         for m in self._fusable():
             m.unfuse_projections()
+
+    def _fp8_layout_fixed(self, fused: bool) -> bool:
+        """After ``quantize_fp8`` the projection layout is fixed: the same one is a no-op, another is refused."""
+        if self.fp8 is None:
+            return False
+        if self.projections_fused != fused:
+            now = "fused" if self.projections_fused else "unfused"
+            raise ValueError(f"this DiT was quantized to float8 with its projections {now}; the layout cannot "
+                             f"change any more: load the DiT again (or keep --{'' if now == 'fused' else 'no-'}"
+                             f"fuse-projections with --precision fp8)")
+        return True
+
+    def quantize_fp8(self, *, act_scale: str = "token", impl: str = "auto") -> dict:
+        """``--precision fp8``: every eligible Linear as float8 e4m3 rows with per-row scales and dynamic
+        activation scales (``model/fp8.py``), in place and for good (the bf16 weights are dropped). Fuse
+        projections first if wanted. Calling it again with the same options is a no-op; returns ``self.fp8``."""
+        from .fp8 import quantize_linears, resolve_fp8_impl
+
+        p = self.video_model.patch_embedding.weight  # a conv: never quantized
+        if self.fp8 is not None:
+            if (self.fp8["act_scale"], self.fp8["impl_asked"]) != (act_scale, impl):
+                raise ValueError(f"this DiT is already float8 (act_scale={self.fp8['act_scale']}, impl="
+                                 f"{self.fp8['impl_asked']}); load it again for act_scale={act_scale}, impl={impl}")
+            return self.fp8
+        dtype = p.dtype
+        use, why = resolve_fp8_impl(impl, p.device, dtype)
+        names = quantize_linears(self, compute_dtype=dtype, act_scale=act_scale, impl=use)
+        self.fp8 = {"act_scale": act_scale, "impl_asked": impl, "impl": use, "emulated_because": why,
+                    "compute_dtype": str(dtype).removeprefix("torch."), "fused_projections": self.projections_fused,
+                    "linears_fp8": len(names["quantized"]), "linears_kept": names["kept"]}
+        return self.fp8
 
     @property
     def projections_fused(self) -> bool:
@@ -167,77 +203,44 @@ class DualStreamDiT(nn.Module):
 
     # ---- one block step --------------------------------------------------------------------------
     def forward(self, vid_x: torch.Tensor, aud_x: torch.Tensor, vid_t: torch.Tensor, aud_t: torch.Tensor,
-                state: DiTState, pos: StepPositions, video_kv_len: int):
+                state: DiTState, pos: StepPositions, video_kv_len: int, context: bool = False):
         """One denoising (or t=0 context) forward of a block.
 
         vid_x [B, Fb, Cv, Hl, Wl] noisy video block; aud_x [B, La, Ca] whole audio sequence from position 0;
         vid_t [B, Fb], aud_t [B, La] float timesteps; ``video_kv_len`` (static) cache rows attended,
         the block's own rows included. Returns flow predictions shaped like vid_x and aud_x.
-        """
-        with attention_kernel(self.attn_kernel):  # a no-op for auto
-            return self._forward(vid_x, aud_x, vid_t, aud_t, state, pos, video_kv_len)
 
-    def _forward(self, vid_x, aud_x, vid_t, aud_t, state: DiTState, pos: StepPositions, video_kv_len: int):
+        ``context=True`` (the lean context pass, opt-in through ``BlockStream.lean_context``): compute only
+        what reaches a cache (``dual_layer.context_parts``: the last layer stops after its cache writes, the
+        one before skips its audio tail, no heads) and return ``(None, None)``. The caches it leaves are
+        bit-identical to the full forward's.
+        """
         vm, am = self.video_model, self.audio_model
         b, nf, _, lh, lw = vid_x.shape
         gh, gw = lh // vm.cfg.patch_size[1], lw // vm.cfg.patch_size[2]
         dtype = state.video_k.dtype
         lay = state.layout
-        kv = self.kv
 
         V = vm.embed(vid_x.to(dtype))  # [B, Nv, C]
         A = am.embed(aud_x.to(dtype))  # [B, La, C]
         ev, e0v = vm.embed_time(vid_t, dtype)  # [B, Fb, C], [B, Fb, 6, C]
         ea, e0a = am.embed_time(aud_t, dtype)  # [B, La, C], [B, La, 6, C]
         na = A.shape[1]
-        cos_v, sin_v = vm.rope.video(pos.video_frame_pos, gh, gw)  # [Nv, D/2]
-        cos_a, sin_a = am.rope.audio(pos.audio_pos)  # [La, D/2]
+        rope_v = vm.rope.video(pos.video_frame_pos, gh, gw)  # cos, sin [Nv, D/2]
+        rope_a = am.rope.audio(pos.audio_pos)  # [La, D/2]
 
-        def modulate(norm, x, shift, scale, groups):
-            return (norm(x).unflatten(1, (groups, -1)) * (1 + scale) + shift).flatten(1, 2)
-
-        def gated(x, y, gate, groups):
-            return x + (y.unflatten(1, (groups, -1)) * gate).flatten(1, 2)
-
+        n_layers = len(vm.blocks)
+        parts = context_parts(n_layers) if context else ["full"] * n_layers
+        layer = self.layer_fn or dual_layer
         for i, (bv, ba) in enumerate(zip(vm.blocks, am.blocks)):
-            mv, ma = bv.mod(e0v), ba.mod(e0a)
+            st = LayerState(state.video_k[i], state.video_v[i], state.fusion_k[i], state.fusion_v[i],
+                            state.text_k_video[i], state.text_v_video[i], state.text_k_audio[i],
+                            state.text_v_audio[i], pos.video_slot)
+            static = LayerStatic(nf, na, video_kv_len, lay.sink, lay.ring, self.attn_kernel, parts[i])
+            V, A = layer(bv, ba, V, A, e0v, e0a, rope_v, rope_a, st, self.kv, static)
 
-            # audio self-attention: the whole sequence, recomputed from position 0 (scratch K/V)
-            q, k, v = ba.self_attn.qkv(modulate(ba.norm1, A, ma[0], ma[1], na))
-            y = attention(apply_rope(q, cos_a, sin_a), apply_rope(k, cos_a, sin_a), v)
-            A = gated(A, ba.self_attn.o(y.flatten(2)), ma[2], na)
-
-            # video self-attention: write the block's RoPE'd K/V into the cache, attend to rows [0, kv_len)
-            q, k, v = bv.self_attn.qkv(modulate(bv.norm1, V, mv[0], mv[1], nf))
-            kc, vc = state.video_k[i], state.video_v[i]
-            kv.rope_write_block(kc, k, cos_v, sin_v, pos.video_slot, lay.sink, lay.ring)
-            kv.write_block(vc, v, pos.video_slot, lay.sink, lay.ring)
-            y = attention(apply_rope(q, cos_v, sin_v), kc[:, :video_kv_len], vc[:, :video_kv_len])
-            V = gated(V, bv.self_attn.o(y.flatten(2)), mv[2], nf)
-
-            A0 = A
-            # audio cross: text + video tokens through the fusion cache (RoPE'd with video positions)
-            ca = ba.cross_attn
-            xa = ba.norm3(A)
-            qa = ca.query(xa)
-            kf, vf = ca.fusion_kv(V)
-            fk, fv = state.fusion_k[i], state.fusion_v[i]
-            kv.rope_write_block(fk, kf, cos_v, sin_v, pos.video_slot, lay.sink, lay.ring)
-            kv.write_block(fv, vf, pos.video_slot, lay.sink, lay.ring)
-            o = attention(qa, state.text_k_audio[i], state.text_v_audio[i]) + attention(
-                apply_rope(qa, cos_a, sin_a), fk[:, :video_kv_len], fv[:, :video_kv_len])
-            A = A + ca.o(o.flatten(2))
-            A = gated(A, ba.ffn(modulate(ba.norm2, A, ma[3], ma[4], na)), ma[5], na)
-
-            # video cross: text + the audio sequence after its self-attention (A0), scratch K/V
-            cv = bv.cross_attn
-            qv = cv.query(bv.norm3(V))
-            kf, vf = cv.fusion_kv(A0)
-            o = attention(qv, state.text_k_video[i], state.text_v_video[i]) + attention(
-                apply_rope(qv, cos_v, sin_v), apply_rope(kf, cos_a, sin_a), vf)
-            V = V + cv.o(o.flatten(2))
-            V = gated(V, bv.ffn(modulate(bv.norm2, V, mv[3], mv[4], nf)), mv[5], nf)
-
+        if context:
+            return None, None
         flow_v = vm.unpatchify(vm.head(V, ev, nf), nf, gh, gw)  # [B, Fb, Cv, Hl, Wl]
         flow_a = am.head(A, ea, na)  # [B, La, Ca]
         return flow_v, flow_a

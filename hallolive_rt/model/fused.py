@@ -19,6 +19,10 @@ shared tensors: clone them first).
 
 Works on the meta device (structure only), and keeps the forward free of host syncs: the fused path is
 a Python attribute test resolved at trace / capture time, then ``F.linear`` and ``split``.
+
+``--precision fp8`` (``model/fp8.py``) quantizes a fused group as ONE float8 Linear ``<group>_fp8`` (per-row
+weight scales make row concatenation exact) whose members are row views of it; the bf16 buffers go, and
+the layout is frozen from then on (unfusing raises).
 """
 
 from __future__ import annotations
@@ -42,8 +46,14 @@ class FusableProjections(nn.Module):
         names = self.FUSED_GROUPS[group]
         if not self.projections_fused:
             return tuple(getattr(self, n)(x) for n in names)
-        y = F.linear(x, getattr(self, f"{group}_weight"), getattr(self, f"{group}_bias"))
+        fp8 = self._modules.get(f"{group}_fp8")  # the group quantized by model/fp8.py: one float8 GEMM
+        y = fp8(x) if fp8 is not None else F.linear(x, getattr(self, f"{group}_weight"), getattr(self, f"{group}_bias"))
         return y.split([getattr(self, n).out_features for n in names], dim=-1)
+
+    @property
+    def fp8_frozen(self) -> bool:
+        """True once ``model/fp8.py`` quantized a fused group: the layout can no longer change."""
+        return any(f"{g}_fp8" in self._modules for g in self.FUSED_GROUPS)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -65,6 +75,9 @@ class FusableProjections(nn.Module):
         """Back to one GEMM per member (no copy: the members keep their slices as parameters)."""
         if not self.projections_fused:
             return
+        if self.fp8_frozen:
+            raise RuntimeError("these projections were quantized to float8 while fused: their layout is frozen "
+                               "(load the DiT again to unfuse them)")
         for group in self.FUSED_GROUPS:
             del self._buffers[f"{group}_weight"], self._buffers[f"{group}_bias"]
         self.projections_fused = False
@@ -72,6 +85,8 @@ class FusableProjections(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to() / to_empty() replace each parameter separately: the slices would stop aliasing the fused
         # buffer, so convert the members alone and concatenate again on the converted tensors
+        if self.fp8_frozen:  # float8 groups own their storage: nothing aliases a parameter any more
+            return super()._apply(fn, recurse)
         fused = self.projections_fused
         self.unfuse_projections()
         super()._apply(fn, recurse)

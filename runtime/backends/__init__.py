@@ -2,6 +2,8 @@
 
     eager      PyTorch modules, eagerly (the reference)
     cudagraph  the same modules, each per-block step captured once per static variant and replayed
+    compiled   cudagraph with the DiT's layers compiled by inductor while capturing (one compiled layer
+               function shared by all layers: runtime/backends/compiled.py)
     aoti       AOTInductor packages built by ``hallolive-rt export`` (runtime/backends/aoti.py)
     tensorrt   TensorRT plans built by ``hallolive-rt export`` (runtime/backends/tensorrt.py)
 
@@ -19,7 +21,7 @@ from .base import Backend, BackendUnavailable, distinct_variants, variant_name
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "get_backend", "available_backends",
            "distinct_variants", "variant_name"]
 
-BACKENDS = ("eager", "cudagraph", "aoti", "tensorrt")
+BACKENDS = ("eager", "cudagraph", "compiled", "aoti", "tensorrt")
 _LAZY = {"aoti": "hallolive_rt.runtime.backends.aoti", "tensorrt": "hallolive_rt.runtime.backends.tensorrt"}
 
 
@@ -33,6 +35,10 @@ def get_backend(name: str, **options) -> Backend:
         from .cudagraph import CudaGraphBackend
 
         return CudaGraphBackend(**options)
+    if name == "compiled":
+        from .compiled import CompiledBackend
+
+        return CompiledBackend(**options)
     if name in _LAZY:
         try:
             mod = importlib.import_module(_LAZY[name])

@@ -14,11 +14,17 @@ with the same variant. Nothing in a captured step syncs the host (tests/test_bac
 
 Outputs are the graph's static buffers: valid until the next ``step`` of any variant (they live in the
 shared pool), which is how the block loop uses them (x0 is computed from them at once).
+
+With ``BlockStream.lean_context`` on, each variant gets a second graph for the t = 0 context pass
+(``plan.context``), which runs the lean forward (only what reaches a cache) and has no outputs.
+``CompiledBackend`` (``compiled.py``) is this backend with the DiT's layers compiled while capturing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,17 +58,35 @@ class _Captured:
     xa: torch.Tensor
     vt: torch.Tensor
     at: torch.Tensor
-    flow_v: torch.Tensor
-    flow_a: torch.Tensor
+    flow_v: torch.Tensor | None  # None for a lean context pass
+    flow_a: torch.Tensor | None
+
+
+def _graph_keys(stream, plans: list[BlockPlan]) -> list[tuple[tuple[int, int], bool]]:
+    """(variant, context) of every graph to capture, largest first: the denoising step of each variant
+    and, when the stream runs a lean context pass (``BlockStream.lean_context``), its context pass too."""
+    keys = []
+    for v in distinct_variants(plans):
+        keys.append((v, False))
+        if stream.lean_context:
+            keys.append((v, True))
+    return keys
+
+
+def _key_name(key) -> str:
+    variant, context = key
+    return variant_name(variant) + (" (lean context pass)" if context else "")
 
 
 class CudaGraphBackend(Backend):
     name = "cudagraph"
 
     def __init__(self, warmup_iters: int = 2):
-        require_cuda()
+        require_cuda(what=f"{self.name} backend")
+        if warmup_iters < 1:
+            raise ValueError("warmup_iters must be >= 1 (lazy initialisation must stay out of the graph)")
         self.warmup_iters = warmup_iters
-        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._graphs: dict[tuple[tuple[int, int], bool], _Captured] = {}
         self.pool = None
         self.capture_s: float | None = None
 
@@ -79,40 +103,51 @@ class CudaGraphBackend(Backend):
         at = torch.full((b, audio_len), 500.0, device=dev)
         return xv, xa, vt, at
 
+    def _forward_mode(self, stream):
+        """Context manager around warm-up and capture: how the captured forward runs (``compiled`` swaps
+        in its compiled layers here; the graphs keep whatever kernels ran while capturing)."""
+        return contextlib.nullcontext()
+
+    def _warmed_up(self, key, first_call_s: float) -> None:
+        """Called after each graph's warm-up with the first warm-up call's wall time (synchronized)."""
+
     @torch.no_grad()
     def prepare(self, stream, plans: list[BlockPlan]) -> None:
-        import time
-
         dev = torch.device(stream.device)
-        require_cuda(dev)
+        require_cuda(dev, what=f"{self.name} backend")
         t0 = time.perf_counter()
-        with torch.cuda.device(dev):
+        with torch.cuda.device(dev), self._forward_mode(stream):
             self.pool = torch.cuda.graph_pool_handle()
             gen = torch.Generator(device=dev).manual_seed(1234)
             main = torch.cuda.current_stream(dev)
-            for variant in distinct_variants(plans):
-                if variant in self._graphs:
+            for key in _graph_keys(stream, plans):
+                if key in self._graphs:
                     continue
-                plan = next(p for p in plans if p.variant == variant)
+                variant, context = key
+                plan = replace(next(p for p in plans if p.variant == variant), context=context)
                 xv, xa, vt, at = self._static_inputs(stream, variant[0], gen)
                 stream.cursor.set(plan)  # warm-up writes land inside this variant's rows
                 side = torch.cuda.Stream(dev)
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    for _ in range(self.warmup_iters):
+                    for i in range(self.warmup_iters):
+                        t = time.perf_counter()
                         stream.eager_step(xv, xa, vt, at, plan)
+                        if i == 0:
+                            side.synchronize()
+                            self._warmed_up(key, time.perf_counter() - t)
                 main.wait_stream(side)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool):
                     fv, fa = stream.eager_step(xv, xa, vt, at, plan)
-                self._graphs[variant] = _Captured(g, xv, xa, vt, at, fv, fa)
+                self._graphs[key] = _Captured(g, xv, xa, vt, at, fv, fa)
             torch.cuda.synchronize(dev)
         self.capture_s = time.perf_counter() - t0
 
     def step(self, xv, xa, vt, at, plan: BlockPlan):
-        c = self._graphs.get(plan.variant)
+        c = self._graphs.get((plan.variant, plan.context))
         if c is None:
-            raise KeyError(f"block {plan.index} needs variant {variant_name(plan.variant)}, which was not "
+            raise KeyError(f"block {plan.index} needs {_key_name((plan.variant, plan.context))}, which was not "
                            f"captured; captured: {', '.join(self.variants()) or 'none (call prepare first)'}")
         c.xv.copy_(xv)
         c.xa.copy_(xa)
@@ -122,4 +157,4 @@ class CudaGraphBackend(Backend):
         return c.flow_v, c.flow_a
 
     def variants(self) -> list[str]:
-        return [variant_name(v) for v in self._graphs]
+        return [_key_name(k) for k in self._graphs]

@@ -1,0 +1,134 @@
+"""`hallolive-rt serve`: check the options, load the components once, serve the app with uvicorn.
+
+``build_server`` (validation + loading -> ``LiveServer``) is the part a Ray Serve replica reuses;
+``serve_main`` adds the bind checks (127.0.0.1 by default; a token for any other address), the app
+and uvicorn. Every refusal is an ``InputError`` (CLI exit code 2) raised before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..session import InputError
+from .protocol import Limits
+from .sessions import LiveServer
+
+__all__ = ["SERVE_EXTRA_HINT", "missing_serve_deps", "is_loopback", "check_bind", "build_server", "serve_main",
+           "TOKEN_ENV"]
+
+TOKEN_ENV = "HALLOLIVE_TOKEN"
+SERVE_EXTRA_HINT = ("live sessions need the serve extra (FastAPI, uvicorn, websockets): "
+                    "pip install -e '.[serve]'  (or pip install 'hallolive-rt[serve]')")
+
+
+def missing_serve_deps() -> list[str]:
+    return [m for m in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(m) is None]
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse a non-loopback bind without a token: anyone who reaches the port could drive the GPU."""
+    if not is_loopback(host) and not token:
+        raise InputError(f"--host {host} is reachable from other machines: pass --token SECRET (or set "
+                         f"{TOKEN_ENV}); clients then connect with ?token=SECRET. Without --host the server "
+                         f"binds 127.0.0.1 and needs no token")
+    if token is not None and len(token) < 8:
+        raise InputError("--token must have at least 8 characters")
+
+
+def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
+                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
+                 backend: str = "eager", kv_impl: str | None = None, seed: int = 0, max_sessions: int = 1,
+                 limits: Limits | None = None, replica_id: str | None = None) -> LiveServer:
+    """Validate (as ``stream`` does), then load every component once, the text encoder included (it stays
+    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset).
+    ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
+    from hallolive_rt.profile import ProfileError, load_profile
+
+    from ..backends import BackendUnavailable, get_backend
+    from ..components import MissingModelFiles, check_model_dir, load_components
+    from ..devices import resolve_devices
+
+    if max_sessions < 1:
+        raise InputError(f"--max-sessions must be >= 1, got {max_sessions}")
+    try:
+        prof = load_profile(preset).with_overrides(dtype=dtype)
+    except (ProfileError, ValueError) as e:
+        raise InputError(str(e)) from e
+    if model_dir is not None and random_weights:
+        raise InputError("--model-dir and --random-weights exclude each other: drop one")
+    if model_dir is None and not random_weights and prof.decoders != "tiny":
+        raise InputError(f"preset {prof.name} needs weights: pass --model-dir <official download> or --random-weights")
+    if model_dir is not None and prof.decoders == "tiny":
+        raise InputError("the tiny preset has no released weights; drop --model-dir")
+    try:
+        dit_dev, vae_dev = resolve_devices(device, vae_device)
+        paths = check_model_dir(model_dir) if model_dir is not None else None
+        get_backend(backend)
+    except (ValueError, MissingModelFiles, BackendUnavailable) as e:
+        raise InputError(str(e)) from e
+    comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
+                            dtype=prof.dtype, seed=seed)
+    kv_impl = kv_impl or ("ext" if dit_dev.type == "cuda" else "torch")
+    comps.dit.set_kv_impl(kv_impl)  # builds the extension now (once), not inside the first session
+    return LiveServer(comps, max_sessions=max_sessions, limits=limits, replica_id=replica_id, backend=backend,
+                      kv_impl=kv_impl)
+
+
+class _RedactToken(logging.Filter):
+    """uvicorn logs request lines with their query string: keep ?token=... out of the logs."""
+
+    _re = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(self._re.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def serve_main(*, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+               allowed_origins: Sequence[str] = (), log_level: str = "info",
+               on_ready: Callable[[str], None] | None = None, **build) -> None:
+    """Check the bind, build the server (``build_server(**build)``), serve until interrupted. ``on_ready``
+    gets the page's URL (with the real port when ``port`` is 0, and the token in its #fragment)."""
+    check_bind(host, token)
+    missing = missing_serve_deps()
+    if missing:
+        raise ImportError(f"{', '.join(missing)} not installed: {SERVE_EXTRA_HINT}")
+    import uvicorn
+
+    from .app import create_app
+
+    server = build_server(**build)
+    app = create_app(server, token=token, allowed_origins=allowed_origins)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            ws_max_size=4 * server.limits.max_message_bytes, ws_per_message_deflate=False)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(_RedactToken())
+    userver = uvicorn.Server(config)
+
+    async def run() -> None:
+        task = asyncio.create_task(userver.serve())
+        while not userver.started and not task.done():
+            await asyncio.sleep(0.05)
+        if userver.started and on_ready is not None:
+            bound = userver.servers[0].sockets[0].getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            on_ready(f"http://{shown}:{bound}/" + (f"#token={token}" if token else ""))
+        await task
+
+    asyncio.run(run())

@@ -39,7 +39,8 @@ moov, at the first block), one media fragment (moof + mdat) per block and the ta
 Concatenated, they are byte for byte the file this writer writes for the same blocks (tests/test_media.py).
 
 The .y4m and .wav are raw records of exactly what the model produced (no held frames, no alignment):
-the .y4m is append-only, the .wav header is rewritten after every block.
+the .y4m is append-only, the .wav header is rewritten after every block (``runtime/raw_records.py``).
+Reading a file back: ``probe_media`` (``runtime/probe.py``, re-exported here).
 
 Ends: ``close()`` (normal end, or a stream stopped by SIGINT / SIGTERM at a block boundary) ends both
 tracks on the last block: the held frames cover the audio, all audio is written, so the tracks differ by
@@ -56,7 +57,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -66,6 +66,8 @@ import av
 import numpy as np
 
 from .outputs import FileSink
+from .probe import probe_media
+from .raw_records import _WavWriter, _Y4mWriter
 
 __all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
 
@@ -208,68 +210,6 @@ def _libavformat():
             fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
         _LIBAVFORMAT.append(lib)
     return _LIBAVFORMAT[0]
-
-
-class _WavWriter:
-    """16-bit PCM mono WAV whose RIFF/data sizes are rewritten after every block (valid if interrupted)."""
-
-    def __init__(self, path: Path, sample_rate: int):
-        self.fh = FileSink(path)
-        self.rate, self.bytes, self.committed_bytes = sample_rate, 0, 0
-        self._header()
-
-    def _header(self):
-        self.fh.seek(0)
-        self.fh.write(b"RIFF" + struct.pack("<I", 36 + self.bytes) + b"WAVE")
-        self.fh.write(b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, self.rate, 2 * self.rate, 2, 16))
-        self.fh.write(b"data" + struct.pack("<I", self.bytes))
-
-    def write(self, audio: np.ndarray):  # [S] float32 in [-1, 1]
-        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-        self.fh.seek(0, os.SEEK_END)
-        self.fh.write(pcm.tobytes())
-        self.bytes += pcm.nbytes
-        self._header()
-
-    def commit(self):
-        self.fh.seek(0, os.SEEK_END)
-        self.fh.commit()
-        self.committed_bytes = self.bytes
-
-    def rollback(self):
-        """Back to the last complete block: the header (rewritten in place) and the data size."""
-        self.bytes = self.committed_bytes
-        try:
-            self._header()
-        except OSError:
-            pass  # the header then still counts the lost tail; players read to the end of the file anyway
-        self.fh.rollback()
-
-    def close(self):
-        self.fh.close()
-
-
-class _Y4mWriter:
-    """YUV4MPEG2 4:4:4 (BT.601, limited range: the y4m default), one FRAME record appended per frame."""
-
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction):
-        self.fh = FileSink(path)
-        self.fh.write(f"YUV4MPEG2 W{width} H{height} F{fps.numerator}:{fps.denominator} Ip A1:1 C444\n"
-                      .encode())
-
-    def write(self, frames: np.ndarray):  # [N, H, W, 3] uint8 RGB
-        for rgb in frames:
-            yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv444p")
-            self.fh.write(b"FRAME\n" + yuv.to_ndarray().tobytes())  # [3, H, W] planar
-
-    def commit(self):
-        self.fh.commit()
-
-    def rollback(self):
-        self.fh.rollback()
-
-    def close(self):
-        self.fh.close()
 
 
 class StreamWriter:
@@ -533,47 +473,3 @@ class StreamWriter:
             log.warning("audio ends %.3f s before the video (fps %s does not match the audio clock)",
                         float(video_end - audio_end), self.fps)
         return self.summary
-
-
-def probe_media(path: Path | str) -> dict:
-    """Demux (and decode) a media file with PyAV: streams, codecs, frame/sample counts, exact end times.
-
-    ``start_s``/``end_s`` come from packet timestamps (pts + duration) on the container timeline, so video
-    and audio ends can be compared directly; ``samples`` counts decoded audio (AAC priming included).
-    A truncated file is read up to the damage and reported with ``error``.
-    """
-    out: dict = {"path": str(path), "streams": [], "error": None}
-    with av.open(str(path)) as c:
-        out["format"] = c.format.name
-        info: dict[int, dict] = {}
-        for s in c.streams:
-            d = {"index": s.index, "type": s.type, "codec": s.codec_context.name,
-                 "time_base": s.time_base, "packets": 0, "keyframes": 0, "frames": 0, "samples": 0,
-                 "start_s": None, "end_s": None}
-            if s.type == "video":
-                d.update(width=s.codec_context.width, height=s.codec_context.height,
-                         pix_fmt=s.codec_context.pix_fmt, fps=s.guessed_rate or s.base_rate)
-            elif s.type == "audio":
-                d.update(sample_rate=s.codec_context.sample_rate, channels=s.codec_context.channels)
-            info[s.index] = d
-            out["streams"].append(d)
-        try:
-            for pkt in c.demux():
-                d = info[pkt.stream.index]
-                if pkt.pts is not None and pkt.size:
-                    d["packets"] += 1
-                    d["keyframes"] += int(pkt.is_keyframe)
-                    t0 = float(pkt.pts * pkt.time_base)
-                    t1 = float((pkt.pts + (pkt.duration or 0)) * pkt.time_base)
-                    d["start_s"] = t0 if d["start_s"] is None else min(d["start_s"], t0)
-                    d["end_s"] = t1 if d["end_s"] is None else max(d["end_s"], t1)
-                for fr in pkt.decode():
-                    d["frames"] += 1
-                    d["samples"] += getattr(fr, "samples", 0)
-        except av.FFmpegError as e:  # a killed writer can leave a half-written last fragment
-            out["error"] = f"{type(e).__name__}: {e}"
-    for d in out["streams"]:
-        d["duration_s"] = None if d["start_s"] is None else d["end_s"] - d["start_s"]
-    out["video"] = [d for d in out["streams"] if d["type"] == "video"]
-    out["audio"] = [d for d in out["streams"] if d["type"] == "audio"]
-    return out

@@ -55,7 +55,6 @@ class AppendPolicy:
     def __init__(self, profile: Profile, blocks: int | None = None):
         self.p = profile
         self.blocks = blocks if blocks is not None else profile.stream.blocks
-        self.max_pos = ROPE_POSITIONS
         check_future_tokens(self)
 
     def future_tokens_limit(self) -> tuple[int, str]:
@@ -65,7 +64,7 @@ class AppendPolicy:
         start = na * (self.blocks - 1)
         why = (f"the last of {self.blocks} blocks (append policy) feeds its {start} tokens of audio history "
                f"from position 0, then its window of {na} + F tokens")
-        return self.max_pos - start - na, why
+        return ROPE_POSITIONS - start - na, why
 
     def layout(self) -> CacheLayout:
         # sized for the released clip whatever the stream's length: every N up to it (and the rolling
@@ -104,21 +103,22 @@ class RollingPolicy:
         self.max_pos = max_positions  # tests lower it to force re-basing early
         span_frames = (self.sink + self.window) * s.latent_frames_per_block
         if span_frames > max_positions:
-            raise ValueError(f"sink + window of {span_frames} latent frames do not fit the {max_positions}-position "
-                             f"RoPE tables")
+            raise ValueError(f"sink + window of {span_frames} latent frames do not fit the "
+                             f"{max_positions}-position RoPE tables")
         check_future_tokens(self)
 
     def future_tokens_limit(self) -> tuple[int, str]:
-        """The largest lookahead F whose audio positions stay in the RoPE tables, and why. Re-basing keeps
-        a block's video frames right after the sink's and the ring's earlier blocks, and its audio window
-        is aligned with its frames (5 tokens per frame): the window starts at position 30 (sink + window
-        - 1) however long the stream (the bounded history sits before it, over the ring's blocks)."""
+        """The largest lookahead F whose audio positions stay in the model's RoPE tables (``ROPE_POSITIONS``;
+        a lowered ``max_positions`` only re-bases earlier), and why. Re-basing keeps a block's video frames
+        right after the sink's and the ring's earlier blocks, and its audio window is aligned with its frames
+        (5 tokens per frame): the window starts at position 30 (sink + window - 1) however long the stream
+        (the bounded history sits before it, over the ring's blocks)."""
         na = self.p.stream.audio_tokens_per_block
         start = na * (self.sink + self.window - 1)
         why = (f"with the rolling policy (sink {self.sink} + ring {self.window} blocks) a block's audio window "
                f"of {na} + F tokens starts at position {start} after re-basing, behind the sink and the "
                f"ring's earlier blocks")
-        return self.max_pos - start - na, why
+        return ROPE_POSITIONS - start - na, why
 
     def layout(self) -> CacheLayout:
         nv = self.p.video_tokens_per_block
@@ -148,14 +148,14 @@ class RollingPolicy:
 
 
 def check_future_tokens(policy: AppendPolicy | RollingPolicy) -> None:
-    """Refuse a lookahead F (``future_audio_tokens``) whose audio positions would leave the RoPE tables:
-    the stream would otherwise fail mid-way (index 1024 out of bounds) with a partial file written."""
+    """Refuse a lookahead F (``future_audio_tokens``) whose audio positions would leave the model's RoPE
+    tables: the stream would otherwise fail mid-way (index 1024 out of bounds) with a partial file written."""
     f = policy.p.stream.future_audio_tokens
     limit, why = policy.future_tokens_limit()
     if not 0 <= f <= limit:
         raise ValueError(f"future audio tokens (--future-audio-frames) F = {f} is out of range: F must be in "
                          f"0..{max(limit, 0)} here, because {why}, and the audio RoPE table holds "
-                         f"{policy.max_pos} positions")
+                         f"{ROPE_POSITIONS} positions")
 
 
 def parse_blocks(value: int | str | None) -> int | None:

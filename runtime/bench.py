@@ -9,11 +9,16 @@ Modes (all start from an already-encoded prompt: a fixed random context, never z
   vae  the decoders only (video VAE frame by frame + streamed audio), on random latents.
 Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, and the two-device
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
-the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
-device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
-the video VAE at 512x992, as FACTS.md section 6 states. One warm-up stream per backend precedes the
-timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
-(``load_components(profile, None, ...)``): no weight ever passes through host RAM.
+the real architecture at the profile's shapes (runtime/flops.py: counted once on CPU on the meta device
+and committed, 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of the video VAE at
+512x992, as FACTS.md section 6 states; never recounted on the GPU unless the committed table is stale).
+One warm-up stream per backend precedes the timed one (graph capture and autotuning stay out of the
+numbers). Weights are built on the device (``load_components(profile, None, ...)``): no weight ever passes
+through host RAM; ``components=`` reuses a set already built (one build for several modes).
+
+Results are emitted as they come: after every timed block, ``on_update(out)`` gets the JSON so far
+(``complete`` False until the end) and ``out_json`` is rewritten (atomically), so a run killed part-way
+keeps every finished block. Writing costs well under a millisecond per block, between blocks.
 
 The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
 ``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
@@ -26,116 +31,23 @@ import contextlib
 import gc
 import sys
 import time
-from functools import lru_cache
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from hallolive_rt.profile import Profile, load_profile
 
+from .flops import FlopCounts, count_flops
 from .metrics import achieved_tflops, env_info, percentile, stream_metrics, write_json
 
-__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
+__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES", "dit_blocks"]
 
 MODES = ("e2e", "dit", "vae")
 BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
 
 
-# ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
-
-@lru_cache(maxsize=None)
-def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.model.dit import DualStreamDiT
-    from hallolive_rt.state import CacheLayout, DiTState
-    from hallolive_rt.stream import Cursor
-
-    cfg = load_fusion_config(profile.video_config, profile.audio_config)
-    with torch.device("meta"):
-        dit = DualStreamDiT(cfg).to(profile.dtype)
-    dit.reset_rope()
-    st = DiTState.allocate(cfg, profile, CacheLayout(slots=kv_len), device="meta", dtype=profile.dtype)
-    s, v = profile.stream, profile.video
-    cur = Cursor("meta")
-    xv = torch.empty(s.batch, s.latent_frames_per_block, v.latent_channels, v.latent_height, v.latent_width,
-                     device="meta", dtype=profile.dtype)
-    xa = torch.empty(s.batch, audio_len, profile.audio.latent_channels, device="meta", dtype=profile.dtype)
-    vt = torch.empty(s.batch, s.latent_frames_per_block, device="meta")
-    at = torch.empty(s.batch, audio_len, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len)
-    return int(fc.get_total_flops())
-
-
-@lru_cache(maxsize=None)
-def _vae_frame_flops(profile: Profile, first: bool) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .components import decoder_configs
-    from hallolive_rt.model.vae_video import build_video_decoder
-
-    vcfg = decoder_configs(profile)[0]
-    vd = build_video_decoder(vcfg, device="meta")
-    v = profile.video
-    st = vd.new_state(1, v.latent_height, v.latent_width, dtype=torch.float32, device="meta")
-    z = torch.empty(1, v.latent_channels, 1, v.latent_height, v.latent_width, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        vd.decode_frame(z, st, first)
-    return int(fc.get_total_flops())
-
-
-@lru_cache(maxsize=None)
-def _audio_window_flops(profile: Profile, tokens: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .components import decoder_configs
-    from hallolive_rt.model.vae_audio import AudioVAEDecoder
-    from hallolive_rt.model.vocoder import BigVGANVocoder
-
-    _, acfg, gcfg, _ = decoder_configs(profile)
-    with torch.device("meta"):
-        vae, voc = AudioVAEDecoder(acfg), BigVGANVocoder(gcfg)
-    z = torch.empty(1, acfg.embed_dim, tokens, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        voc(vae(z))
-    return int(fc.get_total_flops())
-
-
-class FlopCounts:
-    """FLOPs per block and stage for ``profile`` (counted once per static shape, cached)."""
-
-    def __init__(self, profile: Profile):
-        self.p = profile
-
-    def dit_forward(self, plan) -> int:
-        return _dit_forward_flops(self.p, plan.audio_len, plan.video_kv_len)
-
-    def dit_block(self, plan, steps: int) -> dict[str, int]:
-        f = self.dit_forward(plan)
-        return {"dit_steps": steps * f, "dit_context": f, "dit": (steps + 1) * f}
-
-    def vae_video_block(self, first_block: bool) -> int:
-        n = self.p.stream.latent_frames_per_block
-        if first_block:
-            return _vae_frame_flops(self.p, True) + (n - 1) * _vae_frame_flops(self.p, False)
-        return n * _vae_frame_flops(self.p, False)
-
-    def vae_audio_block(self, index: int) -> int:
-        s, left = self.p.stream, self.p.audio.stream_left_context
-        have = min(index * s.audio_tokens_per_block, left)  # the streamed window ("trim" start)
-        return _audio_window_flops(self.p, have + s.audio_tokens_per_block + s.future_audio_tokens)
-
-
-def count_flops(profile: Profile, plans, steps: int) -> list[dict[str, int]]:
-    """Per block: FLOPs of dit, dit_steps, dit_context, vae_video, vae_audio."""
-    fc = FlopCounts(profile)
-    return [{**fc.dit_block(pl, steps), "vae_video": fc.vae_video_block(pl.index == 0),
-             "vae_audio": fc.vae_audio_block(pl.index)} for pl in plans]
-
-
-# ---- the runs ------------------------------------------------------------------------------------------
+# ---- the runs: generators of DecodedBlocks, one per block as it finishes --------------------------------
 
 def _random_ctx(profile: Profile, device, dtype, seed: int) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed + 99)
@@ -147,43 +59,45 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _dit_only(sess, ctx, seed: int):
-    """The session's DiT loop without decoding; returns fake DecodedBlocks with DiT stage times only."""
+def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
+    """The session's DiT loop without decoding: one DecodedBlock (DiT stage times only, no frames) per
+    block, as soon as its DiT work is done. ``latents`` collects each block's committed (video, audio)
+    latents as float32 CPU tensors (for comparisons between backends)."""
     import numpy as np
+
+    from hallolive_rt.sampler import TorchNoise
+    from hallolive_rt.stream import window_noise
 
     from .devices import DecodedBlock
     from .session import BlockNoise
-    from hallolive_rt.sampler import TorchNoise
-    from hallolive_rt.stream import window_noise
 
     c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
     init, fresh = BlockNoise(p, seed, c.dit_device, c.dtype), TorchNoise(seed + 1, device=c.dit_device)
     clock.start()
-    marks = []
     with sess._on_dit_device(), torch.no_grad():
         bs.start(ctx)
-        for plan in sess.plans:
+    for plan in sess.plans:
+        with sess._on_dit_device(), torch.no_grad():
             win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block,
                                p.audio_window)
             sess._k, sess._marks = 0, {"steps": []}
-            sess._marks["dit_start"] = clock.mark()
-            bs.run_block(plan, init.video(plan.index), win, fresh)
-            sess._marks["dit_end"] = clock.mark()
-            marks.append(sess._marks)
-    _sync(c.dit_device)
-    out = []
-    fpb = [p.pixel_frames(p.stream.latent_frames_per_block, first_block=i == 0) for i in range(len(marks))]
-    for i, m in enumerate(marks):
+            m = sess._marks
+            m["dit_start"] = clock.mark()
+            out = bs.run_block(plan, init.video(plan.index), win, fresh)
+            m["dit_end"] = clock.mark()
+            init.drop_before(plan.index + 1)
+            if latents is not None:
+                latents.append((out.video.float().cpu(), out.audio.float().cpu()))
+        e = clock.at_s(m["dit_end"], c.dit_device)  # waits for this block only (event-timed stages)
         t = {"dit": clock.ms(m["dit_start"], m["dit_end"]),
              "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
-        e = clock.at_s(m["dit_end"], c.dit_device)
-        out.append(DecodedBlock(i, np.zeros((fpb[i], 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
-                                clock.at_s(m["dit_start"], c.dit_device), e, e, [e]))
-    return out
+        frames = p.pixel_frames(p.stream.latent_frames_per_block, first_block=plan.index == 0)
+        yield DecodedBlock(plan.index, np.zeros((frames, 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
+                           clock.at_s(m["dit_start"], c.dit_device), e, e, [e])
 
 
-def _vae_only(comps, profile: Profile, blocks: int, seed: int):
-    """Decode random latents block by block (sequential, exact stage times)."""
+def _vae_blocks(comps, profile: Profile, blocks: int, seed: int) -> Iterator:
+    """Decode random latents block by block (sequential, exact stage times), one DecodedBlock each."""
     from types import SimpleNamespace
 
     from .devices import DecodePipeline
@@ -193,21 +107,19 @@ def _vae_only(comps, profile: Profile, blocks: int, seed: int):
     dev, dt = comps.vae_device, comps.dtype
     g = torch.Generator(device=dev).manual_seed(seed)
     pipe.start()
-    got = []
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i in range(blocks):
+    for i in range(blocks):
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             r = lambda *sh: torch.randn(sh, generator=g, device=dev).to(dt)  # noqa: E731
             out = SimpleNamespace(index=i, video=r(1, s.latent_frames_per_block, v.latent_channels,
                                                    v.latent_height, v.latent_width),
                                   audio=r(1, s.audio_tokens_per_block, profile.audio.latent_channels),
                                   audio_future=r(1, s.future_audio_tokens, profile.audio.latent_channels))
             m = pipe.clock.mark()
-            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})
-        got = pipe.finish()
-    for b in got:
-        for k in ("dit", "dit_steps", "dit_context"):
-            b.times.pop(k, None)
-    return got
+            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})  # decodes inline
+        for b in pipe.ready() + (pipe.finish() if i + 1 == blocks else []):
+            for k in ("dit", "dit_steps", "dit_context"):
+                b.times.pop(k, None)
+            yield b
 
 
 def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
@@ -222,17 +134,46 @@ def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
     return out
 
 
+def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: dict) -> dict:
+    """The metrics of one backend's timed run (so far)."""
+    m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
+    if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
+        for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
+            m[k] = None
+        m["projected_two_device_fps"]["value"] = None
+    m["stage_tflops"] = _stage_tflops(got, flops)
+    m["session"] = sess_info
+    if dit_dev.type == "cuda":
+        m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
+    return m
+
+
+def _command(preset, backends, n, mode, device, vae_device, prof, random_weights, fuse_projections,
+             attn_kernel, kv_impl) -> str:
+    if "bench" in " ".join(sys.argv[:2]):
+        return "hallolive-rt bench " + " ".join(sys.argv[2:])
+    return (f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
+            f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
+            f"kv_impl={kv_impl!r}, fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})")
+
+
 def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, backends: list[str] | None = None,
                blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None, *,
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               console=None) -> dict:
-    """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict."""
+               console=None, components=None, on_update: Callable[[dict], None] | None = None) -> dict:
+    """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
+
+    ``components``: models already built for this preset and dtype (their devices are used); ``on_update``:
+    called with the JSON so far after every timed block and once at the end (``complete`` True)."""
     from rich.console import Console
     from rich.table import Table
 
+    from hallolive_rt import nvtx
+    from hallolive_rt.cache_policy import choose_policy
     from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components, weights_nbytes
     from .devices import resolve_devices
@@ -241,24 +182,51 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     console = console or Console(stderr=True, width=200)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not random_weights and model_dir is None:
+    if not random_weights and model_dir is None and components is None:
         raise ValueError("bench needs --random-weights or --model-dir")
     backends = list(backends or ["eager"])
     prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
     n = prof.stream.blocks
-    dit_dev, vae_dev = resolve_devices(device, vae_device)
+    if components is not None:
+        if (components.profile.name, components.dtype) != (prof.name, prof.dtype):
+            raise ValueError(f"components were built for {components.profile.name} {components.dtype}, "
+                             f"not {prof.name} {prof.dtype}")
+        dit_dev, vae_dev = components.dit_device, components.vae_device
+    else:
+        dit_dev, vae_dev = resolve_devices(device, vae_device)
     runs = backends if mode != "vae" else ["eager"]
     cfg = load_fusion_config(prof.video_config, prof.audio_config)
     for name in runs:  # before building anything: a choice that cannot run fails now, naming itself
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
+    kv_ext = require_kv_ext(kv_impl, dit_dev) if mode != "vae" else None  # built before any weight
     t = time.perf_counter()
-    comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+    comps = components or load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
+                                           vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
+    counts = FlopCounts(prof)
+    flops = count_flops(prof, list(choose_policy(prof, n).plans()), len(prof.stream.denoising_steps), counts)
     results: dict[str, dict] = {}
-    flops = None
+    out = {
+        "command": _command(preset, backends, n, mode, device, vae_device, prof, random_weights,
+                            fuse_projections, attn_kernel, kv_impl),
+        "complete": False, "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
+        "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
+        "weights": comps.source, "weights_bytes": weights_nbytes(comps),
+        "build_s": build_s if components is None else None, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
+        "shapes": prof.to_dict(), "flops_per_block": flops, "flops": counts.describe(),
+        "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS, "nvtx": nvtx.describe(),
+        "env": env_info([dit_dev, vae_dev]), "results": results, "projected": None,
+    }
+    out["git_commit"] = out["env"]["git_commit"]
+
+    def emit() -> None:
+        if on_update is not None:
+            on_update(out)
+        if out_json is not None:
+            write_json(out, out_json)
+
     for name in runs:
         if dit_dev.type == "cuda":
             gc.collect()
@@ -266,55 +234,32 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             for d in {dit_dev, vae_dev}:
                 torch.cuda.reset_peak_memory_stats(d)
         if mode == "vae":
+            name, sess, sess_info = "eager (decoders)", None, {"backend": "eager (decoders)"}
             for _ in range(warmup_runs):
-                _vae_only(comps, prof, min(n, 2), seed)
-            got, sess_info, plans = _vae_only(comps, prof, n, seed), {"backend": "eager (decoders)"}, None
+                list(_vae_blocks(comps, prof, min(n, 2), seed))
+            timed = _vae_blocks(comps, prof, n, seed)
         else:
             sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap,
                                  fuse_projections=fuse_projections, attn_kernel=attn_kernel)
-            plans = sess.plans
-            for _ in range(warmup_runs):
-                list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
-            got = list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
             sess_info = sess.describe()
-            del sess
-        if flops is None:
-            from hallolive_rt.cache_policy import choose_policy
-
-            plans = plans or list(choose_policy(prof, n).plans())
-            flops = count_flops(prof, plans, len(prof.stream.denoising_steps))
-        m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
-        if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
-            for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
-                m[k] = None
-            m["projected_two_device_fps"]["value"] = None
-        m["stage_tflops"] = _stage_tflops(got, flops)
-        m["session"] = sess_info
-        if dit_dev.type == "cuda":
-            m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
-        results[sess_info["backend"] if mode == "vae" else name] = m
-
-    out = {
-        "command": "hallolive-rt bench " + " ".join(sys.argv[2:]) if "bench" in " ".join(sys.argv) else
-        f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
-        f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
-        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})",
-        "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
-        "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
-        "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
-        "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
-        "env": env_info([dit_dev, vae_dev]), "results": results,
-    }
-    out["git_commit"] = out["env"]["git_commit"]
+            for _ in range(warmup_runs):
+                list(sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed))
+            timed = sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed)
+        got = []
+        for blk in timed:
+            got.append(blk)
+            results[name] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info)
+            emit()
+        del sess, timed
+    out["complete"] = True
     if len(results) > 1 and "eager" in results:
         key = "steady_fps" if mode == "e2e" else "dit_only_fps_equiv"
         out["ratios_vs_eager"] = {k: (r[key] / results["eager"][key]) if r[key] and results["eager"][key] else None
                                   for k, r in results.items()}
         out["ratios_metric"] = key
     out["projected"] = _projection(results, mode)
+    emit()
     _table(console, Table, out)
-    if out_json is not None:
-        write_json(out, out_json)
     return out
 
 

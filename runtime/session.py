@@ -253,6 +253,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.kvcache.build import require_kv_ext
     from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
@@ -284,6 +285,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
+        require_kv_ext(kv_impl, dit_dev)  # builds/loads the extension now, not after the weights
     except (ValueError, MissingModelFiles, BackendUnavailable) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)

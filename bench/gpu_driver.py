@@ -33,6 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_table import f as _f
+from gpu_table import headline, table
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 BUDGET_S = 525          # 8 min 45 s: under the 9 minutes asked, 75 s under the 10-minute command limit
@@ -121,7 +124,10 @@ def _farm(site: Path) -> Path:
 def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
     """Machine facts, then the package importable from this checkout: "check" (already), "pip" (editable,
     no index, no dependencies) or "farm" (symlinks on PYTHONPATH); "auto" = check, pip, farm in turn."""
-    info: dict = {"python": sys.executable, "python_version": sys.version.split()[0], "install": None}
+    rc, commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"], 10)
+    info: dict = {"python": sys.executable, "python_version": sys.version.split()[0], "install": None,
+                  "git_commit": commit if rc == 0 else os.environ.get("HALLOLIVE_GIT_COMMIT"),
+                  "git_commit_source": "git" if rc == 0 else "$HALLOLIVE_GIT_COMMIT"}
     deadline = time.time() + SETUP_BOX_S
 
     def left(cap: float) -> float:
@@ -218,58 +224,6 @@ def run_entry(entry, *, store: Store, box: float, preset: str, device: str, dry_
                                               f"{_tail(log_path)}"}
     return store.update_phase(name=entry.name, kind=entry.kind, box_s=box, wall_s=elapsed, exit_code=rc,
                               **fields)["phase"]
-
-
-# ---- the summary table ----------------------------------------------------------------------------------------
-
-def _f(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
-
-def headline(kind: str, r: dict | None) -> str:
-    """The one-line gist of an entry's JSON (the table's last column)."""
-    if not r:
-        return ""
-    try:
-        if kind == "check":
-            s = r.get("summary", {})
-            return "; ".join(f"{k.replace('_vs_', ' vs ')}: video max_rel {_f(v.get('video_max_rel'))} "
-                             f"audio {_f(v.get('audio_max_rel'))} ok={v.get('within_bound')}" for k, v in s.items())
-        if kind == "e2e":
-            return "; ".join(f"{k}: TTFF {_f(v.get('ttff_s'))} s, {_f(v.get('steady_fps'))} FPS, gap p99 "
-                             f"{_f((v.get('inter_block_gap_s') or {}).get('p99'))} s, "
-                             f"{_f(max((v.get('peak_memory_gib') or {0: None}).values(), key=lambda x: x or 0))} GiB"
-                             for k, v in r.get("results", {}).items())
-        if kind == "stages":
-            parts = []
-            for mode in ("dit", "vae"):
-                for k, v in (r.get(mode) or {}).get("results", {}).items():
-                    sm = v.get("stage_ms_median", {})
-                    ms = sm.get("dit") if mode == "dit" else (sm.get("vae_video") or 0) + (sm.get("vae_audio") or 0)
-                    fps = v.get("dit_only_fps_equiv" if mode == "dit" else "vae_only_fps_equiv")
-                    parts.append(f"{mode} {k}: {_f(ms, '.0f')} ms/block ({_f(fps)} FPS-eq)")
-            if r.get("projected"):
-                parts.append(f"projected 2-GPU {_f(r['projected'].get('two_device_fps'))} FPS")
-            return "; ".join(parts)
-        if kind == "pytest":
-            kv = r.get("kv_ext_build") or {}
-            kvs = "" if not kv else f"kv ext {'built' if kv.get('ok') else 'FAILED'} in {_f(kv.get('s'), '.0f')} s; "
-            return kvs + ", ".join(f"{n} {k}" for k, n in (r.get("counts") or {}).items() if n)
-        if kind == "script":
-            res = r.get("results", {})
-            ups = {k.split("/")[0]: v for k, v in res.items() if k.endswith("/speedup")}
-            return ", ".join(f"{k} x{_f(v)}" for k, v in ups.items()) or f"exit {r.get('exit_code')}"
-    except (TypeError, ValueError, AttributeError) as e:
-        return f"(no headline: {e})"
-    return ""
-
-
-def table(rows: list[dict]) -> list[str]:
-    lines = [f"{'entry':<20} {'status':<8} {'time':>11}  result"]
-    for r in rows:
-        t = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}/{r['box_s']:.0f} s"
-        lines.append(f"{r['name']:<20} {r['status']:<8} {t:>11}  {r.get('headline', '')}"[:400])
-    return lines
 
 
 # ---- the session ---------------------------------------------------------------------------------------------
@@ -396,5 +350,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(BENCH))
     sys.exit(main())

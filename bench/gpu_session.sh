@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # THE one command for a lent GPU: every check and measurement of issue #12 in one device call.
 #
-#   bash bench/gpu_session.sh              # on the GPU machine (device tool: timeout_s=600, nothing carried)
+#   HALLOLIVE_GIT_COMMIT=<sha> bash bench/gpu_session.sh   # on the GPU machine (device tool: timeout_s=600,
+#                                           # nothing carried; the sha names the commit where the copied tree has no .git)
 #   bash bench/gpu_session.sh --dry-run    # the same phases on the tiny preset on CPU (tests/test_gpu_session.py)
 #   bash bench/gpu_session.sh --only c-stages-kv-ext,aoti-dit   # chosen entries (opt-in ones too)
 #

@@ -11,6 +11,7 @@ valid wins:
     3. the real path of ``nvcc`` on the PATH, two folders up
     4. torch's own CUDA_HOME
     5. /usr/local/cuda
+    6. a toolkit from NVIDIA's pip wheels beside torch (site-packages/nvidia/cu13, .../cuda_nvcc)
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def _torch_cuda_home() -> str | None:
     return CUDA_HOME
 
 
+def _pip_toolkits() -> list[Path]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return [nvidia / name for name in ("cu13", "cu12", "cuda_nvcc")]
+
+
 def find_toolkit_root() -> ToolkitRoot | None:
     """The CUDA toolkit root (see the module docstring), or None when no valid one exists."""
     nvcc = shutil.which("nvcc")
@@ -72,6 +82,7 @@ def find_toolkit_root() -> ToolkitRoot | None:
         candidates.append((lambda: _reported_root(nvcc), f"reported by {nvcc}"))
         candidates.append((Path(nvcc).resolve().parent.parent, f"real path of {nvcc}"))
     candidates += [(_torch_cuda_home, "torch.utils.cpp_extension.CUDA_HOME"), ("/usr/local/cuda", "default")]
+    candidates += [(p, "pip wheel") for p in _pip_toolkits()]
     for cand, source in candidates:
         path = cand() if callable(cand) else cand
         if is_toolkit_root(path):

@@ -42,6 +42,9 @@ BUDGET_S = 525          # 8 min 45 s: under the 9 minutes asked, 75 s under the 
 SETUP_BOX_S = 60
 LOG_LIMIT = 15 * 2**20  # the device tool returns files up to 16 MiB
 SIMULATE_MISSING = "av,nvtx"
+# how the package is made importable from this checkout, tried in order until an import probe finds it here
+INSTALL_STEPS = {"auto": ["check", "pip", "farm"], "no-pip": ["check", "farm"], "check": ["check"],
+                 "pip": ["check", "pip"], "farm": ["farm"]}
 
 __all__ = ["Store", "REPO", "run_session", "main"]
 
@@ -102,8 +105,8 @@ def card_slug(name: str) -> str:
     return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu")
 
 
-_PROBE = ("import sys, hallolive_rt, hallolive_rt.runtime.bench, hallolive_rt.runtime.bench_check, torch; "
-          "print(hallolive_rt.__file__); print(torch.__version__, torch.version.cuda, torch.cuda.is_available())")
+_PROBE = ("import hallolive_rt, hallolive_rt.runtime.bench, hallolive_rt.runtime.bench_check, torch; "
+          "print('PROBE', hallolive_rt.__file__, '|', torch.__version__, torch.version.cuda, torch.cuda.is_available())")
 
 
 def _farm(site: Path) -> Path:
@@ -123,7 +126,7 @@ def _farm(site: Path) -> Path:
 
 def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
     """Machine facts, then the package importable from this checkout: "check" (already), "pip" (editable,
-    no index, no dependencies) or "farm" (symlinks on PYTHONPATH); "auto" = check, pip, farm in turn."""
+    no index, no dependencies) or "farm" (symlinks on PYTHONPATH), in the order INSTALL_STEPS gives."""
     rc, commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"], 10)
     info: dict = {"python": sys.executable, "python_version": sys.version.split()[0], "install": None,
                   "git_commit": commit if rc == 0 else os.environ.get("HALLOLIVE_GIT_COMMIT"),
@@ -140,8 +143,7 @@ def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
         info["card"] = card_slug(out.split(",")[0]) if rc == 0 and out else "gpu"
     else:
         info["card"] = "cpu-dryrun"
-    steps = {"auto": ["check", "pip", "farm"], "check": ["check"], "pip": ["check", "pip"], "farm": ["farm"]}[install]
-    for step in steps:
+    for step in INSTALL_STEPS[install]:
         if step == "pip":
             cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                    "--disable-pip-version-check", "-e", str(REPO)]
@@ -153,12 +155,10 @@ def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
                                                               env.get("PYTHONPATH", "")]))
             env["HALLOLIVE_PYTEST_APPEND"] = "1"  # pytest must not put the checkout's hallolive_rt first
         rc, out = _run([sys.executable, "-c", _PROBE], left(40), env, cwd=work)  # not the checkout's cwd
-        lines = out.splitlines()
-        here = rc == 0 and lines and Path(lines[-2]).resolve().is_relative_to(REPO.resolve())
+        m = re.search(r"^PROBE (.+) \| (.+)$", out, re.MULTILINE)
         info["probe"] = out[-1500:]
-        if here:
-            info["install"] = step
-            info["torch"] = lines[-1]
+        if rc == 0 and m and Path(m.group(1)).resolve().is_relative_to(REPO.resolve()):
+            info["install"], info["torch"] = step, m.group(2)
             break
     if info["install"] is None:
         info["error"] = "hallolive_rt.runtime cannot be imported from this checkout: every phase will fail"
@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box", action="append", default=[], metavar="NAME=SECONDS", help="override a time box")
     ap.add_argument("--set", action="append", default=[], metavar="NAME.OPTION=JSON",
                     help="override an entry's option, e.g. c-stages.blocks=3 or b-e2e.backends='[\"eager\"]'")
-    ap.add_argument("--install", choices=["auto", "check", "pip", "farm"], default=None,
-                    help="how the package is made importable (default: auto; check with --dry-run)")
+    ap.add_argument("--install", choices=sorted(INSTALL_STEPS), default=None,
+                    help="how the package is made importable: check (already), pip (editable, no index), farm "
+                         "(symlinks on PYTHONPATH); auto = check, pip, farm (default); no-pip = check, farm "
+                         "(default with --dry-run: a developer's environment is never changed)")
     a = ap.parse_args(argv)
     out = a.out or Path(os.environ.get("OUT") or
                         ("/tmp/hallolive_gpu_dryrun" if a.dry_run else REPO / "bench" / "results" / "gpu-session"))
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.setdefault(name, {})[option] = parsed
     start = float(os.environ["HALLOLIVE_SESSION_T0"]) if os.environ.get("HALLOLIVE_SESSION_T0") else None
     run_session(out, dry_run=a.dry_run, budget_s=a.budget_s, only=a.only.split(",") if a.only else None,
-                boxes=boxes, overrides=overrides, install=a.install or ("check" if a.dry_run else "auto"),
+                boxes=boxes, overrides=overrides, install=a.install or ("no-pip" if a.dry_run else "auto"),
                 t_start=start)
     return 0
 

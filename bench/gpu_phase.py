@@ -20,6 +20,7 @@ for _mod in filter(None, os.environ.get("HALLOLIVE_SIMULATE_MISSING", "").split(
     sys.modules[_mod.strip()] = None  # `import av` now raises ImportError, as on a machine without it
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import runpy  # noqa: E402
 import tempfile  # noqa: E402
@@ -115,7 +116,11 @@ def run_pytest(o: dict, emit) -> None:
         emit(res)
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        args = [*o["args"], "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        # -v: the log shows which test was running if the box kills the run; a hung test fails alone
+        # where pytest-timeout is installed (the GPU image has it)
+        args = [*o["args"], "-v", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            args += ["-o", f"timeout={o.get('test_timeout_s', 90)}"]
         if os.environ.get("HALLOLIVE_PYTEST_APPEND"):  # the package comes from PYTHONPATH (no install)
             args.append("--import-mode=append")
         rc = int(pytest.main(args))

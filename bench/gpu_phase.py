@@ -38,14 +38,19 @@ class Failed(Exception):
 
 # ---- the kinds ------------------------------------------------------------------------------------------------
 
-def _bench_kwargs(o: dict) -> dict:
-    return {k: o[k] for k in ("kv_impl", "fuse_projections", "attn_kernel", "seed", "warmup_runs") if k in o}
+BENCH_OPTIONS = ("kv_impl", "fuse_projections", "attn_kernel", "seed", "warmup_runs", "overlap",
+                 "vae_backend", "vae_channels_last", "compare_overlap")  # bench_main keyword arguments
+CHECK_OPTIONS = ("kv_impl", "fuse_projections", "attn_kernel", "seed")      # check_backends': the DiT only
+
+
+def _bench_kwargs(o: dict, names=BENCH_OPTIONS) -> dict:
+    return {k: o[k] for k in names if k in o}
 
 
 def run_check(o: dict, emit) -> None:
     from hallolive_rt.runtime.bench_check import check_backends
 
-    kw = {k: v for k, v in _bench_kwargs(o).items() if k != "warmup_runs"}
+    kw = _bench_kwargs(o, CHECK_OPTIONS)
     check_backends(o["preset"], o["backends"], o.get("blocks", 3), device=o["device"], on_update=emit, **kw)
 
 
@@ -67,7 +72,7 @@ def run_stages(o: dict, emit) -> None:
     kw = _bench_kwargs(o)
     dit_dev, vae_dev = resolve_devices(o["device"])
     require_kv_ext(kw.get("kv_impl", "torch"), dit_dev)  # before the weights, like bench_main
-    prof = load_profile(o["preset"]).with_overrides(blocks=o.get("blocks"))
+    prof = load_profile(o["preset"])  # released geometry: the block count goes to bench_main
     t = time.perf_counter()
     comps = load_components(prof, None, dit_device=dit_dev, vae_device=vae_dev, dtype=prof.dtype,
                             seed=kw.get("seed", 0), with_text=False)

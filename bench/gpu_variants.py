@@ -13,8 +13,9 @@ Fields
   box_s      time box on the GPU: the entry starts only if this much of the session's budget is left, and
              is killed (recorded as "timeout", its finished blocks kept) when it runs past it
   priority   run order, lowest first; the baseline (a)-(c) comes first, so it always fits (gpu_session.sh)
-  options    bench options: backends, blocks, modes, kv_impl, fuse_projections, attn_kernel, warmup_runs,
-             seed (preset and device are the session's); pytest: args, prebuild_kv_ext; script: script,
+  options    bench options: backends, blocks, modes (stages), kv_impl, fuse_projections, attn_kernel,
+             warmup_runs, seed, overlap, vae_backend, vae_channels_last, compare_overlap (bench_main's
+             keywords; check takes the DiT ones only; preset and device are the session's); pytest: args, prebuild_kv_ext; script: script,
              args, out ("file": --out FILE.json, "dir": --out DIR holding one JSON), preset_arg
   dry        what --dry-run (tiny preset, CPU) changes: no CUDA graphs on a CPU, smaller runs
   dry_box_s  time box in the dry run

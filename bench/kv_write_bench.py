@@ -3,7 +3,7 @@
     python bench/kv_write_bench.py                      # CUDA, full-size video block, bf16
     python bench/kv_write_bench.py --device cpu --tiny  # smoke run of the script itself
 
-Default shapes are one video self-attention block of the released model (FACTS.md sections 2 and 4):
+Default shapes are one video self-attention block of the released model (docs/FACTS.md sections 2 and 4):
 cache [1, 14880, 24, 128] bf16, a block of N = 2976 tokens (6 latent frames x 496), written with a sink of
 one block and a ring over the rest so the write wraps. Each variant is warmed up, then timed with CUDA
 events around --repeat back-to-back calls per sample; the JSON keeps the raw times, the median and

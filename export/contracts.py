@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hallolive_rt.cache_policy import AppendPolicy, BlockPlan, RollingPolicy
+from hallolive_rt.cache_policy import AppendPolicy, BlockPlan, RollingPolicy, variant_plans
 from hallolive_rt.config import FusionConfig, load_fusion_config
 from hallolive_rt.profile import Profile
 
@@ -119,14 +119,7 @@ def _spec(name, shape, dtype) -> TensorSpec:
 
 def dit_plans(profile: Profile, policy: AppendPolicy | RollingPolicy | None = None) -> list[BlockPlan]:
     """One representative plan per distinct static variant, in stream order (the first block using it)."""
-    policy = policy or AppendPolicy(profile)
-    seen: dict[tuple[int, int], BlockPlan] = {}
-    plans = policy.plans()
-    # a rolling policy is endless: its variants stop changing once the window is full
-    limit = policy.blocks if policy.blocks is not None else getattr(policy, "sink", 0) + getattr(policy, "window", 0) + 2
-    for _, plan in zip(range(limit), plans):
-        seen.setdefault(plan.variant, plan)
-    return list(seen.values())
+    return variant_plans(policy or AppendPolicy(profile))
 
 
 def dit_variant_name(audio_len: int, video_kv_len: int) -> str:

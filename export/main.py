@@ -46,7 +46,7 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
                 precision: str | None = None, out_dir: str | os.PathLike = "artifacts", seed: int = 0, *,
                 submodels: tuple[str, ...] | None = None, opset: int | None = None, device: str | None = None,
                 force: bool = False, fp64_time: bool | None = None, aoti_configs: dict | None = None,
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, ema: bool = False) -> Path:
     """Export the sub-models of a preset; returns the manifest path.
 
     CLI flags (``hallolive-rt export``):
@@ -59,6 +59,7 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
                             GEMMs in float8 (Q/DQ graph, calibrated on a GPU at full size), the other
                             sub-models in bf16 (float32 on the tiny preset); see export/fp8.py
       --out-dir DIR         artifact directory (manifest.json + one file per sub-model variant)
+      --ema/--no-ema        the DiT entry of a nested training file (load_dit; default --no-ema)
       (library-only: submodels, opset 18-20 (default 18; fp8: 19, needs 19-20), device, force re-export,
        fp64_time, aoti_configs)
     """
@@ -105,7 +106,7 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
     if format != "aoti":  # weights files not on disk yet must fit there (a re-run rewrites in place)
         check_disk(profile, [s for s in subs if not (out / f"{s}_{profile.name}_{precision}.weights").is_file()],
                    dtype, next(d for d in (out, *out.absolute().parents) if d.is_dir()))
-    wids = weights_ids(model_dir, seed, subs)  # raises for missing release files, before anything is written
+    wids = weights_ids(model_dir, seed, subs, ema=ema)  # raises for missing release files, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     # float64 time embedding (release fidelity) where the target runs float64; TensorRT/ONNX cannot well
     fp64 = fp64_time if fp64_time is not None else format == "aoti"
@@ -155,10 +156,10 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
             continue
         if format == "aoti":
             _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo,
-                         out, manifest, fp64, aoti_configs, log)
+                         out, manifest, fp64, aoti_configs, log, ema=ema)
         else:
             _export_graphs(sub, profile, model_dir, seed, dtype, precision, format, contract, todo, out, manifest,
-                           old_wf.get(sub), wids[sub], opset, hashes, log, device)
+                           old_wf.get(sub), wids[sub], opset, hashes, log, device, ema=ema)
     return write_manifest(out, manifest)
 
 
@@ -184,13 +185,13 @@ def _intact(out: Path, entry: dict, hashes: FileHashes) -> bool:
 
 
 def _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo, out,
-                 manifest, fp64, aoti_configs, log) -> None:
+                 manifest, fp64, aoti_configs, log, *, ema: bool = False) -> None:
     from .aoti import export_aoti
     from .dit import dit_export_mode
 
     t0 = time.perf_counter()
     log(f"[export] {sub}: building {'random' if random_weights else 'release'} weights ({precision}) on {device} ...")
-    model = build_submodel(sub, profile, model_dir, seed, dtype, device)
+    model = build_submodel(sub, profile, model_dir, seed, dtype, device, ema=ema)
     log(f"[export] {sub}: built in {time.perf_counter() - t0:.1f} s")
     for variant, key_name, key, fname in todo:
         t0 = time.perf_counter()
@@ -204,14 +205,14 @@ def _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, p
 
 
 def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contract, todo, out, manifest, prev_weights,
-                   weights_id, opset, hashes, log, device) -> None:
+                   weights_id, opset, hashes, log, device, *, ema: bool = False) -> None:
     """ONNX graphs on the meta device + the shared weights file (then TensorRT plans from them); for an
     fp8 DiT, calibration first, the quantized weights file, and the Q/DQ rewrite of every graph."""
     from .dit import dit_export_mode
     from .onnx import check_onnx, export_onnx
     from .weights_file import WeightsLayout, tensor_names, write_weights
 
-    source = onnx_source(sub, profile, model_dir, seed, dtype)
+    source = onnx_source(sub, profile, model_dir, seed, dtype, ema=ema)
     fp8 = precision == "fp8" and sub == "dit"
     layout = fp8_layout(source.model, linear_weight_names(source.model)) if fp8 else WeightsLayout.of(source.model)
     values = (lambda: quantized_values(source.values(), layout)) if fp8 else source.values

@@ -46,8 +46,9 @@ _OVERHEAD = 1 << 30
 _GRAPH_OVERHEAD = 3 << 30
 
 
-def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
-    """``random:<seed>`` or, per sub-model, the fast file digests of its release files."""
+def weights_ids(model_dir: str | None, seed: int, subs, *, ema: bool = False) -> dict[str, str]:
+    """``random:<seed>`` or, per sub-model, the fast file digests of its release files (the DiT's tagged
+    ``@generator_ema`` under ``ema``: another entry of a nested file is other weights)."""
     if not model_dir:
         return {s: f"random:{seed}" for s in subs}
     from hallolive_rt.weights import file_digest
@@ -58,7 +59,7 @@ def weights_ids(model_dir: str | None, seed: int, subs) -> dict[str, str]:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{s}: missing release file(s) {missing} under --model-dir {model_dir}")
-        out[s] = "+".join(file_digest(p)[:32] for p in paths)
+        out[s] = "+".join(file_digest(p)[:32] for p in paths) + ("@generator_ema" if ema and s == "dit" else "")
     return out
 
 
@@ -160,8 +161,10 @@ def check_disk(profile: Profile, subs, dtype: torch.dtype, out_dir: str | Path, 
                           f"{free / 2**30:.1f} GiB free. Choose another --out-dir or free space.")
 
 
-def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, device):
-    """The sub-model with release weights (``model_dir``) or random weights from ``seed``."""
+def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, device, *,
+                   ema: bool = False):
+    """The sub-model with release weights (``model_dir``; ``ema``: the DiT entry, see ``load_dit``) or random
+    weights from ``seed``."""
     cfg = _configs(profile)
     root = Path(model_dir) if model_dir else None
     if sub == "dit":
@@ -169,7 +172,7 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
 
         fc = load_fusion_config(profile.video_config, profile.audio_config)
         if root:
-            return load_dit(root / SUBMODEL_FILES["dit"][0], fc, device=device, dtype=dtype)
+            return load_dit(root / SUBMODEL_FILES["dit"][0], fc, device=device, dtype=dtype, ema=ema)
         return build_dit(fc, device=device, dtype=dtype, seed=seed)
     if sub == "vae_video":
         from hallolive_rt.model.vae_video import build_video_decoder, load_video_decoder
@@ -208,7 +211,8 @@ class OnnxSource:
     values: Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
-def onnx_source(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype) -> OnnxSource:
+def onnx_source(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, *,
+                ema: bool = False) -> OnnxSource:
     """What the ONNX exporter reads of a sub-model (see the module docstring). Random values equal those
     of ``build_submodel(..., device="cpu")`` with the same seed; release values are checked against the
     model's keys and shapes before anything is written (``CheckpointError`` names the file and keys)."""
@@ -228,7 +232,7 @@ def onnx_source(sub: str, profile: Profile, model_dir: str | None, seed: int, dt
         # RoPE tables are computed, not stored: real (CPU) buffers in an otherwise meta module
         materialize_non_persistent(model, lambda m: (m.video_model.rope.reset_tables(),
                                                      m.audio_model.rope.reset_tables()), "cpu")
-        sd = dit_state_dict_from_file(path) if path else None
+        sd = dit_state_dict_from_file(path, ema=ema) if path else None
         params = (lambda: sd.items()) if sd is not None else (lambda: random_dit_values(model, seed))
         what = "Hallo-Live DiT"
     else:

@@ -23,7 +23,10 @@ from .model.rope import ROPE_POSITIONS
 from .profile import Profile
 from .state import CacheLayout
 
-__all__ = ["BlockPlan", "AppendPolicy", "RollingPolicy", "choose_policy"]
+__all__ = ["BlockPlan", "AppendPolicy", "RollingPolicy", "choose_policy", "ENDLESS", "parse_blocks",
+           "variant_plans"]
+
+ENDLESS = "endless"  # a block count meaning "no end" (CLI ``--blocks endless``, protocol ``blocks: null``)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ class AppendPolicy:
         self.blocks = blocks if blocks is not None else profile.stream.blocks
 
     def layout(self) -> CacheLayout:
-        return CacheLayout(slots=self.blocks * self.p.video_tokens_per_block)
+        # sized for the released clip whatever the stream's length: every N up to it (and the rolling
+        # policy past it) allocates the same state, so memory never depends on what a user asks for
+        return CacheLayout(slots=max(self.blocks, self.p.stream.blocks) * self.p.video_tokens_per_block)
 
     def plans(self) -> Iterator[BlockPlan]:
         nv, fb = self.p.video_tokens_per_block, self.p.stream.latent_frames_per_block
@@ -117,14 +122,46 @@ class RollingPolicy:
             i += 1
 
 
-def choose_policy(profile: Profile, blocks: int, name: str = "auto"):
-    """``append`` up to the profile's released length, ``rolling`` past it (or when asked for)."""
-    if name == "append" or (name == "auto" and blocks <= profile.stream.blocks):
-        if blocks > profile.stream.blocks and name == "append":
-            raise ValueError(
-                f"--cache-policy append holds at most {profile.stream.blocks} blocks (the released clip); "
-                f"use --cache-policy rolling for {blocks}")
+def parse_blocks(value: int | str | None) -> int | None:
+    """A user's block count -> a positive int, or ``None`` for an endless stream (``"endless"``)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == ENDLESS:
+            return None
+        try:
+            value = int(v)
+        except ValueError:
+            raise ValueError(f"--blocks must be a whole number >= 1 or {ENDLESS!r}, got {value!r}") from None
+    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--blocks must be a whole number >= 1 or {ENDLESS!r}, got {value!r}")
+    return value
+
+
+def choose_policy(profile: Profile, blocks: int | None, name: str = "auto"):
+    """``append`` up to the profile's released length, ``rolling`` past it or for an endless stream
+    (``blocks=None``), or the one asked for. ``profile`` must be the released geometry: its
+    ``stream.blocks`` is the clip length the append policy reproduces."""
+    clip = profile.stream.blocks
+    if name == "append" or (name == "auto" and blocks is not None and blocks <= clip):
+        if blocks is None or blocks > clip:
+            want = "an endless stream" if blocks is None else f"{blocks} blocks"
+            raise ValueError(f"--cache-policy append holds at most {clip} blocks (the released clip); "
+                             f"use --cache-policy rolling (or auto) for {want}")
         return AppendPolicy(profile, blocks)
     if name in ("rolling", "auto"):
         return RollingPolicy(profile, blocks=blocks)
     raise ValueError(f"unknown cache policy {name!r}; choose auto, append or rolling")
+
+
+def variant_plans(policy: AppendPolicy | RollingPolicy) -> list[BlockPlan]:
+    """One plan per distinct static variant, in stream order (the first block that uses it): what a
+    backend prepares (graphs, engines) and an exporter exports. Finite for an endless rolling stream:
+    its variants stop changing once the sink and the ring are full and the audio history is at its bound."""
+    if policy.blocks is not None:
+        limit = policy.blocks
+    else:  # kv length is steady from block sink+window-1 on, the audio length from block window-1 on
+        limit = policy.sink + policy.window + 1
+    seen: dict[tuple[int, int], BlockPlan] = {}
+    for _, plan in zip(range(limit), policy.plans()):
+        seen.setdefault(plan.variant, plan)
+    return list(seen.values())

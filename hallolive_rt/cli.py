@@ -68,8 +68,11 @@ MODEL_DIR = typer.Option(None, "--model-dir", help="Official download root: Hall
 RANDOM = typer.Option(False, "--random-weights", help="The architecture with random weights (benchmarks); "
                       "the tiny preset always uses random weights.")
 PRESET = typer.Option("tiny", "--preset", help="Shape preset from profiles/: tiny (CPU demo) or hallolive-512x992.")
-BLOCKS = typer.Option(None, "--blocks", min=1, help="Blocks to stream (any number; past the released 5 the "
-                      "rolling cache policy keeps memory flat). Default: the preset's.")
+BLOCKS = typer.Option(None, "--blocks", min=1, help="Blocks to run. Default: the preset's clip (5 at full size).")
+STREAM_BLOCKS = typer.Option(None, "--blocks", metavar="N|endless", help="Blocks to stream: any N, or 'endless' "
+                             "(until interrupted). Up to the preset's clip (5 at full size) the released append "
+                             "caches; past it the rolling policy keeps memory and block time flat. Default: "
+                             "the preset's clip.")
 FUTURE = typer.Option(None, "--future-audio-frames", min=0, help="Audio lookahead F in audio tokens "
                       "(window 30+F from the next block's noise; only 30 committed). Default: the preset's (0).")
 SEED = typer.Option(0, "--seed", help="Seed of the initial and re-noise draws.")
@@ -93,6 +96,17 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
                     "auto lets PyTorch pick per call (default, as released); math, flash, cudnn (CUDA), "
                     "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
                     "up front, never silently replaced. eager and cudagraph backends only.")
+VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (unmeasured on a GPU "
+                          "yet): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
+                          "per-frame decode replayed from a CUDA graph), compiled-cudagraph (both). A +cl3d suffix "
+                          "is the same as --vae-channels-last. bench: a comma-separated list, each a run "
+                          "(--mode vae runs the eager baseline first, in the same process).")
+VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help="Opt-in: the video decoder's "
+                      "conv weights, caches and input in channels_last_3d layout (same values; for cuDNN's "
+                      "NDHWC kernels). Off by default until a GPU run shows it pays.")
+EMA = typer.Option(False, "--ema/--no-ema", help="With --model-dir, for a training checkpoint nested under "
+                   "generator_ema/generator: load the EMA weights (the release's --use_ema) or the generator "
+                   "(default, as the release's inference.py). The released flat hallolive_dit.pt ignores it.")
 
 
 @app.command()
@@ -101,7 +115,7 @@ def stream(
     model_dir: Optional[Path] = MODEL_DIR,
     random_weights: bool = RANDOM,
     preset: str = PRESET,
-    blocks: Optional[int] = BLOCKS,
+    blocks: Optional[str] = STREAM_BLOCKS,
     future_audio_frames: Optional[int] = FUTURE,
     seed: int = SEED,
     out: Path = typer.Option(Path("hallolive.mp4"), "--out", "-o", help="Fragmented MP4 (H.264 + AAC), "
@@ -124,6 +138,9 @@ def stream(
                                     "(graph capture, autotuning); used by profiling sessions."),
     overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="Decode and write on their own "
                                  "threads/streams while the DiT runs the next block (default), or inline."),
+    vae_backend: str = VAE_BACKEND,
+    vae_channels_last: bool = VAE_CL,
+    ema: bool = EMA,
 ):
     """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
     from hallolive_rt.runtime.session import InputError, stream_main
@@ -137,7 +154,8 @@ def stream(
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
-            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty())
+            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
+            vae_channels_last=vae_channels_last, ema=ema)
     except InputError as e:
         _fail(str(e), getattr(e, "exit_code", 2))
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
@@ -157,6 +175,7 @@ def export(
                                             "audio, text (default: all)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even artifacts that are up to date."),
     seed: int = SEED,
+    ema: bool = EMA,
 ):
     """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
     with a manifest that the runtime checks before it trusts an artifact.
@@ -170,7 +189,7 @@ def export(
     try:
         export_main(preset, None if model_dir is None else str(model_dir), random_weights, format=format,
                     precision=precision, out_dir=str(out_dir), seed=seed, force=force,
-                    submodels=None if submodels is None else submodels.split(","))
+                    submodels=None if submodels is None else submodels.split(","), ema=ema)
     except (ExportError, CheckpointError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -191,6 +210,13 @@ def bench(
     fuse_projections: bool = FUSE,
     attn_kernel: AttnKernel = ATTN,
     seed: int = SEED,
+    vae_backend: str = VAE_BACKEND,
+    vae_channels_last: bool = VAE_CL,
+    overlap: bool = typer.Option(True, "--overlap/--no-overlap", help="e2e: decode block i on its own "
+                                 "(low-priority) stream while the DiT runs block i+1 (default), or inline."),
+    compare_overlap: bool = typer.Option(False, "--compare-overlap", help="e2e: run every variant both "
+                                         "overlapped and sequential in this process (keys '... no-overlap')."),
+    ema: bool = EMA,
 ):
     """Benchmark backends on the full-size architecture (random weights built on the device). The JSON
     records --fuse-projections and --attn-kernel: run once with and once without to see what they buy."""
@@ -201,7 +227,8 @@ def bench(
                    blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
-                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value)
+                   fuse_projections=fuse_projections, attn_kernel=attn_kernel.value, vae_backend=vae_backend,
+                   vae_channels_last=vae_channels_last, overlap=overlap, compare_overlap=compare_overlap, ema=ema)
     except ValueError as e:
         _fail(str(e))
 

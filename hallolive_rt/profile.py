@@ -133,22 +133,37 @@ class Profile:
         return 1 + (latent_frames - 1) * t if first_block else latent_frames * t
 
     def with_overrides(self, *, blocks: int | None = None, future_audio_tokens: int | None = None,
-                       dtype: str | None = None) -> "Profile":
-        """A copy with the few fields a user may change from the CLI (validated)."""
-        s = self.stream
-        if blocks is not None:
-            if blocks < 1:
-                raise ProfileError(f"blocks must be >= 1, got {blocks}")
-            s = replace(s, blocks=blocks)
-        if future_audio_tokens is not None:
-            if future_audio_tokens < 0:
-                raise ProfileError(f"future audio tokens must be >= 0, got {future_audio_tokens}")
-            s = replace(s, future_audio_tokens=future_audio_tokens)
-        p = replace(self, stream=s)
+                       dtype: str | None = None, batch: int | None = None,
+                       latent_frames_per_block: int | None = None, audio_tokens_per_block: int | None = None,
+                       latent_height: int | None = None, latent_width: int | None = None) -> "Profile":
+        """A copy with some shape fields changed, validated like a profile file (``ProfileError`` otherwise).
+
+        Block geometry describes other resolutions and block lengths without a new file:
+        ``latent_height`` / ``latent_width`` (the latent grid; pixels are ``vae_spatial`` times that, even
+        numbers for the 2x2 patches), ``latent_frames_per_block`` (``audio_tokens_per_block`` follows it at
+        ``tokens_per_latent_frame`` per frame unless given too, and must equal that product), ``batch``.
+        ``blocks``, ``future_audio_tokens`` and ``dtype`` are the fields the CLI changes.
+        """
+        changes = {k: v for k, v in (("batch", batch), ("blocks", blocks),
+                                     ("latent_frames_per_block", latent_frames_per_block),
+                                     ("audio_tokens_per_block", audio_tokens_per_block),
+                                     ("future_audio_tokens", future_audio_tokens),
+                                     ("latent_height", latent_height), ("latent_width", latent_width))
+                   if v is not None}
+        for k, v in changes.items():  # ranges are _validate's, below
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ProfileError(f"{k} must be an integer, got {v!r}")
+        if latent_frames_per_block is not None and audio_tokens_per_block is None:
+            changes["audio_tokens_per_block"] = latent_frames_per_block * self.audio.tokens_per_latent_frame
+        stream = {k: v for k, v in changes.items() if k in StreamShape.__dataclass_fields__}
+        video = {k: v for k, v in changes.items() if k in VideoShape.__dataclass_fields__}
+        p = replace(self, stream=replace(self.stream, **stream), video=replace(self.video, **video))
         if dtype is not None:
             if dtype not in DTYPES:
                 raise ProfileError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             p = replace(p, dtype_name=dtype)
+        given = ", ".join(f"{k}={v}" for k, v in changes.items())
+        _validate(p, f"profile {self.name} with {given}" if given else f"profile {self.name}")
         return p
 
     def to_dict(self) -> dict:
@@ -224,7 +239,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 
 def _validate(p: Profile, src: str) -> None:
+    """The rules every profile obeys, whether read from a file or made by ``with_overrides``."""
     v, s = p.video, p.stream
+    for name, value, least in (("batch", s.batch, 1), ("blocks", s.blocks, 1),
+                               ("latent_frames_per_block", s.latent_frames_per_block, 1),
+                               ("future_audio_tokens", s.future_audio_tokens, 0),
+                               ("latent_height", v.latent_height, 2), ("latent_width", v.latent_width, 2)):
+        if value < least:
+            raise ProfileError(f"{src}: {name} must be >= {least}, got {value}")
     if v.latent_height % 2 or v.latent_width % 2:
         raise ProfileError(f"{src}: latent grid {v.latent_height}x{v.latent_width} must be even (2x2 patches)")
     if s.audio_tokens_per_block != s.latent_frames_per_block * p.audio.tokens_per_latent_frame:
@@ -234,5 +256,3 @@ def _validate(p: Profile, src: str) -> None:
         )
     if p.dtype_name not in DTYPES:
         raise ProfileError(f"{src}: unknown dtype {p.dtype_name!r}")
-    if s.blocks < 1:
-        raise ProfileError(f"{src}: blocks must be >= 1")

@@ -1,4 +1,4 @@
-"""The streaming block loop of Hallo-Live (FACTS.md section 4), on explicit state.
+"""The streaming block loop of Hallo-Live (docs/FACTS.md section 4), on explicit state.
 
 Block i (F future tokens, W = 30 + F):
     xv = video noise of the block; xa = cat(committed audio history, W window tokens of noise)
@@ -25,7 +25,8 @@ from .profile import Profile
 from .sampler import NoiseSource, Schedule, renoise, x0_from_flow
 from .state import DiTState, StepPositions
 
-__all__ = ["BlockStream", "BlockOutput", "ForwardRecord", "StreamResult", "generate", "Cursor", "window_noise"]
+__all__ = ["BlockStream", "BlockOutput", "ForwardRecord", "StreamResult", "generate", "Cursor", "window_noise",
+           "whole_blocks"]
 
 
 @dataclass
@@ -199,16 +200,23 @@ class BlockStream:
             yield self.run_block(plan, video_noise(plan.index), win, noise, record)
 
 
+def whole_blocks(profile: Profile, noise_v: torch.Tensor, noise_a: torch.Tensor) -> int:
+    """How many blocks ``noise_v`` [B, N*Fb, ...] / ``noise_a`` [B, N*30, Ca] hold (``ValueError`` if not whole)."""
+    fb, na = profile.stream.latent_frames_per_block, profile.stream.audio_tokens_per_block
+    n = noise_v.shape[1] // fb
+    if n < 1 or noise_v.shape[1] != n * fb or noise_a.shape[1] != n * na:
+        raise ValueError(f"noise shapes {tuple(noise_v.shape)} / {tuple(noise_a.shape)} are not whole blocks "
+                         f"of {fb} latent frames / {na} audio tokens")
+    return n
+
+
 def generate(dit: DualStreamDiT, profile: Profile, ctx: torch.Tensor, noise_v: torch.Tensor,
              noise_a: torch.Tensor, noise: NoiseSource, *, record: bool = False,
              policy=None, step_fn: Callable | None = None) -> StreamResult:
     """Run every block of ``noise_v`` [B, N*Fb, Cv, Hl, Wl] / ``noise_a`` [B, N*30, Ca] and return the
     committed latents (and, with ``record``, every forward's inputs, flow and x0)."""
     fb, na = profile.stream.latent_frames_per_block, profile.stream.audio_tokens_per_block
-    n = noise_v.shape[1] // fb
-    if noise_v.shape[1] != n * fb or noise_a.shape[1] != n * na:
-        raise ValueError(f"noise shapes {tuple(noise_v.shape)} / {tuple(noise_a.shape)} are not whole blocks "
-                         f"of {fb} latent frames / {na} audio tokens")
+    n = whole_blocks(profile, noise_v, noise_a)
     bs = BlockStream(dit, profile, blocks=n, policy=policy, device=noise_v.device)
     if step_fn is not None:
         bs.step_fn = step_fn

@@ -11,7 +11,7 @@ Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, a
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
 the real architecture at the profile's shapes (runtime/flops.py: counted once on CPU on the meta device
 and committed, 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of the video VAE at
-512x992, as FACTS.md section 6 states; never recounted on the GPU unless the committed table is stale).
+512x992, as docs/FACTS.md section 7 states; never recounted on the GPU unless the committed table is stale).
 One warm-up stream per backend precedes the timed one (graph capture and autotuning stay out of the
 numbers). Weights are built on the device (``load_components(profile, None, ...)``): no weight ever passes
 through host RAM; ``components=`` reuses a set already built (one build for several modes).
@@ -23,6 +23,13 @@ keeps every finished block. Writing costs well under a millisecond per block, be
 The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
 ``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
 result's ``session``: compare runs that differ only in them to decide whether they pay.
+
+The video decoder's opt-in fast paths (``vae_backend``, ``vae_channels_last``: ``--vae-backend
+eager,cudagraph+cl3d ...``, runtime/vae_runner.py) are run variants: ``--mode vae`` runs each in this
+process after the eager baseline (keys ``"<variant> (decoders)"``, ``ratios_vs_eager`` on the VAE-only
+rate); e2e runs every DiT backend with every listed variant (keys ``"<backend> vae=<variant>"`` except the
+eager decoder). ``compare_overlap`` (``--compare-overlap``) runs each e2e variant overlapped and sequential
+(keys ``"... no-overlap"``). The choices are recorded at the top of the JSON and in each ``session``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from .metrics import achieved_tflops, env_info, percentile, stream_metrics, writ
 __all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES", "dit_blocks"]
 
 MODES = ("e2e", "dit", "vae")
-BF16_PEAK_TFLOPS = 790.0  # measured dense bf16 peak on H100/H200 here (MEASURE.md)
+BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
 
 
 # ---- the runs: generators of DecodedBlocks, one per block as it finishes --------------------------------
@@ -96,13 +103,15 @@ def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
                            clock.at_s(m["dit_start"], c.dit_device), e, e, [e])
 
 
-def _vae_blocks(comps, profile: Profile, blocks: int, seed: int) -> Iterator:
-    """Decode random latents block by block (sequential, exact stage times), one DecodedBlock each."""
+def _vae_blocks(comps, profile: Profile, blocks: int, seed: int, pipe=None) -> Iterator:
+    """Decode random latents block by block (sequential, exact stage times), one DecodedBlock each, with
+    ``pipe`` (a sequential DecodePipeline, built once per video runner variant: its capture/compile happens
+    at construction)."""
     from types import SimpleNamespace
 
     from .devices import DecodePipeline
 
-    pipe = DecodePipeline(comps, profile, overlap=False)
+    pipe = pipe or DecodePipeline(comps, profile, overlap=False)
     s, v = profile.stream, profile.video
     dev, dt = comps.vae_device, comps.dtype
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -149,12 +158,14 @@ def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: d
 
 
 def _command(preset, backends, n, mode, device, vae_device, prof, random_weights, fuse_projections,
-             attn_kernel, kv_impl) -> str:
+             attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap, compare_overlap) -> str:
     if "bench" in " ".join(sys.argv[:2]):
         return "hallolive-rt bench " + " ".join(sys.argv[2:])
     return (f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
             f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
-            f"kv_impl={kv_impl!r}, fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})")
+            f"kv_impl={kv_impl!r}, fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, "
+            f"vae_backend={vae_backend!r}, vae_channels_last={vae_channels_last}, overlap={overlap}, "
+            f"compare_overlap={compare_overlap})")
 
 
 def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, backends: list[str] | None = None,
@@ -162,7 +173,9 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               console=None, components=None, on_update: Callable[[dict], None] | None = None) -> dict:
+               vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
+               console=None, ema: bool = False, components=None,
+               on_update: Callable[[dict], None] | None = None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
 
     ``components``: models already built for this preset and dtype (their devices are used); ``on_update``:
@@ -176,8 +189,9 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components, weights_nbytes
-    from .devices import resolve_devices
+    from .devices import DecodePipeline, resolve_devices
     from .session import StreamSession, check_fast_paths
+    from .vae_runner import check_vae_options, parse_vae_variants
 
     console = console or Console(stderr=True, width=200)
     if mode not in MODES:
@@ -185,8 +199,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     if not random_weights and model_dir is None and components is None:
         raise ValueError("bench needs --random-weights or --model-dir")
     backends = list(backends or ["eager"])
-    prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
-    n = prof.stream.blocks
+    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry: the policy depends on it
+    n = blocks if blocks is not None else prof.stream.blocks
     if components is not None:
         if (components.profile.name, components.dtype) != (prof.name, prof.dtype):
             raise ValueError(f"components were built for {components.profile.name} {components.dtype}, "
@@ -194,14 +208,18 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         dit_dev, vae_dev = components.dit_device, components.vae_device
     else:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
-    runs = backends if mode != "vae" else ["eager"]
+    vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
+    runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])
     cfg = load_fusion_config(prof.video_config, prof.audio_config)
-    for name in runs:  # before building anything: a choice that cannot run fails now, naming itself
+    for name in dict.fromkeys(r[1] for r in runs):  # before building anything: a choice that cannot run fails now
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
+    for vo in vae_variants:
+        check_vae_options(vo, vae_dev)
     kv_ext = require_kv_ext(kv_impl, dit_dev) if mode != "vae" else None  # built before any weight
     t = time.perf_counter()
     comps = components or load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                                           vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False)
+                                           vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False,
+                                           ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
@@ -210,9 +228,11 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     results: dict[str, dict] = {}
     out = {
         "command": _command(preset, backends, n, mode, device, vae_device, prof, random_weights,
-                            fuse_projections, attn_kernel, kv_impl),
+                            fuse_projections, attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap,
+                            compare_overlap),
         "complete": False, "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
         "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
+        "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
         "weights": comps.source, "weights_bytes": weights_nbytes(comps),
         "build_s": build_s if components is None else None, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "flops": counts.describe(),
@@ -227,20 +247,21 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         if out_json is not None:
             write_json(out, out_json)
 
-    for name in runs:
+    for key, name, vae_opts, ov in runs:
         if dit_dev.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
             for d in {dit_dev, vae_dev}:
                 torch.cuda.reset_peak_memory_stats(d)
         if mode == "vae":
-            name, sess, sess_info = "eager (decoders)", None, {"backend": "eager (decoders)"}
+            sess = pipe = DecodePipeline(comps, prof, overlap=False, video_runner=vae_opts)
+            sess_info = {"backend": key, **pipe.describe()}
             for _ in range(warmup_runs):
-                list(_vae_blocks(comps, prof, min(n, 2), seed))
-            timed = _vae_blocks(comps, prof, n, seed)
+                list(_vae_blocks(comps, prof, min(n, 2), seed, pipe))
+            timed = _vae_blocks(comps, prof, n, seed, pipe)
         else:
-            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=overlap,
-                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel)
+            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=ov,
+                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts)
             sess_info = sess.describe()
             for _ in range(warmup_runs):
                 list(sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed))
@@ -248,19 +269,37 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         got = []
         for blk in timed:
             got.append(blk)
-            results[name] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info)
+            results[key] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info)
             emit()
         del sess, timed
     out["complete"] = True
-    if len(results) > 1 and "eager" in results:
-        key = "steady_fps" if mode == "e2e" else "dit_only_fps_equiv"
-        out["ratios_vs_eager"] = {k: (r[key] / results["eager"][key]) if r[key] and results["eager"][key] else None
+    base = "eager (decoders)" if mode == "vae" else "eager"
+    if len(results) > 1 and base in results:
+        key = {"e2e": "steady_fps", "dit": "dit_only_fps_equiv", "vae": "vae_only_fps_equiv"}[mode]
+        out["ratios_vs_eager"] = {k: (r[key] / results[base][key]) if r[key] and results[base][key] else None
                                   for k, r in results.items()}
         out["ratios_metric"] = key
     out["projected"] = _projection(results, mode)
     emit()
     _table(console, Table, out)
     return out
+
+
+def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: list[bool]) -> list[tuple]:
+    """(result key, DiT backend, video runner options, overlap) per run, baselines first.
+
+    vae: the eager decoder first (the ratios' baseline), then each listed variant; dit: the decoders do
+    not run, so one run per DiT backend; e2e: every DiT backend x video variant x overlap setting.
+    """
+    from .vae_runner import VideoDecodeOptions
+
+    if mode == "vae":
+        vs = list(dict.fromkeys([VideoDecodeOptions(), *vae_variants]))
+        return [(f"{vo.label} (decoders)", "eager", vo, False) for vo in vs]
+    if mode == "dit":
+        return [(b, b, VideoDecodeOptions(), overlaps[0]) for b in backends]
+    return [(b + ("" if vo.label == "eager" else f" vae={vo.label}") + ("" if ov or len(overlaps) == 1 else
+             " no-overlap"), b, vo, ov) for b in backends for vo in vae_variants for ov in overlaps]
 
 
 def _projection(results: dict, mode: str) -> dict:

@@ -75,7 +75,7 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
 
     console = console or Console(stderr=True, width=200)
     backends = list(backends or ["eager", "cudagraph"])
-    prof = load_profile(preset).with_overrides(blocks=blocks, dtype=dtype)
+    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry; the count goes to the session
     if components is not None:
         dit_dev = components.dit_device
     else:
@@ -89,11 +89,11 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
     ref = backends[0]
     runs: dict[str, dict] = {}
-    per_block: list[dict] = [{"index": i} for i in range(prof.stream.blocks)]
-    out = {"command": (f"check_backends(preset={preset!r}, backends={backends}, blocks={prof.stream.blocks}, "
+    per_block: list[dict] = [{"index": i} for i in range(blocks)]
+    out = {"command": (f"check_backends(preset={preset!r}, backends={backends}, blocks={blocks}, "
                        f"device={str(dit_dev)!r}, dtype={prof.dtype_name!r}, seed={seed}, kv_impl={kv_impl!r}, "
                        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})"),
-           "complete": False, "preset": prof.name, "blocks": prof.stream.blocks, "dtype": prof.dtype_name,
+           "complete": False, "preset": prof.name, "blocks": blocks, "dtype": prof.dtype_name,
            "seed": seed, "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections,
            "attn_kernel": attn_kernel, "reference": ref, "weights": comps.source, "device": str(dit_dev),
            "definitions": "max_rel = max|x-ref|/max|ref|, mean_rel = mean|x-ref|/mean|ref| of committed latents",
@@ -114,7 +114,7 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
         if sess_backend != backend:
             del sess
             _sync(dit_dev)
-            sess = StreamSession(comps, prof, backend=backend, blocks=prof.stream.blocks, kv_impl=kv_impl,
+            sess = StreamSession(comps, prof, backend=backend, blocks=blocks, kv_impl=kv_impl,
                                  fuse_projections=fuse_projections, attn_kernel=attn_kernel)
             sess_backend = backend
         latents = keep if keep is not None else []

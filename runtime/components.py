@@ -18,7 +18,7 @@ import torch
 
 from hallolive_rt.config import FusionConfig, load_fusion_config
 from hallolive_rt.model.dit import DualStreamDiT
-from hallolive_rt.model.dit_weights import build_dit, load_dit
+from hallolive_rt.model.dit_weights import build_dit, dit_entry, load_dit
 from hallolive_rt.model.text import TextEncoder, UMT5Config, build_text_encoder, load_text_encoder
 from hallolive_rt.model.text_tokenizer import load_tokenizer
 from hallolive_rt.model.vae_audio import AudioVAEDecoder, build_audio_decoder, load_audio_decoder
@@ -71,13 +71,14 @@ def _random_text_encoder(cfg: UMT5Config, device: torch.device, dtype: torch.dty
 def load_components(profile: Profile, model_dir: str | Path | None = None, *,
                     dit_device: str | torch.device = "cpu", vae_device: str | torch.device | None = None,
                     text_device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    seed: int = 0, with_text: bool = True) -> Components:
+                    seed: int = 0, with_text: bool = True, ema: bool = False) -> Components:
     """Build (``model_dir=None``: random, seeded) or load every model of ``profile``.
 
     DiT on ``dit_device``; decoders on ``vae_device`` (default: the DiT's); the text encoder on
     ``text_device`` (default: the DiT's, freed after encoding). ``with_text=False`` skips the encoder
     (benchmarks that start from an encoded prompt). Missing files are reported all at once, before
-    anything is loaded.
+    anything is loaded. ``ema`` picks the DiT entry of a nested training file (``load_dit``: False, the
+    default, reads ``generator``; True reads ``generator_ema``); random weights ignore it.
     """
     dit_dev = torch.device(dit_device)
     vae_dev = torch.device(vae_device) if vae_device is not None else dit_dev
@@ -94,8 +95,9 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
         dit = build_dit(cfg, device=dit_dev, dtype=dtype, seed=seed)
         with torch.device(vae_dev):
             torch.manual_seed(seed + 1)  # default inits of the decoders draw from the global generator
+            # the cast rebuilds the latent statistics in the dtype the decoder's ``stats`` mode asks for
+            # (the release's: the weights' dtype; vae_video.py's docstring)
             vdec = build_video_decoder(vcfg, device=vae_dev).to(dtype)
-            vdec.init_stats()  # latent statistics stay float32 (the release un-normalises in float32)
         adec = build_audio_decoder(acfg, vae_dev, dtype)
         voc = build_vocoder(gcfg, vae_dev, dtype)
         if with_text:
@@ -104,14 +106,14 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
         source = f"random weights (seed {seed})"
     else:
         paths = check_model_dir(model_dir)
-        dit = load_dit(paths["dit"], cfg, device=dit_dev, dtype=dtype)
+        dit = load_dit(paths["dit"], cfg, device=dit_dev, dtype=dtype, ema=ema)
         vdec = load_video_decoder(paths["video_vae"], vcfg, dtype=dtype, device=vae_dev)
         adec = load_audio_decoder(paths["audio_vae"], acfg, dtype=dtype, device=vae_dev)
         voc = load_vocoder(paths["vocoder"], gcfg, dtype=dtype, device=vae_dev)
         if with_text:
             enc = load_text_encoder(paths["text_encoder"], tcfg, dtype=dtype, device=text_dev)
         tok = load_tokenizer(paths["tokenizer"], text_len=profile.text.text_len)
-        source = str(model_dir)
+        source = f"{model_dir} (DiT entry: {dit_entry(ema)} if nested)"
     return Components(profile, cfg, dit, enc, tok, vdec, adec, voc, dtype, dit_dev, vae_dev,
                       model_dir is None, source)
 

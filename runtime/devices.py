@@ -19,14 +19,20 @@ kernels). On CPU there are no streams or events: the same classes run with synch
 host timestamps, threads included (``overlap=True``) or everything inline (``overlap=False``, the
 sequential reference). Timings: CUDA events, converted to seconds since the stream's start through a
 per-device origin event recorded right after a synchronize; ``perf_counter`` on CPU.
+
+The video decoder runs through a ``VideoDecodeRunner`` (runtime/vae_runner.py: eager reference, compiled,
+CUDA graph, channels_last_3d), chosen with ``video_runner`` (``--vae-backend``), which owns the decoder's
+conv-cache state. On CUDA the DiT's work on the main thread goes through ``dit_stream()``: a stream of
+higher priority than the decode and copy streams (see ``DIT_STREAM_PRIORITY``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,7 +41,21 @@ from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.nvtx import stage
 from hallolive_rt.profile import Profile
 
-__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "resolve_devices", "frames_to_uint8"]
+from .vae_runner import VideoDecodeOptions, make_video_runner
+
+__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "resolve_devices", "frames_to_uint8",
+           "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
+
+# Stream priorities (CUDA; lower number = higher priority). On one GPU the DiT of block i+1 and the
+# decode of block i share the SMs. The DiT is the critical path: every later block, and so every later
+# frame, waits for it, while a late decode delays only frames already computed, and the DiT's kernels
+# leave bubbles (launch gaps, wave tails, the small GEMMs of the audio stream) that the decode fills.
+# So the DiT's stream is high priority and the decode's low: the block scheduler dispatches pending DiT
+# blocks first, the decode takes what is left, and the DiT is never starved. The copy stream (the
+# hand-off of latents, a few MB) serves the decode and gets its priority. Out-of-range values are
+# clamped by CUDA to the device's range (typically [-5, 0]); on two GPUs the priorities are moot.
+DIT_STREAM_PRIORITY = -1
+DECODE_STREAM_PRIORITY = 0
 
 
 def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.device | None = None):
@@ -129,6 +149,12 @@ class DecodedBlock:
     done_s: float = 0.0  # its last frame and all its audio reached the host
     frame_ready_s: list[float] = field(default_factory=list)  # per latent frame
 
+    def without_media(self) -> "DecodedBlock":
+        """This block's times and counts with its frames and audio dropped: arrays of the same shapes that
+        hold no memory (read-only broadcasts of one zero), for keeping per-block records of long streams."""
+        return replace(self, frames=np.broadcast_to(np.zeros((), self.frames.dtype), self.frames.shape),
+                       audio=np.broadcast_to(np.zeros((), self.audio.dtype), self.audio.shape))
+
 
 @dataclass
 class _Job:
@@ -156,7 +182,7 @@ class DecodePipeline:
     """Decodes committed blocks (video + streamed audio) behind the DiT; see the module docstring."""
 
     def __init__(self, components, profile: Profile, *, overlap: bool = True, on_block=None,
-                 host_slots: int = 3):
+                 host_slots: int = 3, video_runner: VideoDecodeOptions | str | None = None):
         c = components
         self.p, self.overlap, self.on_block = profile, overlap, on_block
         self.dit_dev, self.vae_dev = c.dit_device, c.vae_device
@@ -181,10 +207,15 @@ class DecodePipeline:
                                      dtype=torch.uint8, pin_memory=pin) for _ in range(host_slots)]
         self.h_audio = [torch.empty(self.samples, dtype=torch.float32, pin_memory=pin) for _ in range(host_slots)]
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(dev)
-            self.vae_stream = torch.cuda.Stream(dev)
+            self.copy_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
+            self.vae_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
+            self._dit_stream = torch.cuda.Stream(self.dit_dev, priority=DIT_STREAM_PRIORITY)
             self.slot_free = [torch.cuda.Event() for _ in range(2)]
-        self.vstate = self.vdec.new_state(1, v.latent_height, v.latent_width, dtype=dt, device=dev)
+        if self.vdec.conv2.weight.dtype != dt:
+            raise ValueError(f"the video decoder holds {self.vdec.conv2.weight.dtype} weights, the stream runs {dt}")
+        self.vrunner = make_video_runner(self.vdec, video_runner, 1, v.latent_height, v.latent_width)
+        with torch.cuda.device(dev) if self.cuda else contextlib.nullcontext():
+            self.vrunner.prepare()  # compile / capture now, outside any timed stream
         self.astate = self.adec.new_state(1)
         self._threads: list[threading.Thread] = []
 
@@ -192,7 +223,7 @@ class DecodePipeline:
     def start(self) -> None:
         """A new stream: fresh decoder states, clocks at zero, worker threads up (overlap mode)."""
         self.close()
-        self.vstate.reset()
+        self.vrunner.reset()
         self.astate = self.adec.new_state(1)
         self._free_hslots: queue.Queue = queue.Queue()
         for i in range(len(self.h_frames)):
@@ -237,7 +268,34 @@ class DecodePipeline:
             except BaseException as e:  # surfaced on the main thread by ready()/finish()
                 outbox.put(e)
 
+    def describe(self) -> dict:
+        """What the bench JSON and ``--metrics`` record: overlap, the video runner, stream priorities."""
+        d = {"overlap": self.overlap, "vae": self.vrunner.describe()}
+        if self.cuda:
+            d["stream_priorities"] = {"dit": self._dit_stream.priority, "decode": self.vae_stream.priority,
+                                      "copy": self.copy_stream.priority}
+        return d
+
     # ---- main thread: hand-off --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def dit_stream(self):
+        """Run the enclosed DiT work on the high-priority DiT stream (CUDA; a no-op on CPU).
+
+        It first waits for the work already queued on the thread's current stream (inputs made there)
+        and on exit that stream waits for the DiT's, so code after the block sees its results.
+        """
+        if not self.cuda:
+            yield
+            return
+        cur = torch.cuda.current_stream(self.dit_dev)
+        s = self._dit_stream
+        s.wait_stream(cur)
+        try:
+            with torch.cuda.stream(s):
+                yield
+        finally:
+            cur.wait_stream(s)
+
     def dit_mark(self):
         return self.clock.mark()
 
@@ -296,7 +354,7 @@ class DecodePipeline:
         frame_marks, off = [], 0
         with stage("vae/video", block=i):
             for j in range(z.shape[2]):
-                x = self.vdec.decode_frame(z[:, :, j:j + 1], self.vstate, job.first_block and j == 0)
+                x = self.vrunner.decode_frame(z[:, :, j:j + 1], job.first_block and j == 0)
                 u8 = frames_to_uint8(x[0])  # [n, H, W, 3]
                 n = u8.shape[0]
                 self.h_frames[hslot][off:off + n].copy_(u8, non_blocking=nb)

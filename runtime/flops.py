@@ -4,7 +4,7 @@
 
 Counting uses ``torch.utils.flop_counter`` on the meta device (the real architecture, no weights, no
 compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of the video VAE at 512x992
-(FACTS.md section 6). That takes ~30 s of CPU for the full-size preset, which a GPU session should not
+(docs/FACTS.md section 7). That takes ~30 s of CPU for the full-size preset, which a GPU session should not
 spend, so the counts of every static shape of the profile's own stream (and of each shorter stream) are
 committed in ``runtime/flops/<preset>.json``, keyed by a digest of everything they depend on (the profile's
 shapes except the block count and dtype, the DiT and decoder configs, the counting method). ``FlopCounts``

@@ -1,4 +1,4 @@
-"""The ``--metrics`` JSON: definitions exactly as ../shared/docs/MEASURE.md states them.
+"""The ``--metrics`` JSON: the definitions of docs/MEASURE.md (in the repository root).
 
 Input: the ``DecodedBlock``s of one stream (times in seconds since ``StreamSession.run`` was called,
 stage times in ms from CUDA events / perf_counter). Steady state = blocks 2..N (index >= 1).
@@ -126,7 +126,7 @@ def stream_metrics(blocks, *, fps: float, text_encode_s: float | None = None, de
     gap_p99 = percentile(gaps, 99)
     stage_names = sorted({k for b in blocks for k in b.times})
     out = {
-        "definitions": "../shared/docs/MEASURE.md; steady state = blocks 2..N; times from the run() call",
+        "definitions": "docs/MEASURE.md; steady state = blocks 2..N; times from the run() call",
         "device": device,
         "dtype": dtype,
         "blocks": len(blocks),

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hallolive_rt.cache_policy import choose_policy
+from hallolive_rt.cache_policy import ENDLESS, choose_policy, parse_blocks, variant_plans
 from hallolive_rt.config import FusionConfig
 from hallolive_rt.model.attention import check_attention_kernel
 from hallolive_rt.model.text import encode_prompt, release_text_encoder
@@ -95,10 +95,10 @@ class StreamSession:
     """Everything one stream needs, allocated once; ``run`` may be called again for a new stream."""
 
     def __init__(self, components, profile: Profile | None = None, *, backend: str | Backend = "eager",
-                 blocks: int | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
+                 blocks: int | str | None = None, future_audio_tokens: int | None = None, cache_policy: str = "auto",
                  kv_impl: str = "torch", dit_device=None, vae_device=None, overlap: bool = True,
                  on_block: Callable[[DecodedBlock], None] | None = None, backend_options: dict | None = None,
-                 fuse_projections: bool = False, attn_kernel: str = "auto"):
+                 fuse_projections: bool = False, attn_kernel: str = "auto", video_runner=None):
         c = components
         p = profile or c.profile
         if future_audio_tokens is not None:
@@ -107,13 +107,13 @@ class StreamSession:
             if want is not None and torch.device(want) != have:
                 raise ValueError(f"{flag}={want} but the components were built on {have}; build them there")
         self.c, self.p = c, p
-        self.blocks = blocks if blocks is not None else p.stream.blocks
-        if self.blocks < 1:
-            raise ValueError(f"blocks must be >= 1, got {self.blocks}")
+        # blocks: None = the profile's released clip, ENDLESS ("endless") = until the caller stops reading;
+        # self.blocks is then None. The profile keeps its released geometry: the policy is chosen on it.
+        self.blocks = parse_blocks(blocks if blocks is not None else p.stream.blocks)
         c.dit.set_kv_impl(kv_impl)
         self.policy = choose_policy(p, self.blocks, cache_policy)
         self.bs = BlockStream(c.dit, p, blocks=self.blocks, policy=self.policy, device=c.dit_device, dtype=c.dtype)
-        self.plans = list(self.policy.plans())
+        self.variant_plans = variant_plans(self.policy)
         self.backend = get_backend(backend, **(backend_options or {})) if isinstance(backend, str) else backend
         check_fast_paths(self.backend.name, fuse_projections, attn_kernel, c.dit_device, c.dtype, c.cfg)
         if fuse_projections:
@@ -123,15 +123,23 @@ class StreamSession:
         c.dit.set_attention_kernel(attn_kernel)  # before prepare: graphs capture the chosen forward
         t = time.perf_counter()
         with torch.no_grad():
-            self.backend.prepare(self.bs, self.plans)  # may run the DiT: caches are zeroed by start()
+            self.backend.prepare(self.bs, self.variant_plans)  # may run the DiT: start() zeroes the caches
         self.prepare_s = time.perf_counter() - t
         self._backend_step = self.backend.step
         self.bs.step_fn = self._step
-        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block)
+        # video_runner: VideoDecodeOptions or "eager" | "cudagraph+cl3d" ... (runtime/vae_runner.py)
+        self.pipeline = DecodePipeline(c, p, overlap=overlap, on_block=on_block, video_runner=video_runner)
         self.text_encode_s: float | None = None
         self._in_session = False
         self._k = 0
         self._marks: dict = {}
+
+    @property
+    def plans(self) -> list:
+        """Every block's plan (a finite stream only; an endless one iterates ``policy.plans()``)."""
+        if self.blocks is None:
+            raise ValueError("an endless stream has no finite list of plans; iterate policy.plans()")
+        return list(self.policy.plans())
 
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, prompt: str, *, release: bool = True):
@@ -196,12 +204,12 @@ class StreamSession:
         fresh = TorchNoise(seed + 1, device=c.dit_device)
         pipe.start()
         try:
-            with self._on_dit_device():
+            with self._on_dit_device(), pipe.dit_stream():
                 bs.start(ctx)
-            for plan in self.plans:
+            for plan in self.policy.plans():  # lazily: an endless stream has no last plan
                 i = plan.index
                 # device / grad state is set per block, never across a yield (it would leak into the caller)
-                with stage("block", block=i), self._on_dit_device(), torch.no_grad():
+                with stage("block", block=i), self._on_dit_device(), pipe.dit_stream(), torch.no_grad():
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
                     self._marks["dit_start"] = pipe.clock.mark()
@@ -220,8 +228,10 @@ class StreamSession:
 
     def describe(self) -> dict:
         return {"backend": self.backend.name, "variants": self.backend.variants(), "policy": self.policy.name,
-                "blocks": self.blocks, "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
-                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel}
+                "blocks": ENDLESS if self.blocks is None else self.blocks, "state_bytes": self.bs.state.nbytes(),
+                "prepare_s": self.prepare_s, "kv_impl": self.c.dit.kv.name,
+                "fuse_projections": self.c.dit.projections_fused, "attn_kernel": self.c.dit.attn_kernel,
+                **self.pipeline.describe()}
 
 
 # ---- `hallolive-rt stream`: everything the CLI command does, as one function ----------------------------
@@ -233,14 +243,14 @@ class InputError(ValueError):
 
 
 def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str = "tiny",
-                model_dir: str | None = None, random_weights: bool = False, blocks: int | None = None,
+                model_dir: str | None = None, random_weights: bool = False, blocks: int | str | None = None,
                 future_audio_frames: int | None = None, seed: int = 0, metrics: str | None = None,
                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
                 backend: str = "eager", cache_policy: str = "auto", kv_impl: str = "torch",
                 frames_out: str | None = None, wav_out: str | None = None, fps: float | None = None,
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
-                console=None) -> dict:
+                vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
     ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
 
@@ -249,12 +259,13 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
     audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
     with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
+    ``ema``: load the DiT's ``generator_ema`` entry of a nested training file (``load_dit``).
     """
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
     from hallolive_rt.kvcache.build import require_kv_ext
-    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
+    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
     from hallolive_rt.weights import CheckpointError
@@ -263,14 +274,17 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from .components import MODEL_FILES, MissingModelFiles, check_model_dir, load_components
     from .devices import resolve_devices
     from .metrics import stream_metrics, write_json
+    from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)
     try:
-        prof = load_profile(preset).with_overrides(blocks=blocks, future_audio_tokens=future_audio_frames,
-                                                    dtype=dtype)
-    except ProfileError as e:
+        # the profile keeps its released clip length: the block count goes to the session, whose cache
+        # policy depends on it (append up to the clip, rolling past it and for endless streams)
+        prof = load_profile(preset).with_overrides(future_audio_tokens=future_audio_frames, dtype=dtype)
+        nblocks = parse_blocks(blocks if blocks is not None else prof.stream.blocks)  # None = endless
+        choose_policy(prof, nblocks, cache_policy)  # refuses e.g. append past the clip, before any load
+    except (ProfileError, ValueError) as e:
         raise InputError(str(e)) from e
-    nblocks = prof.stream.blocks
     if model_dir is not None and random_weights:
         raise InputError("--model-dir and --random-weights exclude each other: drop one")
     if model_dir is None and not random_weights and prof.decoders != "tiny":
@@ -281,10 +295,14 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                          "weights) or choose --preset hallolive-512x992")
     try:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
+        if model_dir is not None:
+            require_text_extra()  # the release's tokenizer: said before the model files are looked at
         paths = check_model_dir(model_dir) if model_dir is not None else None
         be = get_backend(backend)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
+        vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
+        check_vae_options(vae_opts, vae_dev)
         require_kv_ext(kv_impl, dit_dev)  # builds/loads the extension now, not after the weights
     except (ValueError, MissingModelFiles, BackendUnavailable) as e:
         raise InputError(str(e)) from e
@@ -312,11 +330,13 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
 
     try:
         comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
-                                dtype=prof.dtype, seed=seed)
+                                dtype=prof.dtype, seed=seed, ema=ema)
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
-    sess = StreamSession(comps, prof, backend=be, blocks=nblocks, cache_policy=cache_policy, kv_impl=kv_impl,
-                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel)
+    sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
+                         cache_policy=cache_policy, kv_impl=kv_impl,
+                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel,
+                         video_runner=vae_opts)
     ctx, _ = sess.encode(prompt)
     for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed
@@ -325,10 +345,10 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
             for _blk in sess.run(ctx, seed):
                 pass
     sess.pipeline.on_block = lambda b: writer.write_block(b.frames, b.audio)  # on the writer thread
-    got: list[DecodedBlock] = []
+    got: list[DecodedBlock] = []  # times and counts only: an endless stream must not keep its frames
     with writer, _Progress(console, nblocks, progress) as bar:
         for blk in sess.run(ctx, seed):
-            got.append(blk)
+            got.append(blk.without_media())
             bar.update(blk)
     summary = {"out": out, "frames_out": frames_out, "wav_out": wav_out, "writer": writer.summary,
                "blocks": len(got), "frames": sum(b.frames.shape[0] for b in got),
@@ -357,7 +377,7 @@ def _check_parent_writable(p: Path, what: str) -> None:
 class _Progress:
     """rich progress bar per block on a terminal; one plain line per block otherwise."""
 
-    def __init__(self, console, total: int, enabled: bool):
+    def __init__(self, console, total: int | None, enabled: bool):  # total None: an endless stream
         self.console, self.total, self.enabled = console, total, enabled
         self.bar = None
 
@@ -377,7 +397,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=info)
         elif self.enabled:
-            self.console.print(f"[{b.index + 1}/{self.total}] {info}", highlight=False)
+            of = "" if self.total is None else f"/{self.total}"
+            self.console.print(f"[{b.index + 1}{of}] {info}", highlight=False)
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -13,6 +13,7 @@ from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.components import load_components
 from hallolive_rt.runtime.devices import DecodePipeline, frames_to_uint8, resolve_devices
+from hallolive_rt.runtime.vae_runner import VideoDecodeOptions, set_conv_layout
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,27 @@ def test_overlapped_pipeline_equals_plain_sequential_decode(comps):
             assert np.array_equal(b.frames, frames) and np.array_equal(b.audio, audio), f"block {b.index}"
 
 
+@pytest.mark.parametrize("runner", ["eager+cl3d", VideoDecodeOptions("compiled", compile_backend="aot_eager")],
+                         ids=["eager+cl3d", "compiled"])
+def test_overlapped_equals_sequential_with_each_video_runner(comps, runner):
+    """The decode thread drives the runner (a compiled one included) exactly as the inline path does."""
+    torch._dynamo.reset()
+    p = comps.profile
+    outs = _latents(p, 3, seed=2)
+    ref = _plain(comps, p, outs)
+    pipe = DecodePipeline(comps, p, overlap=True, video_runner=runner)
+    threaded = _run(pipe, outs, True)
+    inline = _run(DecodePipeline(comps, p, overlap=False, video_runner=runner), outs)
+    d = pipe.describe()
+    assert d["overlap"] is True and d["vae"]["label"] == pipe.vrunner.opts.label
+    assert "stream_priorities" not in d  # CPU: no streams
+    for a, b, (frames, audio) in zip(threaded, inline, ref):
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio), f"block {a.index}"
+        # vs the plain contiguous eager decode: fp32 within 1e-5 before rounding, so at most 1 level
+        assert np.abs(a.frames.astype(int) - frames.astype(int)).max() <= 1 and np.array_equal(a.audio, audio)
+    set_conv_layout(comps.video_decoder, False)
+
+
 def test_single_host_slot_back_pressure_keeps_order(comps):
     p = comps.profile
     outs = _latents(p, 4, seed=1)
@@ -118,3 +140,28 @@ def test_cuda_pipeline_same_device_equals_inline():
     b = _run(DecodePipeline(c, p, overlap=False), outs)
     for x, y in zip(a, b):
         assert np.array_equal(x.frames, y.frames) and np.allclose(x.audio, y.audio, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vae", ["eager", "cudagraph+cl3d"])
+def test_cuda_priorities_applied_and_overlap_equals_sequential(vae):
+    """One GPU: the DiT on a higher-priority stream than the decode and copy streams; the overlapped
+    session (decode of block i while the DiT runs i+1) gives the sequential session's frames."""
+    from hallolive_rt.runtime.devices import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
+    from hallolive_rt.runtime.session import StreamSession
+
+    p = load_profile("tiny")
+    c = load_components(p, dit_device="cuda", seed=0, with_text=False)
+    ctx = (0.5 * torch.randn(1, p.text.text_len, p.text.text_dim, generator=torch.Generator().manual_seed(5))).cuda()
+    runs = {}
+    for overlap in (True, False):
+        sess = StreamSession(c, p, overlap=overlap, video_runner=vae)
+        pr = sess.describe()["stream_priorities"]
+        # read back from CUDA (cudaStreamGetPriority): lower number = higher priority
+        assert pr["decode"] == pr["copy"] and pr["dit"] < pr["decode"], f"the DiT must outrank the decoder: {pr}"
+        assert DIT_STREAM_PRIORITY < DECODE_STREAM_PRIORITY
+        assert sess.describe()["overlap"] is overlap and sess.describe()["vae"]["label"] == vae
+        runs[overlap] = list(sess.run(ctx, seed=1))
+    for a, b in zip(runs[True], runs[False]):
+        assert a.index == b.index and np.array_equal(a.frames, b.frames), f"block {a.index}"
+        assert np.allclose(a.audio, b.audio, atol=1e-5)

@@ -40,14 +40,41 @@ def test_flat_released_layout_with_model_prefix(tmp_path, weights):
     _assert_loaded(load_dit(f, CFG), weights)
 
 
-def test_nested_training_file_prefers_generator_ema_and_strips_fsdp(tmp_path, weights):
+def test_nested_training_file_loads_the_entry_ema_asks_for_and_strips_fsdp(tmp_path, weights):
+    """The release (inference.py) reads 'generator_ema' only under --use_ema, else 'generator'."""
     f = tmp_path / "checkpoint.pt"
     ema = {_fsdp("model." + k): v for k, v in weights.items()}
-    gen = {"model." + k: v + 1 for k, v in weights.items()}
+    gen = {_fsdp("model." + k): v + 1 for k, v in weights.items()}
     torch.save({"generator_ema": ema, "generator": gen, "critic": {"x": torch.zeros(1)}}, f)
-    _assert_loaded(load_dit(f, CFG, dtype=torch.float32), weights, torch.float32)
-    torch.save({"generator": gen, "critic": {"x": torch.zeros(1)}}, f)
-    _assert_loaded(load_dit(f, CFG, dtype=torch.float32), {k: v + 1 for k, v in weights.items()}, torch.float32)
+    plus_one = {k: v + 1 for k, v in weights.items()}
+    _assert_loaded(load_dit(f, CFG, dtype=torch.float32), plus_one, torch.float32)  # default: no EMA
+    _assert_loaded(load_dit(f, CFG, dtype=torch.float32, ema=False), plus_one, torch.float32)
+    _assert_loaded(load_dit(f, CFG, dtype=torch.float32, ema=True), weights, torch.float32)
+    a = load_dit(f, CFG, dtype=torch.float32).state_dict()
+    b = load_dit(f, CFG, dtype=torch.float32, ema=True).state_dict()
+    assert all(not torch.equal(a[k], b[k]) for k in a)  # the two entries give different weights
+
+
+def test_requested_entry_missing_names_the_entries_present(tmp_path, weights):
+    f = tmp_path / "checkpoint.pt"
+    torch.save({"generator": {"model." + k: v for k, v in weights.items()}, "critic": {"x": torch.zeros(1)}}, f)
+    with pytest.raises(CheckpointError) as e:
+        load_dit(f, CFG, ema=True)
+    msg = str(e.value)
+    assert str(f) in msg and "no 'generator_ema' entry" in msg and "holds 'generator'" in msg
+    assert "'critic'" in msg and "--no-ema" in msg
+    torch.save({"generator_ema": {"model." + k: v for k, v in weights.items()}}, f)
+    with pytest.raises(CheckpointError, match="no 'generator' entry .* holds 'generator_ema'.*--ema"):
+        load_dit(f, CFG)
+    _assert_loaded(load_dit(f, CFG, ema=True), weights)
+
+
+def test_flat_file_is_its_own_weights_under_either_choice(tmp_path, weights):
+    """The released hallolive_dit.pt is flat (one set of weights; the release's script passes --use_ema)."""
+    f = tmp_path / "hallolive_dit.pt"
+    torch.save({"model." + k: v for k, v in weights.items()}, f)
+    _assert_loaded(load_dit(f, CFG, ema=True), weights)
+    _assert_loaded(load_dit(f, CFG, ema=False), weights)
 
 
 def test_ovi_safetensors_naming_without_prefix(tmp_path, weights):

@@ -1,5 +1,5 @@
 """FLOP counts: the committed tables (runtime/flops/<preset>.json) are fresh and equal a count on the meta
-device; the full-size counts agree with FACTS.md section 6; a stale table is never used silently."""
+device; the full-size counts agree with docs/FACTS.md section 7; a stale table is never used silently."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_tiny_table_equals_a_fresh_count():
 
 
 def test_full_size_counts_match_facts_and_a_fresh_count():
-    """FACTS.md section 6: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
+    """docs/FACTS.md section 7: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
     p = load_profile("hallolive-512x992")
     plans = list(AppendPolicy(p).plans())
     fc = FlopCounts(p)

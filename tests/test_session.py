@@ -129,7 +129,7 @@ def test_stream_main_writes_mp4_and_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"blocks": 0}, "blocks must be >= 1"),
+    ({"blocks": 0}, "blocks must be a whole number >= 1"),
     ({"preset": "nope"}, "unknown preset"),
     ({"preset": "hallolive-512x992"}, "needs weights"),
     ({"random_weights": True, "model_dir": "/x"}, "exclude each other"),
@@ -141,12 +141,14 @@ def test_stream_main_writes_mp4_and_metrics(tmp_path):
     ({"out": "/nonexistent-dir/o.mp4"}, "does not exist"),
     ({"metrics": "/nonexistent-dir/m.json"}, "metrics"),
 ])
-def test_stream_main_rejects_bad_input_before_writing(tmp_path, kwargs, match):
+def test_stream_main_rejects_bad_input_before_writing(tmp_path, kwargs, match, monkeypatch):
     kw = dict(kwargs)
     prompt = kw.pop("prompt", PROMPT)
     if kw.get("model_dir") == "MISSING":
         kw["model_dir"] = str(tmp_path / "models")
         (tmp_path / "models").mkdir()
+        # as with the `text` extra installed (without it, that is what a --model-dir run reports first)
+        monkeypatch.setattr("hallolive_rt.model.text_tokenizer.require_text_extra", lambda: None)
     kw.setdefault("out", str(tmp_path / "o.mp4"))
     with pytest.raises(InputError, match=match) as e:
         stream_main(prompt, progress=False, **kw)

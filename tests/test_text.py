@@ -228,9 +228,38 @@ def test_umt5_tokenizer_matches_release_call_and_reports_truncation(hf_tokenizer
         tok(["  "])
 
 
-def test_missing_tokenizer_dir_is_explained(tmp_path):
+def test_missing_tokenizer_dir_is_explained(tmp_path, monkeypatch):
+    from hallolive_rt.model import text_tokenizer
+
+    monkeypatch.setattr(text_tokenizer, "require_text_extra", lambda: None)  # as if the `text` extra were there
     with pytest.raises(PromptError, match="google/umt5-xxl"):
         load_tokenizer(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("module", ["transformers", "ftfy"])
+def test_missing_text_extra_is_named_first_with_the_install_command(tmp_path, monkeypatch, module):
+    """A --model-dir run needs the `text` extra before anything else: the message says how to get it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
+    for where in (tmp_path / "nope", tmp_path):  # the extra is reported before the folder is looked at
+        with pytest.raises(PromptError) as e:
+            load_tokenizer(where)
+        msg = str(e.value)
+        assert "pip install -e '.[text]'" in msg and "--model-dir" in msg
+        assert module in msg.split("missing: ")[1].split(")")[0]
+
+
+def test_model_dir_run_asks_for_the_text_extra_before_the_files(tmp_path, monkeypatch):
+    import sys
+
+    from hallolive_rt.runtime.session import InputError, stream_main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(InputError, match=r"pip install -e '\.\[text\]'") as e:
+        stream_main("hello", out=str(tmp_path / "x.mp4"), preset="hallolive-512x992", model_dir=str(tmp_path),
+                    progress=False)
+    assert "model files missing" not in str(e.value) and not (tmp_path / "x.mp4").exists()
 
 
 # ---- config, checkpoint layout, loading --------------------------------------------------------------------

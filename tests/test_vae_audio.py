@@ -23,7 +23,7 @@ from tests.conftest import assert_close
 from tests.dit_fixtures import KEYS_DIR
 
 KEYS = KEYS_DIR / "mmaudio_vae_16k.txt"
-DECODER_PARAMS = 99_127_297  # FACTS.md section 5
+DECODER_PARAMS = 99_127_297  # docs/FACTS.md section 5
 
 
 def _key_list(path: Path) -> dict[str, tuple[int, ...]]:

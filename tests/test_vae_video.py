@@ -19,7 +19,7 @@ from tests.conftest import assert_close
 from tests.dit_fixtures import KEYS_DIR
 
 KEYS = KEYS_DIR / "wan22_vae.txt"
-DECODER_PARAMS, CONV2_PARAMS = 555_049_228, 2_352  # counted from the release's WanVAE_ (FACTS.md section 5)
+DECODER_PARAMS, CONV2_PARAMS = 555_049_228, 2_352  # counted from the release's WanVAE_ (docs/FACTS.md section 5)
 H, W = 4, 6  # tiny profile latent grid
 
 
@@ -46,7 +46,7 @@ def test_full_size_layout_matches_release_on_meta():
     n_dec = sum(v.numel() for k, v in sd.items() if k.startswith("decoder."))
     n_conv2 = sum(v.numel() for k, v in sd.items() if k.startswith("conv2."))
     assert (n_dec, n_conv2) == (DECODER_PARAMS, CONV2_PARAMS)
-    assert "latent_mean" not in sd and "latent_std" not in sd  # not in the file: non-persistent
+    assert "latent_mean" not in sd and "latent_inv_std" not in sd  # not in the file: non-persistent
     assert len(m.decoder.cached_convs) == 32
     # The bf16 history at 512x992 (latent 32x62): what the runtime must budget for.
     state = m.new_state(1, 32, 62, torch.bfloat16, "meta")
@@ -76,11 +76,16 @@ def test_nearest_equals_the_releases_nearest_exact_at_factor_two():
 
 def test_stats_are_real_after_build():
     m = build_video_decoder(WanVAEConfig.tiny(), device="cpu")
-    assert m.latent_mean.shape == (48,) and m.latent_std.shape == (48,)
-    assert abs(m.latent_mean[0].item() + 0.2289) < 1e-6 and abs(m.latent_std[-1].item() - 0.7744) < 1e-6
-    m = m.to(torch.bfloat16)  # weights cast; the constants stay exact float32 like the release's
-    assert m.conv2.weight.dtype == torch.bfloat16 and m.latent_std.dtype == torch.float32
-    assert m.latent_std[0].item() == torch.tensor(0.4765).item()
+    assert m.latent_mean.shape == (48,) and m.latent_inv_std.shape == (48,)
+    assert abs(m.latent_mean[0].item() + 0.2289) < 1e-6 and abs(1 / m.latent_inv_std[-1].item() - 0.7744) < 1e-6
+    # release mode: a cast rounds the float32 constants once to the weights' dtype (the release's .to())
+    m = m.to(torch.float16).to(torch.bfloat16)
+    assert m.conv2.weight.dtype == torch.bfloat16 and m.latent_inv_std.dtype == torch.bfloat16
+    assert m.latent_inv_std[0].item() == (1 / torch.tensor(0.4765)).to(torch.bfloat16).item()
+    m.set_stats("fp32")  # the option: exact float32 constants whatever the weights
+    assert m.latent_inv_std.dtype == torch.float32 and m.latent_inv_std[0].item() == (1 / torch.tensor(0.4765)).item()
+    m = m.to(torch.bfloat16)
+    assert m.latent_mean.dtype == torch.float32 and m.latent_mean[0].item() == torch.tensor(-0.2289).item()
 
 
 @pytest.mark.parametrize("block", [1, 2])

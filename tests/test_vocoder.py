@@ -31,7 +31,7 @@ from tests.conftest import assert_close
 from tests.dit_fixtures import KEYS_DIR
 
 KEYS = KEYS_DIR
-VOCODER_PARAMS = 112_199_473  # after weight-norm removal (FACTS.md section 5)
+VOCODER_PARAMS = 112_199_473  # after weight-norm removal (docs/FACTS.md section 5)
 
 
 def _folded_key_list(path: Path) -> dict[str, tuple[int, ...]]:

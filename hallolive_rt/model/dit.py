@@ -4,7 +4,7 @@ State-dict names equal the checkpoint's after its ``model.`` prefix: ``video_mod
 One forward denoises one block: the video block's tokens (incremental, written into the video caches at
 ``pos.video_slot``) and the whole audio sequence from position 0 (recomputed every forward, as released).
 
-Per layer (FACTS.md section 2):
+Per layer (docs/FACTS.md section 2):
     A += g1a * self_attn_a(...)            V += g1v * self_attn_v(...)      (video attends its cache)
     A0 = A
     A += cross_a(norm3(A), text, V)        audio sees video after its self-attention (fusion cache)

@@ -1,9 +1,13 @@
 """Checkpoint layouts of the DiT and how to build it: from a file, or with random weights on a device.
 
-Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (FACTS.md section 3):
-  * flat ``{"model.video_model...": tensor}`` (the released file);
-  * nested training files ``{"generator_ema": {...}, "generator": {...}, "critic": ...}``
-    (``generator_ema`` preferred), keys possibly carrying ``_fsdp_wrapped_module.`` (stripped);
+Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (docs/FACTS.md section 3):
+  * flat ``{"model.video_model...": tensor}`` (the released file): its one set of weights is loaded
+    whatever ``ema`` says;
+  * nested training files ``{"generator_ema": {...}, "generator": {...}, "critic": ...}``: ``ema=False``
+    (the default, as the release's ``inference.py`` without ``--use_ema``) reads ``generator``,
+    ``ema=True`` (its ``--use_ema``) reads ``generator_ema``; keys possibly carry
+    ``_fsdp_wrapped_module.`` (stripped). A requested entry that is absent is an error naming the
+    entries present (the release would fall back silently to the other one);
   * the Ovi teacher's ``model.safetensors`` naming (no ``model.`` prefix).
 The model is built on the meta device and the (mmapped) tensors are assigned: nothing is allocated twice.
 """
@@ -20,20 +24,35 @@ from ..config import FusionConfig
 from ..weights import CheckpointError, assign_state_dict, read_checkpoint, strip_and_select
 from .dit import DualStreamDiT
 
-__all__ = ["dit_state_dict_from_file", "select_dit_weights", "load_dit", "build_dit", "init_random_", "random_dit_values",
-           "random_parameter"]
+__all__ = ["dit_entry", "dit_state_dict_from_file", "select_dit_weights", "load_dit", "build_dit", "init_random_",
+           "random_dit_values", "random_parameter"]
 
 _FSDP = "_fsdp_wrapped_module."
 _NESTED = ("generator_ema", "generator")
 
 
-def select_dit_weights(raw: Mapping[str, object], file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Pick the generator from any released layout and return names as ``DualStreamDiT`` has them."""
+def dit_entry(ema: bool) -> str:
+    """The nested entry a training file is read from: ``generator_ema`` under ``ema``, else ``generator``."""
+    return "generator_ema" if ema else "generator"
+
+
+def select_dit_weights(raw: Mapping[str, object], file: str | os.PathLike, *, ema: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Pick the generator from any released layout and return names as ``DualStreamDiT`` has them.
+
+    A nested file must hold the entry ``ema`` asks for (``dit_entry(ema)``); a flat file is its own
+    (only) set of weights.
+    """
     chosen, where = raw, "top level"
-    for key in _NESTED:
-        if isinstance(raw.get(key), Mapping):
-            chosen, where = raw[key], f"entry {key!r}"
-            break
+    present = [k for k in _NESTED if isinstance(raw.get(k), Mapping)]
+    if present:
+        want = dit_entry(ema)
+        if want not in present:
+            other = "--ema (ema=True)" if want == "generator" else "--no-ema (ema=False)"
+            raise CheckpointError(f"{file}: no {want!r} entry to load with ema={ema}; the file holds "
+                                  f"{', '.join(repr(k) for k in present)} (top-level keys: "
+                                  f"{', '.join(repr(k) for k in list(raw)[:8])}). Pass {other} to load it.")
+        chosen, where = raw[want], f"entry {want!r}"
     tensors = strip_and_select(chosen, drop_substrings=(_FSDP,))
     if not tensors:
         keys = ", ".join(repr(k) for k in list(raw)[:8])
@@ -44,14 +63,19 @@ def select_dit_weights(raw: Mapping[str, object], file: str | os.PathLike) -> di
     return tensors
 
 
-def dit_state_dict_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return select_dit_weights(read_checkpoint(path), path)
+def dit_state_dict_from_file(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    return select_dit_weights(read_checkpoint(path), path, ema=ema)
 
 
 def load_dit(path: str | os.PathLike, cfg: FusionConfig, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.bfloat16) -> DualStreamDiT:
-    """Build the DiT on the meta device and assign the checkpoint's tensors (strict, cast to ``dtype``)."""
-    sd = dit_state_dict_from_file(path)
+             dtype: torch.dtype = torch.bfloat16, ema: bool = False) -> DualStreamDiT:
+    """Build the DiT on the meta device and assign the checkpoint's tensors (strict, cast to ``dtype``).
+
+    ``ema``: in a training file nested under ``generator_ema`` / ``generator``, load the EMA weights
+    (``True``, the release's ``--use_ema``) or the raw generator (``False``, the default, as the release's
+    ``inference.py`` defaults). The released flat file has one set of weights and ignores it.
+    """
+    sd = dit_state_dict_from_file(path, ema=ema)
     with torch.device("meta"):
         model = DualStreamDiT(cfg)
     assign_state_dict(model, sd, path, dtype=dtype, device=device, what="Hallo-Live DiT")

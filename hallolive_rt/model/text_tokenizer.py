@@ -6,7 +6,8 @@ and both report what truncation dropped so the CLI can tell the user instead of 
 
 - ``UMT5Tokenizer`` wraps the Hugging Face tokenizer files shipped with the official download
   (``Wan2.1-T2V-1.3B/google/umt5-xxl``), read offline only, with the release's 'whitespace' cleaning
-  (ftfy, HTML unescape twice, whitespace collapse). Needs ``transformers`` and ``ftfy``.
+  (ftfy, HTML unescape twice, whitespace collapse). Needs the ``text`` extra (``transformers``,
+  ``sentencepiece``, ``ftfy``): every ``--model-dir`` run does, and ``require_text_extra`` says so first.
 - ``ByteTokenizer`` needs no files and no packages: UTF-8 bytes shifted past three specials laid out like
   T5's (pad 0, eos 1, unk 2), 259 ids. The tiny preset pairs it with a random encoder whose vocabulary
   is exactly that size, so the default demo runs with no download.
@@ -15,6 +16,7 @@ and both report what truncation dropped so the CLI can tell the user instead of 
 from __future__ import annotations
 
 import html
+import importlib
 import os
 import re
 from collections.abc import Sequence
@@ -30,7 +32,11 @@ __all__ = [
     "UMT5Tokenizer",
     "clean_prompt",
     "load_tokenizer",
+    "require_text_extra",
+    "TEXT_EXTRA_INSTALL",
 ]
+
+TEXT_EXTRA_INSTALL = "pip install -e '.[text]'"  # from a clone, as the README installs; the package: hallolive-rt[text]
 
 # The release collapses whitespace with the `regex` package, whose \s (Unicode White_Space) excludes the
 # four ASCII separators U+001C..U+001F that Python's `re` counts as space. This class is that \s in `re`.
@@ -39,6 +45,32 @@ _WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
 
 class PromptError(ValueError):
     """A prompt that cannot be encoded (empty after cleaning), or a tokenizer that cannot be loaded."""
+
+
+def _missing_text_modules(names: tuple[str, ...] = ("transformers", "ftfy")) -> list[str]:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def require_text_extra() -> None:
+    """Raise ``PromptError`` saying how to install the ``text`` extra unless the packages the release's
+    tokenizer needs import (``transformers`` for the tokenizer, ``ftfy`` for the prompt cleaning).
+
+    Called before anything else of a ``--model-dir`` run is checked: the real tokenizer is part of it.
+    """
+    missing = _missing_text_modules()
+    if missing:
+        raise PromptError(
+            f"--model-dir runs read the release's umT5 tokenizer, which needs the optional 'text' dependencies "
+            f"(transformers, sentencepiece, ftfy; missing: {', '.join(missing)}). Install them with "
+            f"{TEXT_EXTRA_INSTALL} (or pip install 'hallolive-rt[text]'), or run --random-weights / the tiny "
+            f"preset, which use an offline byte tokenizer."
+        )
 
 
 def clean_prompt(text: str, *, fix_text: bool = True) -> str:
@@ -51,7 +83,8 @@ def clean_prompt(text: str, *, fix_text: bool = True) -> str:
         try:
             import ftfy
         except ImportError as e:
-            raise PromptError("the umT5 tokenizer cleans prompts with 'ftfy': pip install ftfy") from e
+            raise PromptError(f"the umT5 tokenizer cleans prompts with 'ftfy', part of the 'text' extra: "
+                              f"{TEXT_EXTRA_INSTALL}") from e
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip()
@@ -154,22 +187,21 @@ class UMT5Tokenizer:
     """
 
     def __init__(self, path: str | os.PathLike, text_len: int = 512):
+        require_text_extra()  # first: without it nothing below can be checked
         p = Path(path)
         if not p.is_dir():
             raise PromptError(
                 f"{p}: tokenizer directory not found. It ships with the Wan2.1-T2V-1.3B download as "
                 "'google/umt5-xxl' (tokenizer.json / spiece.model + tokenizer_config.json)."
             )
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as e:
-            raise PromptError(
-                "the umT5 tokenizer needs the optional text dependencies: pip install 'hallolive-rt[text]'"
-            ) from e
+        from transformers import AutoTokenizer
+
         try:
             self._tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
-            raise PromptError(f"{p}: cannot load the umT5 tokenizer ({type(e).__name__}: {e})") from e
+            hint = (f"; spiece.model needs sentencepiece, part of the 'text' extra: {TEXT_EXTRA_INSTALL}"
+                    if _missing_text_modules(("sentencepiece",)) else "")
+            raise PromptError(f"{p}: cannot load the umT5 tokenizer ({type(e).__name__}: {e}){hint}") from e
         self.name = str(p)
         self.text_len = text_len
         self.vocab_size = len(self._tok)

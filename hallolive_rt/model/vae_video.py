@@ -11,6 +11,13 @@ That variant zero-fills the history it writes, so a state can be reused without 
 
 The encoder is not built: streaming inference only decodes. ``encoder.*`` and ``conv1.*`` in the file
 are dropped on load.
+
+De-normalisation follows the release's formula, ``z / inv_std + mean`` with ``inv_std = 1 / std`` computed
+in float32. ``stats`` says in which dtype: ``"release"`` (default) keeps mean and inv_std in the
+decoder's dtype and computes in it, as Hallo-Live does: its ``Wan2_2_VAE.to(dtype=bfloat16)`` casts the
+model and the scale tensors, and the division and addition then run in bf16 (not autocast ops). ``"fp32"``
+keeps both constants and the arithmetic in float32 whatever the weights' dtype (less rounding, not the
+release's numbers in bf16). The two agree exactly in float32.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
 __all__ = [
+    "STATS_MODES",
     "WanVAEConfig",
     "VideoDecodeState",
     "WanVideoDecoder",
@@ -36,6 +44,7 @@ __all__ = [
 ]
 
 _STATS_FILE = Path(__file__).with_name("wan22_latent_stats.json")
+STATS_MODES = ("release", "fp32")  # dtype of the latent statistics and of the de-normalisation (module doc)
 _KEEP_PREFIXES = ("decoder.", "conv2.")
 
 
@@ -175,30 +184,45 @@ class _ReleaseHistory:
 
 
 class WanVideoDecoder(nn.Module):
-    """``conv2`` + ``decoder`` of the release's ``WanVAE_``; latent mean/std as non-persistent buffers."""
+    """``conv2`` + ``decoder`` of the release's ``WanVAE_``; latent mean and 1/std as non-persistent buffers
+    in the dtype ``stats`` names (see the module docstring)."""
 
-    def __init__(self, cfg: WanVAEConfig):
+    def __init__(self, cfg: WanVAEConfig, stats: str = "release"):
         super().__init__()
-        stats = json.loads(_STATS_FILE.read_text())
-        if cfg.z_dim != len(stats["mean"]):
-            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(stats['mean'])} channels")
+        data = json.loads(_STATS_FILE.read_text())
+        if cfg.z_dim != len(data["mean"]):
+            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(data['mean'])} channels")
+        if stats not in STATS_MODES:
+            raise ValueError(f"stats {stats!r}: choose one of {', '.join(STATS_MODES)}")
         self.cfg = cfg
-        self._stats = (tuple(stats["mean"]), tuple(stats["std"]))
+        self.stats = stats
+        self._stats = (tuple(data["mean"]), tuple(data["std"]))
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.temperal_upsample,
                                  out_channels=3 * cfg.patch_size**2)
         self.register_buffer("latent_mean", torch.empty(cfg.z_dim), persistent=False)
-        self.register_buffer("latent_std", torch.empty(cfg.z_dim), persistent=False)
+        self.register_buffer("latent_inv_std", torch.empty(cfg.z_dim), persistent=False)
         self.init_stats()
 
     def init_stats(self, device: torch.device | str | None = None) -> None:
-        """(Re)create the latent statistics in float32 on ``device`` (default: the current default device)."""
-        self.latent_mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device)
-        self.latent_std = torch.tensor(self._stats[1], dtype=torch.float32, device=device)
+        """(Re)create mean and 1/std on ``device`` (default: the current default device) from the float32
+        constants, rounded once to the dtype ``self.stats`` asks for (the weights' dtype for "release")."""
+        dtype = torch.float32 if self.stats == "fp32" else self.conv2.weight.dtype
+        mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device)
+        inv_std = 1.0 / torch.tensor(self._stats[1], dtype=torch.float32, device=device)  # the release's scale[1]
+        self.latent_mean, self.latent_inv_std = mean.to(dtype), inv_std.to(dtype)
+
+    def set_stats(self, stats: str) -> "WanVideoDecoder":
+        """Switch between the release's de-normalisation ("release") and float32 statistics ("fp32")."""
+        if stats not in STATS_MODES:
+            raise ValueError(f"stats {stats!r}: choose one of {', '.join(STATS_MODES)}")
+        self.stats = stats
+        self.init_stats(self.latent_mean.device)
+        return self
 
     def _apply(self, fn, recurse=True):
-        # ``.to(torch.bfloat16)`` would round the statistics; the release keeps them in float32, so
-        # rebuild them exactly from the constants wherever the buffers went.
+        # A cast of the module must not cast the constants a second time (fp32 -> fp16 -> bf16 would round
+        # twice): rebuild them from the float32 values, in the dtype the mode asks for, wherever they went.
         super()._apply(fn, recurse)
         self.init_stats(self.latent_mean.device)
         return self
@@ -219,42 +243,50 @@ class WanVideoDecoder(nn.Module):
 
     # ---- decoding ----------------------------------------------------------------------------------
     def _unnormalize(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, T, h, w]
-        # In float32 like the release (its scale tensors are float32 under bf16 autocast).
-        z = z.float() * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+        # z / (1/std) + mean in the statistics' dtype: bf16 under "release" with bf16 weights (module doc)
+        z = z.to(self.latent_inv_std.dtype) / self.latent_inv_std.view(1, -1, 1, 1, 1) \
+            + self.latent_mean.view(1, -1, 1, 1, 1)
         return self.conv2(z.to(self.conv2.weight.dtype))
 
-    def _to_pixels(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3*p*p, n, h, w] -> [B, 3, n, p*h, p*w]
+    def _to_pixels(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        # [B, 3*p*p, n, h, w] -> [B, 3, n, p*h, p*w]
         b, _, n, h, w = x.shape
         p = self.cfg.patch_size
         # The channel index is c*p*p + r*p + q, with q the row offset and r the column offset.
         x = x.reshape(b, 3, p, p, n, h, w).permute(0, 1, 4, 5, 3, 6, 2).reshape(b, 3, n, h * p, w * p)
-        return x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0) if clamp else x
 
-    def decode_frame(self, z: torch.Tensor, state: VideoDecodeState, first: bool) -> torch.Tensor:
-        """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4); updates ``state``."""
+    def decode_frame(self, z: torch.Tensor, state: VideoDecodeState, first: bool, *, clamp: bool = True
+                     ) -> torch.Tensor:
+        """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4); updates ``state``.
+
+        ``clamp=False`` returns the decoder's values before the release's clamp to [-1, 1] (diagnosis).
+        """
         ref = state.history[0]
         if z.shape[2] != 1 or z.shape[0] != ref.shape[0] or z.shape[-2:] != ref.shape[-2:]:
             raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for {tuple(ref.shape)}")
         x = self._unnormalize(z)
-        return self._to_pixels(self.decoder(x, _StaticHistory(state.history, first)))
+        return self._to_pixels(self.decoder(x, _StaticHistory(state.history, first)), clamp)
 
-    def decode_frame_functional(self, z: torch.Tensor, history: tuple[torch.Tensor, ...], first: bool
-                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def decode_frame_functional(self, z: torch.Tensor, history: tuple[torch.Tensor, ...], first: bool, *,
+                                clamp: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``decode_frame`` without mutation: returns (frames, next history), same shapes as ``history``.
 
         For exporters (ONNX/TensorRT) that need the state as explicit inputs and outputs.
         """
         hist = _FunctionalHistory(history, first)
-        frames = self._to_pixels(self.decoder(self._unnormalize(z), hist))
+        frames = self._to_pixels(self.decoder(self._unnormalize(z), hist), clamp)
         return frames, tuple(hist.new)
 
-    def decode_block(self, z: torch.Tensor, state: VideoDecodeState, first_block: bool) -> torch.Tensor:
+    def decode_block(self, z: torch.Tensor, state: VideoDecodeState, first_block: bool, *, clamp: bool = True
+                     ) -> torch.Tensor:
         """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""
-        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0) for i in range(z.shape[2])]
+        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0, clamp=clamp)
+               for i in range(z.shape[2])]
         return torch.cat(out, dim=2)
 
     @torch.no_grad()
-    def decode_full(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_full(self, z: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         """Reference: a whole clip the release's way (conv2 on all frames, then per frame with its cache list)."""
         x = self._unnormalize(z)
         hist = _ReleaseHistory(len(self.decoder.cached_convs))
@@ -262,20 +294,21 @@ class WanVideoDecoder(nn.Module):
         for i in range(x.shape[2]):
             hist.idx, hist.first = 0, i == 0
             out.append(self.decoder(x[:, :, i:i + 1], hist))
-        return self._to_pixels(torch.cat(out, dim=2))
+        return self._to_pixels(torch.cat(out, dim=2), clamp)
 
 
-def build_video_decoder(cfg: WanVAEConfig | None = None, device: torch.device | str = "meta") -> WanVideoDecoder:
+def build_video_decoder(cfg: WanVAEConfig | None = None, device: torch.device | str = "meta", *,
+                        stats: str = "release") -> WanVideoDecoder:
     """The decoder with random weights on ``device`` (``"meta"``: shapes only, for loading or counting).
 
-    The latent statistics are real values on every device but ``"meta"``.
+    The latent statistics are real values on every device but ``"meta"``; ``stats`` as in the module doc.
     """
     with torch.device(device):
-        return WanVideoDecoder(cfg or WanVAEConfig())
+        return WanVideoDecoder(cfg or WanVAEConfig(), stats)
 
 
 def load_video_decoder(path: str | os.PathLike, cfg: WanVAEConfig | None = None, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu") -> WanVideoDecoder:
+                       device: torch.device | str = "cpu", *, stats: str = "release") -> WanVideoDecoder:
     """Load ``decoder.*`` and ``conv2.*`` from the release's flat ``Wan2.2_VAE.pth`` (mmap + assign)."""
     raw = read_checkpoint(path)
     sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor) and k.startswith(_KEEP_PREFIXES)}
@@ -285,7 +318,7 @@ def load_video_decoder(path: str | os.PathLike, cfg: WanVAEConfig | None = None,
             f"{path}: no 'decoder.*' keys, so this is not a Wan2.2 VAE checkpoint with a decoder "
             f"({len(raw)} entries, e.g. {sample}). Expected the official Wan2.2_VAE.pth."
         )
-    model = build_video_decoder(cfg, device="meta")
+    model = build_video_decoder(cfg, device="meta", stats=stats)
     assign_state_dict(model, sd, path, dtype=dtype, device=device, what="Wan2.2 VAE decoder (decoder.*, conv2.*)")
     materialize_non_persistent(model, WanVideoDecoder.init_stats, device)
     return model.eval().requires_grad_(False)

@@ -3,6 +3,9 @@
 conv_pre 80->1536 (k7) | 6 x [ConvTranspose1d (x4, x4, x2, x2, x2, x2; channels halve each time) ->
 mean of 3 AMP blocks (kernels 3/7/11, dilations 1/3/5)] | anti-aliased SnakeBeta | conv_post ->1 (k7) | tanh.
 
+``load_vocoder_config`` reads the generator fields of the config file BigVGAN ships with its checkpoint
+(MMAudio's ``bigvgan_vocoder.yml``; BigVGAN's ``config.json`` has the same keys).
+
 The release wraps every conv in weight norm and removes it after loading. The file stores g and v (legacy
 ``weight_g``/``weight_v`` or ``parametrizations.weight.original0/1``); ``fold_weight_norm`` turns them into
 plain ``<conv>.weight`` at load, so this module is made of ordinary convs with the release's post-removal
@@ -11,9 +14,11 @@ names. Non-causal: each output sample depends on about +-25 mel frames around it
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +26,8 @@ from torch import nn
 from hallolive_rt.model.vocoder_activations import AntiAliasedActivation, Snake, SnakeBeta
 from hallolive_rt.weights import CheckpointError, assign_state_dict, read_checkpoint
 
-__all__ = ["BigVGANConfig", "BigVGANVocoder", "fold_weight_norm", "build_vocoder", "load_vocoder"]
+__all__ = ["BigVGANConfig", "BigVGANVocoder", "VocoderConfigError", "fold_weight_norm", "build_vocoder",
+           "load_vocoder", "load_vocoder_config"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,80 @@ class BigVGANConfig:
             raise ValueError("each upsample kernel minus its rate must be even (exact rate x length output)")
         if self.upsample_initial_channel >> len(self.upsample_rates) < 1:
             raise ValueError("upsample_initial_channel too small: channels halve at every upsampling stage")
+
+
+class VocoderConfigError(ValueError):
+    """A BigVGAN config file that cannot be used: unreadable, not YAML/JSON, or a missing / ill-typed key."""
+
+
+_STR, _INT, _BOOL = "a string", "an integer", "true or false"
+_INT_LIST, _INT_LISTS = "a list of integers", "a list of lists of integers"
+# generator fields of the file -> what each must be; the training fields (learning_rate, batch_size,
+# resolutions, mpd_reshapes, dist_config, ...) are ignored
+_FIELD_KINDS = {"resblock": _STR, "num_mels": _INT, "upsample_rates": _INT_LIST, "upsample_kernel_sizes": _INT_LIST,
+                "upsample_initial_channel": _INT, "resblock_kernel_sizes": _INT_LIST,
+                "resblock_dilation_sizes": _INT_LISTS, "activation": _STR, "snake_logscale": _BOOL,
+                "sampling_rate": _INT}
+_OPTIONAL = {"sampling_rate"}  # absent from MMAudio's yml: its vocoder is the 16 kHz one (the default)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _field(path: Path, key: str, v):
+    kind = _FIELD_KINDS[key]
+    if kind == _STR and (isinstance(v, str) or (key == "resblock" and _is_int(v))):  # '1' in the yml, 1 elsewhere
+        return str(v)
+    if (kind == _INT and _is_int(v)) or (kind == _BOOL and isinstance(v, bool)):
+        return v
+    if kind == _INT_LIST and isinstance(v, list) and v and all(_is_int(x) for x in v):
+        return tuple(v)
+    if kind == _INT_LISTS and isinstance(v, list) and v and all(
+            isinstance(x, list) and x and all(_is_int(y) for y in x) for x in v):
+        return tuple(tuple(x) for x in v)
+    raise VocoderConfigError(f"{path}: key {key!r} must be {kind}, got {v!r}")
+
+
+def load_vocoder_config(path: str | os.PathLike) -> BigVGANConfig:
+    """The ``BigVGANConfig`` of BigVGAN's own config file (``.yml``/``.yaml``, or ``.json``).
+
+    Reads the generator fields (``resblock``, ``num_mels``, ``upsample_*``, ``resblock_*``, ``activation``,
+    ``snake_logscale``, and ``sampling_rate`` when present), ignores the training ones, and raises
+    ``VocoderConfigError`` naming the file and the key for a missing or ill-typed field. YAML needs PyYAML
+    (``pip install -e '.[yaml]'``); nothing else here does.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise VocoderConfigError(f"{p}: vocoder config file not found")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise VocoderConfigError(f"{p}: not valid JSON ({e})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise VocoderConfigError(f"{p}: reading a YAML config needs PyYAML: pip install -e '.[yaml]' "
+                                     "(or pip install pyyaml)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise VocoderConfigError(f"{p}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise VocoderConfigError(f"{p}: top level is a {type(data).__name__}, expected a mapping of BigVGAN "
+                                 f"config keys")
+    missing = [k for k in _FIELD_KINDS if k not in data and k not in _OPTIONAL]
+    if missing:
+        raise VocoderConfigError(f"{p}: missing key(s) {', '.join(repr(k) for k in missing)} of the BigVGAN "
+                                 f"generator config (has: {', '.join(repr(k) for k in list(data)[:12])})")
+    kw = {f.name: _field(p, f.name, data[f.name]) for f in fields(BigVGANConfig) if f.name in data}
+    try:
+        return BigVGANConfig(**kw)
+    except ValueError as e:
+        raise VocoderConfigError(f"{p}: {e}") from None
 
 
 def _activation(cfg: BigVGANConfig, channels: int) -> AntiAliasedActivation:
@@ -180,10 +260,13 @@ def build_vocoder(cfg: BigVGANConfig, device: torch.device | str = "cpu",
     return m.to(dtype).eval().requires_grad_(False)
 
 
-def load_vocoder(path: str | os.PathLike, cfg: BigVGANConfig | None = None,
+def load_vocoder(path: str | os.PathLike, cfg: BigVGANConfig | str | os.PathLike | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BigVGANVocoder:
     """Load MMAudio ``ext_weights/best_netG.pt`` (``{'generator': state_dict}`` or a flat state dict),
-    folding weight norm once in fp32 before casting to ``dtype``."""
+    folding weight norm once in fp32 before casting to ``dtype``. ``cfg``: a ``BigVGANConfig``, the path
+    of BigVGAN's config file (``load_vocoder_config``), or None for the released 16 kHz vocoder."""
+    if cfg is not None and not isinstance(cfg, BigVGANConfig):
+        cfg = load_vocoder_config(cfg)
     cfg = cfg or BigVGANConfig()
     obj = read_checkpoint(path)
     if "generator" in obj:

@@ -1,0 +1,282 @@
+"""The video decode runner: how the stream runs one latent frame of the Wan2.2 decoder.
+
+    opts = parse_vae_variant("cudagraph+cl3d")               # or VideoDecodeOptions("cudagraph", True)
+    runner = make_video_runner(decoder, opts, batch=1, latent_h=32, latent_w=62)
+    runner.prepare()                                         # layout, compile, warm-up, capture (once)
+    runner.reset()                                           # a new stream
+    x = runner.decode_frame(z, first=True)                   # [B, 3, 1, H, W]
+    x = runner.decode_frame(z, first=False)                  # [B, 3, 4, H, W], every later frame
+
+A runner owns the decoder's ``VideoDecodeState`` (the causal-conv caches, static buffers written in
+place) and one static input buffer z [B, z_dim, 1, h, w]. ``decode_frame`` copies z in and runs one of
+two static variants: the stream's first frame (1 pixel frame out; the history is zero-filled) and the
+steady frame (4 out). The backends:
+
+  eager               ``WanVideoDecoder.decode_frame`` as written: the reference;
+  compiled            ``torch.compile(decode_frame, fullgraph=True)``: one graph per variant, so nothing
+                      in it can sync the host (a graph break would raise);
+  cudagraph           each variant captured once as a CUDA graph over the static state and input, then
+                      ``copy_`` into the input and ``replay()`` (one launch per latent frame instead of
+                      ~600 kernels);
+  compiled-cudagraph  the compiled variants inside our own capture.
+
+``+cl3d`` (``channels_last=True``, any backend) puts the 5-D conv weights, the state and the input in
+``torch.channels_last_3d``: cuDNN's tensor-core conv kernels read NDHWC, so NCDHW operands are transposed
+around every conv. It changes memory layout only, never values (tests hold it equal to eager). The dtype
+is the decoder's (bf16 at full size, as the profile says).
+
+Outputs may be static buffers valid until the next ``decode_frame`` (the pipeline converts them at once).
+Every lever is opt-in: none has been measured on a GPU yet (see README, "Speed levers").
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from hallolive_rt.model.vae_video import VideoDecodeState, WanVideoDecoder
+
+__all__ = ["VAE_BACKENDS", "VideoDecodeOptions", "VideoDecodeRunner", "parse_vae_variant",
+           "parse_vae_variants", "check_vae_options", "make_video_runner", "set_conv_layout"]
+
+VAE_BACKENDS = ("eager", "compiled", "cudagraph", "compiled-cudagraph")
+_CL_SUFFIX = "+cl3d"
+CL3D = torch.channels_last_3d
+
+
+@dataclass(frozen=True)
+class VideoDecodeOptions:
+    """Which runner decodes video. ``compile_backend``/``compile_mode`` go to ``torch.compile`` (tests
+    use the fast ``aot_eager``; the GPU runs ``inductor``)."""
+
+    backend: str = "eager"
+    channels_last: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.backend + (_CL_SUFFIX if self.channels_last else "")
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        return self.backend.endswith("cudagraph")
+
+    @property
+    def compiles(self) -> bool:
+        return self.backend.startswith("compiled")
+
+
+def parse_vae_variant(text: str, channels_last: bool = False) -> VideoDecodeOptions:
+    """``backend[+cl3d]`` -> options; ``channels_last=True`` adds +cl3d (the ``--vae-channels-last`` flag)."""
+    name = text.strip()
+    cl = name.endswith(_CL_SUFFIX)
+    name = name.removesuffix(_CL_SUFFIX)
+    if name not in VAE_BACKENDS:
+        raise ValueError(f"--vae-backend {text!r}: choose one of {', '.join(VAE_BACKENDS)}, optionally "
+                         f"followed by {_CL_SUFFIX} (channels_last_3d layout), e.g. cudagraph{_CL_SUFFIX}")
+    return VideoDecodeOptions(name, cl or channels_last)
+
+
+def parse_vae_variants(text: str, channels_last: bool = False) -> list[VideoDecodeOptions]:
+    """Comma-separated variants (bench), in order, without duplicates."""
+    out: list[VideoDecodeOptions] = []
+    for part in text.split(","):
+        if part.strip():
+            o = parse_vae_variant(part, channels_last)
+            if o not in out:
+                out.append(o)
+    if not out:
+        raise ValueError(f"--vae-backend {text!r} names no variant; e.g. eager or cudagraph{_CL_SUFFIX}")
+    return out
+
+
+def check_vae_options(opts: VideoDecodeOptions, device: torch.device | str) -> None:
+    """Raise ``ValueError`` (before anything is loaded) unless ``opts`` can run on ``device``."""
+    dev = torch.device(device)
+    if opts.uses_cuda_graph and (dev.type != "cuda" or not torch.cuda.is_available()):
+        where = ("no CUDA device is visible here" if not torch.cuda.is_available() else
+                 f"the decoders are on {dev}")
+        raise ValueError(f"--vae-backend {opts.label} captures CUDA graphs, but {where}: pass --vae-device "
+                         f"cuda[:N] on a GPU machine, or use --vae-backend eager or compiled")
+
+
+# ---- weight layout: one per decoder, with an epoch so a stale runner cannot replay old addresses ----------
+
+_LAYOUTS: "weakref.WeakKeyDictionary[WanVideoDecoder, tuple[bool, int]]" = weakref.WeakKeyDictionary()
+
+
+def set_conv_layout(decoder: WanVideoDecoder, channels_last: bool) -> int:
+    """Put every 5-D parameter (the Conv3d weights) in channels_last_3d or back in contiguous layout.
+
+    Values never change. Returns the layout epoch, which grows whenever a weight was re-allocated: a
+    runner prepared at an older epoch (a CUDA graph holds the old addresses) refuses to run.
+    """
+    fmt = CL3D if channels_last else torch.contiguous_format
+    _, epoch = _LAYOUTS.get(decoder, (False, 0))
+    changed = False
+    with torch.no_grad():
+        for p in decoder.parameters():
+            if p.dim() == 5 and not p.is_contiguous(memory_format=fmt):
+                p.data = p.data.contiguous(memory_format=fmt)
+                changed = True
+    epoch += int(changed)
+    _LAYOUTS[decoder] = (channels_last, epoch)
+    return epoch
+
+
+# ---- the runners -------------------------------------------------------------------------------------------
+
+class VideoDecodeRunner:
+    """The eager reference; subclasses replace ``_prepare`` and ``_run`` (see the module docstring)."""
+
+    name = "eager"
+
+    def __init__(self, decoder: WanVideoDecoder, opts: VideoDecodeOptions, batch: int, latent_h: int,
+                 latent_w: int):
+        self.decoder, self.opts = decoder, opts
+        w = decoder.conv2.weight
+        self.device, self.dtype = w.device, w.dtype
+        fmt = CL3D if opts.channels_last else torch.contiguous_format
+        st = decoder.new_state(batch, latent_h, latent_w)  # the weights' dtype and device
+        self.state = VideoDecodeState(tuple(b.contiguous(memory_format=fmt) for b in st.history))
+        shape = (batch, decoder.cfg.z_dim, 1, latent_h, latent_w)
+        self.z = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(memory_format=fmt)
+        self._epoch: int | None = None
+        self.prepare_s: float | None = None
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Weight layout, then the backend's own preparation (compile, warm-up, capture); state zeroed."""
+        t = time.perf_counter()
+        self._epoch = set_conv_layout(self.decoder, self.opts.channels_last)
+        self._prepare()
+        self.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prepare_s = time.perf_counter() - t
+
+    def _prepare(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        """A new stream (the first-frame variant rewrites every slot anyway; this keeps states tidy)."""
+        self.state.reset()
+
+    @torch.no_grad()
+    def decode_frame(self, z: torch.Tensor, first: bool) -> torch.Tensor:
+        """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4)."""
+        if self._epoch is None:
+            raise RuntimeError(f"video decode runner {self.opts.label}: call prepare() first")
+        if _LAYOUTS.get(self.decoder, (None, None))[1] != self._epoch:
+            raise RuntimeError(f"video decode runner {self.opts.label}: the decoder's weights were re-laid out "
+                               f"after prepare() (another runner changed --vae-channels-last); prepare again")
+        if tuple(z.shape) != tuple(self.z.shape):
+            raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit this runner's input "
+                             f"{tuple(self.z.shape)} (made for batch, latent_h, latent_w of the profile)")
+        self.z.copy_(z)
+        return self._run(bool(first))
+
+    def _run(self, first: bool) -> torch.Tensor:
+        return self.decoder.decode_frame(self.z, self.state, first)
+
+    def _fill_input(self, gen: torch.Generator) -> None:
+        """Small random latents for warm-up (never warm up or capture on zeros)."""
+        self.z.copy_(torch.randn(self.z.shape, generator=gen, device=self.device) * 0.5)
+
+    def describe(self) -> dict:
+        return {"vae_backend": self.opts.backend, "vae_channels_last": self.opts.channels_last,
+                "label": self.opts.label, "dtype": str(self.dtype).removeprefix("torch."),
+                "variants": ["first", "steady"], "prepare_s": self.prepare_s,
+                "state_bytes": self.state.nbytes}
+
+
+class CompiledRunner(VideoDecodeRunner):
+    """``torch.compile(decode_frame, fullgraph=True)``; both variants compiled in ``prepare``."""
+
+    name = "compiled"
+
+    def _compile(self) -> None:
+        self._fn = torch.compile(self.decoder.decode_frame, fullgraph=True, backend=self.opts.compile_backend,
+                                 mode=self.opts.compile_mode)
+        gen = torch.Generator(device=self.device).manual_seed(4321)
+        t = time.perf_counter()
+        for first in (True, False):  # the first call of each variant compiles it
+            self._fill_input(gen)
+            self._fn(self.z, self.state, first)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_s = time.perf_counter() - t
+
+    def _prepare(self) -> None:
+        self._compile()
+
+    def _run(self, first: bool) -> torch.Tensor:
+        return self._fn(self.z, self.state, first)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.opts.compiles:
+            d.update(compile_backend=self.opts.compile_backend, compile_mode=self.opts.compile_mode,
+                     compile_s=getattr(self, "compile_s", None))
+        return d
+
+
+class CudaGraphRunner(CompiledRunner):
+    """Both variants captured as CUDA graphs (steady first: it is the larger) into one private pool.
+
+    The variants never run concurrently (one stream, in order) and each keeps its output alive, so
+    sharing the pool is safe. Warm-up runs on a side stream (cuDNN/cuBLAS workspaces, autotuning and,
+    compiled, the Triton compile stay out of the graphs), on the runner's own state, zeroed afterwards.
+    """
+
+    name = "cudagraph"
+
+    def __init__(self, *args, warmup_iters: int = 2, **kw):
+        super().__init__(*args, **kw)
+        check_vae_options(self.opts, self.device)
+        self.warmup_iters = warmup_iters
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _prepare(self) -> None:
+        fn = self.decoder.decode_frame
+        with torch.cuda.device(self.device):
+            main = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                if self.opts.compiles:
+                    self._compile()
+                    fn = self._fn
+                gen = torch.Generator(device=self.device).manual_seed(1234)
+                for first in (False, True):
+                    for _ in range(self.warmup_iters):
+                        self._fill_input(gen)
+                        fn(self.z, self.state, first)
+            main.wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for first in (False, True):
+                g = torch.cuda.CUDAGraph()
+                # thread_local: a decode thread of another stream may run CUDA calls meanwhile
+                with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                    out = fn(self.z, self.state, first)
+                self._graphs[first] = (g, out)
+
+    def _run(self, first: bool) -> torch.Tensor:
+        g, out = self._graphs[first]
+        g.replay()
+        return out
+
+
+def make_video_runner(decoder: WanVideoDecoder, opts: VideoDecodeOptions | str | None, batch: int,
+                      latent_h: int, latent_w: int) -> VideoDecodeRunner:
+    """The runner ``opts`` names (not yet prepared: call ``prepare()`` on the decoder's device)."""
+    if opts is None or isinstance(opts, str):
+        opts = parse_vae_variant(opts or "eager")
+    if opts.backend not in VAE_BACKENDS:
+        raise ValueError(f"unknown video decode backend {opts.backend!r}; choose one of {', '.join(VAE_BACKENDS)}")
+    cls = (CudaGraphRunner if opts.uses_cuda_graph else CompiledRunner if opts.compiles else VideoDecodeRunner)
+    return cls(decoder, opts, batch, latent_h, latent_w)

@@ -143,6 +143,10 @@ def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
         info["card"] = card_slug(out.split(",")[0]) if rc == 0 and out else "gpu"
     else:
         info["card"] = "cpu-dryrun"
+    for tool, args in (("nvcc", ["--version"]), ("cmake", ["--version"]), ("ninja", ["--version"])):
+        exe = shutil.which(tool)  # what the KV extension's build will use (phase d)
+        info[tool] = f"{exe}: {' / '.join(_run([exe, *args], left(10))[1].splitlines())[:240]}" if exe else \
+            "not on PATH"
     for step in INSTALL_STEPS[install]:
         if step == "pip":
             cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",

@@ -41,9 +41,17 @@ and the number of registered strings does not grow with the stream. ``decode_pay
 When is it on
 -------------
 * NVTX: when an NVTX tool is attached to the process (nsys, ncu, or any library named by
-  ``NVTX_INJECTION64_PATH``), NVTX's own injection mechanism, seen through the ``nvtx`` package's
-  domain: with no tool the package hands back a dummy domain and we never call it. ``HALLOLIVE_NVTX=0``
-  in the environment or ``enable_nvtx(False)`` silences our ranges even under a tool.
+  ``NVTX_INJECTION64_PATH``), NVTX's own injection mechanism. ``HALLOLIVE_NVTX=0`` in the environment
+  or ``enable_nvtx(False)`` silences our ranges even under a tool.
+
+Which NVTX client emits them (``describe()`` says; ``HALLOLIVE_NVTX_BACKEND=nvtx|torch|none`` forces one):
+  ``nvtx``             the ``nvtx`` package: the ``hallolive-rt`` domain, categories and payloads as above;
+                       with no tool it hands back a dummy domain and we never call it.
+  ``torch.cuda.nvtx``  when the package is missing (the GPU image lacks it) and torch is a CUDA build:
+                       push/pop of the bare stage names in NVTX's default domain, no category, no payload
+                       (so ``session@hallolive-rt`` filters do not match: filter on ``session``); on only
+                       when ``NVTX_INJECTION64_PATH`` names a tool, as nsys and ncu set it.
+  ``none``             neither: ranges are no-ops; torch-profiler ranges and timing still work.
 * torch: ``torch.profiler.record_function`` ranges with the same names whenever a torch profiler is
   recording (``hallolive-rt profile --session torch`` or one of your own).
 * timing: while a ``StageTimer`` is installed (``with timer:``), each stage is timed with CUDA events
@@ -61,12 +69,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import nvtx as _nvtx_pkg
 import torch
 
 __all__ = [
     "DOMAIN", "PAYLOAD_STRIDE", "RangeSpec", "StageRecord", "StageStat", "StageTimer",
-    "decode_payload", "documented_tree", "enable_nvtx", "encode_payload", "expected_tree",
+    "decode_payload", "describe", "documented_tree", "enable_nvtx", "encode_payload", "expected_tree",
     "nvtx_enabled", "range_names", "stage", "suppressed",
 ]
 
@@ -170,10 +177,87 @@ def expected_tree(blocks: int, steps: int) -> list[tuple]:
     return [n for s in _TREE for n in expand(s, None)]
 
 
+# ---- the NVTX client: the `nvtx` package, else torch.cuda.nvtx, else none -------------------------
+
+class _PackageNVTX:
+    """The ``nvtx`` package: our own domain, a category per family, int64 payloads."""
+
+    name = "nvtx"
+
+    def __init__(self, pkg):
+        self.domain = pkg.get_domain(DOMAIN)
+        self.tool_attached = self.domain is not pkg._lib.dummy_domain
+        # Fixed category ids in family order (the package numbers categories by first use).
+        self.cat_ids = {fam: self.domain.get_category_id(fam) for fam in _COLORS} if self.tool_attached else {}
+
+    def push(self, name: str, category: str, payload: int | None) -> None:
+        self.domain.push_range(self.domain.get_event_attributes(name, _COLORS[category], self.cat_ids[category],
+                                                                payload))
+
+    def pop(self) -> None:
+        self.domain.pop_range()
+
+
+class _TorchNVTX:
+    """torch.cuda.nvtx (a CUDA build of torch carries NVTX): default domain, bare names only."""
+
+    name = "torch.cuda.nvtx"
+
+    def __init__(self):
+        self.tool_attached = bool(os.environ.get("NVTX_INJECTION64_PATH"))
+
+    def push(self, name: str, category: str, payload: int | None) -> None:
+        torch.cuda.nvtx.range_push(name)
+
+    def pop(self) -> None:
+        torch.cuda.nvtx.range_pop()
+
+
+class _NoNVTX:
+    name = "none"
+    tool_attached = False
+
+    def push(self, name: str, category: str, payload: int | None) -> None:
+        pass
+
+    def pop(self) -> None:
+        pass
+
+
+def _pick_client():
+    want = os.environ.get("HALLOLIVE_NVTX_BACKEND", "auto").strip().lower()
+    if want not in ("auto", "nvtx", "torch", "none"):
+        raise ImportError(f"HALLOLIVE_NVTX_BACKEND={want!r}: expected auto, nvtx, torch or none")
+    if want in ("auto", "nvtx"):
+        try:
+            import nvtx as pkg
+        except ImportError:
+            pkg = None
+        if pkg is not None:
+            return _PackageNVTX(pkg), None
+        why = "the `nvtx` package is not installed"
+    else:
+        why = f"HALLOLIVE_NVTX_BACKEND={want}"
+    if want in ("auto", "torch") and hasattr(torch._C, "_nvtx"):
+        return _TorchNVTX(), why
+    if want != "none":
+        why += "; torch has no NVTX (a CPU build)"
+    return _NoNVTX(), why
+
+
+_client, _fallback_reason = _pick_client()
+_TOOL_ATTACHED = _client.tool_attached
+
+
+def describe() -> dict:
+    """Which NVTX client emits the ranges and whether they are on (for logs and bench JSON)."""
+    full = isinstance(_client, _PackageNVTX)
+    return {"backend": _client.name, "domain": DOMAIN if full else None, "categories": full, "payloads": full,
+            "tool_attached": _TOOL_ATTACHED, "enabled": _nvtx_on, "fallback_reason": _fallback_reason}
+
+
 # ---- on/off state -------------------------------------------------------------------------------
 
-_domain = _nvtx_pkg.get_domain(DOMAIN)
-_TOOL_ATTACHED = _domain is not _nvtx_pkg._lib.dummy_domain
 _nvtx_wanted = os.environ.get("HALLOLIVE_NVTX", "1").strip().lower() not in ("0", "false", "off", "no")
 _nvtx_on = _TOOL_ATTACHED and _nvtx_wanted
 _timer: "StageTimer | None" = None
@@ -181,7 +265,6 @@ _suppressed = False
 _emit = _nvtx_on            # NVTX or timer work to do (recomputed by _refresh)
 _watch_torch = True          # ask torch whether a profiler records (False while suppressed)
 _torch_profiling = torch._C._autograd._profiler_enabled
-_CATEGORY_IDS: dict[str, int] = {}
 
 
 def _refresh() -> None:
@@ -214,12 +297,6 @@ def suppressed():
     finally:
         _suppressed = prev
         _refresh()
-
-
-if _TOOL_ATTACHED:
-    # Fixed category ids in family order (the nvtx package numbers categories by first use).
-    for _fam in _COLORS:  # session=1 text=2 block=3 dit=4 vae=5 io=6
-        _CATEGORY_IDS[_fam] = _domain.get_category_id(_fam)
 
 
 # ---- the helper ---------------------------------------------------------------------------------
@@ -255,9 +332,7 @@ class _Range:
 
     def __enter__(self):
         if _nvtx_on and not _suppressed:
-            cat = self.category
-            attrs = _domain.get_event_attributes(self.name, _COLORS[cat], _CATEGORY_IDS[cat], self.payload)
-            _domain.push_range(attrs)
+            _client.push(self.name, self.category, self.payload)
             self.pushed = True
         if _watch_torch and _torch_profiling():
             # record_function's args string does not reach the Chrome trace; run_torch_session
@@ -275,7 +350,7 @@ class _Range:
         if self.rf is not None:
             self.rf.__exit__(None, None, None)
         if self.pushed:
-            _domain.pop_range()
+            _client.pop()
         return None
 
 

@@ -9,11 +9,16 @@ Modes (all start from an already-encoded prompt: a fixed random context, never z
   vae  the decoders only (video VAE frame by frame + streamed audio), on random latents.
 Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, and the two-device
 throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
-the real architecture at the profile's shapes, counted with ``torch.utils.flop_counter`` on the meta
-device (no weights, no compute): 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of
-the video VAE at 512x992, as docs/FACTS.md section 7 states. One warm-up stream per backend precedes the
-timed one (graph capture and autotuning stay out of the numbers). Weights are built on the device
-(``load_components(profile, None, ...)``): no weight ever passes through host RAM.
+the real architecture at the profile's shapes (runtime/flops.py: counted once on CPU on the meta device
+and committed, 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of the video VAE at
+512x992, as docs/FACTS.md section 7 states; never recounted on the GPU unless the committed table is stale).
+One warm-up stream per backend precedes the timed one (graph capture and autotuning stay out of the
+numbers). Weights are built on the device (``load_components(profile, None, ...)``): no weight ever passes
+through host RAM; ``components=`` reuses a set already built (one build for several modes).
+
+Results are emitted as they come: after every timed block, ``on_update(out)`` gets the JSON so far
+(``complete`` False until the end) and ``out_json`` is rewritten (atomically), so a run killed part-way
+keeps every finished block. Writing costs well under a millisecond per block, between blocks.
 
 The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
 ``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
@@ -35,117 +40,23 @@ import contextlib
 import gc
 import sys
 import time
-from functools import lru_cache
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from hallolive_rt.profile import Profile, load_profile
 
+from .flops import FlopCounts, count_flops
 from .metrics import achieved_tflops, env_info, percentile, stream_metrics, write_json
 
-__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
+__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES", "dit_blocks"]
 
 MODES = ("e2e", "dit", "vae")
 BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
 
 
-# ---- FLOP counts from the architecture at the profile's shapes (meta device) -----------------------------
-
-@lru_cache(maxsize=None)
-def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int, context: bool = False) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.model.dit import DualStreamDiT
-    from hallolive_rt.state import CacheLayout, DiTState
-    from hallolive_rt.stream import Cursor
-
-    cfg = load_fusion_config(profile.video_config, profile.audio_config)
-    with torch.device("meta"):
-        dit = DualStreamDiT(cfg).to(profile.dtype)
-    dit.reset_rope()
-    st = DiTState.allocate(cfg, profile, CacheLayout(slots=kv_len), device="meta", dtype=profile.dtype)
-    s, v = profile.stream, profile.video
-    cur = Cursor("meta")
-    xv = torch.empty(s.batch, s.latent_frames_per_block, v.latent_channels, v.latent_height, v.latent_width,
-                     device="meta", dtype=profile.dtype)
-    xa = torch.empty(s.batch, audio_len, profile.audio.latent_channels, device="meta", dtype=profile.dtype)
-    vt = torch.empty(s.batch, s.latent_frames_per_block, device="meta")
-    at = torch.empty(s.batch, audio_len, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len, context=context)
-    return int(fc.get_total_flops())
-
-
-@lru_cache(maxsize=None)
-def _vae_frame_flops(profile: Profile, first: bool) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .components import decoder_configs
-    from hallolive_rt.model.vae_video import build_video_decoder
-
-    vcfg = decoder_configs(profile)[0]
-    vd = build_video_decoder(vcfg, device="meta")
-    v = profile.video
-    st = vd.new_state(1, v.latent_height, v.latent_width, dtype=torch.float32, device="meta")
-    z = torch.empty(1, v.latent_channels, 1, v.latent_height, v.latent_width, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        vd.decode_frame(z, st, first)
-    return int(fc.get_total_flops())
-
-
-@lru_cache(maxsize=None)
-def _audio_window_flops(profile: Profile, tokens: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .components import decoder_configs
-    from hallolive_rt.model.vae_audio import AudioVAEDecoder
-    from hallolive_rt.model.vocoder import BigVGANVocoder
-
-    _, acfg, gcfg, _ = decoder_configs(profile)
-    with torch.device("meta"):
-        vae, voc = AudioVAEDecoder(acfg), BigVGANVocoder(gcfg)
-    z = torch.empty(1, acfg.embed_dim, tokens, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        voc(vae(z))
-    return int(fc.get_total_flops())
-
-
-class FlopCounts:
-    """FLOPs per block and stage for ``profile`` (counted once per static shape, cached)."""
-
-    def __init__(self, profile: Profile, lean_context: bool = False):
-        self.p = profile
-        self.lean_context = lean_context  # the context pass counts only the lean forward's work
-
-    def dit_forward(self, plan, context: bool = False) -> int:
-        return _dit_forward_flops(self.p, plan.audio_len, plan.video_kv_len, context)
-
-    def dit_block(self, plan, steps: int) -> dict[str, int]:
-        f, c = self.dit_forward(plan), self.dit_forward(plan, self.lean_context)
-        return {"dit_steps": steps * f, "dit_context": c, "dit": steps * f + c}
-
-    def vae_video_block(self, first_block: bool) -> int:
-        n = self.p.stream.latent_frames_per_block
-        if first_block:
-            return _vae_frame_flops(self.p, True) + (n - 1) * _vae_frame_flops(self.p, False)
-        return n * _vae_frame_flops(self.p, False)
-
-    def vae_audio_block(self, index: int) -> int:
-        s, left = self.p.stream, self.p.audio.stream_left_context
-        have = min(index * s.audio_tokens_per_block, left)  # the streamed window ("trim" start)
-        return _audio_window_flops(self.p, have + s.audio_tokens_per_block + s.future_audio_tokens)
-
-
-def count_flops(profile: Profile, plans, steps: int, lean_context: bool = False) -> list[dict[str, int]]:
-    """Per block: FLOPs of dit, dit_steps, dit_context (the lean pass's if ``lean_context``), vae_video, vae_audio."""
-    fc = FlopCounts(profile, lean_context)
-    return [{**fc.dit_block(pl, steps), "vae_video": fc.vae_video_block(pl.index == 0),
-             "vae_audio": fc.vae_audio_block(pl.index)} for pl in plans]
-
-
-# ---- the runs ------------------------------------------------------------------------------------------
+# ---- the runs: generators of DecodedBlocks, one per block as it finishes --------------------------------
 
 def _random_ctx(profile: Profile, device, dtype, seed: int) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed + 99)
@@ -157,44 +68,47 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _dit_only(sess, ctx, seed: int):
-    """The session's DiT loop without decoding; returns fake DecodedBlocks with DiT stage times only."""
+def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
+    """The session's DiT loop without decoding: one DecodedBlock (DiT stage times only, no frames) per
+    block, as soon as its DiT work is done. ``latents`` collects each block's committed (video, audio)
+    latents as float32 CPU tensors (for comparisons between backends)."""
     import numpy as np
+
+    from hallolive_rt.sampler import TorchNoise
+    from hallolive_rt.stream import window_noise
 
     from .devices import DecodedBlock
     from .session import BlockNoise
-    from hallolive_rt.sampler import TorchNoise
-    from hallolive_rt.stream import window_noise
 
     c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
     init, fresh = BlockNoise(p, seed, c.dit_device, c.dtype), TorchNoise(seed + 1, device=c.dit_device)
     clock.start()
-    marks = []
     with sess._on_dit_device(), torch.no_grad():
         bs.start(ctx)
-        for plan in sess.plans:
+    for plan in sess.plans:
+        with sess._on_dit_device(), torch.no_grad():
             win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block,
                                p.audio_window)
             sess._k, sess._marks = 0, {"steps": []}
-            sess._marks["dit_start"] = clock.mark()
-            bs.run_block(plan, init.video(plan.index), win, fresh)
-            sess._marks["dit_end"] = clock.mark()
-            marks.append(sess._marks)
-    _sync(c.dit_device)
-    out = []
-    fpb = [p.pixel_frames(p.stream.latent_frames_per_block, first_block=i == 0) for i in range(len(marks))]
-    for i, m in enumerate(marks):
+            m = sess._marks
+            m["dit_start"] = clock.mark()
+            out = bs.run_block(plan, init.video(plan.index), win, fresh)
+            m["dit_end"] = clock.mark()
+            init.drop_before(plan.index + 1)
+            if latents is not None:
+                latents.append((out.video.float().cpu(), out.audio.float().cpu()))
+        e = clock.at_s(m["dit_end"], c.dit_device)  # waits for this block only (event-timed stages)
         t = {"dit": clock.ms(m["dit_start"], m["dit_end"]),
              "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
-        e = clock.at_s(m["dit_end"], c.dit_device)
-        out.append(DecodedBlock(i, np.zeros((fpb[i], 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
-                                clock.at_s(m["dit_start"], c.dit_device), e, e, [e]))
-    return out
+        frames = p.pixel_frames(p.stream.latent_frames_per_block, first_block=plan.index == 0)
+        yield DecodedBlock(plan.index, np.zeros((frames, 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
+                           clock.at_s(m["dit_start"], c.dit_device), e, e, [e])
 
 
-def _vae_only(comps, profile: Profile, blocks: int, seed: int, pipe=None):
-    """Decode random latents block by block (sequential, exact stage times) with ``pipe`` (a sequential
-    DecodePipeline, built once per video runner variant: its capture/compile happens at construction)."""
+def _vae_blocks(comps, profile: Profile, blocks: int, seed: int, pipe=None) -> Iterator:
+    """Decode random latents block by block (sequential, exact stage times), one DecodedBlock each, with
+    ``pipe`` (a sequential DecodePipeline, built once per video runner variant: its capture/compile happens
+    at construction)."""
     from types import SimpleNamespace
 
     from .devices import DecodePipeline
@@ -204,21 +118,19 @@ def _vae_only(comps, profile: Profile, blocks: int, seed: int, pipe=None):
     dev, dt = comps.vae_device, comps.dtype
     g = torch.Generator(device=dev).manual_seed(seed)
     pipe.start()
-    got = []
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for i in range(blocks):
+    for i in range(blocks):
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             r = lambda *sh: torch.randn(sh, generator=g, device=dev).to(dt)  # noqa: E731
             out = SimpleNamespace(index=i, video=r(1, s.latent_frames_per_block, v.latent_channels,
                                                    v.latent_height, v.latent_width),
                                   audio=r(1, s.audio_tokens_per_block, profile.audio.latent_channels),
                                   audio_future=r(1, s.future_audio_tokens, profile.audio.latent_channels))
             m = pipe.clock.mark()
-            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})
-        got = pipe.finish()
-    for b in got:
-        for k in ("dit", "dit_steps", "dit_context"):
-            b.times.pop(k, None)
-    return got
+            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})  # decodes inline
+        for b in pipe.ready() + (pipe.finish() if i + 1 == blocks else []):
+            for k in ("dit", "dit_steps", "dit_context"):
+                b.times.pop(k, None)
+            yield b
 
 
 def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
@@ -233,21 +145,52 @@ def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
     return out
 
 
+def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: dict) -> dict:
+    """The metrics of one backend's timed run (so far)."""
+    m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
+    if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
+        for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
+            m[k] = None
+        m["projected_two_device_fps"]["value"] = None
+    m["stage_tflops"] = _stage_tflops(got, flops)
+    m["session"] = sess_info
+    if dit_dev.type == "cuda":
+        m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
+    return m
+
+
+def _command(preset, backends, n, mode, device, vae_device, prof, random_weights, fuse_projections,
+             attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap, compare_overlap, levers) -> str:
+    if "bench" in " ".join(sys.argv[:2]):
+        return "hallolive-rt bench " + " ".join(sys.argv[2:])
+    return (f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
+            f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
+            f"kv_impl={kv_impl!r}, fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, "
+            f"vae_backend={vae_backend!r}, vae_channels_last={vae_channels_last}, overlap={overlap}, "
+            f"compare_overlap={compare_overlap}, levers={levers!r})")
+
+
 def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, backends: list[str] | None = None,
                blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None, *,
                device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
                model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
                vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
-               console=None, ema: bool = False, levers=None, artifacts: str | None = None) -> dict:
-    """Run the benchmark; print a table; write ``out_json`` (if given); return the JSON dict.
+               console=None, ema: bool = False, components=None,
+               on_update: Callable[[dict], None] | None = None, levers=None, artifacts: str | None = None) -> dict:
+    """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
 
+    ``components``: models already built for this preset and dtype (their devices are used); ``on_update``:
+    called with the JSON so far after every timed block and once at the end (``complete`` True).
     ``backends`` None: every backend that can run here (``default_backends``). ``artifacts``: the export
     directory the aoti / tensorrt backends run from, checked before any weight is built."""
     from rich.console import Console
     from rich.table import Table
 
+    from hallolive_rt import nvtx
+    from hallolive_rt.cache_policy import choose_policy
     from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components, weights_nbytes
     from .devices import DecodePipeline, resolve_devices
@@ -258,13 +201,19 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     console = console or Console(stderr=True, width=200)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not random_weights and model_dir is None:
+    if not random_weights and model_dir is None and components is None:
         raise ValueError("bench needs --random-weights or --model-dir")
     levers = levers or DiTLevers()
     # released geometry: the policy depends on it; --precision bf16|fp16|fp32 name the --dtype
     prof = load_profile(preset).with_overrides(dtype=precision_dtype(levers.precision, dtype))
     n = blocks if blocks is not None else prof.stream.blocks
-    dit_dev, vae_dev = resolve_devices(device, vae_device)
+    if components is not None:
+        if (components.profile.name, components.dtype) != (prof.name, prof.dtype):
+            raise ValueError(f"components were built for {components.profile.name} {components.dtype}, "
+                             f"not {prof.name} {prof.dtype}")
+        dit_dev, vae_dev = components.dit_device, components.vae_device
+    else:
+        dit_dev, vae_dev = resolve_devices(device, vae_device)
     backends = list(backends) if backends else default_backends(dit_dev, artifacts, console)
     vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
     runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])
@@ -278,14 +227,38 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             check_levers(name, levers, prof.dtype)
     for vo in vae_variants:
         check_vae_options(vo, vae_dev)
+    kv_ext = require_kv_ext(kv_impl, dit_dev) if mode != "vae" else None  # built before any weight
     t = time.perf_counter()
-    comps = load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                            vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False, ema=ema)
+    comps = components or load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
+                                           vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False,
+                                           ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
+    counts = FlopCounts(prof, lean_context=levers.lean_context)
+    flops = count_flops(prof, list(choose_policy(prof, n).plans()), len(prof.stream.denoising_steps), counts)
     results: dict[str, dict] = {}
-    flops = None
+    out = {
+        "command": _command(preset, backends, n, mode, device, vae_device, prof, random_weights,
+                            fuse_projections, attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap,
+                            compare_overlap, levers),
+        "complete": False, "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
+        "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
+        "levers": levers.to_dict(), "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
+        "weights": comps.source, "weights_bytes": weights_nbytes(comps),
+        "build_s": build_s if components is None else None, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
+        "shapes": prof.to_dict(), "flops_per_block": flops, "flops": counts.describe(),
+        "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS, "nvtx": nvtx.describe(),
+        "env": env_info([dit_dev, vae_dev]), "results": results, "projected": None,
+    }
+    out["git_commit"] = out["env"]["git_commit"]
+
+    def emit() -> None:
+        if on_update is not None:
+            on_update(out)
+        if out_json is not None:
+            write_json(out, out_json)
+
     for key, name, vae_opts, ov in runs:
         if dit_dev.type == "cuda":
             gc.collect()
@@ -293,53 +266,26 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             for d in {dit_dev, vae_dev}:
                 torch.cuda.reset_peak_memory_stats(d)
         if mode == "vae":
-            pipe = DecodePipeline(comps, prof, overlap=False, video_runner=vae_opts)
-            for _ in range(warmup_runs):
-                _vae_only(comps, prof, min(n, 2), seed, pipe)
-            got, plans = _vae_only(comps, prof, n, seed, pipe), None
+            sess = pipe = DecodePipeline(comps, prof, overlap=False, video_runner=vae_opts)
             sess_info = {"backend": key, **pipe.describe()}
-            del pipe
+            for _ in range(warmup_runs):
+                list(_vae_blocks(comps, prof, min(n, 2), seed, pipe))
+            timed = _vae_blocks(comps, prof, n, seed, pipe)
         else:
             sess = StreamSession(comps, prof, backend=backend_for(name), blocks=n, kv_impl=kv_impl, overlap=ov,
                                  fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts,
                                  levers=levers)
-            plans = sess.plans
-            for _ in range(warmup_runs):
-                list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
-            got = list(sess.run(ctx, seed)) if mode == "e2e" else _dit_only(sess, ctx, seed)
             sess_info = sess.describe()
-            del sess
-        if flops is None:
-            from hallolive_rt.cache_policy import choose_policy
-
-            plans = plans or list(choose_policy(prof, n).plans())
-            flops = count_flops(prof, plans, len(prof.stream.denoising_steps), lean_context=levers.lean_context)
-        m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
-        if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
-            for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
-                m[k] = None
-            m["projected_two_device_fps"]["value"] = None
-        m["stage_tflops"] = _stage_tflops(got, flops)
-        m["session"] = sess_info
-        if dit_dev.type == "cuda":
-            m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
-        results[key] = m
-
-    out = {
-        "command": "hallolive-rt bench " + " ".join(sys.argv[2:]) if "bench" in " ".join(sys.argv) else
-        f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
-        f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
-        f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, vae_backend={vae_backend!r}, "
-        f"vae_channels_last={vae_channels_last}, overlap={overlap}, compare_overlap={compare_overlap}, "
-        f"levers={levers!r})",
-        "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
-        "fuse_projections": fuse_projections, "attn_kernel": attn_kernel, "levers": levers.to_dict(),
-        "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
-        "weights": comps.source, "weights_bytes": weights_nbytes(comps), "build_s": build_s, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
-        "shapes": prof.to_dict(), "flops_per_block": flops, "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS,
-        "env": env_info([dit_dev, vae_dev]), "results": results,
-    }
-    out["git_commit"] = out["env"]["git_commit"]
+            for _ in range(warmup_runs):
+                list(sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed))
+            timed = sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed)
+        got = []
+        for blk in timed:
+            got.append(blk)
+            results[key] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info)
+            emit()
+        del sess, timed
+    out["complete"] = True
     base = "eager (decoders)" if mode == "vae" else "eager"
     if len(results) > 1 and base in results:
         key = {"e2e": "steady_fps", "dit": "dit_only_fps_equiv", "vae": "vae_only_fps_equiv"}[mode]
@@ -347,9 +293,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                                   for k, r in results.items()}
         out["ratios_metric"] = key
     out["projected"] = _projection(results, mode)
+    emit()
     _table(console, Table, out)
-    if out_json is not None:
-        write_json(out, out_json)
     return out
 
 

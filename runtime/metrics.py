@@ -93,7 +93,8 @@ def env_info(devices: list[torch.device | str] | None = None) -> dict:
         "numpy": np.__version__,
         "pyav": av_v,
         "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "HEAD") or None,
+        # a copy of the tree without .git (the device machine's) names its commit through the environment
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("HALLOLIVE_GIT_COMMIT") or None,
         "git_dirty": bool(dirty) if dirty is not None else None,
     }
 

@@ -372,6 +372,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from rich.console import Console
 
     from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.kvcache.build import require_kv_ext
     from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
@@ -413,6 +414,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         check_levers(be.name, levers, prof.dtype)
         vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
         check_vae_options(vae_opts, vae_dev)
+        require_kv_ext(kv_impl, dit_dev)  # builds/loads the extension now, not after the weights
     except (ValueError, MissingModelFiles, BackendUnavailable, FileNotFoundError) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)

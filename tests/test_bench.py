@@ -1,5 +1,5 @@
 """Metrics definitions on synthetic timings; the bench on the tiny preset (CPU): JSON schema, modes,
-projection labels; FLOP counts of the full-size architecture against docs/FACTS.md section 7."""
+projection labels, per-block emission (FLOP counts: tests/test_flops.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hallolive_rt.profile import load_profile
-from hallolive_rt.runtime.bench import FlopCounts, bench_main, combine_projection
+from hallolive_rt.runtime.bench import bench_main, combine_projection
 from hallolive_rt.runtime.devices import DecodedBlock
 from hallolive_rt.runtime.metrics import stream_metrics
 
@@ -81,19 +81,6 @@ def test_bench_records_the_fast_path_choices_and_refuses_unavailable_ones(tmp_pa
         bench_main("tiny", True, ["eager"], 1, "dit", None, device="cpu", attn_kernel="efficient")
 
 
-def test_full_size_flop_counts_match_facts():
-    """docs/FACTS.md section 7: DiT forward 33.5 -> 48.8 TFLOP (cache grows); VAE ~37 TFLOP per latent frame."""
-    from hallolive_rt.cache_policy import AppendPolicy
-
-    p = load_profile("hallolive-512x992")
-    plans = list(AppendPolicy(p).plans())
-    fc = FlopCounts(p)
-    first, last = fc.dit_forward(plans[0]) / 1e12, fc.dit_forward(plans[-1]) / 1e12
-    assert first == pytest.approx(33.5, abs=0.1) and last == pytest.approx(48.8, abs=0.1)
-    per_frame = fc.vae_video_block(first_block=False) / p.stream.latent_frames_per_block / 1e12
-    assert per_frame == pytest.approx(37.0, rel=0.03)
-
-
 def test_env_info_tells_a_clean_tree_from_an_unknown_one(monkeypatch):
     """git_dirty is a bool inside a checkout (False when clean) and None only where git cannot tell."""
     import subprocess
@@ -112,3 +99,26 @@ def test_env_info_tells_a_clean_tree_from_an_unknown_one(monkeypatch):
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 128, stdout="", stderr="not a repo"))
     env = metrics.env_info(["cpu"])
     assert env["git_commit"] is None and env["git_dirty"] is None
+
+
+def test_bench_emits_each_block_as_it_finishes_and_reuses_components(tmp_path):
+    """on_update / out_json see every timed block as soon as it ends (a kill loses only the block in flight);
+    one set of components serves the dit and vae modes (the GPU session builds the model once)."""
+    from hallolive_rt.runtime.components import load_components
+
+    comps = load_components(load_profile("tiny"), dit_device="cpu", seed=0, with_text=False)
+    for mode, name in (("dit", "eager"), ("vae", "eager (decoders)")):
+        seen = []
+
+        def on_update(o):
+            on_disk = json.loads((tmp_path / f"{mode}.json").read_text()) if seen else None
+            seen.append((o["complete"], len(o["results"][name]["per_block"]), on_disk is None or
+                         len(on_disk["results"][name]["per_block"]) == len(seen)))
+
+        out = bench_main("tiny", True, ["eager"], 3, mode, tmp_path / f"{mode}.json", device="cpu", warmup_runs=0,
+                         components=comps, on_update=on_update)
+        assert [s[:2] for s in seen] == [(False, 1), (False, 2), (False, 3), (True, 3)], mode
+        assert all(s[2] for s in seen), "the file on disk holds the previous block's numbers at each update"
+        assert out["build_s"] is None and out["flops"]["source"].startswith("committed table tiny.json")
+        disk = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert disk["complete"] is True and len(disk["results"][name]["per_block"]) == 3

@@ -10,7 +10,9 @@ from fractions import Fraction
 
 import pytest
 
-from hallolive_rt.runtime.media import probe_media
+pytest.importorskip("av", reason="`hallolive-rt stream` writes MP4 through PyAV, which is not installed")
+
+from hallolive_rt.runtime.media import probe_media  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 

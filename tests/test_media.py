@@ -12,13 +12,14 @@ import wave
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
-from hallolive_rt.runtime import media
-from hallolive_rt.runtime.media import MediaError, StreamWriter, probe_media
+av = pytest.importorskip("av", reason="PyAV (the media writer's encoder) is not installed")
+
+from hallolive_rt.runtime import media  # noqa: E402
+from hallolive_rt.runtime.media import MediaError, StreamWriter, probe_media  # noqa: E402
 
 W, H, SR = 96, 64, 16000
 

@@ -9,6 +9,7 @@ To prove the real stream instead of the synthetic loop, pass its argv to ``recor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,6 +55,8 @@ def synthetic_stream(blocks: int = BLOCKS, steps: int = STEPS) -> None:
 
 @pytest.fixture(scope="module")
 def inject_lib(tmp_path_factory) -> Path:
+    if hn.describe()["backend"] != "nvtx":
+        pytest.skip(f"the `nvtx` package is missing ({hn.describe()['backend']} client): no domain to record")
     cc = shutil.which("cc")
     if cc is None:
         pytest.skip("no system C compiler `cc` to build the NVTX injection library")
@@ -189,6 +192,59 @@ def test_env_switch_silences_ranges_under_a_tool(inject_lib, tmp_path):
     program = "from tests.test_nvtx import synthetic_stream; synthetic_stream(1, 1)"
     tree, _ = record_ranges(program, inject_lib, tmp_path, env={"HALLOLIVE_NVTX": "0"})
     assert tree == []
+
+
+# ---- without the `nvtx` package (the GPU image lacks it) ----------------------------------------
+
+def _run_without_nvtx_package(code: str, env: dict | None = None) -> str:
+    """Run ``code`` in a fresh interpreter where ``import nvtx`` fails; returns its stdout."""
+    prog = "import sys\nsys.modules['nvtx'] = None\n" + code
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HALLOLIVE_NVTX", "NVTX_INJECTION64_PATH")}
+    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", prog], env=full_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_without_the_package_ranges_fall_back_and_the_runtime_imports():
+    out = _run_without_nvtx_package(
+        "import json, torch\n"
+        "from hallolive_rt import nvtx as hn\n"
+        "import hallolive_rt.runtime.session, hallolive_rt.runtime.devices, hallolive_rt.runtime.bench\n"
+        "from tests.test_nvtx import synthetic_stream\n"
+        "timer = hn.StageTimer()\n"
+        "with timer:\n"
+        "    synthetic_stream(2, 4)\n"
+        "print(json.dumps({**hn.describe(), 'stages': [r.name for r in timer.records()],\n"
+        "                  'cuda_torch': hasattr(torch._C, '_nvtx')}))\n")
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["backend"] == ("torch.cuda.nvtx" if info["cuda_torch"] else "none")
+    assert "`nvtx` package is not installed" in info["fallback_reason"]
+    assert info["categories"] is False and info["payloads"] is False and info["enabled"] is False
+    assert info["stages"] == _names(EXPECTED_TREE), "timing works without any NVTX client"
+
+
+def test_torch_nvtx_fallback_pushes_the_bare_stage_names_under_a_tool():
+    """With a tool named in NVTX_INJECTION64_PATH, the torch.cuda.nvtx client pushes/pops each stage by
+    its bare name (default domain); torch's NVTX entry points are replaced by a recorder here."""
+    out = _run_without_nvtx_package(
+        "import json, torch, torch.cuda.nvtx as tn\n"
+        "calls = []\n"
+        "class Rec:\n"
+        "    def rangePushA(self, msg): calls.append(('push', msg)); return 0\n"
+        "    def rangePop(self): calls.append(('pop', None)); return 0\n"
+        "torch._C._nvtx = tn._nvtx = Rec()\n"
+        "from hallolive_rt import nvtx as hn\n"
+        "from tests.test_nvtx import synthetic_stream\n"
+        "synthetic_stream(2, 4)\n"
+        "print(json.dumps({**hn.describe(), 'calls': calls}))\n",
+        env={"NVTX_INJECTION64_PATH": "/nonexistent/libtool.so"})
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["backend"] == "torch.cuda.nvtx" and info["tool_attached"] and info["enabled"]
+    pushes = [m for op, m in info["calls"] if op == "push"]
+    assert pushes == _names(EXPECTED_TREE)
+    assert sum(op == "pop" for op, _ in info["calls"]) == len(pushes)
 
 
 # ---- free when off ------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from hallolive_rt.cli import app
-from hallolive_rt.runtime.media import FragmentSink, MediaError, StreamWriter
-from hallolive_rt.runtime.serve import launch
-from hallolive_rt.runtime.serve.protocol import (PROTOCOL_VERSION, Ack, Limits, Prompt, ProtocolError, Start, Stop,
+pytest.importorskip("av")  # the fragment sink muxes with PyAV (absent on the GPU image: skip, not an error)
+
+from hallolive_rt.cli import app  # noqa: E402
+from hallolive_rt.runtime.media import FragmentSink, MediaError, StreamWriter  # noqa: E402
+from hallolive_rt.runtime.serve import launch  # noqa: E402
+from hallolive_rt.runtime.serve.protocol import (PROTOCOL_VERSION, Ack, Limits, Prompt, ProtocolError, Start, Stop,  # noqa: E402
                                                  event, mse_mime, parse_message)
 
 

@@ -13,6 +13,15 @@ path is an explicit choice: get_kv_ops("torch") / `--kv-impl torch`).
 
 HALLOLIVE_KV_LIB=/path/libhallolive_kv.so loads a prebuilt library instead (e.g. from the root
 `cmake --build build`); HALLOLIVE_KV_CUDA=AUTO|ON|OFF overrides the CUDA choice passed to CMake.
+
+CUDA builds get the real toolkit root (cuda_toolkit.find_toolkit_root: never the parent of a wrapper script
+named nvcc) as CMAKE_CUDA_COMPILER / CUDA_TOOLKIT_ROOT_DIR / CUDAToolkit_ROOT, and an explicit architecture
+list (the visible GPUs', or TORCH_CUDA_ARCH_LIST), both part of the build key.
+
+``require_kv_ext(kv_impl, device)`` is what a command calls while it validates its options: with
+``kv_impl == "ext"`` it builds (or finds) and loads the library before any weight is loaded, and fails in
+seconds with the build log's error lines (KVExtUnavailable, a ValueError, so CLIs report it as a refused
+option) instead of after minutes of model loading.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .cuda_toolkit import cuda_archs, find_toolkit_root, torch_arch_list
 
 ENV_LIB = "HALLOLIVE_KV_LIB"
 ENV_CACHE = "HALLOLIVE_KV_CACHE_DIR"
@@ -42,6 +54,10 @@ _loaded: Path | None = None
 
 class KVExtBuildError(RuntimeError):
     """The extension could not be built or loaded; the message says why and where the log is."""
+
+
+class KVExtUnavailable(KVExtBuildError, ValueError):
+    """``--kv-impl ext`` was asked for and cannot be had here: refused like a bad option (exit code 2)."""
 
 
 def source_dir() -> Path:
@@ -67,11 +83,14 @@ def _want_cuda() -> str:
     return "ON" if torch.version.cuda is not None and torch.cuda.is_available() else "OFF"
 
 
-def _cuda_arch() -> str | None:
-    if _want_cuda() == "OFF" or not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}{minor}"
+def _cuda_archs(want: str) -> str:
+    """The architectures asked of CMake: the visible GPUs' ("90"), "env TORCH_CUDA_ARCH_LIST=..." (CMake
+    reads it) or "default" (CMakeLists.txt's own list); "None" without CUDA kernels."""
+    if want == "OFF":
+        return "None"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return f"env TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    return cuda_archs() or "default"
 
 
 def build_inputs(src: Path | None = None) -> dict[str, str]:
@@ -80,13 +99,16 @@ def build_inputs(src: Path | None = None) -> dict[str, str]:
     digest = hashlib.sha256()
     for p in source_files(src):
         digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    want = _want_cuda()
+    root = find_toolkit_root() if want != "OFF" else None
     return {
         "sources": digest.hexdigest(),
         "torch": torch.__version__,
         "python": f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}",
         "cuda": str(torch.version.cuda),
-        "cuda_kernels": _want_cuda(),
-        "cuda_arch": str(_cuda_arch()),
+        "cuda_kernels": want,
+        "cuda_archs": _cuda_archs(want),
+        "cuda_root": str(root),
         "cxx11_abi": str(torch.compiled_with_cxx11_abi()),
         "machine": f"{sys.platform}-{platform.machine()}",
     }
@@ -134,11 +156,35 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> None:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise KVExtBuildError(f"building the hallolive_kv extension failed (exit {proc.returncode} from "
-                              f"{Path(cmd[0]).name}); full log: {log}\n{_tail(log)}")
+                              f"{Path(cmd[0]).name}); the cause, from the log:\n{log_cause(log)}\nfull log: {log}")
 
 
-def _tail(log: Path, lines: int = 25) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+_CAUSE = re.compile(r"error|fatal|undefined reference|cannot find|not found|no such file|could not|failed",
+                    re.IGNORECASE)
+
+
+def log_cause(log: Path, limit: int = 20) -> str:
+    """The lines of a build log that say why it failed: CMake error blocks (the message under
+    "CMake Error at ..."), compiler and linker errors; the log's last lines when none match."""
+    lines = log.read_text(errors="replace").splitlines()
+    picked: list[str] = []
+    i = 0
+    while i < len(lines) and len(picked) < limit:
+        ln = lines[i]
+        if ln.startswith("CMake Error"):
+            picked.append(ln)
+            i += 1
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith(" ")) and len(picked) < limit:
+                if lines[i].strip() and not lines[i].lstrip().startswith(("Call Stack", "/", "CMakeLists")):
+                    picked.append(lines[i])
+                i += 1
+            continue
+        if _CAUSE.search(ln) and not ln.startswith(("$ ", "-- ", "hallolive_kv build ")):
+            picked.append(ln)
+        i += 1
+    if not picked:
+        picked = lines[-limit:]
+    return "\n".join(dict.fromkeys(ln.rstrip() for ln in picked))  # drop repeats, keep order
 
 
 def build(src: Path, out: Path, inputs: dict[str, str]) -> Path:
@@ -151,16 +197,19 @@ def build(src: Path, out: Path, inputs: dict[str, str]) -> Path:
     log = out / "build.log"
     log.write_text(f"hallolive_kv build {json.dumps(inputs, sort_keys=True)}\n")
     env = dict(os.environ)
-    if inputs["cuda_kernels"] != "OFF" and "CUDACXX" not in env:
-        from torch.utils.cpp_extension import CUDA_HOME  # finds nvcc outside PATH (/usr/local/cuda)
-
-        if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-            env["CUDACXX"] = str(Path(CUDA_HOME) / "bin" / "nvcc")
     configure = [cmake, "-S", str(src), "-B", str(out / "build"), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                  f"-DHALLOLIVE_KV_CUDA={inputs['cuda_kernels']}"]
-    if inputs["cuda_arch"] != "None":
-        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={inputs['cuda_arch']}")
+    root, archs = inputs.get("cuda_root", "None"), inputs.get("cuda_archs", "None")
+    if inputs["cuda_kernels"] != "OFF" and root != "None":
+        # the real toolkit for CMake's CUDA language and for torch's FindCUDA / FindCUDAToolkit alike
+        nvcc = str(Path(root) / "bin" / "nvcc")
+        env.setdefault("CUDACXX", nvcc)
+        configure += [f"-DCMAKE_CUDA_COMPILER={env['CUDACXX']}", f"-DCUDA_TOOLKIT_ROOT_DIR={root}",
+                      f"-DCUDAToolkit_ROOT={root}"]
+    if archs not in ("None", "default") and not archs.startswith("env "):
+        configure.append(f"-DHALLOLIVE_KV_CUDA_ARCHS={archs}")
+        env["TORCH_CUDA_ARCH_LIST"] = torch_arch_list(archs)  # spares torch's CMake its GPU probe
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     jobs = os.environ.get("MAX_JOBS") or str(min(os.cpu_count() or 1, 8))
@@ -175,10 +224,27 @@ def build(src: Path, out: Path, inputs: dict[str, str]) -> Path:
     tmp = out / (LIB_NAME + ".tmp")
     shutil.copy2(built, tmp)
     os.replace(tmp, out / LIB_NAME)  # atomic: a reader never sees half a library
-    (out / STAMP).write_text(json.dumps({"key": build_key(inputs), **inputs}, indent=1, sort_keys=True))
+    built_with = _cmake_cache(out / "build", ("HALLOLIVE_KV_CUDA_ARCHS_USED", "CUDA_TOOLKIT_ROOT_DIR",
+                                              "CMAKE_CUDA_COMPILER"))
+    (out / STAMP).write_text(json.dumps({"key": build_key(inputs), **inputs, "built_with": built_with},
+                                        indent=1, sort_keys=True))
     print(f"hallolive_rt: KV-cache extension built in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr, flush=True)
     return out / LIB_NAME
+
+
+def _cmake_cache(build_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """Values of ``names`` in a CMake build folder's CMakeCache.txt (what was actually configured)."""
+    found: dict[str, str] = {}
+    try:
+        text = (build_dir / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return found
+    for ln in text.splitlines():
+        name, _, rest = ln.partition(":")
+        if name in names and "=" in rest:
+            found[name] = rest.split("=", 1)[1]
+    return found
 
 
 def library_path() -> Path:
@@ -213,3 +279,37 @@ def load_library() -> Path:
             raise KVExtBuildError(f"cannot load the hallolive_kv extension {path}: {err}") from err
         _loaded = path
     return _loaded
+
+
+def build_info(path: Path | None = None) -> dict:
+    """What a library was built from: its stamp (build inputs, architectures, toolkit root), or for a
+    prebuilt HALLOLIVE_KV_LIB just its path."""
+    path = Path(path or _loaded or library_path())
+    stamp = path.parent / STAMP
+    info: dict = {"library": str(path)}
+    if stamp.is_file():
+        try:
+            info.update(json.loads(stamp.read_text()))
+        except ValueError:
+            pass
+    return info
+
+
+def require_kv_ext(kv_impl: str, device: str | torch.device | None = None) -> dict | None:
+    """Validation step of any command that takes ``--kv-impl``: for "ext", build (or find) and load the
+    extension now, before any weight is loaded; with a CUDA ``device`` it must have its CUDA kernels.
+    Returns build_info() (None for "torch"); raises KVExtUnavailable (a ValueError) with the build log's
+    error lines and the way around it (``--kv-impl torch``)."""
+    if kv_impl != "ext":
+        return None
+    t = time.perf_counter()
+    try:
+        path = load_library()
+    except KVExtBuildError as e:
+        raise KVExtUnavailable(f"--kv-impl ext: {e}\n(pass --kv-impl torch to run on the pure-torch KV ops)") from e
+    if device is not None and torch.device(device).type == "cuda":
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("hallolive_kv::write_block", "CUDA"):
+            raise KVExtUnavailable(f"--kv-impl ext on {device}: the extension {path} was built without its CUDA "
+                                   f"kernels (HALLOLIVE_KV_CUDA={os.environ.get(ENV_CUDA, 'AUTO')}, torch CUDA "
+                                   f"{torch.version.cuda}); rebuild with nvcc available, or pass --kv-impl torch")
+    return {**build_info(path), "ready_s": time.perf_counter() - t}

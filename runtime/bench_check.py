@@ -1,0 +1,136 @@
+"""Backends against the reference on the same seed: per-block relative error of the committed latents.
+
+    check_backends("hallolive-512x992", ["eager", "cudagraph"], blocks=3, out_json="a.json", device="cuda")
+
+The reference backend (the first) runs the DiT block loop twice from the same seed and prompt context:
+the second run against the first is the **noise floor** (what the same code gives again: 0 unless kernels
+are non-deterministic). Each other backend then runs once; for every block, the committed video latents
+[B, Fb, C, h, w] and audio latents [B, 30, Ca] are compared with the reference's:
+
+    max_rel  = max |x - ref| / max |ref|        mean_rel = mean |x - ref| / mean |ref|
+
+(the definitions of tests/test_stream_reference.py). ``within_bound`` applies the bf16 bound the tests
+hold two implementations of the same loop to (max_rel < 5e-2, mean_rel < 1e-2; tests/test_backends.py
+holds cudagraph to the same 5e-2 on the tiny preset); a non-finite value never passes. Errors compound
+over blocks (block i's caches hold blocks < i), so the per-block list shows where a divergence starts.
+Only the DiT runs (the decoders are deterministic functions of these latents). Results are emitted after
+every block, like ``bench_main``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hallolive_rt.profile import load_profile
+
+from .bench import _random_ctx, _sync, dit_blocks
+from .metrics import env_info, write_json
+
+__all__ = ["check_backends", "relative_error", "BOUND"]
+
+BOUND = {"max_rel": 5e-2, "mean_rel": 1e-2,
+         "source": "bf16 bound of tests/test_stream_reference.py (and tests/test_backends.py for cudagraph)"}
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """max_rel, mean_rel, max_abs of ``x`` against ``ref`` (float64 math), bit equality, finiteness."""
+    a, b = x.double(), ref.double()
+    d = (a - b).abs()
+    return {"max_rel": (d.max() / b.abs().max()).item(), "mean_rel": (d.mean() / b.abs().mean()).item(),
+            "max_abs": d.max().item(), "bitwise_equal": bool(torch.equal(x, ref)),
+            "finite": bool(torch.isfinite(a).all())}
+
+
+def _summary(per_block: list[dict], key: str) -> dict:
+    rows = [b[key] for b in per_block if key in b]
+    if not rows:
+        return {}
+    out = {"blocks": len(rows)}
+    for stream in ("video", "audio"):
+        out[f"{stream}_max_rel"] = max(r[stream]["max_rel"] for r in rows)
+        out[f"{stream}_mean_rel"] = max(r[stream]["mean_rel"] for r in rows)
+    out["bitwise_equal"] = all(r[s]["bitwise_equal"] for r in rows for s in ("video", "audio"))
+    finite = all(r[s]["finite"] for r in rows for s in ("video", "audio"))
+    out["within_bound"] = finite and all(out[f"{s}_max_rel"] < BOUND["max_rel"] and
+                                         out[f"{s}_mean_rel"] < BOUND["mean_rel"] for s in ("video", "audio"))
+    return out
+
+
+def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None = None, blocks: int = 3,
+                   out_json: str | Path | None = None, *, device: str = "cuda", dtype: str | None = None,
+                   seed: int = 0, kv_impl: str = "torch", fuse_projections: bool = False, attn_kernel: str = "auto",
+                   components=None, on_update: Callable[[dict], None] | None = None, console=None) -> dict:
+    """Run the comparison (see the module docstring); print a table; return (and write) the JSON."""
+    from rich.console import Console
+
+    from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.kvcache.build import require_kv_ext
+
+    from .components import load_components
+    from .devices import resolve_devices
+    from .session import StreamSession, check_fast_paths
+
+    console = console or Console(stderr=True, width=200)
+    backends = list(backends or ["eager", "cudagraph"])
+    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry; the count goes to the session
+    if components is not None:
+        dit_dev = components.dit_device
+    else:
+        dit_dev, _ = resolve_devices(device)
+    cfg = load_fusion_config(prof.video_config, prof.audio_config)
+    for name in backends:
+        check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
+    kv_ext = require_kv_ext(kv_impl, dit_dev)
+    comps = components or load_components(prof, None, dit_device=dit_dev, dtype=prof.dtype, seed=seed,
+                                           with_text=False)
+    ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
+    ref = backends[0]
+    runs: dict[str, dict] = {}
+    per_block: list[dict] = [{"index": i} for i in range(blocks)]
+    out = {"command": (f"check_backends(preset={preset!r}, backends={backends}, blocks={blocks}, "
+                       f"device={str(dit_dev)!r}, dtype={prof.dtype_name!r}, seed={seed}, kv_impl={kv_impl!r}, "
+                       f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})"),
+           "complete": False, "preset": prof.name, "blocks": blocks, "dtype": prof.dtype_name,
+           "seed": seed, "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections,
+           "attn_kernel": attn_kernel, "reference": ref, "weights": comps.source, "device": str(dit_dev),
+           "definitions": "max_rel = max|x-ref|/max|ref|, mean_rel = mean|x-ref|/mean|ref| of committed latents",
+           "bound": BOUND, "runs": runs, "per_block": per_block, "summary": {},
+           "env": env_info([dit_dev])}
+    out["git_commit"] = out["env"]["git_commit"]
+
+    def emit() -> None:
+        if on_update is not None:
+            on_update(out)
+        if out_json is not None:
+            write_json(out, out_json)
+
+    ref_latents: list = []
+    plan = [(ref, ref, ref_latents)] + [(f"{ref} (repeat)", ref, None)] + [(b, b, None) for b in backends[1:]]
+    sess, sess_backend = None, None
+    for run_name, backend, keep in plan:
+        if sess_backend != backend:
+            del sess
+            _sync(dit_dev)
+            sess = StreamSession(comps, prof, backend=backend, blocks=blocks, kv_impl=kv_impl,
+                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel)
+            sess_backend = backend
+        latents = keep if keep is not None else []
+        info = runs[run_name] = {"session": sess.describe(), "dit_ms": []}
+        key = None if keep is not None else f"{run_name}_vs_{ref}"
+        for blk in dit_blocks(sess, ctx, seed, latents):
+            info["dit_ms"].append(blk.times["dit"])
+            if key is not None:
+                (v, a), (rv, ra) = latents[blk.index], ref_latents[blk.index]
+                per_block[blk.index][key] = {"video": relative_error(v, rv), "audio": relative_error(a, ra)}
+                out["summary"][key] = _summary(per_block, key)
+            emit()
+    out["complete"] = True
+    emit()
+    for key, s in out["summary"].items():
+        console.print(f"{key}: video max_rel {s['video_max_rel']:.3e} mean_rel {s['video_mean_rel']:.3e}, audio "
+                      f"max_rel {s['audio_max_rel']:.3e} mean_rel {s['audio_mean_rel']:.3e}, bitwise equal "
+                      f"{s['bitwise_equal']}, within bound {s['within_bound']}", highlight=False)
+    return out

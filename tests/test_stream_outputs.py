@@ -12,13 +12,16 @@ import textwrap
 import wave
 
 import pytest
-from typer.testing import CliRunner
 
-from hallolive_rt.cli import app
-from hallolive_rt.runtime import outputs
-from hallolive_rt.runtime.media import probe_media
-from hallolive_rt.runtime.outputs import OutputLock, lock_path
-from hallolive_rt.runtime.session import InputError, stream_main
+pytest.importorskip("av", reason="the stream's MP4 is written with PyAV, which is not installed")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from hallolive_rt.cli import app  # noqa: E402
+from hallolive_rt.runtime import outputs  # noqa: E402
+from hallolive_rt.runtime.media import probe_media  # noqa: E402
+from hallolive_rt.runtime.outputs import OutputLock, lock_path  # noqa: E402
+from hallolive_rt.runtime.session import InputError, stream_main  # noqa: E402
 
 FAST = dict(kv_impl="torch", overlap=False, progress=False)
 

@@ -46,7 +46,8 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
                 precision: str | None = None, out_dir: str | os.PathLike = "artifacts", seed: int = 0, *,
                 submodels: tuple[str, ...] | None = None, opset: int | None = None, device: str | None = None,
                 force: bool = False, fp64_time: bool | None = None, aoti_configs: dict | None = None,
-                log: Callable[[str], None] = print, ema: bool = False) -> Path:
+                variants: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
+                ema: bool = False) -> Path:
     """Export the sub-models of a preset; returns the manifest path.
 
     CLI flags (``hallolive-rt export``):
@@ -61,12 +62,15 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
       --out-dir DIR         artifact directory (manifest.json + one file per sub-model variant)
       --ema/--no-ema        the DiT entry of a nested training file (load_dit; default --no-ema)
       (library-only: submodels, opset 18-20 (default 18; fp8: 19, needs 19-20), device, force re-export,
-       fp64_time, aoti_configs)
+       fp64_time, aoti_configs, variants: only these "<submodel>/<variant>" artifacts of the sub-models
+       they name, e.g. ("dit/a10_kv12",) for a one-block test; the manifest still records whole contracts,
+       and the runtime refuses a stream that needs a variant the directory lacks)
     """
     if model_dir and random_weights:
         raise ExportError("pass exactly one of --model-dir DIR or --random-weights")
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    _check_out_dir(Path(out_dir))
     profile = load_profile(preset)
     if model_dir and profile.decoders == "tiny":
         raise ExportError(f"the {profile.name} preset has no released weights; drop --model-dir (it exports random weights)")
@@ -107,12 +111,15 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
         check_disk(profile, [s for s in subs if not (out / f"{s}_{profile.name}_{precision}.weights").is_file()],
                    dtype, next(d for d in (out, *out.absolute().parents) if d.is_dir()))
     wids = weights_ids(model_dir, seed, subs, ema=ema)  # raises for missing release files, before anything is written
+    contracts = contracts_for(profile, dtype)
+    unknown = sorted(set(variants or ()) - {f"{s}/{v.name}" for s in subs for v in contracts[s].variants})
+    if unknown:
+        raise ExportError(f"unknown variant(s) {unknown} of {', '.join(subs)} for preset {profile.name}")
     out.mkdir(parents=True, exist_ok=True)
     # float64 time embedding (release fidelity) where the target runs float64; TensorRT/ONNX cannot well
     fp64 = fp64_time if fp64_time is not None else format == "aoti"
     tools = tool_versions(format)
     dev = device_info(device)
-    contracts = contracts_for(profile, dtype)
     old = None if force else read_manifest(out)
     old_art, old_wf = (old or {}).get("artifacts", {}), (old or {}).get("weights_files", {})
     manifest = {
@@ -139,6 +146,8 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
         todo = []
         for variant in contract.variants:
             key_name = f"{sub}/{variant.name}"
+            if variants and any(v.startswith(sub + "/") for v in variants) and key_name not in variants:
+                continue
             key = artifact_key(profile=profile.digest(), weights=wids[sub], precision=precision, format=format,
                                tools=tools, arch=dev["arch"], variant=variant.to_dict(), meta=contract.meta,
                                time=manifest["time_embedding"], opset=opset,
@@ -161,6 +170,18 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
             _export_graphs(sub, profile, model_dir, seed, dtype, precision, format, contract, todo, out, manifest,
                            old_wf.get(sub), wids[sub], opset, hashes, log, device, ema=ema)
     return write_manifest(out, manifest)
+
+
+def _check_out_dir(out: Path) -> None:
+    """``out`` is a folder, or can be made one: refused before anything is built or written."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out-dir {str(out)!r} is a file, not a folder: choose a folder path (it is created "
+                          f"if missing)")
+    base = next(d for d in (out, *out.absolute().parents) if d.exists())
+    if not base.is_dir():
+        raise ExportError(f"--out-dir {str(out)!r}: {str(base)!r} is a file, so the folder cannot be created")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ExportError(f"--out-dir {str(out)!r}: {str(base)!r} is not writable")
 
 
 def _check_fp8(profile: Profile, format: str, opset: int, device: str, subs) -> None:

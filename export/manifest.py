@@ -16,9 +16,15 @@ Schema (version 1)::
 
 ``key`` hashes every input of one artifact (profile digest, weights id, precision, format, tool versions,
 device arch, the variant's contract, time embedding, opset): a re-run skips an artifact whose key and
-file hash still match. ``load_artifacts`` refuses, with the difference and the command that rebuilds:
-a missing/corrupt/edited manifest, another profile, other weights, another format/precision, other tool
-versions or device architecture (compiled formats only), a missing or modified artifact file.
+file hash still match. ``load_artifacts`` refuses, with the difference and the command that rebuilds
+into the directory it was given: a missing/corrupt/edited manifest, another profile, other weights,
+another format/precision, other tool versions or device architecture (compiled formats only), a missing
+or modified artifact file, and a recorded contract that is not the one this run's profile derives.
+
+The digest only proves the manifest was written by someone who could recompute it; the contract check
+proves the artifacts fit the run: every recorded sub-model contract (variants, tensor names, shapes,
+dtypes, meta such as the cache layout) is compared with ``contracts_for(profile, dtype)`` of this run,
+so a manifest edited to claim another profile (digest recomputed) is refused before anything runs.
 
 ONNX graphs keep their weights outside: every variant of a sub-model points into one shared
 ``<submodel>_<profile>_<precision>.weights`` file (``data_file``), hashed once per load however many
@@ -91,7 +97,8 @@ def device_info(device: str | torch.device) -> dict[str, str]:
 def rebuild_command(profile: str, weights: Mapping[str, str] | str, fmt: str, precision: str, out_dir: str | Path,
                     model_dir: str | None = None) -> str:
     if model_dir:
-        src = f"--model-dir {model_dir}"
+        ids = [weights] if isinstance(weights, str) else list(weights.values())
+        src = f"--model-dir {model_dir}" + (" --ema" if any(w.endswith("@generator_ema") for w in ids) else "")
     else:
         w = weights if isinstance(weights, str) else next(iter(weights.values()), "random:0")
         seed = w.split(":", 1)[1] if w.startswith("random:") else "0"
@@ -139,6 +146,7 @@ class LoadedArtifacts:
     root: Path
     manifest: dict
     paths: dict[str, Path]  # "<submodel>/<variant>" -> file
+    rebuild: str = ""  # the command that rebuilds this directory where it is now (``root``)
 
     def path(self, submodel: str, variant: str) -> Path:
         return self.paths[f"{submodel}/{variant}"]
@@ -172,6 +180,7 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
     if precision is not None and m["precision"] != precision:
         diffs.append(f"precision: artifacts are {m['precision']}, this run wants {precision}")
     subs = submodels or tuple(m["contracts"])
+    diffs += contract_diffs(m, profile, subs)
     for sub in subs:
         want = weights_id if isinstance(weights_id, str) else weights_id.get(sub)
         have = m["weights"].get(sub)
@@ -211,7 +220,68 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
         lines = "\n  - ".join(diffs)
         raise ArtifactMismatch(f"{root} does not match this run:\n  - {lines}\n"
                                f"  rebuild: {_cmd(m, profile, weights_id, fmt, precision, root)}")
-    return LoadedArtifacts(root, m, paths)
+    return LoadedArtifacts(root, m, paths, _cmd(m, profile, weights_id, fmt, precision, root))
+
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def contract_diffs(m: Mapping, profile: Profile, subs, limit: int = 6) -> list[str]:
+    """How the contracts recorded in manifest ``m`` for ``subs`` differ from the ones ``profile`` derives at
+    the manifest's precision (empty when they agree); at most ``limit`` lines."""
+    from .contracts import contracts_for
+
+    recorded = {s: m.get("contracts", {}).get(s) for s in subs if s in m.get("contracts", {})}
+    if not recorded:
+        return []
+    prec = m.get("precision")
+    if prec == "fp8":
+        from .fp8 import fp8_compute_dtype
+
+        dtype = fp8_compute_dtype(profile.dtype)
+    elif prec in _PRECISION_DTYPES:
+        dtype = _PRECISION_DTYPES[prec]
+    else:
+        return [f"precision: unknown precision {prec!r} in the manifest"]
+    try:
+        derived = contracts_for(profile, dtype)
+    except ValueError as e:  # a profile this runtime cannot stream either
+        return [f"profile {profile.name}: no contract can be derived ({e})"]
+    out: list[str] = []
+    for sub, rec in recorded.items():
+        want = json.loads(json.dumps(derived[sub].to_dict()))
+        out += _diff_contract(sub, rec, want)
+    if len(out) > limit:
+        out = out[:limit] + [f"... and {len(out) - limit} more contract differences"]
+    return out
+
+
+def _spec_str(spec: Mapping) -> str:
+    return f"{spec['name']} {spec['shape']} {spec['dtype']}"
+
+
+def _diff_contract(sub: str, rec: Mapping, want: Mapping) -> list[str]:
+    """Recorded contract ``rec`` against the derived ``want`` (both ``Contract.to_dict()`` JSON)."""
+    head = f"contract of {sub} (recorded in the manifest vs derived from this run's profile)"
+    out = []
+    for k in sorted(set(rec.get("meta", {})) | set(want.get("meta", {}))):
+        a, b = rec.get("meta", {}).get(k), want.get("meta", {}).get(k)
+        if a != b:
+            out.append(f"{head}: {k} = {a!r}, this run needs {b!r}")
+    rv = {v["name"]: v for v in rec.get("variants", [])}
+    wv = {v["name"]: v for v in want.get("variants", [])}
+    if set(rv) != set(wv):
+        out.append(f"{head}: variants {sorted(rv)}, this run needs {sorted(wv)}")
+    for name in sorted(set(rv) & set(wv)):
+        a, b = rv[name], wv[name]
+        for part in ("inputs", "outputs"):
+            sa, sb = [_spec_str(x) for x in a.get(part, [])], [_spec_str(x) for x in b.get(part, [])]
+            if sa != sb:
+                bad = next(((x, y) for x, y in zip(sa, sb) if x != y), (len(sa), len(sb)))
+                out.append(f"{head}: {sub}/{name} {part[:-1]} {bad[0]}, this run needs {bad[1]}")
+        if a.get("static") != b.get("static") or a.get("updates") != b.get("updates"):
+            out.append(f"{head}: {sub}/{name} static values {a.get('static')}, this run needs {b.get('static')}")
+    return out
 
 
 def _cmd(m, profile: Profile, weights_id, fmt, precision, root) -> str:

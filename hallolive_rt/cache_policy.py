@@ -24,7 +24,7 @@ from .profile import Profile
 from .state import CacheLayout
 
 __all__ = ["BlockPlan", "AppendPolicy", "RollingPolicy", "choose_policy", "ENDLESS", "parse_blocks",
-           "variant_plans"]
+           "variant_plans", "check_future_tokens"]
 
 ENDLESS = "endless"  # a block count meaning "no end" (CLI ``--blocks endless``, protocol ``blocks: null``)
 
@@ -55,6 +55,16 @@ class AppendPolicy:
     def __init__(self, profile: Profile, blocks: int | None = None):
         self.p = profile
         self.blocks = blocks if blocks is not None else profile.stream.blocks
+        check_future_tokens(self)
+
+    def future_tokens_limit(self) -> tuple[int, str]:
+        """The largest lookahead F whose audio positions stay in the RoPE tables, and why: the last block
+        feeds the whole history from position 0, then its own window of 30 + F tokens."""
+        na = self.p.stream.audio_tokens_per_block
+        start = na * (self.blocks - 1)
+        why = (f"the last of {self.blocks} blocks (append policy) feeds its {start} tokens of audio history "
+               f"from position 0, then its window of {na} + F tokens")
+        return ROPE_POSITIONS - start - na, why
 
     def layout(self) -> CacheLayout:
         # sized for the released clip whatever the stream's length: every N up to it (and the rolling
@@ -92,9 +102,23 @@ class RollingPolicy:
         self.hist = hist
         self.max_pos = max_positions  # tests lower it to force re-basing early
         span_frames = (self.sink + self.window) * s.latent_frames_per_block
-        span_tokens = hist + profile.audio_window
-        if span_frames > max_positions or span_tokens > max_positions:
-            raise ValueError(f"window too long for {max_positions}-position RoPE tables")
+        if span_frames > max_positions:
+            raise ValueError(f"sink + window of {span_frames} latent frames do not fit the "
+                             f"{max_positions}-position RoPE tables")
+        check_future_tokens(self)
+
+    def future_tokens_limit(self) -> tuple[int, str]:
+        """The largest lookahead F whose audio positions stay in the model's RoPE tables (``ROPE_POSITIONS``;
+        a lowered ``max_positions`` only re-bases earlier), and why. Re-basing keeps a block's video frames
+        right after the sink's and the ring's earlier blocks, and its audio window is aligned with its frames
+        (5 tokens per frame): the window starts at position 30 (sink + window - 1) however long the stream
+        (the bounded history sits before it, over the ring's blocks)."""
+        na = self.p.stream.audio_tokens_per_block
+        start = na * (self.sink + self.window - 1)
+        why = (f"with the rolling policy (sink {self.sink} + ring {self.window} blocks) a block's audio window "
+               f"of {na} + F tokens starts at position {start} after re-basing, behind the sink and the "
+               f"ring's earlier blocks")
+        return ROPE_POSITIONS - start - na, why
 
     def layout(self) -> CacheLayout:
         nv = self.p.video_tokens_per_block
@@ -121,6 +145,17 @@ class RollingPolicy:
                 rebased += delta
             yield BlockPlan(i, slot, kv_len, fb * i - rebased, a_start, a_len, a_start - tpf * rebased, delta)
             i += 1
+
+
+def check_future_tokens(policy: AppendPolicy | RollingPolicy) -> None:
+    """Refuse a lookahead F (``future_audio_tokens``) whose audio positions would leave the model's RoPE
+    tables: the stream would otherwise fail mid-way (index 1024 out of bounds) with a partial file written."""
+    f = policy.p.stream.future_audio_tokens
+    limit, why = policy.future_tokens_limit()
+    if not 0 <= f <= limit:
+        raise ValueError(f"future audio tokens (--future-audio-frames) F = {f} is out of range: F must be in "
+                         f"0..{max(limit, 0)} here, because {why}, and the audio RoPE table holds "
+                         f"{ROPE_POSITIONS} positions")
 
 
 def parse_blocks(value: int | str | None) -> int | None:

@@ -1,12 +1,12 @@
 """`hallolive-rt`: a thin typer shell over library functions.
 
 Heavy imports happen inside the commands so `--help` stays instant. Every command validates its inputs
-before opening outputs; bad input exits with code 2 and a message saying what to change.
+before opening outputs; bad input exits with code 2 and a message saying what to change. Help is plain
+click formatting (no rich panels): it wraps to the terminal and never cuts an option name or its text.
 """
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -16,6 +16,7 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     help="Streaming text-to-talking-avatar (video + speech) inference for Hallo-Live. "
          "Run `hallolive-rt stream` for the embedded tiny demo (random weights, CPU, no downloads).",
 )
@@ -75,9 +76,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 # options shared by `stream` and `profile` (one definition; typer reads defaults from these objects)
 PROMPT = typer.Option(DEMO_PROMPT, "--prompt", "-p", help="Text prompt (speech between <S> and <E>).")
-MODEL_DIR = typer.Option(None, "--model-dir", help="Official download root: Hallo-Live/hallolive_dit.pt, "
-                         "Wan2.2-TI2V-5B/Wan2.2_VAE.pth, MMAudio/ext_weights/{v1-16.pth,best_netG.pt}, "
-                         "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/.")
+MODEL_DIR = typer.Option(None, "--model-dir", help="Root of the official downloads, holding "
+                         "Hallo-Live/hallolive_dit.pt, Wan2.2-TI2V-5B/Wan2.2_VAE.pth, "
+                         "MMAudio/ext_weights/v1-16.pth, MMAudio/ext_weights/best_netG.pt, "
+                         "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth and google/umt5-xxl/.")
 RANDOM = typer.Option(False, "--random-weights", help="The architecture with random weights (benchmarks); "
                       "the tiny preset always uses random weights.")
 PRESET = typer.Option("tiny", "--preset", help="Shape preset from profiles/: tiny (CPU demo) or hallolive-512x992.")
@@ -86,17 +88,23 @@ STREAM_BLOCKS = typer.Option(None, "--blocks", metavar="N|endless", help="Blocks
                              "(until interrupted). Up to the preset's clip (5 at full size) the released append "
                              "caches; past it the rolling policy keeps memory and block time flat. Default: "
                              "the preset's clip.")
-FUTURE = typer.Option(None, "--future-audio-frames", min=0, help="Audio lookahead F in audio tokens "
-                      "(window 30+F from the next block's noise; only 30 committed). Default: the preset's (0).")
-SEED = typer.Option(0, "--seed", help="Seed of the initial and re-noise draws.")
+FUTURE = typer.Option(None, "--future-audio-frames", min=0, help="Audio lookahead F in audio tokens: each "
+                      "block denoises a window of 30+F tokens (the future ones from the next blocks' noise) and "
+                      "commits 30. F may go up to what the 1024-position audio RoPE table leaves after the "
+                      "longest history the cache policy feeds (874 at full size, 994 tiny); more is refused "
+                      "up front. Default: the preset's (0).")
+SEED = typer.Option(0, "--seed", help="Seed of the initial and re-noise draws (and of the random weights).")
+ARTIFACTS = typer.Option(None, "--artifacts", metavar="DIR", help="The --out-dir of `hallolive-rt export "
+                         "--format aoti|tensorrt`, for --backend(s) aoti|tensorrt: checked against its "
+                         "manifest (profile, weights, contracts, tools, device) before any weight is loaded.")
 DEVICE = typer.Option("cpu", "--device", "--dit-device", help="Device of the DiT (and of everything unless "
                       "--vae-device is given): cpu, cuda, cuda:0 ...")
 VAE_DEVICE = typer.Option(None, "--vae-device", help="Device of the video/audio decoders (e.g. cuda:1: "
                           "the DiT of block i+1 overlaps the decode of block i).")
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype. Default: the preset's (bf16 full size, fp32 tiny).")
-BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph, compiled (cudagraph with "
-                       "the DiT's layers compiled by inductor, opt-in), aoti (artifacts from `hallolive-rt "
-                       "export`), tensorrt (optional).")
+BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph (CUDA), compiled "
+                       "(cudagraph with the DiT's layers compiled by inductor, opt-in), aoti or tensorrt (the DiT "
+                       "from `hallolive-rt export` artifacts: pass --artifacts DIR).")
 KV = typer.Option(KVImpl.ext, "--kv-impl", help="KV-cache ops: ext (our C++/CUDA extension, built on first "
                   "use) or torch (pure-torch reference).")
 POLICY = typer.Option(Policy.auto, "--cache-policy", help="append (released, up to the preset's blocks), "
@@ -151,7 +159,8 @@ def stream(
     future_audio_frames: Optional[int] = FUTURE,
     seed: int = SEED,
     out: Path = typer.Option(Path("hallolive.mp4"), "--out", "-o", help="Fragmented MP4 (H.264 + AAC), "
-                             "written block by block: an interrupted stream leaves a playable file."),
+                             "written block by block: an interrupted stream leaves a playable file. One "
+                             "writer per file: a second stream onto it is refused."),
     frames_out: Optional[Path] = typer.Option(None, "--frames-out", help="Also write raw frames (.y4m)."),
     wav_out: Optional[Path] = typer.Option(None, "--wav-out", help="Also write the 16 kHz audio (.wav)."),
     metrics: Optional[Path] = typer.Option(None, "--metrics", help="Write per-block times, TTFF, steady FPS, "
@@ -180,10 +189,20 @@ def stream(
                                                   "PROMPT from block BLOCK on (counted from 0; repeatable), e.g. "
                                                   "--prompt-at 3:\"A man smiles ...\". The caches of earlier blocks "
                                                   "stay; every prompt is encoded before the stream starts."),
+    artifacts: Optional[Path] = ARTIFACTS,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (--out, --frames-out, "
+                                   "--wav-out, --metrics) that exist; without it they are refused."),
 ):
-    """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU)."""
-    from hallolive_rt.runtime.session import InputError, parse_prompt_at, stream_main
+    """Stream a prompt to a synchronized MP4, block by block (default: the tiny random demo on CPU).
 
+    SIGINT (Ctrl-C) or SIGTERM ends the stream at the next block boundary: the file stays playable, both
+    tracks end together, and the exit code is 130 / 143. Progress: a bar on a terminal, one line per
+    block otherwise."""
+    try:
+        from hallolive_rt.runtime.media import MediaError
+        from hallolive_rt.runtime.session import InputError, parse_prompt_at, stream_main
+    except KeyboardInterrupt:
+        _interrupted_early()
     try:
         switches = [parse_prompt_at(spec) for spec in prompt_at or []]
     except ValueError as e:
@@ -197,12 +216,31 @@ def stream(
             kv_impl=kv_impl.value, frames_out=None if frames_out is None else str(frames_out),
             wav_out=None if wav_out is None else str(wav_out), truncate_prompt=truncate_prompt,
             warmup_runs=warmup_runs, overlap=overlap, fuse_projections=fuse_projections,
-            attn_kernel=attn_kernel.value, progress=sys.stderr.isatty(), vae_backend=vae_backend,
+            attn_kernel=attn_kernel.value, progress=True, vae_backend=vae_backend,
             vae_channels_last=vae_channels_last, ema=ema, levers=_levers(precision, fp8_act_scale, lean_context),
-            prompt_at=switches)
-    except InputError as e:
+            prompt_at=switches, artifacts=None if artifacts is None else str(artifacts), overwrite=overwrite)
+    except KeyboardInterrupt:  # Ctrl-C before stream_main took over the signals
+        _interrupted_early()
+    except (InputError, MediaError) as e:  # MediaError: an output failed mid-stream (disk full, ...)
         _fail(str(e), getattr(e, "exit_code", 2))
+    if summary.get("interrupted"):
+        typer.echo(_interrupted_line(summary), err=True)
+        raise typer.Exit(summary["exit_code"])
     typer.echo(f"wrote {out} ({summary.get('frames', '?')} frames, {summary.get('audio_samples', '?')} audio samples)")
+
+
+def _interrupted_early() -> None:
+    typer.echo("interrupted by SIGINT before the stream started: nothing was written", err=True)
+    raise typer.Exit(130)
+
+
+def _interrupted_line(summary: dict) -> str:
+    w, sig = summary.get("writer") or {}, summary["interrupted"]
+    if not w.get("blocks"):
+        return f"interrupted by {sig} before the first block: nothing was written"
+    files = ", ".join(str(summary[k]) for k in ("out", "frames_out", "wav_out") if summary.get(k))
+    return (f"interrupted by {sig}: wrote {w['blocks']} blocks ({w['video_s']:.2f} s of video, {w['audio_s']:.2f} s "
+            f"of audio) to {files}; the file is complete and playable")
 
 
 @app.command()
@@ -214,11 +252,13 @@ def export(
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp16 | fp32 (CPU checks) | fp8 (ONNX/"
                                             "TensorRT: the DiT's Linear GEMMs as calibrated float8 Q/DQ, the rest "
                                             "bf16; calibration needs a GPU at full size). Default: the preset's dtype."),
-    out_dir: Path = typer.Option(Path("artifacts"), "--out-dir", help="Artifact directory (with manifest.json)."),
+    out_dir: Path = typer.Option(Path("artifacts"), "--out-dir", help="Artifact directory (with manifest.json); "
+                                 "created if missing. Give it to stream/bench/profile as --artifacts."),
     submodels: Optional[str] = typer.Option(None, "--submodels", help="Comma-separated subset: dit, vae_video, "
                                             "audio, text (default: all)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even artifacts that are up to date."),
-    seed: int = SEED,
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights (--random-weights and the tiny "
+                             "preset); the manifest records it as the weights' id, random:<seed>."),
     ema: bool = EMA,
 ):
     """Export every sub-model with the preset's static shapes (ONNX, TensorRT plans or AOTInductor .pt2),
@@ -240,15 +280,22 @@ def export(
 
 @app.command()
 def bench(
-    preset: str = typer.Option("hallolive-512x992", "--preset"),
-    random_weights: bool = typer.Option(True, "--random-weights/--no-random-weights"),
+    preset: str = typer.Option("hallolive-512x992", "--preset", help="Shape preset from profiles/ (or a .toml "
+                               "path): hallolive-512x992 (default, the released shapes) or tiny."),
+    random_weights: bool = typer.Option(True, "--random-weights/--no-random-weights", help="The architecture "
+                                        "with random weights built on the device (default), or the release "
+                                        "weights of --model-dir."),
     model_dir: Optional[Path] = MODEL_DIR,
-    backends: str = typer.Option("eager,cudagraph", "--backends", help="Comma-separated, run in one process "
-                                 "(eager, cudagraph, compiled, aoti, tensorrt)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends (eager, "
+                                           "cudagraph, compiled, aoti, tensorrt), run one after the other in one "
+                                           "process. Default: the ones that can run here (eager, plus cudagraph "
+                                           "on CUDA, plus the --artifacts format)."),
+    artifacts: Optional[Path] = ARTIFACTS,
     blocks: Optional[int] = BLOCKS,
     mode: str = typer.Option("e2e", "--mode", help="e2e | dit | vae (dit/vae give the projected two-device rate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON result (commit it under bench/results/)."),
-    device: str = typer.Option("cuda", "--device"),
+    device: str = typer.Option("cuda", "--device", "--dit-device", help="Device of the DiT (and of the decoders unless "
+                               "--vae-device is given): cuda (default), cuda:N or cpu."),
     vae_device: Optional[str] = VAE_DEVICE,
     dtype: Optional[DType] = DTYPE,
     kv_impl: KVImpl = KV,
@@ -272,7 +319,9 @@ def bench(
     from hallolive_rt.runtime.bench import bench_main
 
     try:
-        bench_main(preset, random_weights=random_weights and model_dir is None, backends=backends.split(","),
+        bench_main(preset, random_weights=random_weights and model_dir is None,
+                   backends=None if backends is None else [b.strip() for b in backends.split(",") if b.strip()],
+                   artifacts=None if artifacts is None else str(artifacts),
                    blocks=blocks, mode=mode, out_json=out, device=device, vae_device=vae_device,
                    dtype=None if dtype is None else dtype.value,
                    model_dir=None if model_dir is None else str(model_dir), seed=seed, kv_impl=kv_impl.value,
@@ -344,45 +393,100 @@ def serve(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def profile(
     ctx: typer.Context,
-    session: str = typer.Option("torch", "--session", help="nsys | ncu | torch"),
-    target: Optional[str] = typer.Option(None, "--target", help="ncu kernel target from profiles/ncu.toml "
-                                         "(dit, attention, gemm, context, vae, audio)."),
-    out_dir: Path = typer.Option(Path("profile-out"), "--out-dir"),
-    warmup_runs: int = typer.Option(1, "--warmup-runs", min=0),
+    session: str = typer.Option("torch", "--session", help="nsys (Nsight Systems), ncu (Nsight Compute) or "
+                                "torch (the PyTorch profiler: needs nothing installed)."),
+    target: Optional[str] = typer.Option(None, "--target", help="--session ncu only: the kernel target from "
+                                         "profiles/ncu.toml (dit, attention, gemm, context, vae, audio); "
+                                         "default: the preset's."),
+    out_dir: Path = typer.Option(Path("profile-out"), "--out-dir", help="Folder of the session's outputs (trace "
+                                 "or report, and the stream's MP4 unless --out is given); created if missing."),
+    warmup_runs: Optional[int] = typer.Option(None, "--warmup-runs", min=0, help="Streams run (unrecorded) "
+                                              "before the profiled one, for graph capture and autotuning. "
+                                              "Default: 1 (torch), the preset's (nsys, ncu)."),
 ):
     """Run `stream` under Nsight Systems / Nsight Compute, or the PyTorch profiler (`--session torch`).
 
-    Every other option is passed to `hallolive-rt stream` (e.g. --preset tiny --blocks 2). The torch
-    session decodes inline (--no-overlap) unless told otherwise: its profiler records one thread.
+    Every other option is passed to `hallolive-rt stream` (e.g. --preset tiny --blocks 2) and checked
+    before anything runs. The stream writes into --out-dir unless given --out (an existing file is then
+    refused without --overwrite). The torch session decodes inline (--no-overlap) unless told otherwise:
+    its profiler records one thread.
     """
     from hallolive_rt.runtime import profiling
 
-    stream_args = list(ctx.args)
-    if session in ("nsys", "ncu"):
-        cmd = profiling.build_command(session, None, stream_args, out_dir=str(out_dir), target=target)
-        exe = profiling.find_profiler(session)
-        if exe is None:
-            _fail(profiling.missing_profiler_message(session, cmd), 3)
-        import subprocess
+    if session not in profiling.SESSIONS:
+        _fail(f"unknown --session {session!r}: choose {', '.join(profiling.SESSIONS)}")
+    if target is not None:
+        if session != "ncu":
+            _fail(f"--target picks an Nsight Compute kernel target: it applies to --session ncu, not {session}")
+        try:
+            profiling.load_session_preset("ncu").get_target(target)
+        except profiling.PresetError as e:
+            _fail(f"--target: {e}")
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"--out-dir {str(out_dir)!r} is a file, not a folder: choose a folder path")
+    stream_args = _profile_stream_args(list(ctx.args), out_dir, session)
+    created = not out_dir.exists()
+    ok = False
+    try:
+        if session in ("nsys", "ncu"):
+            cmd = profiling.build_command(session, None, stream_args, out_dir=str(out_dir), target=target,
+                                          warmup_runs=warmup_runs)
+            if profiling.find_profiler(session) is None:
+                _fail(profiling.missing_profiler_message(session, cmd), 3)
+            import subprocess
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        raise typer.Exit(subprocess.call(cmd))
-    if session != "torch":
-        _fail(f"unknown --session {session!r}: choose nsys, ncu or torch")
-    if "--overlap" not in stream_args and "--no-overlap" not in stream_args:
-        # the PyTorch profiler records the thread that started it: decode inline so every stage is seen
-        stream_args.append("--no-overlap")
-    trace, table = profiling.run_torch_session(lambda: _run_stream_args(stream_args), out_dir,
-                                               warmup_runs=warmup_runs)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            code = subprocess.call(cmd)
+            ok = code == 0
+            raise typer.Exit(code)
+        trace, table = profiling.run_torch_session(lambda: _run_stream_args(stream_args), out_dir,
+                                                   warmup_runs=1 if warmup_runs is None else warmup_runs)
+        ok = True
+    finally:
+        if not ok and created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed session leaves no empty folder behind
     typer.echo(str(table))
     typer.echo(f"trace: {trace} (open in https://ui.perfetto.dev)")
 
 
-def _run_stream_args(args: list[str]) -> None:
-    """Run `stream` with CLI-style args in this process (so the profiler sees it)."""
+def _profile_stream_args(args: list[str], out_dir: Path, session: str) -> list[str]:
+    """The stream options of a profile, parsed (and refused) now: the MP4 goes into ``out_dir`` unless --out
+    is given; outputs the user named must not exist without --overwrite (every profiled run rewrites them)."""
     from typer.main import get_command
 
-    get_command(app).main(["stream", *args], standalone_mode=False)
+    stream_cmd = get_command(app).commands["stream"]
+    try:
+        sctx = stream_cmd.make_context("stream", list(args))
+    except typer.Exit:  # `--help` of stream: printed
+        raise
+    except typer.exceptions.TyperException as e:  # click's usage errors (typer vendors click)
+        _fail(f"{getattr(e, 'format_message', e.__str__)()} (the options after the profile's own are `hallolive-rt stream` options: "
+              f"see hallolive-rt stream --help)")
+    args = list(args)
+    named = [n for n in ("out", "frames_out", "wav_out", "metrics")
+             if sctx.get_parameter_source(n).name == "COMMANDLINE"]
+    for name in named if not sctx.params["overwrite"] else ():
+        if Path(sctx.params[name]).exists():
+            _fail(f"--{name.replace('_', '-')} {str(sctx.params[name])!r} exists; pass --overwrite to replace it, "
+                  f"or choose another path")
+    if "out" not in named:
+        args += ["--out", str(out_dir / "stream.mp4")]  # the profile's own folder: rewritten like its traces
+    if "--overwrite" not in args:
+        args.append("--overwrite")  # checked above; warm-up runs of the torch session write them again
+    if session == "torch" and "--overlap" not in args and "--no-overlap" not in args:
+        # the PyTorch profiler records the thread that started it: decode inline so every stage is seen
+        args.append("--no-overlap")
+    return args
+
+
+def _run_stream_args(args: list[str]) -> None:
+    """Run `stream` with CLI-style args in this process (so the profiler sees it); its failure ends the
+    profile with the stream's exit code."""
+    from typer.main import get_command
+
+    code = get_command(app).main(["stream", *args], standalone_mode=False)
+    if code:
+        raise typer.Exit(code)
 
 
 if __name__ == "__main__":

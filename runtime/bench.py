@@ -177,11 +177,13 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
                vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
                console=None, ema: bool = False, components=None,
-               on_update: Callable[[dict], None] | None = None, levers=None) -> dict:
+               on_update: Callable[[dict], None] | None = None, levers=None, artifacts: str | None = None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
 
     ``components``: models already built for this preset and dtype (their devices are used); ``on_update``:
-    called with the JSON so far after every timed block and once at the end (``complete`` True)."""
+    called with the JSON so far after every timed block and once at the end (``complete`` True).
+    ``backends`` None: every backend that can run here (``default_backends``). ``artifacts``: the export
+    directory the aoti / tensorrt backends run from, checked before any weight is built."""
     from rich.console import Console
     from rich.table import Table
 
@@ -201,7 +203,6 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not random_weights and model_dir is None and components is None:
         raise ValueError("bench needs --random-weights or --model-dir")
-    backends = list(backends or ["eager"])
     levers = levers or DiTLevers()
     # released geometry: the policy depends on it; --precision bf16|fp16|fp32 name the --dtype
     prof = load_profile(preset).with_overrides(dtype=precision_dtype(levers.precision, dtype))
@@ -213,10 +214,14 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         dit_dev, vae_dev = components.dit_device, components.vae_device
     else:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
+    backends = list(backends) if backends else default_backends(dit_dev, artifacts, console)
     vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
     runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])
     cfg = load_fusion_config(prof.video_config, prof.audio_config)
-    for name in dict.fromkeys(r[1] for r in runs):  # before building anything: a choice that cannot run fails now
+    names = list(dict.fromkeys(r[1] for r in runs))
+    backend_for = _check_backends(names, prof, n, dit_dev, artifacts, model_dir if not random_weights else None,
+                                  seed, ema)
+    for name in names:  # before building anything: a choice that cannot run fails now, naming itself
         check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
         if mode != "vae":
             check_levers(name, levers, prof.dtype)
@@ -267,7 +272,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                 list(_vae_blocks(comps, prof, min(n, 2), seed, pipe))
             timed = _vae_blocks(comps, prof, n, seed, pipe)
         else:
-            sess = StreamSession(comps, prof, backend=name, blocks=n, kv_impl=kv_impl, overlap=ov,
+            sess = StreamSession(comps, prof, backend=backend_for(name), blocks=n, kv_impl=kv_impl, overlap=ov,
                                  fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts,
                                  levers=levers)
             sess_info = sess.describe()
@@ -308,6 +313,59 @@ def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: 
         return [(b, b, VideoDecodeOptions(), overlaps[0]) for b in backends]
     return [(b + ("" if vo.label == "eager" else f" vae={vo.label}") + ("" if ov or len(overlaps) == 1 else
              " no-overlap"), b, vo, ov) for b in backends for vo in vae_variants for ov in overlaps]
+
+
+def default_backends(dit_dev: torch.device, artifacts: str | None, console=None) -> list[str]:
+    """The backends ``--backends`` means when not given: eager everywhere, cudagraph on CUDA, and the
+    format of ``artifacts`` (aoti / tensorrt) when a directory is given; says which were left out."""
+    import json
+
+    names = ["eager"] + (["cudagraph"] if dit_dev.type == "cuda" else [])
+    if artifacts is not None:
+        try:
+            fmt = json.loads((Path(artifacts) / "manifest.json").read_text()).get("format")
+        except (OSError, ValueError):
+            fmt = None  # the artifact check names what is wrong with the directory
+        names.append(fmt if fmt in ("aoti", "tensorrt") else "aoti")
+    if dit_dev.type != "cuda" and console is not None:
+        console.print(f"backends: {', '.join(names)} (cudagraph needs a CUDA device: not run on {dit_dev})")
+    return names
+
+
+def _check_backends(names: list[str], prof: Profile, blocks: int, dit_dev: torch.device,
+                    artifacts: str | None, model_dir: str | None, seed: int, ema: bool = False):
+    """Show every backend of ``names`` able to run this bench before any weight is built (the compiled ones
+    against their artifact directory; a refusal names --backends); returns ``backend_for(name)``: the
+    checked object for a backend's first run, a fresh one for each later run (a backend is prepared once)."""
+    from hallolive_rt.cache_policy import choose_policy, variant_plans
+    from hallolive_rt.export.manifest import ArtifactMismatch
+
+    from .backends import BACKENDS, BackendUnavailable
+    from .backends.artifacts import ArtifactBackend, backend_for_run
+    from .backends.cudagraph import require_cuda
+
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"--backends {','.join(unknown)}: unknown; choose from {', '.join(BACKENDS)}")
+    policy = choose_policy(prof, blocks)
+    out = {}
+    for name in names:
+        try:
+            if name in ("cudagraph", "compiled"):  # CUDA graphs: the message names this command's flag
+                require_cuda(dit_dev, what=f"{name} backend", flag="--backends")
+            be = backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
+                                 model_dir=model_dir, seed=seed, ema=ema, flag="--backends")
+            if isinstance(be, ArtifactBackend):
+                be.check(prof, policy.layout(), {p.variant for p in variant_plans(policy)}, dit_dev, prof.dtype)
+        except (BackendUnavailable, ArtifactMismatch, FileNotFoundError) as e:
+            raise ValueError(f"--backends {name} cannot run here: {e}") from None
+        out[name] = be
+
+    def backend_for(name: str):
+        be = out.pop(name, None)
+        return be if be is not None else backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
+                                                         model_dir=model_dir, seed=seed, ema=ema, flag="--backends")
+    return backend_for
 
 
 def _projection(results: dict, mode: str) -> dict:

@@ -39,15 +39,24 @@ moov, at the first block), one media fragment (moof + mdat) per block and the ta
 Concatenated, they are byte for byte the file this writer writes for the same blocks (tests/test_media.py).
 
 The .y4m and .wav are raw records of exactly what the model produced (no held frames, no alignment):
-the .y4m is append-only, the .wav header is rewritten after every block.
+the .y4m is append-only, the .wav header is rewritten after every block (``runtime/raw_records.py``).
+Reading a file back: ``probe_media`` (``runtime/probe.py``, re-exported here).
+
+Ends: ``close()`` (normal end, or a stream stopped by SIGINT / SIGTERM at a block boundary) ends both
+tracks on the last block: the held frames cover the audio, all audio is written, so the tracks differ by
+less than one frame. A write that fails (disk full, quota, I/O error) cuts every output back to the end of
+its last complete block (``runtime/outputs.FileSink``) and raises ``OutputWriteError`` saying what was
+kept: the MP4 then ends on that block's fragment (its audio up to 3 AAC frames short, as after a kill).
+Every file is opened through a ``FileSink``; whether a path may be written at all (locks, overwrite) is
+decided before, in ``runtime/outputs.py``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
-import struct
 import sys
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,13 +65,21 @@ from pathlib import Path
 import av
 import numpy as np
 
-__all__ = ["StreamWriter", "MediaError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
+from .outputs import FileSink
+from .probe import probe_media
+from .raw_records import _WavWriter, _Y4mWriter
+
+__all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
 
 log = logging.getLogger(__name__)
 
 
 class MediaError(RuntimeError):
     """An output path that cannot be written, or input that does not match the stream's shape."""
+
+
+class OutputWriteError(MediaError):
+    """A write failed mid-stream (disk full, ...); every output was cut back to its last complete block."""
 
 
 @dataclass(frozen=True)
@@ -195,51 +212,6 @@ def _libavformat():
     return _LIBAVFORMAT[0]
 
 
-class _WavWriter:
-    """16-bit PCM mono WAV whose RIFF/data sizes are rewritten after every block (valid if interrupted)."""
-
-    def __init__(self, path: Path, sample_rate: int):
-        self.fh = open(path, "wb")
-        self.rate, self.bytes = sample_rate, 0
-        self._header()
-
-    def _header(self):
-        self.fh.seek(0)
-        self.fh.write(b"RIFF" + struct.pack("<I", 36 + self.bytes) + b"WAVE")
-        self.fh.write(b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, self.rate, 2 * self.rate, 2, 16))
-        self.fh.write(b"data" + struct.pack("<I", self.bytes))
-
-    def write(self, audio: np.ndarray):  # [S] float32 in [-1, 1]
-        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-        self.fh.seek(0, os.SEEK_END)
-        self.fh.write(pcm.tobytes())
-        self.bytes += pcm.nbytes
-        self._header()
-        self.fh.flush()
-
-    def close(self):
-        self.fh.close()
-
-
-class _Y4mWriter:
-    """YUV4MPEG2 4:4:4 (BT.601, limited range: the y4m default), one FRAME record appended per frame."""
-
-    def __init__(self, path: Path, width: int, height: int, fps: Fraction):
-        self.fh = open(path, "wb")
-        self.fh.write(f"YUV4MPEG2 W{width} H{height} F{fps.numerator}:{fps.denominator} Ip A1:1 C444\n"
-                      .encode())
-        self.fh.flush()
-
-    def write(self, frames: np.ndarray):  # [N, H, W, 3] uint8 RGB
-        for rgb in frames:
-            yuv = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv444p")
-            self.fh.write(b"FRAME\n" + yuv.to_ndarray().tobytes())  # [3, H, W] planar
-        self.fh.flush()
-
-    def close(self):
-        self.fh.close()
-
-
 class StreamWriter:
     """Write streamed blocks of RGB frames + mono float audio to fragmented MP4 / .y4m / .wav.
 
@@ -275,8 +247,10 @@ class StreamWriter:
         self._fed = 0  # audio samples given to the AAC encoder
         self._pending = np.zeros(0, np.float32)  # received audio not yet encoded: [S - fed]
         self._last: np.ndarray | None = None  # last frame, [H, W, 3]: held at close
-        self._mp4 = self._vs = self._as = self._y4m = self._wav = None
+        self._mp4 = self._vs = self._as = self._y4m = self._wav = self._sink = None
+        self._mp4_whole = 0  # blocks whose MP4 fragments are entirely on disk (what a rollback keeps)
         self._closed = False
+        self.error: OutputWriteError | None = None  # set when a write failed (the outputs were cut back)
 
     # ---- clocks (integers only) ---------------------------------------------------------------
     def _samples_until_frame(self, n: int) -> int:
@@ -309,12 +283,17 @@ class StreamWriter:
                 self._open_mp4()
         except Exception as e:
             self._abort()
-            raise MediaError(f"cannot open media outputs ({self.path}, {self.frames_out}, "
-                             f"{self.wav_out}): {e}") from e
+            err = OutputWriteError if isinstance(e, OSError) else MediaError  # e.g. a full disk: nothing kept
+            raise err(f"cannot open media outputs ({self.path}, {self.frames_out}, {self.wav_out}): {e}; "
+                      f"nothing was written") from e
 
     def _open_mp4(self):
         opts = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
-        self._mp4 = av.open(self.sink if self.sink is not None else str(self.path), "w", format="mp4", options=opts)
+        if self.sink is not None:  # in memory (live sessions): nothing to cut back, no file
+            target = self.sink
+        else:
+            self._sink = target = FileSink(self.path)  # the muxer writes through it: a failure can be cut back
+        self._mp4 = av.open(target, "w", format="mp4", options=opts)
         vs = self._mp4.add_stream("libx264", rate=self.fps)
         vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
         vs.codec_context.time_base = 1 / self.fps
@@ -338,12 +317,14 @@ class StreamWriter:
         if self._mp4 is not None:
             try:
                 self._mp4.close()
-            except av.FFmpegError:
+            except (av.FFmpegError, OSError):
                 pass
-        for p, w in ((self.frames_out, self._y4m), (self.wav_out, self._wav), (self.path, self._mp4)):
+        if self._sink is not None:
+            self._sink.close()
+        for p, w in ((self.frames_out, self._y4m), (self.wav_out, self._wav), (self.path, self._sink)):
             if w is not None and p is not None:
                 p.unlink(missing_ok=True)
-        self._mp4 = self._y4m = self._wav = None
+        self._mp4 = self._y4m = self._wav = self._sink = None
         self._closed = True
 
     # ---- writing ------------------------------------------------------------------------------
@@ -362,6 +343,25 @@ class StreamWriter:
         if not self.timeline:
             self._open()
         frames = np.ascontiguousarray(frames)
+        try:
+            self._write_outputs(frames, audio)
+        except OSError as e:  # disk full, quota, I/O error: keep what is whole, say so
+            raise self._write_failed(e) from None
+        self._frames += len(frames)
+        if len(frames):
+            self._last = frames[-1]
+        point = SyncPoint(len(self.timeline), self._frames, self._samples,
+                          Fraction(self._frames) / self.fps, Fraction(self._samples, self.sample_rate))
+        self.timeline.append(point)
+        return point
+
+    def _write_outputs(self, frames: np.ndarray, audio: np.ndarray) -> None:
+        """One block into every output; each output is committed (whole up to here) once it all landed."""
+        if self._sink is not None and not self.fragment_flush:
+            # no explicit flush: the muxer writes block i-1's fragment when block i's first frame arrives,
+            # so before this block's frames the file ends after block i-2's fragment
+            self._sink.commit()
+            self._mp4_whole = max(len(self.timeline) - 1, 0)
         if self._y4m is not None:
             self._y4m.write(frames)
         if self._wav is not None:
@@ -373,15 +373,48 @@ class StreamWriter:
                 self._encode_frame(rgb, self._frames + i, force_key=(i == 0))
             self._encode_audio(limit=self._samples_until_frame(self._frames + len(frames)))
             self.fragment_flush = _flush_fragment(self._mp4)
+            if self._sink is not None:
+                if self._sink.error is not None:  # the flush reports failure as False: the sink kept the error
+                    raise self._sink.error
+                if self.fragment_flush:  # this block's fragment is on disk
+                    self._sink.commit()
+                    self._mp4_whole = len(self.timeline) + 1
             if self.sink is not None:
                 self.sink.cut("fragment", len(self.timeline))
-        self._frames += len(frames)
-        if len(frames):
-            self._last = frames[-1]
-        point = SyncPoint(len(self.timeline), self._frames, self._samples,
-                          Fraction(self._frames) / self.fps, Fraction(self._samples, self.sample_rate))
-        self.timeline.append(point)
-        return point
+        for w in (self._y4m, self._wav):
+            if w is not None:
+                w.commit()
+
+    def _write_failed(self, err: OSError) -> OutputWriteError:
+        """Cut every output back to its last complete block and close it; the error says what was kept."""
+        kept = len(self.timeline) if self._sink is None else min(len(self.timeline), self._mp4_whole)
+        what = "the disk is full" if err.errno == errno.ENOSPC else (
+            "the disk quota is exceeded" if err.errno == errno.EDQUOT else f"a write failed ({err})")
+        where = ", ".join(str(p) for p in (self.path, self.frames_out, self.wav_out) if p is not None)
+        if not kept:
+            self._abort()
+            self.error = OutputWriteError(f"{what} while writing the first block to {where}: nothing was kept")
+            return self.error
+        self._closed = True
+        for w in (self._y4m, self._wav, self._sink):
+            if w is not None:
+                w.rollback()  # later writes (the muxer's trailer on close) are dropped
+        for w in (self._mp4, self._y4m, self._wav, self._sink):
+            if w is not None:
+                try:
+                    w.close()
+                except (av.FFmpegError, OSError):
+                    pass
+        last = self.timeline[kept - 1]
+        self.summary = {"blocks": kept, "frames": last.frames, "held_frames": 0, "samples": last.samples,
+                        "video_s": float(last.video_end), "audio_s": float(last.audio_end),
+                        "end_mismatch_s": float(last.video_end - last.audio_end),
+                        "fragment_flush": self.fragment_flush, "error": str(err)}
+        self.error = OutputWriteError(
+            f"{what} while writing block {len(self.timeline) + 1} to {where}: kept the first {kept} complete "
+            f"block(s) ({float(last.video_end):.2f} s), and the file plays up to there. Free some space and "
+            f"stream again")
+        return self.error
 
     def _encode_frame(self, rgb: np.ndarray, pts: int, *, force_key: bool):
         f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
@@ -418,12 +451,18 @@ class StreamWriter:
                 self._encode_audio(limit=self._samples, final=True)
                 self._mp4.mux(self._vs.encode(None))
                 self._mp4.mux(self._as.encode(None))
+                self._mp4.close()  # writes the last fragment: held frames + tail audio
+                if self._sink is not None and self._sink.error is not None:
+                    raise self._sink.error
+        except OSError as e:  # the tail did not fit: cut back to the last complete block
+            raise self._write_failed(e) from None
         finally:
-            for w in (self._mp4, self._y4m, self._wav):
-                if w is not None:
-                    w.close()
-            if self.sink is not None and self._mp4 is not None:
-                self.sink.cut("tail")
+            if self.error is None:
+                for w in (self._mp4, self._y4m, self._wav, self._sink):
+                    if w is not None:
+                        w.close()
+                if self.sink is not None and self._mp4 is not None:
+                    self.sink.cut("tail")
         video_end = Fraction(self._frames + held) / self.fps
         audio_end = Fraction(self._samples, self.sample_rate)
         self.summary = {"blocks": len(self.timeline), "frames": self._frames, "held_frames": held,
@@ -434,47 +473,3 @@ class StreamWriter:
             log.warning("audio ends %.3f s before the video (fps %s does not match the audio clock)",
                         float(video_end - audio_end), self.fps)
         return self.summary
-
-
-def probe_media(path: Path | str) -> dict:
-    """Demux (and decode) a media file with PyAV: streams, codecs, frame/sample counts, exact end times.
-
-    ``start_s``/``end_s`` come from packet timestamps (pts + duration) on the container timeline, so video
-    and audio ends can be compared directly; ``samples`` counts decoded audio (AAC priming included).
-    A truncated file is read up to the damage and reported with ``error``.
-    """
-    out: dict = {"path": str(path), "streams": [], "error": None}
-    with av.open(str(path)) as c:
-        out["format"] = c.format.name
-        info: dict[int, dict] = {}
-        for s in c.streams:
-            d = {"index": s.index, "type": s.type, "codec": s.codec_context.name,
-                 "time_base": s.time_base, "packets": 0, "keyframes": 0, "frames": 0, "samples": 0,
-                 "start_s": None, "end_s": None}
-            if s.type == "video":
-                d.update(width=s.codec_context.width, height=s.codec_context.height,
-                         pix_fmt=s.codec_context.pix_fmt, fps=s.guessed_rate or s.base_rate)
-            elif s.type == "audio":
-                d.update(sample_rate=s.codec_context.sample_rate, channels=s.codec_context.channels)
-            info[s.index] = d
-            out["streams"].append(d)
-        try:
-            for pkt in c.demux():
-                d = info[pkt.stream.index]
-                if pkt.pts is not None and pkt.size:
-                    d["packets"] += 1
-                    d["keyframes"] += int(pkt.is_keyframe)
-                    t0 = float(pkt.pts * pkt.time_base)
-                    t1 = float((pkt.pts + (pkt.duration or 0)) * pkt.time_base)
-                    d["start_s"] = t0 if d["start_s"] is None else min(d["start_s"], t0)
-                    d["end_s"] = t1 if d["end_s"] is None else max(d["end_s"], t1)
-                for fr in pkt.decode():
-                    d["frames"] += 1
-                    d["samples"] += getattr(fr, "samples", 0)
-        except av.FFmpegError as e:  # a killed writer can leave a half-written last fragment
-            out["error"] = f"{type(e).__name__}: {e}"
-    for d in out["streams"]:
-        d["duration_s"] = None if d["start_s"] is None else d["end_s"] - d["start_s"]
-    out["video"] = [d for d in out["streams"] if d["type"] == "video"]
-    out["audio"] = [d for d in out["streams"] if d["type"] == "audio"]
-    return out

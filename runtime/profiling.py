@@ -168,11 +168,12 @@ def _num(x: float) -> str:
 
 def build_command(session: str, preset: NsysPreset | NcuPreset | str | Path | None = None,
                   stream_args: Sequence[str] = (), *, out_dir: str | Path = ".", target: str | None = None,
-                  app: Sequence[str] | None = None) -> list[str]:
+                  app: Sequence[str] | None = None, warmup_runs: int | None = None) -> list[str]:
     """argv that runs the stream under nsys or ncu with ``preset`` (default: ``profiles/<session>.toml``).
 
-    ``app`` replaces the profiled program (default ``default_app(stream_args, preset.warmup_runs)``);
-    ``target`` picks an ncu target (``dit``, ``attention``, ``gemm``, ``context``, ``vae``, ``audio``)."""
+    ``app`` replaces the profiled program (default ``default_app(stream_args, warmup_runs)``, the preset's
+    ``warmup_runs`` unless given); ``target`` picks an ncu target (``dit``, ``attention``, ``gemm``,
+    ``context``, ``vae``, ``audio``)."""
     if session not in ("nsys", "ncu"):
         raise ValueError(f"build_command: session must be 'nsys' or 'ncu', got {session!r}")
     if preset is None or isinstance(preset, (str, Path)):
@@ -214,7 +215,8 @@ def build_command(session: str, preset: NsysPreset | NcuPreset | str | Path | No
                 "--export", str(out / preset.output.format(target=t.name))]
         if preset.force_overwrite:
             cmd += ["--force-overwrite"]
-    return cmd + list(app if app is not None else default_app(stream_args, preset.warmup_runs))
+    warm = preset.warmup_runs if warmup_runs is None else warmup_runs
+    return cmd + list(app if app is not None else default_app(stream_args, warm))
 
 
 # ---- missing profilers --------------------------------------------------------------------------

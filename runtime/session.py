@@ -347,19 +347,27 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
                 overlap: bool = True, truncate_prompt: bool = False, warmup_runs: int = 0,
                 fuse_projections: bool = False, attn_kernel: str = "auto", progress: bool = True,
                 vae_backend: str = "eager", vae_channels_last: bool = False, console=None, ema: bool = False,
-                levers: DiTLevers | None = None,
-                prompt_at: list[tuple[int, str]] | None = None) -> dict:
+                levers: DiTLevers | None = None, prompt_at: list[tuple[int, str]] | None = None,
+                artifacts: str | None = None, overwrite: bool = False) -> dict:
     """Validate every input, then stream ``prompt`` to ``out`` (fragmented MP4) / ``frames_out`` (.y4m) /
-    ``wav_out``, with a per-block progress display and an optional ``metrics`` JSON. Returns a summary.
+    ``wav_out``, with per-block progress (a bar on a terminal, one line per block otherwise) and an
+    optional ``metrics`` JSON. Returns a summary.
 
-    Validation happens before any file is opened or any weight is loaded where possible (preset, block
-    count, dtype, devices, backend, fast paths, model files, prompt, output paths); a failure raises ``InputError``
-    (exit code 2) with a message that says what to change. ``future_audio_frames``: audio lookahead in
-    audio latent frames (= tokens: one audio "frame" of the release is one token). Defaults: tiny preset
-    with random weights (no files needed); the full preset needs ``model_dir`` or ``random_weights``.
-    ``ema``: load the DiT's ``generator_ema`` entry of a nested training file (``load_dit``).
-    ``prompt_at``: [(block, prompt)], each prompt used from that block on (``--prompt-at 3:"B"``); every
-    prompt is encoded before the stream starts, then the encoder is freed.
+    Validation happens before any file is opened or any weight is loaded (preset, block count, lookahead
+    range, dtype, devices, backend and its ``artifacts`` directory, fast paths, levers, video decoder
+    options, model files, prompts, output paths); a failure raises ``InputError`` (exit code 2) with a
+    message that says what to change. Every output is then claimed (``runtime/outputs.claim_outputs``):
+    another process writing one is refused with its PID and command, an existing one unless ``overwrite``.
+    ``future_audio_frames``: audio lookahead in audio latent frames (= tokens: one audio "frame" of the
+    release is one token). ``ema``: load the DiT's ``generator_ema`` entry of a nested training file
+    (``load_dit``). ``prompt_at``: [(block, prompt)], each prompt used from that block on
+    (``--prompt-at 3:"B"``); every prompt is encoded before the stream starts, then the encoder is freed.
+
+    Ends: a write that fails (disk full) raises ``OutputWriteError`` after cutting the outputs back to
+    their last complete block; SIGINT / SIGTERM (``runtime/stopping.py``) end the stream at a block
+    boundary and return the summary with ``interrupted`` (the signal's name) and ``exit_code`` (130 / 143).
+    Defaults: tiny preset with random weights (no files needed); the full preset needs ``model_dir`` or
+    ``random_weights``.
     """
     from rich.console import Console
 
@@ -368,12 +376,11 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer, require_text_extra
     from hallolive_rt.profile import ProfileError, load_profile
     from hallolive_rt.runtime.media import MediaError, StreamWriter
-    from hallolive_rt.weights import CheckpointError
 
     from .backends import BackendUnavailable
-    from .components import MODEL_FILES, MissingModelFiles, check_model_dir, load_components
+    from .backends.artifacts import backend_for_run
+    from .components import MissingModelFiles, check_model_dir
     from .devices import resolve_devices
-    from .metrics import stream_metrics, write_json
     from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)
@@ -381,10 +388,11 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     try:
         dtype = precision_dtype(levers.precision, dtype)  # --precision bf16|fp16|fp32 name the --dtype
         # the profile keeps its released clip length: the block count goes to the session, whose cache
-        # policy depends on it (append up to the clip, rolling past it and for endless streams)
+        # policy depends on it (append up to the clip, rolling past it and for endless streams); the
+        # policy also refuses a lookahead F whose audio positions would leave the RoPE tables
         prof = load_profile(preset).with_overrides(future_audio_tokens=future_audio_frames, dtype=dtype)
         nblocks = parse_blocks(blocks if blocks is not None else prof.stream.blocks)  # None = endless
-        choose_policy(prof, nblocks, cache_policy)  # refuses e.g. append past the clip, before any load
+        policy = choose_policy(prof, nblocks, cache_policy)  # refuses e.g. append past the clip, before any load
     except (ProfileError, ValueError) as e:
         raise InputError(str(e)) from e
     if model_dir is not None and random_weights:
@@ -400,16 +408,17 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         if model_dir is not None:
             require_text_extra()  # the release's tokenizer: said before the model files are looked at
         paths = check_model_dir(model_dir) if model_dir is not None else None
-        be = get_backend(backend)
+        be = backend_for_run(backend, artifacts, model_dir=model_dir, seed=seed, ema=ema)
         check_fast_paths(be.name, fuse_projections, attn_kernel, dit_dev, prof.dtype,
                          load_fusion_config(prof.video_config, prof.audio_config))
         check_levers(be.name, levers, prof.dtype)
         vae_opts = parse_vae_variant(vae_backend, vae_channels_last)
         check_vae_options(vae_opts, vae_dev)
         require_kv_ext(kv_impl, dit_dev)  # builds/loads the extension now, not after the weights
-    except (ValueError, MissingModelFiles, BackendUnavailable) as e:
+    except (ValueError, MissingModelFiles, BackendUnavailable, FileNotFoundError) as e:
         raise InputError(str(e)) from e
     # the prompt, with the tokenizer the weights will use (cheap; before any weight is loaded)
+    _check_utf8(prompt)
     try:
         tok = load_tokenizer(paths["tokenizer"] if paths else None, text_len=prof.text.text_len)
         info = tok(prompt)
@@ -425,6 +434,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
         if at < 1 or (nblocks is not None and at >= nblocks):
             raise InputError(f"--prompt-at {at}:...: the block must be in 1..{'' if nblocks is None else nblocks - 1} "
                              f"(block 0 uses --prompt; blocks are counted from 0)")
+        _check_utf8(text, f"the prompt of --prompt-at {at}")
         try:
             sw_info = tok(text)
         except PromptError as e:
@@ -441,46 +451,29 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
             _check_parent_writable(Path(metrics), "metrics")
     except MediaError as e:
         raise InputError(str(e)) from e
+    run = dict(prompt=prompt, prof=prof, policy=policy, nblocks=nblocks, be=be, paths=paths, model_dir=model_dir,
+               dit_dev=dit_dev, vae_dev=vae_dev, seed=seed, cache_policy=cache_policy, kv_impl=kv_impl,
+               overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel, warmup_runs=warmup_runs,
+               vae_opts=vae_opts, ema=ema, levers=levers, prompt_at=prompt_at, writer=writer, console=console,
+               progress=progress, fps=fps, metrics=metrics,
+               outputs={"out": out, "frames_out": frames_out, "wav_out": wav_out})
+    from .stream_run import claim_and_stream
 
+    return claim_and_stream(run, overwrite)
+
+
+def _check_utf8(prompt: str, what_prompt: str = "the prompt") -> None:
+    """A prompt from a command line holds bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
     try:
-        comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
-                                dtype=prof.dtype, seed=seed, ema=ema)
-    except CheckpointError as e:
-        raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
-    sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
-                         cache_policy=cache_policy, kv_impl=kv_impl,
-                         overlap=overlap, fuse_projections=fuse_projections, attn_kernel=attn_kernel,
-                         video_runner=vae_opts, levers=levers)
-    ctx, _ = sess.encode(prompt, release=not prompt_at)
-    encode_s = sess.text_encode_s
-    switches = [(at, sess.encode(text, release=k == len(prompt_at) - 1)[0]) for k, (at, text) in enumerate(prompt_at)]
-    sess.text_encode_s = encode_s  # the metrics' text_encode_s is the first prompt's
-    for _ in range(warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
-        from hallolive_rt.nvtx import suppressed
-
-        with suppressed():
-            for _blk in sess.run(ctx, seed):
-                pass
-    sess.pipeline.on_block = lambda b: writer.write_block(b.frames, b.audio)  # on the writer thread
-    got: list[DecodedBlock] = []  # times and counts only: an endless stream must not keep its frames
-    for at, sw_ctx in switches:  # after the warm-up runs, which would drop them
-        sess.switch_prompt(sw_ctx, at_block=at)
-    with writer, _Progress(console, nblocks, progress) as bar:
-        for blk in sess.run(ctx, seed):
-            got.append(blk.without_media())
-            bar.update(blk)
-    summary = {"out": out, "frames_out": frames_out, "wav_out": wav_out, "writer": writer.summary,
-               "blocks": len(got), "frames": sum(b.frames.shape[0] for b in got),
-               "audio_samples": sum(b.audio.shape[0] for b in got), "session": sess.describe()}
-    if metrics is not None:
-        m = stream_metrics(got, fps=float(fps), text_encode_s=sess.text_encode_s, device=str(dit_dev),
-                           dtype=prof.dtype_name,
-                           extra={"command": "hallolive-rt stream", "preset": prof.name, "seed": seed,
-                                  "weights": comps.source, "vae_device": str(vae_dev), "session": sess.describe(),
-                                  "writer": writer.summary})
-        write_json(m, metrics)
-        summary["metrics"] = m
-    return summary
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            raw = prompt[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
+            what = f"byte(s) {raw}"
+        except UnicodeEncodeError:
+            what = f"the lone surrogate {prompt[e.start:e.end]!r}"
+        raise InputError(f"{what_prompt} is not valid UTF-8: {what} at character {e.start} (after "
+                         f"{prompt[:e.start][-20:]!r}); pass the text in UTF-8") from None
 
 
 def _check_parent_writable(p: Path, what: str) -> None:
@@ -491,35 +484,3 @@ def _check_parent_writable(p: Path, what: str) -> None:
         raise InputError(f"{what} path {str(p)!r} is a directory")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{what} path {str(p)!r}: folder {str(parent)!r} does not exist or is not writable")
-
-
-class _Progress:
-    """rich progress bar per block on a terminal; one plain line per block otherwise."""
-
-    def __init__(self, console, total: int | None, enabled: bool):  # total None: an endless stream
-        self.console, self.total, self.enabled = console, total, enabled
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("streaming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"), console=self.console)
-            self.bar.start()
-            self.task = self.bar.add_task("stream", total=self.total, info="")
-        return self
-
-    def update(self, b: DecodedBlock) -> None:
-        info = (f"block {b.index}: {b.frames.shape[0]} frames, dit {b.times['dit']:.0f} ms, "
-                f"vae {b.times['vae_video'] + b.times['vae_audio']:.0f} ms, first frame at {b.first_frame_s:.2f} s")
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=info)
-        elif self.enabled:
-            of = "" if self.total is None else f"/{self.total}"
-            self.console.print(f"[{b.index + 1}{of}] {info}", highlight=False)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

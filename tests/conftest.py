@@ -36,6 +36,21 @@ def tiny_profile():
     return load_profile("tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_aoti_dir(tmp_path_factory):
+    """What `hallolive-rt export --preset tiny --format aoti --submodels dit --out-dir DIR` writes, for the
+    first block's DiT variant only (a10_kv12; the exporter's library-only ``variants`` filter) and with
+    ``FAST_BUILD``: one AOTInductor compile (about a minute on 2 cores), shared by every test that needs a
+    package (tests/test_export_aoti.py, tests/test_cli_artifacts.py)."""
+    from hallolive_rt.export.aoti import FAST_BUILD
+    from hallolive_rt.export.main import export_main
+
+    out = tmp_path_factory.mktemp("aoti") / "art"
+    export_main("tiny", None, True, "aoti", None, out, 0, submodels=("dit",), variants=("dit/a10_kv12",),
+                device="cpu", aoti_configs=FAST_BUILD, log=lambda s: None)
+    return out
+
+
 def assert_close(actual, expected, *, rtol, atol, what=""):
     """torch.testing.assert_close with max/mean error in the message (habit 7 of STYLE.md)."""
     a, e = actual.detach().double(), expected.detach().double()

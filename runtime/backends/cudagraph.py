@@ -35,18 +35,20 @@ from .base import Backend, BackendUnavailable, distinct_variants, variant_name
 __all__ = ["CudaGraphBackend", "require_cuda"]
 
 
-def require_cuda(device: torch.device | str | None = None, what: str = "cudagraph backend") -> None:
-    """Raise ``BackendUnavailable`` naming what is missing for CUDA graphs on ``device``."""
+def require_cuda(device: torch.device | str | None = None, what: str = "cudagraph backend",
+                 flag: str = "--backend") -> None:
+    """Raise ``BackendUnavailable`` naming what is missing for CUDA graphs on ``device`` (``flag``: the
+    option that picks backends in the command at hand, for the fix-it)."""
     if not torch.cuda.is_available():
         built = (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
                  if torch.version.cuda is None else
                  f"torch {torch.__version__} is built with CUDA {torch.version.cuda} but no CUDA device "
                  f"is visible (driver missing or CUDA_VISIBLE_DEVICES empty)")
         raise BackendUnavailable(f"the {what} needs a CUDA GPU: {built}. Run on a machine with an NVIDIA GPU "
-                                 f"and a CUDA build of torch, or use --backend eager.")
+                                 f"and a CUDA build of torch, or use {flag} eager.")
     if device is not None and torch.device(device).type != "cuda":
         raise BackendUnavailable(f"the {what} captures CUDA graphs, but the DiT is on {device}; "
-                                 f"pass --dit-device cuda[:N] or use --backend eager.")
+                                 f"pass --dit-device cuda[:N] or use {flag} eager.")
 
 
 @dataclass

@@ -15,44 +15,35 @@ import torch
 
 from hallolive_rt.cache_policy import BlockPlan
 from hallolive_rt.export.contracts import DIT_CACHES, dit_variant_name
-from hallolive_rt.export.manifest import ArtifactMismatch, load_artifacts
 
-from .base import Backend, BackendUnavailable, distinct_variants, variant_name
+from .artifacts import ArtifactBackend
+from .base import BackendUnavailable, distinct_variants, variant_name
 
 __all__ = ["TensorRTBackend", "create_backend"]
 
-_PREC = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
-
-class TensorRTBackend(Backend):
+class TensorRTBackend(ArtifactBackend):
     name = "tensorrt"
+    fmt = "tensorrt"
 
     def __init__(self, artifact_dir=None, weights_id=None):
         try:
             import tensorrt as trt
         except ImportError as e:
             raise BackendUnavailable(f"TensorRT is not installed (pip install 'tensorrt>=10'): {e}") from e
-        if artifact_dir is None:
-            raise BackendUnavailable("the tensorrt backend needs artifact_dir= (a `hallolive-rt export --format "
-                                     "tensorrt` output directory)")
+        super().__init__(artifact_dir, weights_id)
         self.trt = trt
-        self.dir, self.weights_id = artifact_dir, weights_id
         self.engines: dict[tuple[int, int], tuple] = {}
         self.scratch: dict[str, torch.Tensor] = {}
 
     def prepare(self, stream, plans: list[BlockPlan]) -> None:
         trt = self.trt
-        prec = _PREC[str(stream.dtype).removeprefix("torch.")]
-        arts = load_artifacts(self.dir, stream.p, self.weights_id or {}, stream.device, fmt="tensorrt",
-                              precision=prec, submodels=("dit",))
-        contracts = arts.manifest["contracts"]["dit"]["variants"]
+        arts = self.check_stream(stream, plans)  # refuses a missing variant with the rebuild command
+        contracts = {c["name"]: c for c in arts.manifest["contracts"]["dit"]["variants"]}
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         for v in distinct_variants(plans):
             name = dit_variant_name(*v)
-            spec = next((c for c in contracts if c["name"] == name), None)
-            if spec is None:
-                raise ArtifactMismatch(f"{self.dir}: no DiT plan for {variant_name(v)}; rebuild: "
-                                       f"{arts.manifest['command']}")
+            spec = contracts[name]
             engine = runtime.deserialize_cuda_engine(arts.path("dit", name).read_bytes())
             ctx = engine.create_execution_context()
             names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}

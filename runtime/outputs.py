@@ -1,0 +1,206 @@
+"""Where output files are opened: one writer per file, no silent overwrite, and a sink that knows how much
+of a file is whole.
+
+    with claim_outputs([out, wav_out, metrics], overwrite=False):   # OutputBusy / OutputExists otherwise
+        ... stream; StreamWriter opens each file through a FileSink ...
+
+One writer per file: ``fcntl.flock`` on a lock file beside each output (``.<name>.lock``), taken without
+waiting and held for the life of the stream. The holder writes its PID and command line into it, so a
+second writer is refused at once with a message naming the first. The kernel drops the lock when the
+holding process ends, however it ends; the lock file is removed on every exit this process sees (a
+SIGKILL leaves a stale one, which the next writer takes over: a stale file holds no lock).
+
+No silent overwrite: an output that exists is refused unless ``overwrite`` is set (CLI ``--overwrite``).
+
+``FileSink`` is the file object the MP4 muxer (and the raw .y4m / .wav records) write through: a raw
+(unbuffered) file that remembers the size at the end of the last complete block (``commit``) and the
+first write error, so a disk that fills up mid-stream leaves a file cut back to its last complete block
+(``rollback``), never a torn one. Sinks for other destinations (memory, a socket) can stand in for it:
+the encoding core only needs ``write``/``seek``/``tell`` (PyAV's file-object protocol).
+
+This module holds the file-system policy only; ``runtime/media.py`` (the encoding core) never decides
+whether a path may be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+__all__ = ["OutputClaimError", "OutputBusy", "OutputExists", "OutputLock", "claim_outputs", "FileSink",
+           "lock_path"]
+
+
+class OutputClaimError(RuntimeError):
+    """An output this process may not write (another writer holds it, or it exists)."""
+
+
+class OutputBusy(OutputClaimError):
+    """Another process is writing the output."""
+
+
+class OutputExists(OutputClaimError):
+    """The output exists and ``overwrite`` was not given."""
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(f".{p.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds ``lock``, from what it wrote (waits briefly: the holder writes right after locking)."""
+    for _ in range(20):
+        try:
+            info = json.loads(lock.read_text() or "null")
+        except (OSError, ValueError):
+            info = None
+        if info:
+            return f"PID {info.get('pid')} ({info.get('command')}), writing since {info.get('since')}"
+        time.sleep(0.025)
+    return "a process that did not say who it is"
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on one output path, held until ``release`` (or process exit)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "output"):
+        self.path, self.what = Path(path), what
+        self.lock = lock_path(self.path)
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; one writer per file is then the user's care
+            return self
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputBusy(f"{self.what} {str(self.path)!r} is being written by another process: "
+                                 f"{_holder(self.lock)}. Wait for it to end, stop it, or choose another "
+                                 f"path") from None
+            # the holder before us may have removed the file between our open and our lock: ours must be
+            # the file at the path now, or two writers would each hold a lock on a different file
+            try:
+                same = os.stat(self.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "command": shlex.join(sys.argv) or sys.executable,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.lock.unlink()  # before unlocking: a newcomer then finds no file, or a file it can lock
+        os.close(self.fd)
+        self.fd = None
+
+
+@contextlib.contextmanager
+def claim_outputs(outputs: Iterable[tuple[str, str | os.PathLike | None]], *,
+                  overwrite: bool = False) -> Iterator[list[OutputLock]]:
+    """Lock every ``(what, path)`` output (``None`` paths skipped) for the body's duration, then refuse an
+    existing one unless ``overwrite``. Everything taken is released on any exit, the refusals included."""
+    locks: list[OutputLock] = []
+    try:
+        seen: dict[Path, str] = {}
+        for what, path in outputs:
+            if path is None:
+                continue
+            real = Path(path).resolve()
+            if real in seen:
+                raise OutputClaimError(f"{seen[real]} and {what} name the same file {str(path)!r}: give each "
+                                       f"output its own path")
+            seen[real] = what
+            locks.append(OutputLock(path, what).acquire())
+        if not overwrite:
+            for lk in locks:
+                if lk.path.exists():
+                    raise OutputExists(f"{lk.what} {str(lk.path)!r} exists; pass --overwrite to replace it, or "
+                                       f"choose another path")
+        yield locks
+    finally:
+        for lk in reversed(locks):
+            lk.release()
+
+
+class FileSink(io.RawIOBase):
+    """An unbuffered output file that can be cut back to its last complete block.
+
+    ``commit()`` after a block is entirely on disk; ``error`` is the first OSError of a write (re-raised
+    to the writer); once ``rollback()`` ran, further writes are dropped (a muxer closing after a failure
+    must not append a trailer to a file that was cut back)."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self._f = open(self.path, "wb", buffering=0)
+        self.committed = 0
+        self.error: OSError | None = None
+        self._dropping = False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        """Write all of ``b`` (a raw file may take part of it per call) or raise the first OSError."""
+        view = memoryview(b).cast("B")
+        if self._dropping:
+            return len(view)
+        done = 0
+        try:
+            while done < len(view):
+                n = self._f.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, f"{self.path}: the write made no progress")
+                done += n
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return done
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def commit(self) -> int:
+        """Everything written so far is a complete block: the size a rollback returns to."""
+        self.committed = self._f.seek(0, io.SEEK_END)
+        return self.committed
+
+    def rollback(self) -> int:
+        """Cut the file back to the last commit and drop any later write; returns the size kept."""
+        self._dropping = True
+        with contextlib.suppress(OSError):  # shrinking a file needs no space; a failure leaves the tail
+            self._f.truncate(self.committed)
+        return self.committed
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()

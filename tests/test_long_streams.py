@@ -17,11 +17,6 @@ from hallolive_rt.runtime.session import InputError, StreamSession, stream_main
 from hallolive_rt.state import DiTState
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
-
-
 def test_stream_main_past_the_clip_rolls_in_flat_memory_and_time(tmp_path, tiny_profile):
     clip = tiny_profile.stream.blocks
     n = 16  # > 5x the tiny clip: the released append policy would grow every block
@@ -36,9 +31,11 @@ def test_stream_main_past_the_clip_rolls_in_flat_memory_and_time(tmp_path, tiny_
     one = stream_main("a long talk", out=str(tmp_path / "p.mp4"), blocks=1, overlap=False, kv_impl="torch",
                       progress=False)
     assert sess["state_bytes"] == one["session"]["state_bytes"]
+    # flat block time: the fastest of five blocks (the least disturbed by other processes on a shared
+    # machine) early in the stream and at its end; the append policy's attention grows with every block
     dit_ms = [b["stage_ms"]["dit"] for b in metrics["per_block"]]
-    early, late = _median(dit_ms[4:9]), _median(dit_ms[n - 5:])
-    print(f"tiny {n}-block stream: state {sess['state_bytes']} B, median DiT block {early:.1f} ms (blocks 4-8) "
+    early, late = min(dit_ms[4:9]), min(dit_ms[n - 5:])
+    print(f"tiny {n}-block stream: state {sess['state_bytes']} B, fastest DiT block {early:.1f} ms (blocks 4-8) "
           f"vs {late:.1f} ms (last 5)")
     assert late < 1.5 * early + 10.0, (early, late)
 

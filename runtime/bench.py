@@ -48,7 +48,7 @@ import torch
 from hallolive_rt.profile import Profile, load_profile
 
 from .flops import FlopCounts, count_flops
-from .metrics import achieved_tflops, env_info, percentile, stream_metrics, write_json
+from .metrics import achieved_tflops, emitter, env_info, percentile, stream_metrics
 
 __all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES", "dit_blocks"]
 
@@ -253,11 +253,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     }
     out["git_commit"] = out["env"]["git_commit"]
 
-    def emit() -> None:
-        if on_update is not None:
-            on_update(out)
-        if out_json is not None:
-            write_json(out, out_json)
+    emit = emitter(out, on_update, out_json)
 
     for key, name, vae_opts, ov in runs:
         if dit_dev.type == "cuda":

@@ -27,7 +27,7 @@ import torch
 from hallolive_rt.profile import load_profile
 
 from .bench import _random_ctx, _sync, dit_blocks
-from .metrics import env_info, write_json
+from .metrics import emitter, env_info
 
 __all__ = ["check_backends", "relative_error", "BOUND"]
 
@@ -101,11 +101,7 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
            "env": env_info([dit_dev])}
     out["git_commit"] = out["env"]["git_commit"]
 
-    def emit() -> None:
-        if on_update is not None:
-            on_update(out)
-        if out_json is not None:
-            write_json(out, out_json)
+    emit = emitter(out, on_update, out_json)
 
     ref_latents: list = []
     plan = [(ref, ref, ref_latents)] + [(f"{ref} (repeat)", ref, None)] + [(b, b, None) for b in backends[1:]]

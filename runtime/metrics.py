@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["stream_metrics", "env_info", "percentile", "achieved_tflops", "write_json"]
+__all__ = ["stream_metrics", "env_info", "percentile", "achieved_tflops", "write_json", "emitter"]
 
 
 def percentile(xs, q: float) -> float | None:
@@ -156,6 +156,16 @@ def stream_metrics(blocks, *, fps: float, text_encode_s: float | None = None, de
     if with_env:
         out["env"] = env_info([device] if device else None)
     return out
+
+
+def emitter(out: dict, on_update=None, out_json: str | Path | None = None):
+    """A function that publishes ``out`` as it grows: to ``on_update(out)`` and, atomically, to ``out_json``."""
+    def emit() -> None:
+        if on_update is not None:
+            on_update(out)
+        if out_json is not None:
+            write_json(out, out_json)
+    return emit
 
 
 def write_json(obj: dict, path: str | Path) -> Path:

@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 
-from hallolive_rt.model.vae_video import WanVAEConfig, build_video_decoder
 from hallolive_rt.runtime.vae_runner import (
     VideoDecodeOptions,
     check_vae_options,
@@ -25,21 +24,11 @@ from hallolive_rt.runtime.vae_runner import (
     set_conv_layout,
 )
 from tests.conftest import assert_close
+from tests.test_vae_video import _tiny  # the tiny decoder with non-trivial norm gains and biases
 
 H, W, FRAMES = 4, 6, 4  # tiny latent grid; frames include the first (1 pixel frame) and steady ones
 CL3D = torch.channels_last_3d
 FAST_COMPILE = dict(compile_backend="aot_eager")  # inductor on CPU takes minutes (tests/test_vae_video.py: slow)
-
-
-def _tiny():
-    """Tiny decoder with non-trivial norm gains and biases (the defaults are ones and zeros)."""
-    m = build_video_decoder(WanVAEConfig.tiny(), device="cpu").eval().requires_grad_(False)
-    for name, p in m.named_parameters():
-        if name.endswith("gamma"):
-            torch.nn.init.uniform_(p, 0.5, 1.5)
-        elif name.endswith("bias"):
-            torch.nn.init.normal_(p, std=0.05)
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,11 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
     """All replicas in one rank, fresh counts: Ray's router then takes the one with the fewest ongoing
     requests among those below ``max_ongoing_requests`` (ties: a random one)."""
 
+    # the probe's first deadline (Ray's default: 0.1 s, then doubling): the probes run in parallel and the
+    # wait ends when all have answered, so a longer one costs nothing unless a replica is slow to answer;
+    # then a busy (or CPU-bound) replica may answer late rather than be passed over for a full one
+    queue_len_response_deadline_s = 1.0
+
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         cache = self.replica_queue_len_cache
         for r in candidate_replicas:

@@ -153,6 +153,15 @@ def test_cli_options_map_to_replica_devices():
             hray.args_from_cli(**{"device": "cuda", "vae_device": None, "gpus_per_replica": None, **kw}, **common)
 
 
+def test_a_local_ray_that_cannot_place_the_replicas_is_refused():
+    hray.check_resources({"replicas": 2, "gpus_per_replica": 0, "cpus_per_replica": 0.5}, {"CPU": 1.0})
+    hray.check_resources({"replicas": 4, "gpus_per_replica": 2, "cpus_per_replica": 4}, {"CPU": 16.0, "GPU": 8.0})
+    with pytest.raises(InputError, match="need 8 GPU"):
+        hray.check_resources({"replicas": 8}, {"CPU": 64.0, "GPU": 4.0})
+    with pytest.raises(InputError, match="need 3 CPU"):
+        hray.check_resources({"replicas": 3, "gpus_per_replica": 0}, {"CPU": 2.0})
+
+
 def test_the_yaml_example_is_a_valid_serve_config_whose_app_builds(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 

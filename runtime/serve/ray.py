@@ -32,7 +32,7 @@ from .protocol import Limits
 from .ray_proxy import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH, ROUTER_PATH
 
 __all__ = ["APP_NAME", "ADMISSION_HEADROOM", "LiveReplica", "ReplicaMetrics", "replica_devices", "args_from_cli",
-           "build_app", "start", "serve_ray_main", "PROXY_ENV"]
+           "build_app", "check_resources", "start", "serve_ray_main", "PROXY_ENV"]
 
 log = logging.getLogger("hallolive_rt.serve")
 
@@ -196,6 +196,18 @@ def build_app(args: dict):
     ).bind(build, limits, token, tuple(args.get("allowed_origins", ())), replicas)
 
 
+def check_resources(args: dict, have: dict) -> None:
+    """Refuse a deployment that ``have`` (``ray.cluster_resources()`` of a Ray started here, which cannot
+    grow) cannot place: Ray would otherwise wait for the missing GPUs / CPUs forever."""
+    replicas, gpus = args.get("replicas", 1), args.get("gpus_per_replica", 1)
+    cpus = float(args.get("cpus_per_replica", 1.0))
+    for name, need in (("GPU", replicas * gpus), ("CPU", replicas * cpus)):
+        if need > have.get(name, 0):
+            raise InputError(f"{replicas} replica(s) need {need:g} {name}(s), this machine offers Ray "
+                             f"{have.get(name, 0):g}: lower --replicas (or --gpus-per-replica), or join a larger "
+                             f"cluster with --ray-address")
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -214,6 +226,8 @@ def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str
     port = port or _free_port(host)
     if not ray.is_initialized():
         ray.init(address=address, **(ray_init or {}))
+        if address is None:
+            check_resources(args, ray.cluster_resources())
     serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": PROXY_ENV}})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     shown = f"[{host}]" if ":" in host else host

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("av")  # live sessions mux with PyAV (absent on the GPU image: skip, not an error)
 pytest.importorskip("ray.serve")  # the ray extra (in the test extra: CI runs these)
 yaml = pytest.importorskip("yaml")
 

@@ -23,7 +23,7 @@ file ``hallolive-rt stream --out`` writes (init segment, one fragment per block,
     error   code, message, fatal        (fatal: the close follows)
 Behind Ray Serve (``ray.py``) the replica says all of the above; Ray's proxy adds two endings of its own
 (``ray_proxy.py``): ``error`` code ``replica_lost`` + CLOSE_INTERNAL when the replica holding the session
-died, ``unavailable`` + CLOSE_BUSY when no replica could take the connection (none running, queue full).
+died, ``unavailable`` + CLOSE_BUSY (or CLOSE_INTERNAL) when the proxy answered with an HTTP error instead.
 
 Flow control: the server keeps at most ``max_unacked_blocks`` blocks generated but not acknowledged; past
 that, generation pauses (memory stays bounded), and a client that acknowledges nothing for

@@ -40,7 +40,9 @@ APP_NAME = "hallolive"
 # requests a full replica still takes beyond its sessions: the busy answers (so that the client gets the
 # busy event, not a hang in the proxy's queue), page loads and /health; they last milliseconds
 ADMISSION_HEADROOM = 8
-MAX_QUEUED = 2 * ADMISSION_HEADROOM  # past it, a burst is refused at once (503 -> unavailable + 1013)
+# Ray's bound on requests its proxy holds back; WebSockets beyond the headroom were measured to wait whatever
+# it is (ray_proxy.py): they wait for a busy answer in flight, which takes milliseconds
+MAX_QUEUED = 2 * ADMISSION_HEADROOM
 PROXY_ENV = {PROXY_CALLBACK_ENV: PROXY_CALLBACK_PATH}  # the proxies inherit the controller's env_vars
 TTFF_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 BLOCK_BOUNDS = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]

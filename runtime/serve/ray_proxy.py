@@ -3,17 +3,18 @@ that puts a new connection on the least loaded replica, and an ASGI middleware t
 protocol event when Ray's proxy would otherwise just drop its socket. Light on purpose (no torch): the
 proxy imports this module; ``ray.py`` names both by import path.
 
-Admission across replicas, as found by experiment on Ray 2.60 (README, "Scale-out on Ray Serve"):
+Admission across replicas, as measured on Ray 2.60 (``bench/ray_admission.py`` ->
+``bench/results/cpu-ray-admission.json``; README, "Scale-out on Ray Serve"):
 - a WebSocket is one ongoing request of its replica for its whole life; a connection beyond
-  ``max_ongoing_requests`` on every replica is not refused, it waits in the proxy's queue (the client's
-  handshake hangs) until one ends or ``max_queued_requests`` is exceeded (then an HTTP 503, which is not a
-  WebSocket answer at all). So that limit alone cannot give a ``busy`` event;
+  ``max_ongoing_requests`` on every replica is not refused: its handshake waits in the proxy until a
+  connection ends (``max_queued_requests`` -1 and 1 alike: the 4th of 2 x 1 waited too). So that limit
+  alone can never give a ``busy`` event, and a full replica must not be one Ray considers full;
 - hence ``max_ongoing_requests = max_sessions + ADMISSION_HEADROOM``: a full replica still accepts the
   connection and answers ``busy`` itself (``app.serve_connection``, the one code path), and this router
   sends each new connection to the replica with the fewest ongoing requests, i.e. to one with a free slot
   whenever there is one. Ray's default (power of two choices) compares two random replicas: with 4
-  replicas and 3 sessions it sent the 4th session to a full replica (busy) in 3 of 10 trials, this router
-  in 0 of 10.
+  replicas holding 3 sessions, a 4th (or one of the 3) got ``busy`` while a slot was free in 5-7 of 10
+  trials; with this router in 0 of 10.
 The router probes every replica's count at each new request rather than trusting its cache, so proxies
 on several nodes (each with its own router) see each other's sessions; a probe is a millisecond, a
 session start seconds of GPU.
@@ -65,8 +66,8 @@ class SessionGuard:
     - the replica that held the session died (the proxy's call to it fails after the handshake; Ray's proxy
       would then drop the TCP connection, close code 1006 at the client): the client gets
       ``error {code: replica_lost, fatal: true}`` and close 1011;
-    - the proxy answered with an HTTP error before any replica accepted (no replica running, its queue
-      full): ``error {code: unavailable}`` and close 1013 (503 / 429: try again later) or 1011.
+    - the proxy answered with an HTTP error before any replica accepted (the application failed or is
+      gone: 503 / 404): ``error {code: unavailable}`` and close 1013 (503 / 429: try again later) or 1011.
     A close the replica sent, or a client that left, passes through untouched."""
 
     def __init__(self, app):

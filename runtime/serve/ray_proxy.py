@@ -13,8 +13,8 @@ Admission across replicas, as measured on Ray 2.60 (``bench/ray_admission.py`` -
   connection and answers ``busy`` itself (``app.serve_connection``, the one code path), and this router
   sends each new connection to the replica with the fewest ongoing requests, i.e. to one with a free slot
   whenever there is one. Ray's default (power of two choices) compares two random replicas: with 4
-  replicas holding 3 sessions, a 4th (or one of the 3) got ``busy`` while a slot was free in 5-7 of 10
-  trials; with this router in 0 of 10.
+  replicas holding 3 sessions, a 4th (or one of the 3) got ``busy`` while a slot was free in 5 of 10
+  trials (5 to 7 in earlier runs); with this router in 0 of 10.
 The router probes every replica's count at each new request rather than trusting its cache, so proxies
 on several nodes (each with its own router) see each other's sessions; a probe is a millisecond, a
 session start seconds of GPU.

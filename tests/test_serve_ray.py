@@ -3,7 +3,8 @@ and two replicas is most of the cost), two replicas of the tiny preset with one 
 1-2 blocks. Two concurrent sessions land on different replicas and send the bytes of the single-process server
 (same seeds), a third gets `busy`; health and Prometheus metrics per replica; a replica killed mid-stream ends
 its session with `replica_lost` + 1011 while the other finishes, and Ray's replacement serves new sessions.
-Ray's processes are stopped in the fixture's finalizer and checked gone. About 1.5-2 minutes on 2 cores."""
+Ray's driver is a process of its own (tests/ray_driver.py); Ray is stopped in the fixture's finalizer and its
+processes checked gone. 35-70 s on 2 cores, depending on the load."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,14 +25,15 @@ import pytest
 pytest.importorskip("av")
 pytest.importorskip("ray.serve")  # the ray extra (in the test extra: CI runs this module)
 
-from hallolive_rt.runtime.serve import ray as hray  # noqa: E402
 from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_BUSY, CLOSE_INTERNAL, CLOSE_NORMAL  # noqa: E402
+from tests.ray_driver import MARK  # noqa: E402
 from tests.serve_helpers import Client, decode_mp4, full_session, run_concurrently, running_server, session  # noqa: E402
 
 pytestmark = pytest.mark.slow  # > 30 s; CI's plain `pytest -q` still runs it
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
+ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(preset="tiny", kv_impl="torch", seed=0, replicas=2, max_sessions=1, gpus_per_replica=0,
             cpus_per_replica=0.5, allow_no_token=True, graceful_shutdown_timeout_s=2.0)
 
@@ -52,38 +56,64 @@ def _cluster_pids(gcs_address: str) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """Ray on this machine (2 CPUs, no dashboard, a small object store), Serve on a free port, the app."""
-    import ray
-    from ray import serve
+class Driver:
+    """tests/ray_driver.py in a process of its own (Ray's threads stay out of this one): one JSON line per
+    request."""
 
-    metrics_port, env = _free_port(), {"RAY_metrics_report_interval_ms": "1000", "RAY_USAGE_STATS_ENABLED": "0"}
+    def __init__(self, cfg: dict, log):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_driver", json.dumps(cfg)], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        while True:  # Ray prints on the driver's stdout too: the replies are the marked lines
+            line = self.proc.stdout.readline()
+            assert line, f"the Ray driver ended (exit {self.proc.poll()}); its log is in the fixture's tmp dir"
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Ray on this machine (2 CPUs, no dashboard, a small object store), Serve on a free port, the app; all in
+    tests/ray_driver.py's process, stopped in the finalizer, and every process of that Ray checked gone."""
+    metrics_port = _free_port()
+    env = {"RAY_metrics_report_interval_ms": "1000", "RAY_USAGE_STATS_ENABLED": "0"}  # read by Ray's processes
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read by the processes ray.init starts
-    gcs = None
+    os.environ.update(env)
+    log_path = tmp_path_factory.mktemp("ray") / "driver.log"
+    driver = None
     try:
-        url = hray.start(ARGS, port=0, ray_init=dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                                                     object_store_memory=96 * 2**20,
-                                                     _metrics_export_port=metrics_port))
-        gcs = ray.get_runtime_context().gcs_address
-        yield {"addr": url.split("//")[1].rstrip("/"), "url": url, "metrics_port": metrics_port}
+        with open(log_path, "w") as log:
+            driver = Driver({"args": ARGS, "ray_init": dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                                                           object_store_memory=96 * 2**20,
+                                                           _metrics_export_port=metrics_port)}, log)
+        url = driver.info["url"]
+        yield {"addr": url.split("//")[1].rstrip("/"), "url": url, "metrics_port": metrics_port, "driver": driver}
     finally:
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        if gcs is not None:  # no raylet, GCS, worker or proxy outlives the module
-            deadline = time.monotonic() + 20
-            while _cluster_pids(gcs) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            left = _cluster_pids(gcs)
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
-            assert not left, f"Ray processes left after ray.shutdown(): {left}"
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if driver is not None:
+            gcs = driver.info.get("gcs")
+            if driver.proc.poll() is None:
+                try:
+                    driver.ask(op="quit")
+                    driver.proc.wait(60)
+                except (AssertionError, OSError, subprocess.TimeoutExpired, ValueError):
+                    driver.proc.kill()
+            if gcs is not None:  # no raylet, GCS, worker or proxy outlives the module
+                deadline = time.monotonic() + 20
+                while _cluster_pids(gcs) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                left = _cluster_pids(gcs)
+                for pid in left:
+                    os.kill(pid, signal.SIGKILL)
+                assert not left, f"Ray processes left after ray.shutdown(): {left}"
 
 
 @pytest.fixture(scope="module")
@@ -157,24 +187,6 @@ def test_health_and_prometheus_metrics_per_replica(cluster):
     assert len(_samples(text, "hallolive_latency_quantile_seconds")) == 2
 
 
-def _kill_replica(rid: str) -> int:
-    """SIGKILL the process of replica ``rid`` (Serve's actor name for it; its pid asked from inside)."""
-    import ray
-
-    actor = ray.get_actor(f"SERVE_REPLICA::{hray.APP_NAME}#LiveReplica#{rid}", namespace="serve")
-    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
-    os.kill(pid, signal.SIGKILL)
-    return pid
-
-
-def _running_replicas() -> int:
-    from ray import serve
-
-    app = serve.status().applications.get(hray.APP_NAME)
-    dep = app.deployments.get("LiveReplica") if app else None
-    return dep.replica_states.get("RUNNING", 0) if dep and dep.status == "HEALTHY" else 0
-
-
 def test_a_replica_killed_mid_stream_ends_only_its_session_and_ray_replaces_it(cluster):
     addr = cluster["addr"]
     a = session(addr, prompt=PROMPT, seed=2, blocks=None)  # endless, both
@@ -183,7 +195,7 @@ def test_a_replica_killed_mid_stream_ends_only_its_session_and_ray_replaces_it(c
     assert ra != rb
     a.until("block")
     at_kill = b.until("block")["index"]
-    _kill_replica(ra)
+    cluster["driver"].ask(op="kill", replica=ra)
     while a.recv() is not None:
         pass
     assert a.events[-1]["type"] == "error" and a.events[-1]["code"] == "replica_lost" and a.events[-1]["fatal"]
@@ -211,7 +223,7 @@ def test_a_replica_killed_mid_stream_ends_only_its_session_and_ray_replaces_it(c
         assert time.monotonic() < deadline, "Ray did not replace the killed replica"
         time.sleep(1)
     rd = hd["replica"]
-    assert _running_replicas() == 2
+    assert cluster["driver"].ask(op="running")["running"] == 2
     for x, seed in ((c, 4), (d, 5)):
         x.send(type="start", prompt=PROMPT, seed=seed, blocks=1)
     run_concurrently([c, d])

@@ -164,7 +164,7 @@ def main() -> None:
             res[f"1 beyond max_ongoing_requests (2 replicas x 1), {tag} SessionGuard"] = beyond(port, tag)
             if not guard:
                 res["2 routing (4 replicas x 1 slot, 3 held, a 4th)"] = routing(port, a.trials)
-            res[f"3 replica killed mid-stream ({'with' if guard else 'without'} SessionGuard)"] = loss(port, f"loss-{guard}")
+            res[f"3 replica killed mid-stream ({tag} SessionGuard)"] = loss(port, f"loss-{tag}")
             serve.shutdown()
     finally:
         ray.shutdown()

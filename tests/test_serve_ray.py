@@ -28,7 +28,8 @@ pytest.importorskip("ray.serve")  # the ray extra (in the test extra: CI runs th
 from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_BUSY, CLOSE_INTERNAL, CLOSE_NORMAL  # noqa: E402
 from tests.ray_driver import MARK  # noqa: E402
-from tests.serve_helpers import Client, decode_mp4, full_session, run_concurrently, running_server, session  # noqa: E402
+from tests.serve_helpers import (Client, decode_mp4, full_session, run_concurrently, running_server,  # noqa: E402
+                                 session)
 
 pytestmark = pytest.mark.slow  # > 30 s; CI's plain `pytest -q` still runs it
 

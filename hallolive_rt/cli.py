@@ -363,11 +363,24 @@ def serve(
     allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", help="Extra page origin allowed "
                                                      "to connect (repeatable; default: only this server's own)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning, info, debug."),
+    use_ray: bool = typer.Option(False, "--ray", help="Scale out on Ray Serve: --replicas worker processes, "
+                                 "each with its own GPU(s) and --max-sessions sessions, behind Ray's proxy on "
+                                 "--host/--port (README, \"Scale-out on Ray Serve\"). Needs the ray extra."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas (GPU worker processes)."),
+    gpus_per_replica: Optional[int] = typer.Option(None, "--gpus-per-replica", min=0, max=2, help="With --ray: "
+                                                   "1 (DiT and decoders on one GPU) or 2 (decoders on the second); "
+                                                   "0 for CPU. Default: 1 with --device cuda, 0 with cpu."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: a running cluster "
+                                              "(auto, or ray://head:10001); default: start Ray on this machine."),
 ):
     """Serve live sessions: a page at / that plays the stream as it is generated (prompt switching
     included) and the WebSocket protocol behind it (README, "Live sessions"). Needs the serve extra."""
-    from hallolive_rt.runtime.serve.launch import SERVE_EXTRA_HINT, missing_serve_deps
+    from hallolive_rt.runtime.serve.launch import RAY_EXTRA_HINT, SERVE_EXTRA_HINT, missing_ray_deps, missing_serve_deps
 
+    if not use_ray and (replicas != 1 or gpus_per_replica is not None or ray_address is not None):
+        _fail("--replicas, --gpus-per-replica and --ray-address go with --ray")
+    if use_ray and missing_ray_deps():
+        _fail(f"{', '.join(missing_ray_deps())} not installed: {RAY_EXTRA_HINT}")
     if missing_serve_deps():
         _fail(f"{', '.join(missing_serve_deps())} not installed: {SERVE_EXTRA_HINT}", 3)
     from hallolive_rt.runtime.serve.launch import serve_main
@@ -377,6 +390,18 @@ def serve(
     limits = Limits(max_prompt_chars=max_prompt_chars, max_blocks=max_blocks,
                     max_unacked_blocks=max_unacked_blocks, client_timeout_s=client_timeout)
     try:
+        if use_ray:
+            from hallolive_rt.runtime.serve.ray import args_from_cli, serve_ray_main
+
+            serve_ray_main(args_from_cli(
+                device=device, vae_device=vae_device, gpus_per_replica=gpus_per_replica, replicas=replicas,
+                limits=limits, token=token, allowed_origins=allow_origin or (), preset=preset,
+                model_dir=None if model_dir is None else str(model_dir), random_weights=random_weights, seed=seed,
+                dtype=None if dtype is None else dtype.value, backend=backend.value,
+                kv_impl=None if kv_impl is None else kv_impl.value, max_sessions=max_sessions),
+                host=host, port=port, address=ray_address,
+                on_ready=lambda url: typer.echo(f"live sessions (Ray Serve) at {url}", err=True))
+            return
         serve_main(host=host, port=port, token=token, allowed_origins=allow_origin or (), log_level=log_level,
                    on_ready=lambda url: typer.echo(f"live sessions at {url}", err=True), preset=preset,
                    model_dir=None if model_dir is None else str(model_dir), random_weights=random_weights,

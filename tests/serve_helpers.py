@@ -120,3 +120,40 @@ def full_session(addr: str, **start) -> Client:
     c.run()
     assert c.close_code == CLOSE_NORMAL, (c.close_code, c.types()[-5:])
     return c
+
+
+def decode_mp4(data: bytes):
+    """Every video frame (rgb24) and every audio sample PyAV decodes from an fMP4 in memory."""
+    import io
+
+    import av
+    import numpy as np
+
+    frames, samples = [], []
+    with av.open(io.BytesIO(data), format="mp4") as c:
+        for f in c.decode(video=0):
+            frames.append(f.to_ndarray(format="rgb24"))
+    with av.open(io.BytesIO(data), format="mp4") as c:
+        for f in c.decode(audio=0):
+            samples.append(f.to_ndarray().reshape(-1))
+    return np.stack(frames), np.concatenate(samples)
+
+
+def run_concurrently(clients, timeout: float = 180) -> None:
+    """``Client.run`` of every client at once, each on its own thread (each acknowledges its blocks)."""
+    errors = []
+
+    def run(c):
+        try:
+            c.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,), name="test-client") for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a client did not finish"
+    if errors:
+        raise errors[0]

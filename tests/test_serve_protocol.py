@@ -6,7 +6,6 @@ in a row leave threads and memory flat."""
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 import socket
@@ -25,6 +24,7 @@ from hallolive_rt.runtime.serve.protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY,
 from hallolive_rt.runtime.serve.sessions import LiveSession
 from hallolive_rt.runtime.session import stream_main
 from tests.serve_helpers import Client, full_session, running_server, session
+from tests.serve_helpers import decode_mp4 as _decode
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
 
@@ -69,16 +69,6 @@ def _idle(live):
           what="session / pipeline threads to end")
 
 
-def _decode(data: bytes):
-    """Every video frame (rgb24) and every audio sample PyAV decodes from an fMP4 in memory."""
-    frames, samples = [], []
-    with av.open(io.BytesIO(data), format="mp4") as c:
-        for f in c.decode(video=0):
-            frames.append(f.to_ndarray(format="rgb24"))
-    with av.open(io.BytesIO(data), format="mp4") as c:
-        for f in c.decode(audio=0):
-            samples.append(f.to_ndarray().reshape(-1))
-    return np.stack(frames), np.concatenate(samples)
 
 
 def test_session_sends_the_file_stream_writes(addr, live, reference):

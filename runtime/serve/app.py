@@ -114,10 +114,11 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
     if slot is None:
         st = server.stats()
         with contextlib.suppress(Exception):
+            where = "this server" if st["replicas"] == 1 else f"each of the {st['replicas']} replicas"
             await ws.send_text(json.dumps(event(
-                "busy", replica=st["replica"], active_sessions=st["active_sessions"],
-                max_sessions=st["max_sessions"], message=f"all {st['max_sessions']} session slot(s) of this "
-                                                         f"server are in use: try again later")))
+                "busy", replica=st["replica"], replicas=st["replicas"], active_sessions=st["active_sessions"],
+                max_sessions=st["max_sessions"], message=f"all {st['max_sessions']} session slot(s) of {where} "
+                                                         f"are in use: try again later")))
         await _close(ws, CLOSE_BUSY, "busy")
         return
     conn = _Connection(server, ws, slot)
@@ -150,8 +151,9 @@ class _Connection:
 
         self.emit = emit
         st = self.server.stats()
-        emit(event("hello", server="hallolive-rt", replica=st["replica"], active_sessions=st["active_sessions"],
-                   max_sessions=st["max_sessions"], profile=self.server.info(), limits=self.limits.as_dict()))
+        emit(event("hello", server="hallolive-rt", replica=st["replica"], replicas=st["replicas"],
+                   active_sessions=st["active_sessions"], max_sessions=st["max_sessions"], profile=self.server.info(),
+                   limits=self.limits.as_dict()))
         tasks = {asyncio.create_task(self._send_loop()), asyncio.create_task(self._receive_loop())}
         _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:

@@ -19,16 +19,24 @@ from ..session import InputError
 from .protocol import Limits
 from .sessions import LiveServer
 
-__all__ = ["SERVE_EXTRA_HINT", "missing_serve_deps", "is_loopback", "check_bind", "build_server", "serve_main",
-           "TOKEN_ENV"]
+__all__ = ["SERVE_EXTRA_HINT", "RAY_EXTRA_HINT", "missing_serve_deps", "missing_ray_deps", "is_loopback",
+           "check_bind", "check_options", "build_server", "serve_main", "TOKEN_ENV"]
 
 TOKEN_ENV = "HALLOLIVE_TOKEN"
 SERVE_EXTRA_HINT = ("live sessions need the serve extra (FastAPI, uvicorn, websockets): "
                     "pip install -e '.[serve]'  (or pip install 'hallolive-rt[serve]')")
+RAY_EXTRA_HINT = ("--ray needs the ray extra (Ray Serve and the serve extra): pip install -e '.[ray]'  "
+                  "(or pip install 'hallolive-rt[ray]')")
 
 
 def missing_serve_deps() -> list[str]:
     return [m for m in ("fastapi", "uvicorn", "websockets") if importlib.util.find_spec(m) is None]
+
+
+def missing_ray_deps() -> list[str]:
+    if importlib.util.find_spec("ray") is None:
+        return ["ray"]
+    return [] if importlib.util.find_spec("ray.serve") is not None else ["ray[serve]"]
 
 
 def is_loopback(host: str) -> bool:
@@ -50,18 +58,11 @@ def check_bind(host: str, token: str | None) -> None:
         raise InputError("--token must have at least 8 characters")
 
 
-def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
-                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
-                 backend: str = "eager", kv_impl: str | None = None, seed: int = 0, max_sessions: int = 1,
-                 limits: Limits | None = None, replica_id: str | None = None) -> LiveServer:
-    """Validate (as ``stream`` does), then load every component once, the text encoder included (it stays
-    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset).
-    ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
+def check_options(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
+                  dtype: str | None = None, max_sessions: int = 1):
+    """The checks of ``build_server`` that hold on any machine (no device, no file, nothing loaded): a Ray
+    driver runs them before deploying, each replica runs ``build_server`` on its own node. -> the Profile."""
     from hallolive_rt.profile import ProfileError, load_profile
-
-    from ..backends import BackendUnavailable, get_backend
-    from ..components import MissingModelFiles, check_model_dir, load_components
-    from ..devices import resolve_devices
 
     if max_sessions < 1:
         raise InputError(f"--max-sessions must be >= 1, got {max_sessions}")
@@ -75,6 +76,22 @@ def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_w
         raise InputError(f"preset {prof.name} needs weights: pass --model-dir <official download> or --random-weights")
     if model_dir is not None and prof.decoders == "tiny":
         raise InputError("the tiny preset has no released weights; drop --model-dir")
+    return prof
+
+
+def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
+                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
+                 backend: str = "eager", kv_impl: str | None = None, seed: int = 0, max_sessions: int = 1,
+                 limits: Limits | None = None, replica_id: str | None = None) -> LiveServer:
+    """Validate (as ``stream`` does), then load every component once, the text encoder included (it stays
+    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset).
+    ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
+    from ..backends import BackendUnavailable, get_backend
+    from ..components import MissingModelFiles, check_model_dir, load_components
+    from ..devices import resolve_devices
+
+    prof = check_options(preset=preset, model_dir=model_dir, random_weights=random_weights, dtype=dtype,
+                         max_sessions=max_sessions)
     try:
         dit_dev, vae_dev = resolve_devices(device, vae_device)
         paths = check_model_dir(model_dir) if model_dir is not None else None

@@ -11,9 +11,9 @@ Every message may carry "v": 1; unknown keys and types are refused with an ``err
 Server -> client: JSON events ``{"type": ..., "v": 1, ...}``; each binary message (fMP4 bytes) follows the
 event that describes it (``init``, ``block``, ``tail``, each with "bytes"). The binaries concatenated are the
 file ``hallolive-rt stream --out`` writes (init segment, one fragment per block, tail).
-    hello   replica, active_sessions, max_sessions, profile, limits         on connect
-    busy    replica, active_sessions, max_sessions, message             then close CLOSE_BUSY
-    started session, prompt_id 0, seed, blocks, future_audio_frames, encode_s, policy
+    hello   replica, replicas, active_sessions, max_sessions, profile, limits    on connect
+    busy    replica, replicas, active_sessions, max_sessions, message    then close CLOSE_BUSY
+    started session, replica, prompt_id 0, seed, blocks, future_audio_frames, encode_s, policy
     init    mime (for MediaSource.addSourceBuffer), bytes                 + the init segment
     block   index, prompt_id, frames, samples, bytes, ttff_s, first_frame_s, block_s, gap_s, fps,
             queue, stage_ms                                               + the block's fragment
@@ -21,6 +21,9 @@ file ``hallolive-rt stream --out`` writes (init segment, one fragment per block,
     tail    bytes                                                         + held frames, tail audio
     end     reason (done | stopped), blocks, frames, samples, video_s, audio_s, duration_s
     error   code, message, fatal        (fatal: the close follows)
+Behind Ray Serve (``ray.py``) the replica says all of the above; Ray's proxy adds two endings of its own
+(``ray_proxy.py``): ``error`` code ``replica_lost`` + CLOSE_INTERNAL when the replica holding the session
+died, ``unavailable`` + CLOSE_BUSY (or CLOSE_INTERNAL) when the proxy answered with an HTTP error instead.
 
 Flow control: the server keeps at most ``max_unacked_blocks`` blocks generated but not acknowledged; past
 that, generation pauses (memory stays bounded), and a client that acknowledges nothing for

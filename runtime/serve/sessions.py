@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from hallolive_rt.cache_policy import ENDLESS
 from hallolive_rt.model.text_tokenizer import PromptError
@@ -33,7 +33,7 @@ from ..session import StreamSession
 from .protocol import (CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_TIMEOUT, Limits, ProtocolError, Start, event,
                        mse_mime)
 
-__all__ = ["LiveServer", "LiveSession", "Binary", "Close"]
+__all__ = ["LiveServer", "LiveSession", "ServerObserver", "Binary", "Close"]
 
 log = logging.getLogger("hallolive_rt.serve")
 
@@ -86,8 +86,20 @@ def cap_malloc_arenas(n: int = 4) -> bool:
         return False
 
 
+class ServerObserver(Protocol):
+    """What a LiveServer reports as it happens (a Ray replica exports it as metrics, ``ray.py``). Called on
+    the thread where it happens (connection, session or writer thread), never under the server's lock."""
+
+    def sessions(self, active: int) -> None: ...  # a slot was taken or freed: active sessions now
+    def first_block(self, ttff_s: float) -> None: ...  # a session's first fragment went out
+    def block(self, block_s: float) -> None: ...  # a block was served
+    def ended(self, reason: str) -> None: ...  # a session ended (done, stopped, disconnected, error, ...)
+
+
 class LiveServer:
-    """The components of one process (or Ray replica), ``max_sessions`` slots, counters for ``stats()``."""
+    """The components of one process (or Ray replica), ``max_sessions`` slots, counters for ``stats()``.
+    ``replicas``: how many such servers share the endpoint (1; a Ray deployment sets its replica count), told
+    to clients in ``hello`` and ``busy``. ``observer``: an optional ``ServerObserver``."""
 
     def __init__(self, components, *, max_sessions: int = 1, limits: Limits | None = None,
                  replica_id: str | None = None, backend: str = "eager", kv_impl: str = "torch",
@@ -107,6 +119,8 @@ class LiveServer:
         self._active: dict[str, LiveSession] = {}
         self._ids = itertools.count(1)
         self._stats = _Stats()
+        self.replicas = 1
+        self.observer: ServerObserver | None = None
         if prebuild:  # the default shape (endless, the preset's lookahead) of every slot, before any client:
             for slot in self._free:  # state allocated (an OOM shows now) and graphs captured while nothing runs
                 self.session_for(slot, None, None)
@@ -119,11 +133,18 @@ class LiveServer:
     def admit(self) -> _Slot | None:
         """A free slot, or None when all ``max_sessions`` are taken (the caller answers ``busy``)."""
         with self._lock:
-            return self._free.pop() if self._free else None
+            slot = self._free.pop() if self._free else None
+            active = self.active_sessions
+        if slot is not None and self.observer is not None:
+            self.observer.sessions(active)
+        return slot
 
     def release(self, slot: _Slot) -> None:
         with self._lock:
             self._free.append(slot)
+            active = self.active_sessions
+        if self.observer is not None:
+            self.observer.sessions(active)
 
     def open_session(self, slot: _Slot, start: Start, emit: Callable[[object], None]) -> "LiveSession":
         """Start one client's stream in ``slot`` (its thread starts now); ``emit`` gets dicts, Binary, Close.
@@ -140,10 +161,21 @@ class LiveServer:
         with self._lock:
             self._active.pop(s.id, None)
             self._stats.ended[s.end_reason] += 1
-            self._stats.blocks_served += s.produced
-            if s.ttff_s is not None:
-                self._stats.ttff_s.append(s.ttff_s)
-            self._stats.block_s.extend(s.block_times)
+        if self.observer is not None:
+            self.observer.ended(s.end_reason)
+
+    def _served(self, block_s: float, ttff_s: float | None) -> None:
+        """A block went out (``ttff_s`` with a session's first): counted as it happens, so ``stats()`` and
+        the metrics of an endless session move while it runs."""
+        with self._lock:
+            self._stats.blocks_served += 1
+            self._stats.block_s.append(block_s)
+            if ttff_s is not None:
+                self._stats.ttff_s.append(ttff_s)
+        if self.observer is not None:
+            if ttff_s is not None:
+                self.observer.first_block(ttff_s)
+            self.observer.block(block_s)
 
     def check_prompt(self, text: str) -> None:
         """The tokenizer's verdict on a prompt (empty, too many tokens) as a ProtocolError."""
@@ -179,7 +211,7 @@ class LiveServer:
         with self._lock:
             st = self._stats
             ttff, blk = list(st.ttff_s), list(st.block_s)
-            return {"replica": self.replica_id, "active_sessions": self.active_sessions,
+            return {"replica": self.replica_id, "replicas": self.replicas, "active_sessions": self.active_sessions,
                     "max_sessions": self.max_sessions, "sessions_total": st.sessions_total,
                     "sessions_ended": dict(st.ended), "blocks_served": st.blocks_served,
                     "ttff_s": {"p50": percentile(ttff, 50), "p95": percentile(ttff, 95), "n": len(ttff)},
@@ -296,9 +328,9 @@ class LiveSession:
                     self._queue_switch(pid, text)
                 self._early = []
                 stop_now = self._stopping or self._aborted
-            self.emit(event("started", session=self.id, prompt_id=0, seed=st.seed, blocks=st.blocks,
-                            future_audio_frames=sess.p.stream.future_audio_tokens, policy=sess.policy.name,
-                            encode_s=sess.text_encode_s))
+            self.emit(event("started", session=self.id, replica=self.server.replica_id, prompt_id=0, seed=st.seed,
+                            blocks=st.blocks, future_audio_frames=sess.p.stream.future_audio_tokens,
+                            policy=sess.policy.name, encode_s=sess.text_encode_s))
             run = sess.run(ctx, st.seed)
             if stop_now:
                 sess.request_stop()  # after run(): it clears older stops
@@ -372,6 +404,7 @@ class LiveSession:
             pid = self._prompt_of(b.index)
             self.produced += 1
             queue = self.produced - min(self._acked, self._sent)
+        self.server._served(block_s, self.ttff_s if self.produced == 1 else None)
         for seg in self._writer.sink.pop():
             if seg.kind == "init":
                 self.emit(event("init", mime=mse_mime(seg.data), bytes=len(seg.data)))

@@ -73,7 +73,8 @@ function onEvent(ev) {
   state.events.push(ev);
   switch (ev.type) {
     case "hello":
-      $("server").textContent = `replica ${ev.replica} · ${ev.active_sessions}/${ev.max_sessions} sessions · ` +
+      $("server").textContent = `replica ${ev.replica}${ev.replicas > 1 ? ` (of ${ev.replicas})` : ""} · ` +
+        `${ev.active_sessions}/${ev.max_sessions} sessions · ` +
         `${ev.profile.preset} ${ev.profile.width}×${ev.profile.height} @ ${ev.profile.fps} fps`;
       break;
     case "busy":

@@ -127,10 +127,18 @@ def _farm(site: Path) -> Path:
 def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
     """Machine facts, then the package importable from this checkout: "check" (already), "pip" (editable,
     no index, no dependencies) or "farm" (symlinks on PYTHONPATH), in the order INSTALL_STEPS gives."""
-    rc, commit = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"], 10)
+    # The commit the caller names wins: the device tool copies the working tree, and the .git it carries
+    # may name an older HEAD (the first H100 session's tree was fa40c9a, its .git said 34cc93c).
+    rc, head = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"], 10)
+    head = head.strip() if rc == 0 else None
+    named = os.environ.get("HALLOLIVE_GIT_COMMIT")
     info: dict = {"python": sys.executable, "python_version": sys.version.split()[0], "install": None,
-                  "git_commit": commit if rc == 0 else os.environ.get("HALLOLIVE_GIT_COMMIT"),
-                  "git_commit_source": "git" if rc == 0 else "$HALLOLIVE_GIT_COMMIT"}
+                  "git_commit": named or head, "git_commit_source": "$HALLOLIVE_GIT_COMMIT" if named else "git",
+                  "git_head": head}
+    if head is not None:  # tracked files that differ from that HEAD (a copy's .git can lag its tree)
+        rc, changed = _run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], 10)
+        info["git_tree_differs_from_head"] = sorted(line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()) \
+            if rc == 0 else None
     deadline = time.time() + SETUP_BOX_S
 
     def left(cap: float) -> float:

@@ -94,24 +94,28 @@ def run_stages(o: dict, emit) -> None:
     emit(res)
 
 
-def _junit(path: Path) -> dict:
-    import xml.etree.ElementTree as ET
+class _Recorder:
+    """pytest plugin: every test's outcome (and a failure's message) into the entry's JSON the moment the
+    test ends, so a run killed at its box still says what passed, what failed and why (the first H100
+    session lost the failures of three tests that way: -v showed FAILED, the summary never came)."""
 
-    if not path.is_file():
-        return {"tests": [], "counts": {}}
-    tests, counts = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = ((el.get("message") or "") + "\n" + (el.text or "")).strip()[-1500:]
-                break
-        counts[outcome] += 1
-        tests.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "time_s": float(case.get("time") or 0), "message": message})
-    return {"counts": counts, "tests": tests}
+    def __init__(self, res: dict, emit):
+        self.res, self.emit = res, emit
+        res["tests"], res["counts"] = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        res["running"] = None
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.res["running"] = nodeid
+
+    def pytest_runtest_logreport(self, report):
+        # one record per test: its call (or the setup that failed or skipped it, or a teardown error)
+        if report.when == "call" or report.outcome != "passed":
+            outcome = "error" if report.failed and report.when != "call" else report.outcome
+            msg = report.longreprtext[-2000:] if report.outcome != "passed" else ""
+            self.res["counts"][outcome] += 1
+            self.res["tests"].append({"name": report.nodeid, "outcome": outcome, "when": report.when,
+                                      "time_s": round(report.duration, 2), "message": msg})
+            self.emit(self.res)
 
 
 def run_pytest(o: dict, emit) -> None:
@@ -128,17 +132,22 @@ def run_pytest(o: dict, emit) -> None:
             res["kv_ext_build"] = {"ok": False, "error": str(e)}
         res["kv_ext_build"]["s"] = time.perf_counter() - t
         emit(res)
-    with tempfile.TemporaryDirectory() as tmp:
-        junit = Path(tmp) / "junit.xml"
-        # -v: the log shows which test was running if the box kills the run; a hung test fails alone
-        # where pytest-timeout is installed (the GPU image has it)
-        args = [*o["args"], "-v", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-        if importlib.util.find_spec("pytest_timeout") is not None:
-            args += ["-o", f"timeout={o.get('test_timeout_s', 90)}"]
-        if os.environ.get("HALLOLIVE_PYTEST_APPEND"):  # the package comes from PYTHONPATH (no install)
-            args.append("--import-mode=append")
-        rc = int(pytest.main(args))
-        res.update(_junit(junit), exit_code=rc)
+    # -v: the log shows which test was running if the box kills the run; a hung test fails alone where
+    # pytest-timeout is installed (the GPU image has it); --tb=short: each failure's cause stays readable
+    args = [*o["args"], "-v", "--tb=short", "-rfEs", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        args += ["-o", f"timeout={o.get('test_timeout_s', 90)}"]
+    workers = o.get("workers", 0) if o["device"] != "cpu" else 0
+    if workers and importlib.util.find_spec("xdist") is not None:
+        # the tests are tiny models: several share the GPU well, and inductor's compiles run in parallel
+        # on the CPU cores; one file per worker keeps module fixtures built once
+        args += ["-n", str(workers), "--dist", "loadfile"]
+        res["workers"] = workers
+    if os.environ.get("HALLOLIVE_PYTEST_APPEND"):  # the package comes from PYTHONPATH (no install)
+        args.append("--import-mode=append")
+    rec = _Recorder(res, emit)
+    rc = int(pytest.main(args, plugins=[rec]))
+    res.update(exit_code=rc, running=None)
     emit(res)
     if rc not in (0, 5):  # 5: nothing collected
         raise Failed(f"pytest exit code {rc}: {res['counts']}")

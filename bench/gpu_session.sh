@@ -19,12 +19,13 @@
 # What runs (bench/gpu_variants.py, in priority order, each in its own process and time box; its JSON is
 # written as results come in, every block, so a hang or kill loses only the block in flight):
 #   setup              nvidia-smi, install, import probe                                     box  60 s
-#   a-correctness      cudagraph vs eager, 3 blocks, same seed: per-block max/mean rel. error of
-#                      the committed video/audio latents; eager vs eager = the noise floor  box 120 s
+#   a-correctness      cudagraph and compiled vs eager, 3 blocks, same seed: per-block max/mean
+#                      rel. error of the committed latents; eager vs eager = the noise floor box 150 s
 #   b-e2e              full stream, eager then cudagraph, model built once: TTFF, steady FPS,
 #                      stage times, inter-block gap p99, peak memory, TFLOP/s per stage      box 180 s
 #   c-stages           DiT-only and VAE-only (eager, cudagraph), projected two-GPU rate      box 120 s
-#   d-cuda-tests       KV extension build (timed; cause on failure) + pytest -m cuda         box 150 s
+#   v-e2e-best         full stream with the levers that paid (compiled DiT, cl3d decoder)   box 150 s
+#   d-cuda-tests       KV extension build (timed; cause on failure) + pytest -m cuda, 4 workers box 240 s
 #   d-kv-write-bench   bench/kv_write_bench.py at the released video-block shapes           box  60 s
 #   c-stages-kv-ext    (c)'s DiT-only with --kv-impl ext, if time is left                    box  90 s
 #   (aoti-dit: AOTInductor DiT package, 23 GB of constants, minutes of compile: only with --only)
@@ -32,13 +33,12 @@
 # Budget: the session ends within 525 s (8 min 45 s) of this script's start, under the 10-minute command
 # limit and the 9 minutes asked; with the 1-3 minute machine start that is at most ~12 of the 15 device
 # minutes, leaving no room for a second full call (plan one, rerun only what failed with --only). An entry
-# starts only if its whole box still fits, so setup + (a) + (b) + (c) = 60 + 120 + 180 + 120 = 480 s always
-# start; (d) and the variants use what they leave. Expected (estimates, not measurements; H100, bf16):
-#   per phase process: python + torch + CUDA context ~10 s, random 23 GB DiT + decoders on the GPU ~5-10 s
-#   DiT forward 33-49 TFLOP: ~0.1-0.3 s eager, so a 5-block DiT loop (25 forwards) ~3-8 s
-#   video VAE 37 TFLOP per latent frame x 30 per stream: ~5-12 s; CUDA-graph capture of 5 variants ~5 s
-#   (a) ~45 s  (b) 4 streams ~60-90 s  (c) ~50 s  (d) extension build ~60 s + tests ~60 s  -> ~5 min in all
-# Each box is 2-3x its estimate. A phase past its box is killed and recorded "timeout"; one that raises is
+# starts only if its whole box still fits, so setup + (a) + (b) + (c) = 60 + 150 + 180 + 120 = 510 s always
+# start; (d) and the variants use what they leave. Measured on the first H100 session (fa40c9a): setup 11 s,
+# (a) 26 s, (b) 44 s, (c) 37 s, KV extension build 30 s, d-kv-write-bench 5 s, c-stages-kv-ext 30 s, the
+# variants 19-63 s each; `pytest -m cuda` did not finish in one process within 235 s (inductor compiles of
+# the compiled-backend tests ~50 s each), hence 4 xdist workers and a 240 s box since.
+# Boxes are 2-4x those times. A phase past its box is killed and recorded "timeout"; one that raises is
 # recorded "error" with its traceback; the next phase runs either way.
 #
 # Output, in $OUT (the device tool brings back 8 files of at most 16 MiB; the session uses exactly 8):

@@ -88,6 +88,17 @@ def test_stats_are_real_after_build():
     assert m.latent_mean.dtype == torch.float32 and m.latent_mean[0].item() == torch.tensor(-0.2289).item()
 
 
+def test_stats_follow_the_weights_device_by_default():
+    """init_stats() with no device rebuilds the constants where the weights are (the H100 session's
+    fp8 report called it after building on cuda and got the statistics on the CPU)."""
+    m = build_video_decoder(WanVAEConfig.tiny(), device="cpu").to("meta")
+    assert m.latent_mean.device.type == "meta"
+    m.init_stats()
+    assert m.latent_mean.device.type == "meta" and m.latent_inv_std.device.type == "meta"
+    m.init_stats("cpu")  # an explicit device still wins
+    assert m.latent_inv_std.device.type == "cpu"
+
+
 @pytest.mark.parametrize("block", [1, 2])
 def test_blockwise_static_state_equals_full_reference(block):
     m = _tiny()

@@ -205,9 +205,10 @@ class WanVideoDecoder(nn.Module):
         self.init_stats()
 
     def init_stats(self, device: torch.device | str | None = None) -> None:
-        """(Re)create mean and 1/std on ``device`` (default: the current default device) from the float32
-        constants, rounded once to the dtype ``self.stats`` asks for (the weights' dtype for "release")."""
+        """(Re)create mean and 1/std on ``device`` (default: the weights' device) from the float32 constants,
+        rounded once to the dtype ``self.stats`` asks for (the weights' dtype for "release")."""
         dtype = torch.float32 if self.stats == "fp32" else self.conv2.weight.dtype
+        device = self.conv2.weight.device if device is None else device
         mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device)
         inv_std = 1.0 / torch.tensor(self._stats[1], dtype=torch.float32, device=device)  # the release's scale[1]
         self.latent_mean, self.latent_inv_std = mean.to(dtype), inv_std.to(dtype)

@@ -9,8 +9,8 @@ The contract, nano-vllm style, on one screen:
   4. per step: ``copy_`` into the variant's static inputs, ``replay()``, return its static outputs.
 The per-block numbers (cache write row, first RoPE positions) live in the session's ``Cursor`` device
 buffers, written with ``fill_`` before the block: the graph reads them, so one graph serves every block
-with the same variant. Nothing in a captured step syncs the host (tests/test_backends.py captures under
-``torch.cuda.set_sync_debug_mode("error")``).
+with the same variant. Nothing in a captured step syncs the host (tests/test_backends.py replays under
+``torch.cuda.set_sync_debug_mode("error")``); ``prepare`` may (it times each variant's first warm-up call).
 
 Outputs are the graph's static buffers: valid until the next ``step`` of any variant (they live in the
 shared pool), which is how the block loop uses them (x0 is computed from them at once).

@@ -118,8 +118,8 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
                     "auto lets PyTorch pick per call (default, as released); math, flash, cudnn (CUDA), "
                     "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
                     "up front, never silently replaced. eager and cudagraph backends only.")
-VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (unmeasured on a GPU "
-                          "yet): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
+VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (H100, decoders "
+                          "only: channels_last_3d 1.06x, cudagraph 0.99x): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
                           "per-frame decode replayed from a CUDA graph), compiled-cudagraph (both). A +cl3d suffix "
                           "is the same as --vae-channels-last. bench: a comma-separated list, each a run "
                           "(--mode vae runs the eager baseline first, in the same process).")

@@ -17,7 +17,7 @@ NVTX (hallolive_rt.nvtx): session > text/encode, block > dit/step (x steps), dit
 vae/video, vae/audio, io/write (on the decode and writer threads when overlapped).
 
 Opt-in fast paths of the DiT forward (``fuse_projections``, ``attn_kernel``; off / ``auto`` by default,
-unmeasured until a GPU run commits numbers) are set on the DiT by the session and reported by
+not yet measured on a GPU) are set on the DiT by the session and reported by
 ``describe()``; ``check_fast_paths`` validates them before anything is loaded. The speed levers of
 issue #15 (``levers=DiTLevers(...)``: fp8 Linears, lean context pass; ``runtime/levers.py``) are applied
 the same way, and ``backend="compiled"`` compiles the DiT's layers while capturing.

@@ -100,7 +100,7 @@ ARTIFACTS = typer.Option(None, "--artifacts", metavar="DIR", help="The --out-dir
 DEVICE = typer.Option("cpu", "--device", "--dit-device", help="Device of the DiT (and of everything unless "
                       "--vae-device is given): cpu, cuda, cuda:0 ...")
 VAE_DEVICE = typer.Option(None, "--vae-device", help="Device of the video/audio decoders (e.g. cuda:1: "
-                          "the DiT of block i+1 overlaps the decode of block i).")
+                          "the decode of block i overlaps the DiT's context pass of block i and block i+1).")
 DTYPE = typer.Option(None, "--dtype", help="Compute dtype. Default: the preset's (bf16 full size, fp32 tiny).")
 BACKEND = typer.Option(Backend.eager, "--backend", help="eager (reference), cudagraph (CUDA), compiled "
                        "(cudagraph with the DiT's layers compiled by inductor, opt-in), aoti or tensorrt (the DiT "

@@ -17,16 +17,17 @@ tests/test_nvtx.py compares what a real NVTX tool records against it.
     session           session   -            once
       block           block     block        per-block
         dit/step      dit       block,step   per-step
-        dit/context   dit       block        once
         vae/video     vae       block        once
         vae/audio     vae       block        once
+        dit/context   dit       block        once
         io/write      io        block        once
 
 ``text/encode`` runs once per prompt, before any warm-up stream, so it sits beside ``session``, not in
 it. ``session`` wraps the streaming loop of one stream (after model build, compilation and graph capture,
 so set-up never lands inside it); ``block`` is one streaming block: ``per-step`` denoising steps
-(4 in both presets), the context pass that writes the KV caches, the two decoders and the hand-off
-of decoded media to the writer. NVTX push/pop ranges nest per thread: the tree is that of the thread
+(4 in both presets), the two decoders (handed the block's latents right after its steps, so they
+run before or beside the next range), the context pass that writes the KV caches, and the hand-off
+of decoded media to the writer (after the context pass: the block's DiT times are final then). NVTX push/pop ranges nest per thread: the tree is that of the thread
 running the loop; a stage entered on another thread (a writer or decode thread) starts its own root
 there, which Nsight shows on that thread's row.
 

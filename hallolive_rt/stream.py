@@ -53,6 +53,9 @@ class BlockOutput:
     audio_future: torch.Tensor  # denoised lookahead tokens [B, F, Ca] (not committed; for audio decode)
     plan: BlockPlan
     records: list[ForwardRecord] = field(default_factory=list)
+    # what BlockStream.refresh_caches needs (the whole re-predicted audio sequence, whether to record);
+    # None once the caches are refreshed
+    pending_context: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -112,6 +115,7 @@ class BlockStream:
         self.state = state or DiTState.allocate(dit.cfg, profile, self.policy.layout(), device=self.device,
                                                 dtype=self.dtype)
         self.cursor = Cursor(self.device)
+        self._unrefreshed: BlockOutput | None = None  # denoised, context pass not yet run
         self.step_fn: Callable = self.eager_step
         # opt-in: the t = 0 pass computes only what reaches a cache and returns no flow (its plan carries
         # context=True; backends that run the PyTorch forward honour it, compiled artifacts ignore it)
@@ -125,6 +129,7 @@ class BlockStream:
     def start(self, ctx: torch.Tensor) -> None:
         """New stream: zero the caches in place and compute the prompt's text K/V."""
         self.state.reset()
+        self._unrefreshed = None
         self.dit.prepare_text(ctx.to(self.device), self.state)
         self._audio_hist = torch.zeros(self.p.stream.batch, 0, self.p.audio.latent_channels,
                                        device=self.device, dtype=self.dtype)
@@ -139,10 +144,23 @@ class BlockStream:
             for layer in cache:
                 self.dit.kv.rerotate(layer, cos, sin, lay.sink, lay.ring)
 
-    @torch.no_grad()
     def run_block(self, plan: BlockPlan, xv: torch.Tensor, win: torch.Tensor, noise: NoiseSource,
                   record: bool = False) -> BlockOutput:
-        """Denoise one block. xv [B, Fb, Cv, Hl, Wl] initial noise, win [B, W, Ca] audio window noise."""
+        """One block: its denoising steps, then the context pass that refreshes the caches for the next.
+        xv [B, Fb, Cv, Hl, Wl] initial noise, win [B, W, Ca] audio window noise."""
+        out = self.denoise_block(plan, xv, win, noise, record)
+        self.refresh_caches(out)
+        return out
+
+    @torch.no_grad()
+    def denoise_block(self, plan: BlockPlan, xv: torch.Tensor, win: torch.Tensor, noise: NoiseSource,
+                      record: bool = False) -> BlockOutput:
+        """The denoising steps of one block: its committed latents, all the decoders need, before the
+        context pass. ``refresh_caches(out)`` must follow before the next block (a session hands ``out``
+        to the decoders in between, so the first frames are decoded while the caches are refreshed)."""
+        if self._unrefreshed is not None:
+            raise RuntimeError(f"block {self._unrefreshed.index}'s caches were not refreshed: call "
+                               f"refresh_caches(out) after denoise_block, before the next block")
         sch, na = self.schedule, self.p.stream.audio_tokens_per_block
         if plan.rebase_frames:
             self._rebase(plan.rebase_frames)
@@ -172,15 +190,27 @@ class BlockStream:
                 nxt = sch.sigmas[k + 1]
                 xv = renoise(x0v, noise.video(x0v), nxt)
                 xa = torch.cat([hist, renoise(x0a[:, h:], noise.audio(x0a[:, h:]), nxt)], dim=1)
-        committed = x0a[:, h:h + na]
-        # context pass at t = 0 on the clean block and the re-predicted audio sequence
+        out = BlockOutput(plan.index, x0v, x0a[:, h:h + na], x0a[:, h + na:], plan, records, (x0a, record))
+        self._unrefreshed = out
+        return out
+
+    @torch.no_grad()
+    def refresh_caches(self, out: BlockOutput) -> None:
+        """The context pass of ``out``'s block: the DiT at t = 0 on the clean block and the re-predicted
+        audio sequence, which writes the caches the next block attends to; then the committed audio joins
+        the history. The block's latents are only read."""
+        if out.pending_context is None or out is not self._unrefreshed:
+            raise RuntimeError(f"block {out.index}: refresh_caches takes the output of the last denoise_block, once")
+        (x0a, record), plan, x0v = out.pending_context, out.plan, out.video
+        b, nf = x0v.shape[0], x0v.shape[1]
         vt0 = torch.zeros(b, nf, device=self.device)
-        at0 = torch.zeros(b, xa.shape[1], device=self.device)
+        at0 = torch.zeros(b, x0a.shape[1], device=self.device)
         fv, fa = self.step_fn(x0v, x0a, vt0, at0, replace(plan, context=True) if self.lean_context else plan)
         if record:  # a lean context pass has no flows (None)
-            records.append(ForwardRecord(plan.index, sch.steps, x0v, x0a, vt0, at0, fv, fa, None, None))
-        self._commit_audio(plan, committed)
-        return BlockOutput(plan.index, x0v, committed, x0a[:, h + na:], plan, records)
+            out.records.append(ForwardRecord(plan.index, self.schedule.steps, x0v, x0a, vt0, at0, fv, fa,
+                                             None, None))
+        self._commit_audio(plan, out.audio)
+        out.pending_context, self._unrefreshed = None, None
 
     def _commit_audio(self, plan: BlockPlan, committed: torch.Tensor) -> None:
         """Keep only the history the policy will still feed (bounded for rolling streams)."""

@@ -77,7 +77,7 @@ def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
     from hallolive_rt.sampler import TorchNoise
     from hallolive_rt.stream import window_noise
 
-    from .devices import DecodedBlock
+    from .devices import DecodedBlock, dit_ms
     from .session import BlockNoise
 
     c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
@@ -98,7 +98,7 @@ def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
             if latents is not None:
                 latents.append((out.video.float().cpu(), out.audio.float().cpu()))
         e = clock.at_s(m["dit_end"], c.dit_device)  # waits for this block only (event-timed stages)
-        t = {"dit": clock.ms(m["dit_start"], m["dit_end"]),
+        t = {"dit": dit_ms(clock, m),
              "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
         frames = p.pixel_frames(p.stream.latent_frames_per_block, first_block=plan.index == 0)
         yield DecodedBlock(plan.index, np.zeros((frames, 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,

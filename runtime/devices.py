@@ -1,12 +1,16 @@
-"""DiT and decoders on one or two devices, overlapped: the VAE of block i decodes while the DiT runs i+1.
+"""DiT and decoders on one or two devices, overlapped: the VAE of block i decodes while the DiT runs the
+context pass of block i and then block i+1.
 
     main thread (DiT device)      decode thread (VAE device)           writer thread (host)
-    DiT block i  --event-->  copy stream: latents -> staging[i % 2]
-    DiT block i+1            vae stream: wait copy; decode frame by frame;
-                             uint8 + D2H into pinned host slot;     wait frame 0 (first frame out),
-                             audio decode + D2H; record events  -->  wait rest; copy out of pinned;
-                                                                    on_block(...) (io/write: MP4)
-Hand-off: the DiT's stream records an event after block i; the copy stream (VAE device) waits it and
+    DiT block i: 4 steps --event--> copy stream: latents -> staging[i % 2]
+    DiT block i: context pass       vae stream: wait copy; decode frame by frame;
+    DiT block i+1 ...               uint8 + D2H into pinned host slot;  wait frame 0 (first frame out),
+                                    audio decode + D2H; record events --> wait rest; copy out of pinned;
+                                                                         on_block(...) (io/write: MP4)
+The block is handed over unsealed (``submit(..., sealed=False)``) after its denoising steps, and sealed
+once its context pass has been issued: its DiT marks are final only then, so the writer (or, sequential,
+``seal`` itself) computes its times and writes it after the seal.
+Hand-off: the DiT's stream records an event after block i's steps; the copy stream (VAE device) waits it and
 copies the committed latents into one of two static staging slots; the decode stream waits the copy's
 event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
 (pinned, one block of frames + audio each) return to a free list once the writer has copied them out,
@@ -43,7 +47,7 @@ from hallolive_rt.profile import Profile
 
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "resolve_devices", "frames_to_uint8",
+__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "resolve_devices", "frames_to_uint8",
            "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
 
 # Stream priorities (CUDA; lower number = higher priority). On one GPU the DiT of block i+1 and the
@@ -136,6 +140,15 @@ class Clock:
         return self._origin[device].elapsed_time(m) / 1e3
 
 
+def dit_ms(clock: Clock, marks: dict) -> float:
+    """The DiT's time on a block from its marks: ``dit_start`` -> ``dit_end``, less the hand-off between
+    its denoising steps (``denoised``) and its context pass (``refresh_start``) where the session marks
+    them (the sequential pipeline decodes the block inline there)."""
+    if "denoised" in marks:
+        return clock.ms(marks["dit_start"], marks["denoised"]) + clock.ms(marks["refresh_start"], marks["dit_end"])
+    return clock.ms(marks["dit_start"], marks["dit_end"])
+
+
 @dataclass
 class DecodedBlock:
     """One streamed block on the host. Times in seconds since the stream's start; stage times in ms."""
@@ -162,8 +175,10 @@ class _Job:
     slot: int
     first_block: bool
     has_future: bool
-    marks: dict  # DiT-side marks (dit device)
+    marks: dict  # DiT-side marks (dit device): final once ``sealed`` is set
     copied: object = None  # event (CUDA) the decode stream waits for
+    sealed: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False  # the stream ended before the DiT sealed this job
 
 
 @dataclass
@@ -218,6 +233,8 @@ class DecodePipeline:
             self.vrunner.prepare()  # compile / capture now, outside any timed stream
         self.astate = self.adec.new_state(1)
         self._threads: list[threading.Thread] = []
+        self._unsealed: list[_Job] = []  # submitted with sealed=False, not yet sealed
+        self._decoded: dict[int, _WriteJob] = {}  # sequential mode: decoded, waiting for their seal
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def reset_states(self) -> None:
@@ -250,7 +267,11 @@ class DecodePipeline:
                 t.start()
 
     def close(self) -> None:
-        """Stop the worker threads (after the work already queued)."""
+        """Stop the worker threads (after the work already queued); a block never sealed is dropped."""
+        for job in self._unsealed:  # the stream ended (an error, a stop) between submit and seal
+            job.abandoned = True
+            job.sealed.set()
+        self._unsealed, self._decoded = [], {}
         if self._threads:
             self._decode_q.put(_STOP)
             for t in self._threads:
@@ -304,10 +325,18 @@ class DecodePipeline:
         return self.clock.mark()
 
     @torch.no_grad()
-    def submit(self, out, marks: dict) -> None:
-        """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once."""
+    def submit(self, out, marks: dict, *, sealed: bool = True) -> _Job:
+        """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once.
+
+        ``sealed=False``: the DiT still works on this block (its context pass) while it decodes; its
+        ``marks`` are completed later and ``seal(job)`` says so. The block's times are computed, and the
+        block written, only once it is sealed."""
         i = out.index
         job = _Job(i, i % 2, i == 0, out.audio_future.shape[1] > 0, marks)
+        if sealed:
+            job.sealed.set()
+        else:
+            self._unsealed.append(job)
         slot = job.slot
         self._slot_sem[slot].acquire()
         if self.cuda:
@@ -327,8 +356,22 @@ class DecodePipeline:
         self._submitted += 1
         if self.overlap:
             self._decode_q.put(job)
-        else:
+        elif job.sealed.is_set():
             self._done.put(self._write(self._decode(job)))
+        else:  # sequential: decode now, write when sealed
+            self._decoded[job.index] = self._decode(job)
+        return job
+
+    def seal(self, job: _Job) -> None:
+        """The DiT is done with ``job``'s block and its marks are final (see ``submit``)."""
+        self._unsealed.remove(job)
+        job.sealed.set()
+        w = self._decoded.pop(job.index, None)
+        if w is not None:
+            try:
+                self._done.put(self._write(w))
+            except BaseException as e:  # surfaced by ready()/finish(), as from the writer thread
+                self._done.put(e)
 
     def _stage_copy(self, out, slot: int) -> None:
         nb = self.cuda
@@ -377,11 +420,14 @@ class DecodePipeline:
     # ---- host side (writer thread, or inline) -----------------------------------------------------------
     def _write(self, w: _WriteJob) -> DecodedBlock:
         clock, job = self.clock, w.job
+        job.sealed.wait()  # the DiT's marks of this block are final (writer thread; inline: already set)
+        if job.abandoned:
+            raise RuntimeError(f"block {job.index} abandoned: the stream ended before its DiT work did")
         ready = [clock.at_s(m, self.vae_dev) for m in w.frame_marks]  # in order: frame 0 first
         end = clock.at_s(w.marks["vae_audio_end"], self.vae_dev)
         dm = job.marks
         times = {
-            "dit": clock.ms(dm["dit_start"], dm["dit_end"]),
+            "dit": dit_ms(clock, dm),
             "dit_steps": sum(clock.ms(a, b) for a, b in dm["steps"]),
             "dit_context": clock.ms(*dm["context"]),
             "vae_video": clock.ms(w.marks["vae_start"], w.marks["vae_video_end"]),
@@ -423,6 +469,8 @@ class DecodePipeline:
 
     def finish(self) -> list[DecodedBlock]:
         """Wait for every submitted block; stops the worker threads."""
+        if self._unsealed:
+            raise RuntimeError(f"blocks {[j.index for j in self._unsealed]} were submitted unsealed and never sealed")
         out = self._take(block=True)
         self.close()
         return out

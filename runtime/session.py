@@ -305,11 +305,18 @@ class StreamSession:
                     self._apply_switches(i)
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
                     self._k, self._marks = 0, {"steps": []}
-                    self._marks["dit_start"] = pipe.clock.mark()
-                    out = bs.run_block(plan, init.video(i), win, fresh)
-                    self._marks["dit_end"] = pipe.clock.mark()
+                    marks = self._marks
+                    marks["dit_start"] = pipe.clock.mark()
+                    out = bs.denoise_block(plan, init.video(i), win, fresh)
+                    marks["denoised"] = pipe.clock.mark()
+                    # the decoders start on the committed latents now, while the DiT runs the context pass
+                    # (it only refreshes the caches for block i + 1): the first frame does not wait for it
+                    job = pipe.submit(out, marks, sealed=False)
+                    marks["refresh_start"] = pipe.clock.mark()
+                    bs.refresh_caches(out)
+                    marks["dit_end"] = pipe.clock.mark()
+                    pipe.seal(job)
                     init.drop_before(i + 1)
-                    pipe.submit(out, self._marks)
                 yield from pipe.ready()
             yield from pipe.finish()
         finally:

@@ -137,8 +137,8 @@ def setup(env: dict, dry_run: bool, install: str, work: Path, log) -> dict:
                   "git_head": head}
     if head is not None:  # tracked files that differ from that HEAD (a copy's .git can lag its tree)
         rc, changed = _run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], 10)
-        info["git_tree_differs_from_head"] = sorted(line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()) \
-            if rc == 0 else None
+        info["git_tree_differs_from_head"] = (sorted(line.split(maxsplit=1)[-1] for line in changed.splitlines()
+                                                     if line.strip()) if rc == 0 else None)
     deadline = time.time() + SETUP_BOX_S
 
     def left(cap: float) -> float:

@@ -37,7 +37,8 @@ def headline(kind: str, r: dict | None) -> str:
         if kind == "pytest":
             kv = r.get("kv_ext_build") or {}
             kvs = "" if not kv else f"kv ext {'built' if kv.get('ok') else 'FAILED'} in {f(kv.get('s'), '.0f')} s; "
-            bad = [t["name"].rsplit("::", 1)[-1] for t in r.get("tests") or [] if t.get("outcome") in ("failed", "error")]
+            bad = [t["name"].rsplit("::", 1)[-1] for t in r.get("tests") or []
+                   if t.get("outcome") in ("failed", "error")]
             tail = (f"; failed: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}" if bad else "") + \
                 (f"; was running {r['running'].rsplit('::', 1)[-1]}" if r.get("running") else "")
             return kvs + ", ".join(f"{n} {k}" for k, n in (r.get("counts") or {}).items() if n) + tail

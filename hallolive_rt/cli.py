@@ -119,8 +119,9 @@ ATTN = typer.Option(AttnKernel.auto, "--attn-kernel", help="Opt-in: the one SDPA
                     "efficient (CUDA) force one, and one that cannot run on the device and dtype is refused "
                     "up front, never silently replaced. eager and cudagraph backends only.")
 VAE_BACKEND = typer.Option("eager", "--vae-backend", help="Opt-in video decoder fast path (H100, decoders "
-                          "only: channels_last_3d 1.06x, cudagraph 0.99x): eager (reference, default), compiled (torch.compile, fullgraph), cudagraph (each "
-                          "per-frame decode replayed from a CUDA graph), compiled-cudagraph (both). A +cl3d suffix "
+                          "only: channels_last_3d 1.06x, cudagraph 0.99x): eager (reference, default), compiled "
+                          "(torch.compile, fullgraph), cudagraph (each per-frame decode replayed from a CUDA graph), "
+                          "compiled-cudagraph (both). A +cl3d suffix "
                           "is the same as --vae-channels-last. bench: a comma-separated list, each a run "
                           "(--mode vae runs the eager baseline first, in the same process).")
 VAE_CL = typer.Option(False, "--vae-channels-last/--no-vae-channels-last", help="Opt-in: the video decoder's "

@@ -27,9 +27,10 @@ it. ``session`` wraps the streaming loop of one stream (after model build, compi
 so set-up never lands inside it); ``block`` is one streaming block: ``per-step`` denoising steps
 (4 in both presets), the two decoders (handed the block's latents right after its steps, so they
 run before or beside the next range), the context pass that writes the KV caches, and the hand-off
-of decoded media to the writer (after the context pass: the block's DiT times are final then). NVTX push/pop ranges nest per thread: the tree is that of the thread
-running the loop; a stage entered on another thread (a writer or decode thread) starts its own root
-there, which Nsight shows on that thread's row.
+of decoded media to the writer (after the context pass: the block's DiT times are final then). NVTX
+push/pop ranges nest per thread: the tree is that of the thread running the loop; a stage entered on
+another thread (a writer or decode thread) starts its own root there, which Nsight shows on that
+thread's row.
 
 Payload
 -------

@@ -200,7 +200,8 @@ class BlockStream:
         audio sequence, which writes the caches the next block attends to; then the committed audio joins
         the history. The block's latents are only read."""
         if out.pending_context is None or out is not self._unrefreshed:
-            raise RuntimeError(f"block {out.index}: refresh_caches takes the output of the last denoise_block, once")
+            raise RuntimeError(f"block {out.index}: refresh_caches takes the output of the last denoise_block, "
+                               f"once")
         (x0a, record), plan, x0v = out.pending_context, out.plan, out.video
         b, nf = x0v.shape[0], x0v.shape[1]
         vt0 = torch.zeros(b, nf, device=self.device)

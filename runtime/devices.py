@@ -10,8 +10,8 @@ context pass of block i and then block i+1.
 The block is handed over unsealed (``submit(..., sealed=False)``) after its denoising steps, and sealed
 once its context pass has been issued: its DiT marks are final only then, so the writer (or, sequential,
 ``seal`` itself) computes its times and writes it after the seal.
-Hand-off: the DiT's stream records an event after block i's steps; the copy stream (VAE device) waits it and
-copies the committed latents into one of two static staging slots; the decode stream waits the copy's
+Hand-off: the DiT's stream records an event after block i's steps; the copy stream (VAE device) waits
+it and copies the committed latents into one of two static staging slots; the decode stream waits the copy's
 event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
 (pinned, one block of frames + audio each) return to a free list once the writer has copied them out,
 so a slow MP4 encoder back-pressures decoding, never the DiT's stream. Nothing on the main thread waits
@@ -145,7 +145,8 @@ def dit_ms(clock: Clock, marks: dict) -> float:
     its denoising steps (``denoised``) and its context pass (``refresh_start``) where the session marks
     them (the sequential pipeline decodes the block inline there)."""
     if "denoised" in marks:
-        return clock.ms(marks["dit_start"], marks["denoised"]) + clock.ms(marks["refresh_start"], marks["dit_end"])
+        return (clock.ms(marks["dit_start"], marks["denoised"])
+                + clock.ms(marks["refresh_start"], marks["dit_end"]))
     return clock.ms(marks["dit_start"], marks["dit_end"])
 
 
@@ -225,6 +226,7 @@ class DecodePipeline:
             self.copy_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
             self.vae_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
             self._dit_stream = torch.cuda.Stream(self.dit_dev, priority=DIT_STREAM_PRIORITY)
+            self._hold_stream = torch.cuda.Stream(self.dit_dev)  # two devices: see submit
             self.slot_free = [torch.cuda.Event() for _ in range(2)]
         if self.vdec.conv2.weight.dtype != dt:
             raise ValueError(f"the video decoder holds {self.vdec.conv2.weight.dtype} weights, the stream runs {dt}")
@@ -346,11 +348,17 @@ class DecodePipeline:
                 self.copy_stream.wait_event(done)
                 self.copy_stream.wait_event(self.slot_free[slot])  # decode of block i-2 has read the slot
                 self._stage_copy(out, slot)
-                if self.dit_dev == self.vae_dev:  # the DiT's allocator must not reuse these before the copy
-                    for t in (out.video, out.audio, out.audio_future):
-                        t.record_stream(self.copy_stream)
                 job.copied = torch.cuda.Event()
                 job.copied.record(self.copy_stream)
+            # the DiT's allocator must not reuse the latents' memory before the copy has read it: on one GPU
+            # the copy stream is the DiT device's own; with two, a stream of the DiT device that waits for
+            # the copy stands for it (the allocator knows nothing of the other device's streams)
+            hold = self.copy_stream
+            if self.dit_dev != self.vae_dev:
+                hold = self._hold_stream
+                hold.wait_event(job.copied)
+            for t in (out.video, out.audio, out.audio_future):
+                t.record_stream(hold)
         else:
             self._stage_copy(out, slot)
         self._submitted += 1
@@ -470,7 +478,8 @@ class DecodePipeline:
     def finish(self) -> list[DecodedBlock]:
         """Wait for every submitted block; stops the worker threads."""
         if self._unsealed:
-            raise RuntimeError(f"blocks {[j.index for j in self._unsealed]} were submitted unsealed and never sealed")
+            raise RuntimeError(f"blocks {[j.index for j in self._unsealed]} were submitted unsealed and never "
+                               f"sealed")
         out = self._take(block=True)
         self.close()
         return out

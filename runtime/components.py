@@ -27,6 +27,8 @@ from hallolive_rt.model.vocoder import BigVGANVocoder, build_vocoder, load_vocod
 from hallolive_rt.profile import Profile
 from hallolive_rt.release import MODEL_FILES, MissingModelFiles, ModelFiles, check_model_dir, decoder_configs
 
+from .devices import canonical_device
+
 __all__ = ["ModelFiles", "MODEL_FILES", "MissingModelFiles", "Components", "check_model_dir",
            "load_components", "decoder_configs", "weights_nbytes"]
 
@@ -80,9 +82,9 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
     anything is loaded. ``ema`` picks the DiT entry of a nested training file (``load_dit``: False, the
     default, reads ``generator``; True reads ``generator_ema``); random weights ignore it.
     """
-    dit_dev = torch.device(dit_device)
-    vae_dev = torch.device(vae_device) if vae_device is not None else dit_dev
-    text_dev = torch.device(text_device) if text_device is not None else dit_dev
+    dit_dev = canonical_device(dit_device)  # "cuda" -> "cuda:N": one name per device everywhere after this
+    vae_dev = canonical_device(vae_device) if vae_device is not None else dit_dev
+    text_dev = canonical_device(text_device) if text_device is not None else dit_dev
     dtype = dtype or profile.dtype
     cfg = load_fusion_config(profile.video_config, profile.audio_config)
     vcfg, acfg, gcfg, tcfg = decoder_configs(profile)

@@ -47,7 +47,7 @@ from hallolive_rt.profile import Profile
 
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "resolve_devices", "frames_to_uint8",
+__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "canonical_device", "resolve_devices", "frames_to_uint8",
            "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
 
 # Stream priorities (CUDA; lower number = higher priority). On one GPU the DiT of block i+1 and the
@@ -60,6 +60,15 @@ __all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "resolve_devices
 # clamped by CUDA to the device's range (typically [-5, 0]); on two GPUs the priorities are moot.
 DIT_STREAM_PRIORITY = -1
 DECODE_STREAM_PRIORITY = 0
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: "cuda" means the current CUDA device (``cuda:N``), as everywhere in torch;
+    what a thread's ``torch.cuda.set_device`` and the clocks' per-device keys need."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.device | None = None):
@@ -75,10 +84,9 @@ def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.devi
             if not torch.cuda.is_available():
                 raise ValueError(f"{flag} {d}: no CUDA device here (torch {torch.__version__}, "
                                  f"CUDA build: {torch.version.cuda}); use cpu")
-            idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            if idx >= torch.cuda.device_count():
+            dev = canonical_device(dev)
+            if dev.index >= torch.cuda.device_count():
                 raise ValueError(f"{flag} {d}: only {torch.cuda.device_count()} CUDA device(s) visible")
-            dev = torch.device("cuda", idx)
         elif dev.type != "cpu":
             raise ValueError(f"{flag} {d}: only cpu and cuda devices are supported")
         devs.append(dev)
@@ -201,7 +209,7 @@ class DecodePipeline:
                  host_slots: int = 3, video_runner: VideoDecodeOptions | str | None = None):
         c = components
         self.p, self.overlap, self.on_block = profile, overlap, on_block
-        self.dit_dev, self.vae_dev = c.dit_device, c.vae_device
+        self.dit_dev, self.vae_dev = canonical_device(c.dit_device), canonical_device(c.vae_device)
         self.cuda = self.vae_dev.type == "cuda"
         self.clock = Clock([self.dit_dev, self.vae_dev])
         self.vdec = c.video_decoder
@@ -280,9 +288,17 @@ class DecodePipeline:
                 t.join()
             self._threads = []
 
-    def _loop(self, inbox: queue.Queue, fn, outbox: queue.Queue) -> None:
+    def _thread_setup(self) -> None:
+        """First thing on a worker thread: its current device is the decoders'."""
         if self.cuda:
             torch.cuda.set_device(self.vae_dev)
+
+    def _loop(self, inbox: queue.Queue, fn, outbox: queue.Queue) -> None:
+        try:
+            self._thread_setup()
+            failed = None
+        except BaseException as e:  # noqa: BLE001 - every item then fails with it (never a silent dead thread)
+            failed = e
         while True:
             item = inbox.get()
             if item is _STOP or isinstance(item, BaseException):
@@ -290,10 +306,21 @@ class DecodePipeline:
                 if item is _STOP:
                     return
                 continue
+            if failed is not None:
+                self._release(item)  # what the item holds, or the DiT thread would wait for it forever
+                outbox.put(failed)
+                continue
             try:
                 outbox.put(fn(item))
             except BaseException as e:  # surfaced on the main thread by ready()/finish()
                 outbox.put(e)
+
+    def _release(self, item) -> None:
+        """Give back the staging slot (a decode job) or host slot (a write job) of an item not processed."""
+        if isinstance(item, _Job):
+            self._slot_sem[item.slot].release()
+        elif isinstance(item, _WriteJob):
+            self._free_hslots.put(item.hslot)
 
     def describe(self) -> dict:
         """What the bench JSON and ``--metrics`` record: overlap, the video runner, stream priorities."""

@@ -50,7 +50,7 @@ from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import BlockStream, window_noise
 
 from .backends import Backend, get_backend
-from .devices import DecodedBlock, DecodePipeline
+from .devices import DecodedBlock, DecodePipeline, canonical_device
 from .levers import DiTLevers, apply_levers, check_levers, levers_info, precision_dtype
 
 __all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main", "check_fast_paths",
@@ -132,7 +132,7 @@ class StreamSession:
         if future_audio_tokens is not None:
             p = p.with_overrides(future_audio_tokens=future_audio_tokens)
         for flag, want, have in (("dit_device", dit_device, c.dit_device), ("vae_device", vae_device, c.vae_device)):
-            if want is not None and torch.device(want) != have:
+            if want is not None and canonical_device(want) != have:
                 raise ValueError(f"{flag}={want} but the components were built on {have}; build them there")
         self.c, self.p = c, p
         # blocks: None = the profile's released clip, ENDLESS ("endless") = until the caller stops reading;

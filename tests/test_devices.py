@@ -165,3 +165,42 @@ def test_cuda_priorities_applied_and_overlap_equals_sequential(vae):
     for a, b in zip(runs[True], runs[False]):
         assert a.index == b.index and np.array_equal(a.frames, b.frames), f"block {a.index}"
         assert np.allclose(a.audio, b.audio, atol=1e-5)
+
+
+def test_cuda_without_an_index_names_the_current_device(monkeypatch):
+    """load_components / DecodePipeline / StreamSession canonicalize "cuda" to "cuda:N": a worker thread's
+    torch.cuda.set_device refuses an index-less device (on the H100 every overlapped tiny session built
+    with dit_device="cuda" lost its decode thread that way and waited for it until the test timed out)."""
+    from hallolive_rt.runtime.devices import canonical_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert canonical_device("cuda") == torch.device("cuda", 1)
+    assert canonical_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert canonical_device("cuda:0") == torch.device("cuda", 0)
+    assert canonical_device("cpu") == torch.device("cpu")
+
+
+def test_a_worker_thread_that_cannot_start_fails_the_stream_instead_of_hanging_it(comps, monkeypatch):
+    """If a decode/writer thread's set-up raises, every block it gets fails with that error and gives back
+    its staging slot: the DiT thread gets the error from ready()/finish(), it never waits forever."""
+    import threading
+
+    def broken(self):
+        raise ValueError("Expected a torch.device with a specified index or an integer, but got: cuda")
+
+    monkeypatch.setattr(DecodePipeline, "_thread_setup", broken)
+    p = comps.profile
+    pipe = DecodePipeline(comps, p, overlap=True)
+    result = {}
+
+    def run():
+        try:
+            _run(pipe, _latents(p, 4))  # 4 blocks: the third needs the first staging slot back
+        except ValueError as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the stream hung on a dead worker thread"
+    assert "specified index" in str(result.get("error")) and pipe._threads == []

@@ -29,7 +29,8 @@
 #   d-kv-write-bench   bench/kv_write_bench.py at the released video-block shapes           box  60 s
 #   v-fp8-deviation, v-vae-compiled (not measured by the first session), then v-dit-compiled,
 #   v-overlap, c-stages-kv-ext ((c)'s DiT-only with --kv-impl ext), v-dit-fp8, v-vae-cl3d-graphs,
-#   v-dit-lean-context: the levers, each if its box still fits (bench/gpu_variants.py)    boxes 90-150 s
+#   v-dit-lean-context, v-dit-attn-cudnn, v-dit-fused: the levers and fast paths, each if its box still
+#   fits (bench/gpu_variants.py)                                                           boxes 90-150 s
 #   (aoti-dit: AOTInductor DiT package, 23 GB of constants, minutes of compile: only with --only)
 #
 # Budget: the session ends within 525 s (8 min 45 s) of this script's start, under the 10-minute command

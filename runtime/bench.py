@@ -133,26 +133,29 @@ def _vae_blocks(comps, profile: Profile, blocks: int, seed: int, pipe=None) -> I
             yield b
 
 
-def _stage_tflops(blocks, flops: list[dict[str, int]]) -> dict:
-    """Median achieved TFLOP/s per stage over steady blocks (all blocks if only one)."""
+def _stage_tflops(blocks, flops: list[dict[str, int]], measured_peak: float | None = None) -> dict:
+    """Median achieved TFLOP/s per stage over steady blocks (all blocks if only one), as a share of the
+    assumed bf16 peak and of the GEMM peak measured in this process (runtime/peak.py)."""
     ref = blocks[1:] or blocks
     out = {}
     for stage_name in ("dit", "dit_steps", "dit_context", "vae_video", "vae_audio"):
         vals = [achieved_tflops(flops[b.index][stage_name], b.times.get(stage_name)) for b in ref
                 if b.times.get(stage_name)]
         med = percentile([x for x in vals if x is not None], 50)
-        out[stage_name] = {"tflops": med, "share_of_bf16_peak": med / BF16_PEAK_TFLOPS if med else None}
+        out[stage_name] = {"tflops": med, "share_of_bf16_peak": med / BF16_PEAK_TFLOPS if med else None,
+                           "share_of_measured_peak": med / measured_peak if med and measured_peak else None}
     return out
 
 
-def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: dict) -> dict:
+def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: dict,
+            measured_peak: float | None = None) -> dict:
     """The metrics of one backend's timed run (so far)."""
     m = stream_metrics(got, fps=prof.fps, device=str(dit_dev), dtype=prof.dtype_name, with_env=False)
     if mode != "e2e":  # only one stage ran: the stream-level figures do not exist
         for k in ("ttff_s", "steady_fps", "steady_wall_s", "block_time_s", "inter_block_gap_s"):
             m[k] = None
         m["projected_two_device_fps"]["value"] = None
-    m["stage_tflops"] = _stage_tflops(got, flops)
+    m["stage_tflops"] = _stage_tflops(got, flops, measured_peak)
     m["session"] = sess_info
     if dit_dev.type == "cuda":
         m["peak_memory_gib"] = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in {dit_dev, vae_dev}}
@@ -195,6 +198,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     from .components import load_components, weights_nbytes
     from .devices import DecodePipeline, resolve_devices
     from .levers import DiTLevers, check_levers, precision_dtype
+    from .peak import measure_gemm_peak
     from .session import StreamSession, check_fast_paths
     from .vae_runner import check_vae_options, parse_vae_variants
 
@@ -234,6 +238,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
                                            ema=ema)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
+    peak = measure_gemm_peak(dit_dev, prof.dtype)  # the card at hand, in this process (~0.1 s)
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
     counts = FlopCounts(prof, lean_context=levers.lean_context)
     flops = count_flops(prof, list(choose_policy(prof, n).plans()), len(prof.stream.denoising_steps), counts)
@@ -248,7 +253,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         "weights": comps.source, "weights_bytes": weights_nbytes(comps),
         "build_s": build_s if components is None else None, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "flops": counts.describe(),
-        "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS, "nvtx": nvtx.describe(),
+        "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS, "gemm_peak_measured": peak, "nvtx": nvtx.describe(),
         "env": env_info([dit_dev, vae_dev]), "results": results, "projected": None,
     }
     out["git_commit"] = out["env"]["git_commit"]
@@ -278,7 +283,7 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
         got = []
         for blk in timed:
             got.append(blk)
-            results[key] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info)
+            results[key] = _result(got, mode, prof, dit_dev, vae_dev, flops, sess_info, peak["tflops"])
             emit()
         del sess, timed
     out["complete"] = True

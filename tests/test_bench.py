@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.bench import bench_main, combine_projection
@@ -61,6 +62,11 @@ def test_bench_tiny_cpu_json_schema_and_projection(tmp_path):
     e2e = out["e2e"]["results"]["eager"]
     assert e2e["steady_fps"] > 0 and e2e["ttff_s"] > 0 and len(e2e["per_block"]) == 2
     assert e2e["stage_tflops"]["dit"]["tflops"] > 0 and e2e["stage_tflops"]["vae_video"]["tflops"] > 0
+    peak = out["e2e"]["gemm_peak_measured"]  # measured in the same process, on the same device
+    assert peak["tflops"] > 0 and peak["dtype"] == "float32" and peak["device"] == "cpu"
+    for st in ("dit", "vae_video"):
+        s = e2e["stage_tflops"][st]
+        assert s["share_of_measured_peak"] == pytest.approx(s["tflops"] / peak["tflops"])
     assert out["e2e"]["projected"]["two_device_fps"] > 0
     d = out["dit"]["results"]["eager"]
     assert d["steady_fps"] is None and d["dit_only_fps_equiv"] > 0 and d["vae_only_fps_equiv"] is None
@@ -122,3 +128,11 @@ def test_bench_emits_each_block_as_it_finishes_and_reuses_components(tmp_path):
         assert out["build_s"] is None and out["flops"]["source"].startswith("committed table tiny.json")
         disk = json.loads((tmp_path / f"{mode}.json").read_text())
         assert disk["complete"] is True and len(disk["results"][name]["per_block"]) == 3
+
+
+def test_gemm_peak_is_the_best_of_timed_square_matmuls():
+    from hallolive_rt.runtime.peak import measure_gemm_peak
+
+    r = measure_gemm_peak("cpu", torch.float32, n=128, iters=3, warmup=1)
+    assert r["n"] == 128 and r["iters"] == 3 and r["best_s"] > 0
+    assert r["tflops"] == pytest.approx(2 * 128**3 / r["best_s"] / 1e12)

@@ -11,8 +11,8 @@ The block is handed over unsealed (``submit(..., sealed=False)``) after its deno
 once its context pass has been issued: its DiT marks are final only then, so the writer (or, sequential,
 ``seal`` itself) computes its times and writes it after the seal.
 Hand-off: the DiT's stream records an event after block i's steps; the copy stream (VAE device) waits
-it and copies the committed latents into one of two static staging slots; the decode stream waits the copy's
-event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
+it and copies the committed latents into one of two static staging slots; the decode stream waits the
+copy's event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
 (pinned, one block of frames + audio each) return to a free list once the writer has copied them out,
 so a slow MP4 encoder back-pressures decoding, never the DiT's stream. Nothing on the main thread waits
 for the VAE.
@@ -47,8 +47,8 @@ from hallolive_rt.profile import Profile
 
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "canonical_device", "resolve_devices", "frames_to_uint8",
-           "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
+__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "canonical_device", "resolve_devices",
+           "frames_to_uint8", "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
 
 # Stream priorities (CUDA; lower number = higher priority). On one GPU the DiT of block i+1 and the
 # decode of block i share the SMs. The DiT is the critical path: every later block, and so every later

@@ -64,6 +64,15 @@ class Entry:
         return self.dry_box_s if dry_run else self.box_s
 
 
+def _dit_lever(name: str, priority: int, note: str, *, box_s: int = 90, backends=("cudagraph",),
+               dry: dict | None = None, **lever) -> Entry:
+    """A DiT-only variant (stages, 3 blocks, one warm-up) with one lever set; the dry run keeps the lever
+    unless ``dry`` replaces it (a CPU cannot run every kernel)."""
+    return Entry(name, "stages", box_s=box_s, priority=priority,
+                 options={"backends": list(backends), "modes": ["dit"], "blocks": 3, "warmup_runs": 1, **lever},
+                 dry={**DRY, **(lever if dry is None else dry)}, note=note)
+
+
 ENTRIES = [
     # ---- the baseline: (a) correctness, (b) end to end, (c) stages -------------------------------------------
     Entry("a-correctness", "check", box_s=150, priority=10, own_file=True,
@@ -106,14 +115,10 @@ ENTRIES = [
                    "vae_backend": "eager+cl3d,cudagraph+cl3d,cudagraph"},
           dry={**DRY, "vae_backend": "eager+cl3d"},
           note="video decoder: channels_last_3d, then CUDA graphs of the per-frame decode, vs the eager decoder"),
-    Entry("v-dit-compiled", "stages", box_s=150, priority=60,
-          options={"backends": ["cudagraph", "compiled"], "modes": ["dit"], "blocks": 3, "warmup_runs": 1},
-          dry=DRY, note="DiT: the fusion layer compiled once for all layers (inductor) inside the CUDA graphs"),
-    Entry("v-dit-fp8", "stages", box_s=150, priority=63,
-          options={"backends": ["cudagraph", "compiled"], "modes": ["dit"], "blocks": 3, "warmup_runs": 1,
-                   "precision": "fp8"},
-          dry={**DRY, "precision": "fp8"},
-          note="DiT Linears in float8 e4m3 (torch._scaled_mm, per-row weight / per-token activation scales)"),
+    _dit_lever("v-dit-compiled", 60, "DiT: the fusion layer compiled once for all layers (inductor) inside the "
+               "CUDA graphs", box_s=150, backends=("cudagraph", "compiled")),
+    _dit_lever("v-dit-fp8", 63, "DiT Linears in float8 e4m3 (torch._scaled_mm, per-row weight / per-token "
+               "activation scales)", box_s=150, backends=("cudagraph", "compiled"), precision="fp8"),
     Entry("v-fp8-deviation", "script", box_s=120, priority=55,
           options={"script": "bench/fp8_deviation.py", "args": ["--device", "cuda", "--blocks", "2", "--no-fp32"],
                    "out": "file", "preset_arg": True},
@@ -123,25 +128,17 @@ ENTRIES = [
           options={"backends": ["cudagraph"], "blocks": 4, "warmup_runs": 1, "compare_overlap": True},
           dry={**DRY, "compare_overlap": True},
           note="decode of block i on its own low-priority stream while the DiT runs i+1, vs sequential"),
-    Entry("v-dit-lean-context", "stages", box_s=90, priority=66,
-          options={"backends": ["cudagraph"], "modes": ["dit"], "blocks": 3, "warmup_runs": 1,
-                   "lean_context": True},
-          dry={**DRY, "lean_context": True},
-          note="the t=0 context pass without the work that reaches no cache (~0.4% of the DiT's FLOPs)"),
+    _dit_lever("v-dit-lean-context", 66, "the t=0 context pass without the work that reaches no cache (~0.4% of "
+               "the DiT's FLOPs)", lean_context=True),
     Entry("v-vae-compiled", "stages", box_s=150, priority=56,
           options={"backends": ["eager"], "modes": ["vae"], "blocks": 3, "warmup_runs": 1,
                    "vae_backend": "compiled-cudagraph+cl3d"},
           dry={**DRY, "vae_backend": "eager+cl3d"},
           note="video decoder compiled (inductor) and captured, channels_last_3d"),
-    Entry("v-dit-attn-cudnn", "stages", box_s=90, priority=68,
-          options={"backends": ["cudagraph"], "modes": ["dit"], "blocks": 3, "warmup_runs": 1, "attn_kernel": "cudnn"},
-          dry={**DRY, "attn_kernel": "math"},
-          note="every attention through cuDNN's SDPA kernel (--attn-kernel cudnn) instead of PyTorch's pick"),
-    Entry("v-dit-fused", "stages", box_s=90, priority=69,
-          options={"backends": ["cudagraph"], "modes": ["dit"], "blocks": 3, "warmup_runs": 1,
-                   "fuse_projections": True},
-          dry={**DRY, "fuse_projections": True},
-          note="q/k/v (and cross-attention k/v) projections as one GEMM per group (--fuse-projections)"),
+    _dit_lever("v-dit-attn-cudnn", 68, "every attention through cuDNN's SDPA kernel (--attn-kernel cudnn) instead "
+               "of PyTorch's pick", dry={"attn_kernel": "math"}, attn_kernel="cudnn"),
+    _dit_lever("v-dit-fused", 69, "q/k/v (and cross-attention k/v) projections as one GEMM per group "
+               "(--fuse-projections)", fuse_projections=True),
     # ---- opt-in (--only) ----------------------------------------------------------------------------------------
     Entry("aoti-dit", "script", box_s=540, priority=90, default=False,
           options={"script": "bench/export_aoti_bench.py", "args": ["--variants", "1"], "out": "dir",

@@ -461,6 +461,10 @@ class DecodePipeline:
         ready = [clock.at_s(m, self.vae_dev) for m in w.frame_marks]  # in order: frame 0 first
         end = clock.at_s(w.marks["vae_audio_end"], self.vae_dev)
         dm = job.marks
+        # the DiT's last mark of the block (after its context pass) may not be reached yet when the decode
+        # is done: CUDA's elapsed_time refuses an event not yet completed, so wait for it (the writer thread
+        # or, sequential, seal); every earlier DiT mark is on the same stream and complete with it
+        clock.wait(dm["dit_end"])
         times = {
             "dit": dit_ms(clock, dm),
             "dit_steps": sum(clock.ms(a, b) for a, b in dm["steps"]),

@@ -134,3 +134,49 @@ def test_pipeline_refuses_to_finish_with_an_unsealed_block(comps):
     pipe.seal(job)
     (b,) = pipe.finish()
     assert b.index == 0 and b.frames.shape[0] == p.pixel_frames(s.latent_frames_per_block, first_block=True)
+
+
+class _EventClock:
+    """CUDA-event semantics on a CPU, one stream: a mark is complete only once it, or a later mark, has
+    been waited on (``wait`` / ``at_s``); ``ms`` between marks not complete raises, as
+    ``cudaEventElapsedTime`` does (cudaErrorNotReady)."""
+
+    def __init__(self):
+        import time
+
+        self._now, self.t0, self.n, self.done_upto, self.times = time.perf_counter, 0.0, 0, -1, {}
+
+    def start(self):
+        self.t0, self.done_upto = self._now(), self.n - 1
+
+    def mark(self):
+        self.n += 1
+        self.times[self.n - 1] = self._now()
+        return self.n - 1
+
+    def now_s(self):
+        return self._now() - self.t0
+
+    def wait(self, m):
+        self.done_upto = max(self.done_upto, m)
+
+    def at_s(self, m, device):
+        self.wait(m)
+        return self.times[m] - self.t0
+
+    def ms(self, a, b):
+        if max(a, b) > self.done_upto:
+            raise RuntimeError("cudaErrorNotReady: elapsed time of an event not yet completed")
+        return (self.times[b] - self.times[a]) * 1e3
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_block_times_wait_for_the_context_pass_before_reading_its_marks(comps, ctx, overlap):
+    """The decode can finish before the DiT's context pass of the same block (one GPU: always when
+    sequential; two GPUs: whenever the decoder is fast): the block's DiT times are read only after its last
+    DiT mark is complete (a CUDA clock refuses elapsed times of events not yet reached)."""
+    sess = StreamSession(comps, comps.profile, overlap=overlap)
+    sess.pipeline.clock = _EventClock()
+    blocks = list(sess.run(ctx, seed=3))
+    assert [b.index for b in blocks] == list(range(comps.profile.stream.blocks))
+    assert all(b.times["dit_context"] > 0 and b.times["dit"] >= b.times["dit_steps"] for b in blocks)

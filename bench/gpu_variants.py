@@ -73,6 +73,15 @@ def _dit_lever(name: str, priority: int, note: str, *, box_s: int = 90, backends
                  dry={**DRY, **(lever if dry is None else dry)}, note=note)
 
 
+def _vae_variant(name: str, priority: int, vae_backend: str, note: str, *, box_s: int) -> Entry:
+    """A decoders-only variant (stages, 3 blocks, one warm-up): the eager decoder, then ``vae_backend``'s
+    runners, in one process; the dry run keeps what a CPU runs (channels_last_3d, eager)."""
+    return Entry(name, "stages", box_s=box_s, priority=priority,
+                 options={"backends": ["eager"], "modes": ["vae"], "blocks": 3, "warmup_runs": 1,
+                          "vae_backend": vae_backend},
+                 dry={**DRY, "vae_backend": "eager+cl3d"}, note=note)
+
+
 ENTRIES = [
     # ---- the baseline: (a) correctness, (b) end to end, (c) stages -------------------------------------------
     Entry("a-correctness", "check", box_s=150, priority=10, own_file=True,
@@ -110,11 +119,8 @@ ENTRIES = [
     Entry("c-stages-kv-ext", "stages", box_s=90, priority=62,
           options={"backends": ["eager", "cudagraph"], "modes": ["dit"], "kv_impl": "ext", "warmup_runs": 1},
           dry=DRY, note="(c) DiT-only with --kv-impl ext"),
-    Entry("v-vae-cl3d-graphs", "stages", box_s=100, priority=64,
-          options={"backends": ["eager"], "modes": ["vae"], "blocks": 3, "warmup_runs": 1,
-                   "vae_backend": "eager+cl3d,cudagraph+cl3d,cudagraph"},
-          dry={**DRY, "vae_backend": "eager+cl3d"},
-          note="video decoder: channels_last_3d, then CUDA graphs of the per-frame decode, vs the eager decoder"),
+    _vae_variant("v-vae-cl3d-graphs", 64, "eager+cl3d,cudagraph+cl3d,cudagraph", "video decoder: channels_last_3d, "
+                 "then CUDA graphs of the per-frame decode, vs the eager decoder", box_s=100),
     _dit_lever("v-dit-compiled", 60, "DiT: the fusion layer compiled once for all layers (inductor) inside the "
                "CUDA graphs", box_s=150, backends=("cudagraph", "compiled")),
     _dit_lever("v-dit-fp8", 63, "DiT Linears in float8 e4m3 (torch._scaled_mm, per-row weight / per-token "
@@ -130,11 +136,8 @@ ENTRIES = [
           note="decode of block i on its own low-priority stream while the DiT runs i+1, vs sequential"),
     _dit_lever("v-dit-lean-context", 66, "the t=0 context pass without the work that reaches no cache (~0.4% of "
                "the DiT's FLOPs)", lean_context=True),
-    Entry("v-vae-compiled", "stages", box_s=150, priority=56,
-          options={"backends": ["eager"], "modes": ["vae"], "blocks": 3, "warmup_runs": 1,
-                   "vae_backend": "compiled-cudagraph+cl3d"},
-          dry={**DRY, "vae_backend": "eager+cl3d"},
-          note="video decoder compiled (inductor) and captured, channels_last_3d"),
+    _vae_variant("v-vae-compiled", 56, "compiled-cudagraph+cl3d", "video decoder compiled (inductor) and captured, "
+                 "channels_last_3d", box_s=150),
     _dit_lever("v-dit-attn-cudnn", 68, "every attention through cuDNN's SDPA kernel (--attn-kernel cudnn) instead "
                "of PyTorch's pick", dry={"attn_kernel": "math"}, attn_kernel="cudnn"),
     _dit_lever("v-dit-fused", 69, "q/k/v (and cross-attention k/v) projections as one GEMM per group "

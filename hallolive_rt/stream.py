@@ -53,9 +53,6 @@ class BlockOutput:
     audio_future: torch.Tensor  # denoised lookahead tokens [B, F, Ca] (not committed; for audio decode)
     plan: BlockPlan
     records: list[ForwardRecord] = field(default_factory=list)
-    # what BlockStream.refresh_caches needs (the whole re-predicted audio sequence, whether to record);
-    # None once the caches are refreshed
-    pending_context: tuple | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -115,7 +112,9 @@ class BlockStream:
         self.state = state or DiTState.allocate(dit.cfg, profile, self.policy.layout(), device=self.device,
                                                 dtype=self.dtype)
         self.cursor = Cursor(self.device)
-        self._unrefreshed: BlockOutput | None = None  # denoised, context pass not yet run
+        # the block denoised whose context pass has not run yet: (its output, the whole re-predicted audio
+        # sequence x0a, whether to record); None between blocks
+        self._pending: tuple[BlockOutput, torch.Tensor, bool] | None = None
         self.step_fn: Callable = self.eager_step
         # opt-in: the t = 0 pass computes only what reaches a cache and returns no flow (its plan carries
         # context=True; backends that run the PyTorch forward honour it, compiled artifacts ignore it)
@@ -129,7 +128,7 @@ class BlockStream:
     def start(self, ctx: torch.Tensor) -> None:
         """New stream: zero the caches in place and compute the prompt's text K/V."""
         self.state.reset()
-        self._unrefreshed = None
+        self._pending = None
         self.dit.prepare_text(ctx.to(self.device), self.state)
         self._audio_hist = torch.zeros(self.p.stream.batch, 0, self.p.audio.latent_channels,
                                        device=self.device, dtype=self.dtype)
@@ -158,8 +157,8 @@ class BlockStream:
         """The denoising steps of one block: its committed latents, all the decoders need, before the
         context pass. ``refresh_caches(out)`` must follow before the next block (a session hands ``out``
         to the decoders in between, so the first frames are decoded while the caches are refreshed)."""
-        if self._unrefreshed is not None:
-            raise RuntimeError(f"block {self._unrefreshed.index}'s caches were not refreshed: call "
+        if self._pending is not None:
+            raise RuntimeError(f"block {self._pending[0].index}'s caches were not refreshed: call "
                                f"refresh_caches(out) after denoise_block, before the next block")
         sch, na = self.schedule, self.p.stream.audio_tokens_per_block
         if plan.rebase_frames:
@@ -190,8 +189,8 @@ class BlockStream:
                 nxt = sch.sigmas[k + 1]
                 xv = renoise(x0v, noise.video(x0v), nxt)
                 xa = torch.cat([hist, renoise(x0a[:, h:], noise.audio(x0a[:, h:]), nxt)], dim=1)
-        out = BlockOutput(plan.index, x0v, x0a[:, h:h + na], x0a[:, h + na:], plan, records, (x0a, record))
-        self._unrefreshed = out
+        out = BlockOutput(plan.index, x0v, x0a[:, h:h + na], x0a[:, h + na:], plan, records)
+        self._pending = (out, x0a, record)
         return out
 
     @torch.no_grad()
@@ -199,10 +198,11 @@ class BlockStream:
         """The context pass of ``out``'s block: the DiT at t = 0 on the clean block and the re-predicted
         audio sequence, which writes the caches the next block attends to; then the committed audio joins
         the history. The block's latents are only read."""
-        if out.pending_context is None or out is not self._unrefreshed:
+        if self._pending is None or self._pending[0] is not out:
             raise RuntimeError(f"block {out.index}: refresh_caches takes the output of the last denoise_block, "
                                f"once")
-        (x0a, record), plan, x0v = out.pending_context, out.plan, out.video
+        _, x0a, record = self._pending
+        plan, x0v = out.plan, out.video
         b, nf = x0v.shape[0], x0v.shape[1]
         vt0 = torch.zeros(b, nf, device=self.device)
         at0 = torch.zeros(b, x0a.shape[1], device=self.device)
@@ -211,7 +211,7 @@ class BlockStream:
             out.records.append(ForwardRecord(plan.index, self.schedule.steps, x0v, x0a, vt0, at0, fv, fa,
                                              None, None))
         self._commit_audio(plan, out.audio)
-        out.pending_context, self._unrefreshed = None, None
+        self._pending = None
 
     def _commit_audio(self, plan: BlockPlan, committed: torch.Tensor) -> None:
         """Keep only the history the policy will still feed (bounded for rolling streams)."""

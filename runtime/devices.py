@@ -209,7 +209,7 @@ class DecodePipeline:
                  host_slots: int = 3, video_runner: VideoDecodeOptions | str | None = None):
         c = components
         self.p, self.overlap, self.on_block = profile, overlap, on_block
-        self.dit_dev, self.vae_dev = canonical_device(c.dit_device), canonical_device(c.vae_device)
+        self.dit_dev, self.vae_dev = c.dit_device, c.vae_device  # canonical (load_components)
         self.cuda = self.vae_dev.type == "cuda"
         self.clock = Clock([self.dit_dev, self.vae_dev])
         self.vdec = c.video_decoder

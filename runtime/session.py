@@ -304,8 +304,8 @@ class StreamSession:
                 with stage("block", block=i), self._on_dit_device(), pipe.dit_stream(), torch.no_grad():
                     self._apply_switches(i)
                     win = window_noise(init.audio, i, self.blocks, p.stream.audio_tokens_per_block, p.audio_window)
-                    self._k, self._marks = 0, {"steps": []}
-                    marks = self._marks
+                    self._k = 0
+                    marks = self._marks = {"steps": []}  # _step adds each forward's marks
                     marks["dit_start"] = pipe.clock.mark()
                     out = bs.denoise_block(plan, init.video(i), win, fresh)
                     marks["denoised"] = pipe.clock.mark()

@@ -103,14 +103,16 @@ def test_dry_run_writes_every_json_and_prints_the_table_last(tmp_path):
 
 
 def test_a_timeout_and_an_error_are_recorded_and_the_next_phase_still_runs(tmp_path, monkeypatch, capsys):
-    """a-correctness gets a 3 s box (killed: "timeout"); b-e2e is given an attention kernel a CPU cannot run
+    """a-correctness gets a 3 s box and 60 blocks to check (killed: "timeout"; with its 2 dry-run blocks it
+    could finish inside 3 s on a warm machine); b-e2e is given an attention kernel a CPU cannot run
     (it raises: "error", with the message and traceback); d-kv-write-bench still runs and passes. The
     package comes from the symlink folder (--install farm), the fallback for a machine where pip cannot."""
     monkeypatch.setenv("HALLOLIVE_SESSION_WORK", str(tmp_path / "work"))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     out = tmp_path / "out"
     session = gpu_driver.run_session(out, dry_run=True, only=["a-correctness", "b-e2e", "d-kv-write-bench"],
-                                     boxes={"a-correctness": 3}, overrides={"b-e2e": {"attn_kernel": "efficient"}},
+                                     boxes={"a-correctness": 3},
+                                     overrides={"a-correctness": {"blocks": 60}, "b-e2e": {"attn_kernel": "efficient"}},
                                      install="farm")
     assert session["setup"]["install"] == "farm"
     status = {p["name"]: p for p in session["phases"]}

@@ -76,7 +76,7 @@ def run_stages(o: dict, emit) -> None:
     from hallolive_rt.profile import load_profile
     from hallolive_rt.runtime.bench import bench_main, combine_projection
     from hallolive_rt.runtime.components import load_components
-    from hallolive_rt.runtime.devices import resolve_devices
+    from hallolive_rt.runtime.placement import resolve_devices
 
     kw = _bench_kwargs(o)
     dit_dev, vae_dev = resolve_devices(o["device"])

@@ -77,7 +77,8 @@ def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
     from hallolive_rt.sampler import TorchNoise
     from hallolive_rt.stream import window_noise
 
-    from .devices import DecodedBlock, dit_ms
+    from .clock import dit_ms
+    from .decode_pipeline import DecodedBlock
     from .session import BlockNoise
 
     c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
@@ -111,7 +112,7 @@ def _vae_blocks(comps, profile: Profile, blocks: int, seed: int, pipe=None) -> I
     at construction)."""
     from types import SimpleNamespace
 
-    from .devices import DecodePipeline
+    from .decode_pipeline import DecodePipeline
 
     pipe = pipe or DecodePipeline(comps, profile, overlap=False)
     s, v = profile.stream, profile.video
@@ -196,7 +197,8 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components, weights_nbytes
-    from .devices import DecodePipeline, resolve_devices
+    from .decode_pipeline import DecodePipeline
+    from .placement import resolve_devices
     from .levers import DiTLevers, check_levers, precision_dtype
     from .peak import measure_gemm_peak
     from .session import StreamSession, check_fast_paths

@@ -70,7 +70,7 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
     from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components
-    from .devices import resolve_devices
+    from .placement import resolve_devices
     from .session import StreamSession, check_fast_paths
 
     console = console or Console(stderr=True, width=200)

@@ -27,7 +27,7 @@ from hallolive_rt.model.vocoder import BigVGANVocoder, build_vocoder, load_vocod
 from hallolive_rt.profile import Profile
 from hallolive_rt.release import MODEL_FILES, MissingModelFiles, ModelFiles, check_model_dir, decoder_configs
 
-from .devices import canonical_device
+from .placement import canonical_device
 
 __all__ = ["ModelFiles", "MODEL_FILES", "MissingModelFiles", "Components", "check_model_dir",
            "load_components", "decoder_configs", "weights_nbytes"]

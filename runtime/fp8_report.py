@@ -75,7 +75,7 @@ def _run(dit, profile, dtype, inputs, seed: int, device) -> dict:
 @torch.no_grad()
 def _decode(vdec, profile, video: torch.Tensor) -> torch.Tensor:
     """Committed latents [B, N*Fb, C, h, w] -> uint8 frames, block by block as the runtime decodes."""
-    from .devices import frames_to_uint8
+    from .decode_pipeline import frames_to_uint8
 
     st = vdec.new_state(video.shape[0], profile.video.latent_height, profile.video.latent_width)
     z = video.transpose(1, 2).float()  # [B, C, T, h, w]

@@ -8,7 +8,7 @@
         blk.audio   # float32 [tokens_per_block * 512] at 16 kHz (streamed decode)
 
 The DiT runs on the main thread (``BlockStream``, the one block loop, with the backend's step); each
-finished block is handed to ``DecodePipeline`` (runtime/devices.py), which decodes it on the VAE device
+finished block is handed to ``DecodePipeline`` (runtime/decode_pipeline.py), which decodes it on the VAE device
 while the DiT runs the next block. Seeds: the initial noise of every block comes from a generator
 seeded ``seed`` (block by block, video then audio), the fresh re-noising draws from ``seed + 1``, both
 on the DiT device: the same seed gives the same stream on every backend.
@@ -50,7 +50,8 @@ from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import BlockStream, window_noise
 
 from .backends import Backend, get_backend
-from .devices import DecodedBlock, DecodePipeline, canonical_device
+from .decode_pipeline import DecodedBlock, DecodePipeline
+from .placement import canonical_device
 from .levers import DiTLevers, apply_levers, check_levers, levers_info, precision_dtype
 
 __all__ = ["StreamSession", "DecodedBlock", "BlockNoise", "InputError", "stream_main", "check_fast_paths",
@@ -387,7 +388,7 @@ def stream_main(prompt: str, *, out: str | None = "hallolive.mp4", preset: str =
     from .backends import BackendUnavailable
     from .backends.artifacts import backend_for_run
     from .components import MissingModelFiles, check_model_dir
-    from .devices import resolve_devices
+    from .placement import resolve_devices
     from .vae_runner import check_vae_options, parse_vae_variant
 
     console = console or Console(stderr=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hallolive_rt.cache_policy import ENDLESS, variant_plans
 
-from .devices import DecodedBlock
+from .decode_pipeline import DecodedBlock
 from .session import InputError, StreamSession
 
 __all__ = ["claim_and_stream"]

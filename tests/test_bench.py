@@ -11,7 +11,7 @@ import torch
 
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.bench import bench_main, combine_projection
-from hallolive_rt.runtime.devices import DecodedBlock
+from hallolive_rt.runtime.decode_pipeline import DecodedBlock
 from hallolive_rt.runtime.metrics import stream_metrics
 
 

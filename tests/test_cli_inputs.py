@@ -19,7 +19,7 @@ from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy, choose_policy
 from hallolive_rt.cli import app
 from hallolive_rt.model.rope import ROPE_POSITIONS
 from hallolive_rt.profile import load_profile
-from hallolive_rt.runtime.devices import DecodedBlock
+from hallolive_rt.runtime.decode_pipeline import DecodedBlock
 from hallolive_rt.runtime.session import InputError, stream_main
 from hallolive_rt.runtime.stream_run import _Progress
 

@@ -17,7 +17,7 @@ from hallolive_rt.profile import load_profile
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import BlockStream
 from hallolive_rt.runtime.components import load_components
-from hallolive_rt.runtime.devices import DecodePipeline
+from hallolive_rt.runtime.decode_pipeline import DecodePipeline
 from hallolive_rt.runtime.session import StreamSession
 from tests.dit_fixtures import tiny_dit, tiny_inputs
 

@@ -94,7 +94,7 @@ def test_links_and_paths_resolve_inside_the_repository(doc):
 def test_metrics_json_points_at_the_definitions_in_this_repository():
     import numpy as np
 
-    from hallolive_rt.runtime.devices import DecodedBlock
+    from hallolive_rt.runtime.decode_pipeline import DecodedBlock
     from hallolive_rt.runtime.metrics import stream_metrics
 
     blk = DecodedBlock(0, np.zeros((1, 2, 2, 3), np.uint8), np.zeros(512, np.float32), {"dit": 1.0}, 0.0, 0.1, 0.2)

@@ -211,7 +211,7 @@ def test_without_the_package_ranges_fall_back_and_the_runtime_imports():
     out = _run_without_nvtx_package(
         "import json, torch\n"
         "from hallolive_rt import nvtx as hn\n"
-        "import hallolive_rt.runtime.session, hallolive_rt.runtime.devices, hallolive_rt.runtime.bench\n"
+        "import hallolive_rt.runtime.session, hallolive_rt.runtime.decode_pipeline, hallolive_rt.runtime.bench\n"
         "from tests.test_nvtx import synthetic_stream\n"
         "timer = hn.StageTimer()\n"
         "with timer:\n"

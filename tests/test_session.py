@@ -15,7 +15,7 @@ from hallolive_rt.profile import load_profile
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import generate
 from hallolive_rt.runtime.components import load_components
-from hallolive_rt.runtime.devices import frames_to_uint8
+from hallolive_rt.runtime.decode_pipeline import frames_to_uint8
 from hallolive_rt.runtime.session import BlockNoise, InputError, StreamSession, stream_main
 
 PROMPT = "A woman looks into the camera and says: hello there."

@@ -99,7 +99,7 @@ def test_a_runner_refuses_to_run_after_another_relaid_the_weights(dec, z):
 def test_compiled_runner_fullgraph_equals_eager_without_recompiling(dec, z):
     """Both variants compile as single graphs (fullgraph=True: a host sync would break the graph and
     raise) during prepare; decoding frames afterwards compiles nothing new. With channels_last_3d here;
-    the contiguous layout is compiled by the pipeline test in tests/test_devices.py."""
+    the contiguous layout is compiled by the pipeline test in tests/test_decode_pipeline.py."""
     torch._dynamo.reset()
     ref, st = _reference(dec, z)
     r = make_video_runner(dec, VideoDecodeOptions("compiled", True, **FAST_COMPILE), 1, H, W)

@@ -88,7 +88,7 @@ def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_w
     ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
     from ..backends import BackendUnavailable, get_backend
     from ..components import MissingModelFiles, check_model_dir, load_components
-    from ..devices import resolve_devices
+    from ..placement import resolve_devices
 
     prof = check_options(preset=preset, model_dir=model_dir, random_weights=random_weights, dtype=dtype,
                          max_sessions=max_sessions)

@@ -45,117 +45,16 @@ from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.nvtx import stage
 from hallolive_rt.profile import Profile
 
+from .clock import Clock, dit_ms
+from .placement import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "Clock", "dit_ms", "canonical_device", "resolve_devices",
-           "frames_to_uint8", "DIT_STREAM_PRIORITY", "DECODE_STREAM_PRIORITY"]
-
-# Stream priorities (CUDA; lower number = higher priority). On one GPU the DiT of block i+1 and the
-# decode of block i share the SMs. The DiT is the critical path: every later block, and so every later
-# frame, waits for it, while a late decode delays only frames already computed, and the DiT's kernels
-# leave bubbles (launch gaps, wave tails, the small GEMMs of the audio stream) that the decode fills.
-# So the DiT's stream is high priority and the decode's low: the block scheduler dispatches pending DiT
-# blocks first, the decode takes what is left, and the DiT is never starved. The copy stream (the
-# hand-off of latents, a few MB) serves the decode and gets its priority. Out-of-range values are
-# clamped by CUDA to the device's range (typically [-5, 0]); on two GPUs the priorities are moot.
-DIT_STREAM_PRIORITY = -1
-DECODE_STREAM_PRIORITY = 0
-
-
-def canonical_device(device: str | torch.device) -> torch.device:
-    """``device`` with its index: "cuda" means the current CUDA device (``cuda:N``), as everywhere in torch;
-    what a thread's ``torch.cuda.set_device`` and the clocks' per-device keys need."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def resolve_devices(dit_device: str | torch.device, vae_device: str | torch.device | None = None):
-    """Validate the two device names; returns (dit, vae) torch.devices (vae defaults to the DiT's)."""
-    devs = []
-    pairs = (("--dit-device", dit_device), ("--vae-device", vae_device if vae_device is not None else dit_device))
-    for flag, d in pairs:
-        try:
-            dev = torch.device(d)
-        except RuntimeError as e:
-            raise ValueError(f"{flag} {d!r} is not a device name (cpu, cuda, cuda:N)") from e
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"{flag} {d}: no CUDA device here (torch {torch.__version__}, "
-                                 f"CUDA build: {torch.version.cuda}); use cpu")
-            dev = canonical_device(dev)
-            if dev.index >= torch.cuda.device_count():
-                raise ValueError(f"{flag} {d}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        elif dev.type != "cpu":
-            raise ValueError(f"{flag} {d}: only cpu and cuda devices are supported")
-        devs.append(dev)
-    if devs[0].type != devs[1].type:
-        raise ValueError(f"--dit-device {devs[0]} and --vae-device {devs[1]}: both must be CUDA or both CPU")
-    return devs[0], devs[1]
+__all__ = ["DecodedBlock", "DecodePipeline", "frames_to_uint8"]
 
 
 def frames_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Decoder output [3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] (round half to even, on the device)."""
     return ((x.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
-
-
-class Clock:
-    """Marks on streams (CUDA events) or host timestamps (CPU), and their conversion to seconds."""
-
-    def __init__(self, devices: list[torch.device]):
-        self.cuda = devices[0].type == "cuda"
-        self.devices = sorted({d for d in devices}, key=str)
-        self.t0 = time.perf_counter()
-        self._origin: dict[torch.device, torch.cuda.Event] = {}
-
-    def start(self) -> None:
-        """Time zero of a stream: synchronize, then one origin event per device."""
-        if self.cuda:
-            for d in self.devices:
-                torch.cuda.synchronize(d)
-        self.t0 = time.perf_counter()
-        if self.cuda:
-            for d in self.devices:
-                with torch.cuda.device(d):
-                    ev = torch.cuda.Event(enable_timing=True)
-                    ev.record()
-                    self._origin[d] = ev
-
-    def mark(self):
-        """A point on the current stream (the current device's)."""
-        if not self.cuda:
-            return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def now_s(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def wait(self, m) -> None:
-        if self.cuda:
-            m.synchronize()
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-
-    def at_s(self, m, device: torch.device) -> float:
-        """Seconds since ``start`` at which mark ``m`` (on ``device``) was reached (waits for it)."""
-        if not self.cuda:
-            return m - self.t0
-        m.synchronize()
-        return self._origin[device].elapsed_time(m) / 1e3
-
-
-def dit_ms(clock: Clock, marks: dict) -> float:
-    """The DiT's time on a block from its marks: ``dit_start`` -> ``dit_end``, less the hand-off between
-    its denoising steps (``denoised``) and its context pass (``refresh_start``) where the session marks
-    them (the sequential pipeline decodes the block inline there)."""
-    if "denoised" in marks:
-        return (clock.ms(marks["dit_start"], marks["denoised"])
-                + clock.ms(marks["refresh_start"], marks["dit_end"]))
-    return clock.ms(marks["dit_start"], marks["dit_end"])
 
 
 @dataclass

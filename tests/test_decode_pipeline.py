@@ -1,4 +1,4 @@
-"""The decode pipeline (runtime/devices.py) on CPU: overlapped threads == inline == plain decode;
+"""The decode pipeline (runtime/decode_pipeline.py) on CPU: overlapped threads == inline == plain decode;
 ordering, back-pressure and error propagation; device-name validation."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.components import load_components
-from hallolive_rt.runtime.devices import DecodePipeline, frames_to_uint8, resolve_devices
+from hallolive_rt.runtime.decode_pipeline import DecodePipeline, frames_to_uint8
+from hallolive_rt.runtime.placement import resolve_devices
 from hallolive_rt.runtime.vae_runner import VideoDecodeOptions, set_conv_layout
 
 
@@ -147,7 +148,7 @@ def test_cuda_pipeline_same_device_equals_inline():
 def test_cuda_priorities_applied_and_overlap_equals_sequential(vae):
     """One GPU: the DiT on a higher-priority stream than the decode and copy streams; the overlapped
     session (decode of block i while the DiT runs i+1) gives the sequential session's frames."""
-    from hallolive_rt.runtime.devices import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
+    from hallolive_rt.runtime.placement import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
     from hallolive_rt.runtime.session import StreamSession
 
     p = load_profile("tiny")
@@ -171,7 +172,7 @@ def test_cuda_without_an_index_names_the_current_device(monkeypatch):
     """load_components / DecodePipeline / StreamSession canonicalize "cuda" to "cuda:N": a worker thread's
     torch.cuda.set_device refuses an index-less device (on the H100 every overlapped tiny session built
     with dit_device="cuda" lost its decode thread that way and waited for it until the test timed out)."""
-    from hallolive_rt.runtime.devices import canonical_device
+    from hallolive_rt.runtime.placement import canonical_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert canonical_device("cuda") == torch.device("cuda", 1)

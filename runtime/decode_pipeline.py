@@ -49,7 +49,20 @@ from .clock import Clock, dit_ms
 from .placement import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "frames_to_uint8"]
+__all__ = ["DecodedBlock", "DecodePipeline", "frames_to_uint8", "failing_as"]
+
+
+@contextlib.contextmanager
+def failing_as(name: str):
+    """An exception raised inside carries ``failed_stage = name`` (the innermost stage wins), whichever
+    thread re-raises it: a live session tells its client which stage ended the stream."""
+    try:
+        yield
+    except BaseException as e:
+        if getattr(e, "failed_stage", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):  # an exception type without a __dict__
+                e.failed_stage = name
+        raise
 
 
 def frames_to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -333,7 +346,7 @@ class DecodePipeline:
         nb = self.cuda
         marks = {"vae_start": clock.mark()}
         frame_marks, off = [], 0
-        with stage("vae/video", block=i):
+        with stage("vae/video", block=i), failing_as("vae_video"):
             for j in range(z.shape[2]):
                 x = self.vrunner.decode_frame(z[:, :, j:j + 1], job.first_block and j == 0)
                 u8 = frames_to_uint8(x[0])  # [n, H, W, 3]
@@ -342,7 +355,7 @@ class DecodePipeline:
                 off += n
                 frame_marks.append(clock.mark())
         marks["vae_video_end"] = frame_marks[-1]
-        with stage("vae/audio", block=i):
+        with stage("vae/audio", block=i), failing_as("vae_audio"):
             fut = self.st_future[slot] if job.has_future else None
             wav = self.adec.step(self.astate, self.st_audio[slot], fut)  # [B, S] float32
             self.h_audio[hslot].copy_(wav[0], non_blocking=nb)

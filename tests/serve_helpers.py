@@ -157,3 +157,41 @@ def run_concurrently(clients, timeout: float = 180) -> None:
     assert not any(t.is_alive() for t in threads), "a client did not finish"
     if errors:
         raise errors[0]
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def wait_idle(live, timeout: float = 30.0) -> None:
+    """Every slot free and every session / pipeline thread ended."""
+    wait_for(lambda: live.stats()["active_sessions"] == 0, timeout, "the session slots to be free")
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("hallolive-")], timeout,
+             "session / pipeline threads to end")
+
+
+def read_to_close(c: Client) -> list[dict]:
+    """Every event until the server closes, acknowledging nothing."""
+    while c.recv() is not None:
+        pass
+    return c.events
+
+
+def serve_with_a_stuck_session() -> None:
+    """The CLI (``sys.argv``: ``serve ...``) in which the first session's DiT blocks for good in its first
+    step, as a hung device call would leave it; every other session runs as usual."""
+    from hallolive_rt.cli import app
+    from hallolive_rt.stream import BlockStream
+
+    eager_step = BlockStream.eager_step
+
+    def step(self, *args, **kwargs):
+        if threading.current_thread().name.endswith("-1"):  # the thread of session "<replica>-1"
+            threading.Event().wait()
+        return eager_step(self, *args, **kwargs)
+
+    BlockStream.eager_step = step
+    app(prog_name="hallolive-rt")

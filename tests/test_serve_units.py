@@ -15,8 +15,8 @@ pytest.importorskip("av")  # the fragment sink muxes with PyAV (absent on the GP
 from hallolive_rt.cli import app  # noqa: E402
 from hallolive_rt.runtime.media import FragmentSink, MediaError, StreamWriter  # noqa: E402
 from hallolive_rt.runtime.serve import launch  # noqa: E402
-from hallolive_rt.runtime.serve.protocol import (PROTOCOL_VERSION, Ack, Limits, Prompt, ProtocolError, Start, Stop,  # noqa: E402
-                                                 event, mse_mime, parse_message)
+from hallolive_rt.runtime.serve.protocol import (MAX_BLOCKS, PROTOCOL_VERSION, Ack, Limits, Prompt,  # noqa: E402
+                                                 ProtocolError, Start, Stop, event, mse_mime, parse_message)
 
 
 def _boxes(data: bytes) -> list[bytes]:
@@ -79,6 +79,11 @@ def test_mse_mime_needs_an_avcc_box():
     ('{"type": "start", "prompt": "hi", "seed": -1}', "bad_field", False),
     ('{"type": "ack"}', "bad_field", False),
     ('{"type": "ack", "block": 1.5}', "bad_field", False),
+    ('{"type": "ack", "block": 9007199254740992}', "bad_field", False),  # MAX_BLOCKS + 1
+    ('{"type": "start", "prompt": "hi \\ud800"}', "bad_prompt", False),  # valid JSON, a lone surrogate
+    ('{"type": "prompt", "prompt": "\\udfff tail"}', "bad_prompt", False),
+    ('{"type": ["start"]}', "bad_type", False),  # an unhashable type
+    ('{"type": {}}', "bad_type", False),
     ('{"type": "stop", "v": 2}', "bad_version", True),
     ('{"type": "prompt", "prompt": "' + "y" * 300 + '"}', "too_large", True),
 ])
@@ -97,6 +102,13 @@ def test_parse_message_accepts():
     assert parse_message('{"type": "prompt", "prompt": "next"}', lim) == Prompt("next")
     assert parse_message('{"type": "ack", "block": 3}', lim) == Ack(3)
     assert parse_message('{"type": "stop"}', lim) == Stop()
+    huge = parse_message('{"type": "start", "prompt": "hi \\ud83d\\ude00", "blocks": 9007199254740991}', lim)
+    assert huge == Start("hi \U0001F600", 0, MAX_BLOCKS, None)  # a surrogate pair is one character
+    with pytest.raises(ProtocolError, match="9007199254740991"):  # no limit set: MAX_BLOCKS still bounds
+        parse_message('{"type": "start", "prompt": "hi", "blocks": 9007199254740992}', lim)
+    with pytest.raises(ProtocolError) as e:  # nested deeper than the parser recurses, within 16 KiB
+        parse_message("[" * 3000 + "]" * 3000, lim)
+    assert e.value.code == "bad_json" and not e.value.fatal
     assert event("end", reason="done") == {"type": "end", "v": PROTOCOL_VERSION, "reason": "done"}
 
 

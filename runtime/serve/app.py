@@ -13,6 +13,10 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import signal
+import sys
+import time
 from collections.abc import Sequence
 from importlib import resources
 from urllib.parse import urlsplit
@@ -21,12 +25,14 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
-from .protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_NORMAL, CLOSE_TIMEOUT,
-                       CLOSE_UNAUTHORIZED, PROTOCOL_VERSION, Ack, Prompt, ProtocolError, Start, Stop, event,
-                       parse_message)
+from .faults import internal_error
+from .protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_GOING_AWAY, CLOSE_INTERNAL,
+                       CLOSE_NORMAL, CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, PROTOCOL_VERSION, Ack, Prompt, ProtocolError,
+                       Start, Stop, event, parse_message)
 from .sessions import Binary, Close, LiveServer, LiveSession
 
-__all__ = ["create_app", "serve_connection", "PAGE_FILES"]
+__all__ = ["create_app", "serve_connection", "shutdown_connections", "stop_on_signals", "leave_stuck_sessions",
+           "PAGE_FILES", "SHUTDOWN_S"]
 
 log = logging.getLogger("hallolive_rt.serve")
 
@@ -64,7 +70,12 @@ def create_app(server: LiveServer, *, token: str | None = None, allowed_origins:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "protocol": PROTOCOL_VERSION, **server.stats()})
+        # 503 while a session the watchdog ended is still stuck in its thread (its slot is not back): a
+        # probe that restarts the process on it frees the device
+        st = server.stats()
+        ok = st["stuck_sessions"] == 0
+        return JSONResponse({"status": "ok" if ok else "degraded", "protocol": PROTOCOL_VERSION, **st},
+                            status_code=200 if ok else 503)
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:
@@ -105,6 +116,8 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
     elif token is not None and not _token_ok(ws, token):
         refusal = ("unauthorized", "missing or wrong token (?token=... or Authorization: Bearer ...)",
                    CLOSE_UNAUTHORIZED)
+    elif server.shutting_down:
+        refusal = ("server_shutdown", _SHUTDOWN_MESSAGE, CLOSE_GOING_AWAY)
     if refusal is not None:
         with contextlib.suppress(Exception):
             await ws.send_text(json.dumps(event("error", code=refusal[0], message=refusal[1], fatal=True)))
@@ -122,15 +135,76 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
         await _close(ws, CLOSE_BUSY, "busy")
         return
     conn = _Connection(server, ws, slot)
+    server.attach(conn)
     try:
         await conn.run()
     finally:
         if conn.session is None:
             server.release(slot)
-        else:  # the session releases its slot when its thread ends
+        else:  # the session releases its slot when its thread ends (not waited for once shutting down)
             conn.session.abort("disconnected")
-            while not conn.session.join(timeout=0):
+            while not conn.session.join(timeout=0) and not server.shutting_down:
                 await asyncio.sleep(0.02)
+        server.detach(conn)
+        conn.finished.set()
+
+
+_SHUTDOWN_MESSAGE = "the server is shutting down: connect again later"
+
+
+async def shutdown_connections(server: LiveServer, timeout: float = 5.0) -> int:
+    """Server shutdown, on the serving loop: no new session, every running one aborted, every client told
+    ``server_shutdown`` and closed with 1001 ahead of anything still queued for it. Returns once every
+    connection has ended, or after ``timeout`` s: how many had not."""
+    conns = server.begin_shutdown()
+    for conn in conns:
+        conn.going_away()
+    if not conns:
+        return 0
+    _, pending = await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=timeout)
+    for t in pending:
+        t.cancel()
+    return len(pending)
+
+
+# SIGTERM / SIGINT to the end of ``serve_main``, at most (10 s with a second to spare): clients told and
+# closed, uvicorn's own graceful stop (it then cancels what is left), session threads given time to zero
+SHUTDOWN_S = {"clients": 3.0, "uvicorn": 2.0, "threads": 2.0}
+
+
+def stop_on_signals(userver, server: LiveServer, loop: asyncio.AbstractEventLoop) -> None:
+    """Make uvicorn's SIGINT / SIGTERM handler shut ``server`` down first (``shutdown_connections``), then
+    stop uvicorn; a second signal stops it at once. Nothing is re-raised after: the process exits 0."""
+    state: dict = {}
+
+    async def drain() -> None:
+        left = await shutdown_connections(server, timeout=SHUTDOWN_S["clients"])
+        if left:
+            log.warning("shutting down: %d connection(s) did not close in %g s", left, SHUTDOWN_S["clients"])
+        userver.should_exit = True
+
+    def handle_exit(sig, frame) -> None:  # the main thread, between two steps of the loop
+        if "drain" in state:
+            userver.should_exit = userver.force_exit = True
+            return
+        log.info("shutting down (%s): telling %d client(s)", signal.Signals(sig).name, len(server.running()))
+        state["drain"] = None
+        loop.call_soon_threadsafe(lambda: state.update(drain=loop.create_task(drain())))
+
+    userver.handle_exit = handle_exit
+
+
+def leave_stuck_sessions(server: LiveServer) -> None:
+    """After a shutdown: give session threads ``SHUTDOWN_S["threads"]`` to end; if one is stuck (a hung
+    device call cannot be interrupted), exit now with status 0 rather than wait for it at interpreter exit."""
+    deadline = time.monotonic() + SHUTDOWN_S["threads"]
+    stuck = [s for s in server.running() if not s.join(max(0.0, deadline - time.monotonic()))]
+    if server.shutting_down and stuck:
+        log.warning("%d session thread(s) still running after the shutdown: exiting without them", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class _Connection:
@@ -141,6 +215,9 @@ class _Connection:
         self.session: LiveSession | None = None
         self.out: asyncio.Queue = asyncio.Queue()
         self.closing = False
+        self.finished = asyncio.Event()
+        self._sender: asyncio.Task | None = None
+        self._leaving = False  # going_away: the sender says server_shutdown and closes 1001
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,11 +231,36 @@ class _Connection:
         emit(event("hello", server="hallolive-rt", replica=st["replica"], replicas=st["replicas"],
                    active_sessions=st["active_sessions"], max_sessions=st["max_sessions"], profile=self.server.info(),
                    limits=self.limits.as_dict()))
-        tasks = {asyncio.create_task(self._send_loop()), asyncio.create_task(self._receive_loop())}
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        self._sender = asyncio.create_task(self._send_loop())
+        if self._leaving:
+            self._sender.cancel()
+        tasks = {self._sender, asyncio.create_task(self._receive_loop())}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        # every task's exception is retrieved here: one unexpected failure is logged once, the client told
+        failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+        failed += [r for r in results if isinstance(r, Exception)]
+        if failed:
+            await self._failed(failed[0])
+
+    async def _failed(self, e: Exception) -> None:
+        log.error("connection failed: %s: %s", type(e).__name__, e, exc_info=e)
+        if self.session is not None:
+            self.session.abort("error")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.send_text(json.dumps(internal_error(e, "connection"))), timeout=2.0)
+        await _close(self.ws, CLOSE_INTERNAL, "internal")
+
+    def going_away(self) -> None:
+        """Server shutdown (on the loop): what is queued is dropped, the client gets ``server_shutdown`` and
+        close 1001 now, even while a send to it is blocked."""
+        self._leaving = True
+        if self.session is not None:
+            self.session.abort("server_shutdown")
+        if self._sender is not None:
+            self._sender.cancel()
 
     def _close_after(self, code: int, reason: str) -> None:
         """The sender closes once everything queued before this went out."""
@@ -167,6 +269,17 @@ class _Connection:
             self.emit(Close(code, reason))
 
     async def _send_loop(self) -> None:
+        try:
+            await self._send_queued()
+        except asyncio.CancelledError:
+            if not self._leaving:
+                raise
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.send_text(json.dumps(event(
+                    "error", code="server_shutdown", message=_SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
+            await _close(self.ws, CLOSE_GOING_AWAY, "server_shutdown")
+
+    async def _send_queued(self) -> None:
         timeout = self.limits.client_timeout_s
         while True:
             item = await self.out.get()
@@ -225,6 +338,8 @@ class _Connection:
         if isinstance(m, Start):
             if s is not None:
                 raise ProtocolError("already_started", "this connection already runs a session: one per connection")
+            if self.server.shutting_down:
+                raise ProtocolError("server_shutdown", _SHUTDOWN_MESSAGE, fatal=True, close=CLOSE_GOING_AWAY)
             self.server.check_prompt(m.prompt)
             self.session = self.server.open_session(self.slot, m, self.emit)
         elif s is None and isinstance(m, (Prompt, Ack)):

@@ -120,25 +120,29 @@ class _RedactToken(logging.Filter):
 def serve_main(*, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                allowed_origins: Sequence[str] = (), log_level: str = "info",
                on_ready: Callable[[str], None] | None = None, **build) -> None:
-    """Check the bind, build the server (``build_server(**build)``), serve until interrupted. ``on_ready``
-    gets the page's URL (with the real port when ``port`` is 0, and the token in its #fragment)."""
+    """Check the bind, build the server (``build_server(**build)``), serve until SIGTERM or SIGINT, which end
+    every connection with ``server_shutdown`` + close 1001 and return within 10 s whatever the sessions do
+    (``app.SHUTDOWN_S``). ``on_ready`` gets the page's URL (with the real port when ``port`` is 0, and the
+    token in its #fragment)."""
     check_bind(host, token)
     missing = missing_serve_deps()
     if missing:
         raise ImportError(f"{', '.join(missing)} not installed: {SERVE_EXTRA_HINT}")
     import uvicorn
 
-    from .app import create_app
+    from .app import SHUTDOWN_S, create_app, leave_stuck_sessions, stop_on_signals
 
     server = build_server(**build)
     app = create_app(server, token=token, allowed_origins=allowed_origins)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            ws_max_size=4 * server.limits.max_message_bytes, ws_per_message_deflate=False)
+                            ws_max_size=4 * server.limits.max_message_bytes, ws_per_message_deflate=False,
+                            timeout_graceful_shutdown=SHUTDOWN_S["uvicorn"])
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_RedactToken())
     userver = uvicorn.Server(config)
 
     async def run() -> None:
+        stop_on_signals(userver, server, asyncio.get_running_loop())
         task = asyncio.create_task(userver.serve())
         while not userver.started and not task.done():
             await asyncio.sleep(0.05)
@@ -149,3 +153,4 @@ def serve_main(*, host: str = "127.0.0.1", port: int = 8000, token: str | None =
         await task
 
     asyncio.run(run())
+    leave_stuck_sessions(server)

@@ -6,7 +6,9 @@ Client -> server, JSON text only (a binary message is an error), at most ``Limit
     {"type": "prompt", "prompt": str}     switch: takes effect at the next block boundary
     {"type": "ack", "block": int}         blocks 0..block are appended (flow control, below)
     {"type": "stop"}                      end after the block running now; the tail and "end" follow
-Every message may carry "v": 1; unknown keys and types are refused with an ``error`` event.
+Every message may carry "v": 1; unknown keys and types are refused with an ``error`` event. Integers are
+at most ``MAX_BLOCKS`` (2**53 - 1, exact in any JSON reader) where no smaller limit applies; a prompt is
+valid Unicode (no lone surrogate such as "\\ud800", no NUL).
 
 Server -> client: JSON events ``{"type": ..., "v": 1, ...}``; each binary message (fMP4 bytes) follows the
 event that describes it (``init``, ``block``, ``tail``, each with "bytes"). The binaries concatenated are the
@@ -20,7 +22,11 @@ file ``hallolive-rt stream --out`` writes (init segment, one fragment per block,
     prompt_queued  prompt_id;   prompt_applied  prompt_id, from_block
     tail    bytes                                                         + held frames, tail audio
     end     reason (done | stopped), blocks, frames, samples, video_s, audio_s, duration_s
-    error   code, message, fatal        (fatal: the close follows)
+    error   code, message, fatal, [stage]   (fatal: the close follows; ``ERROR_CODES`` lists the codes)
+            code "internal" names the stage that failed: {"type": "error", "v": 1, "code": "internal",
+            "stage": "setup" | "text" | "dit" | "vae_video" | "vae_audio" | "writer" | "connection", ...,
+            "fatal": true} + CLOSE_INTERNAL; "stalled" (no block for ``block_timeout_s``) + CLOSE_INTERNAL;
+            "server_shutdown" + CLOSE_GOING_AWAY. After "internal" or "stalled" the server serves on.
 Behind Ray Serve (``ray.py``) the replica says all of the above; Ray's proxy adds two endings of its own
 (``ray_proxy.py``): ``error`` code ``replica_lost`` + CLOSE_INTERNAL when the replica holding the session
 died, ``unavailable`` + CLOSE_BUSY (or CLOSE_INTERNAL) when the proxy answered with an HTTP error instead.
@@ -35,14 +41,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-__all__ = ["PROTOCOL_VERSION", "Limits", "ProtocolError", "Start", "Prompt", "Ack", "Stop", "parse_message",
-           "event", "mse_mime", "CLOSE_NORMAL", "CLOSE_TOO_BIG", "CLOSE_INTERNAL", "CLOSE_BUSY",
-           "CLOSE_BAD_MESSAGES", "CLOSE_UNAUTHORIZED", "CLOSE_FORBIDDEN_ORIGIN", "CLOSE_TIMEOUT"]
+__all__ = ["PROTOCOL_VERSION", "MAX_BLOCKS", "EVENTS", "ERROR_CODES", "STAGES", "CLOSE_CODES", "Limits",
+           "ProtocolError", "Start", "Prompt", "Ack", "Stop", "parse_message", "event", "mse_mime", "CLOSE_NORMAL",
+           "CLOSE_GOING_AWAY", "CLOSE_TOO_BIG", "CLOSE_INTERNAL", "CLOSE_BUSY", "CLOSE_BAD_MESSAGES",
+           "CLOSE_UNAUTHORIZED", "CLOSE_FORBIDDEN_ORIGIN", "CLOSE_TIMEOUT"]
 
 PROTOCOL_VERSION = 1
+MAX_BLOCKS = 2**53 - 1  # the largest block count / index a message may carry (no length-scaled work follows)
 
 # WebSocket close codes (RFC 6455 ones where one fits, 4xxx = this application's)
 CLOSE_NORMAL = 1000  # the session ended (done, stopped)
+CLOSE_GOING_AWAY = 1001  # the server is shutting down
 CLOSE_TOO_BIG = 1009  # a message over max_message_bytes
 CLOSE_INTERNAL = 1011  # the server failed
 CLOSE_BUSY = 1013  # every session slot is taken: try again later
@@ -50,6 +59,29 @@ CLOSE_BAD_MESSAGES = 4400  # too many invalid messages
 CLOSE_UNAUTHORIZED = 4401  # missing or wrong token
 CLOSE_FORBIDDEN_ORIGIN = 4403  # a page of another origin
 CLOSE_TIMEOUT = 4408  # no start in time, or the client stopped reading / acknowledging
+CLOSE_CODES = frozenset({CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_BUSY,
+                         CLOSE_BAD_MESSAGES, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN_ORIGIN, CLOSE_TIMEOUT})
+
+EVENTS = frozenset({"hello", "busy", "started", "init", "block", "prompt_queued", "prompt_applied", "tail", "end",
+                    "error"})
+# where a session can fail (``stage`` of an "internal" error): building its state, encoding a prompt, the
+# DiT's steps, the video decoder, the audio decoder, muxing the block; and the connection's own tasks
+STAGES = ("setup", "text", "dit", "vae_video", "vae_audio", "writer", "connection")
+ERROR_CODES = {
+    # a message refused (fatal only where said); the connection stays open until max_bad_messages
+    "bad_message": "binary, or not a JSON object", "bad_json": "not JSON (or nested too deeply)",
+    "bad_type": "unknown 'type'", "bad_field": "unknown key, wrong type or out of range",
+    "bad_prompt": "empty, too long, NUL or lone surrogate, too many tokens",
+    "bad_version": "unsupported 'v' (fatal)", "too_large": "over max_message_bytes (fatal, CLOSE_TOO_BIG)",
+    "not_started": "prompt / ack before start", "already_started": "a second start",
+    "not_running": "a prompt switch while the session ends", "too_many_prompts": "max_pending_prompts waiting",
+    # the connection ends (fatal)
+    "unauthorized": "CLOSE_UNAUTHORIZED", "forbidden_origin": "CLOSE_FORBIDDEN_ORIGIN",
+    "start_timeout": "CLOSE_TIMEOUT", "client_timeout": "CLOSE_TIMEOUT",
+    "internal": "the server failed: 'stage' says where (CLOSE_INTERNAL)",
+    "stalled": "no block for block_timeout_s (CLOSE_INTERNAL)", "server_shutdown": "CLOSE_GOING_AWAY",
+    "replica_lost": "Ray's proxy: the replica died (CLOSE_INTERNAL)", "unavailable": "Ray's proxy: HTTP error",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,7 @@ class Limits:
     start_timeout_s: float = 30.0  # connected without a start message for this long: closed
     max_bad_messages: int = 8  # invalid messages before the connection is closed
     max_pending_prompts: int = 4  # prompt switches queued and not yet applied
+    block_timeout_s: float = 300.0  # no block for this long (waits for the client excluded): ended, "stalled"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +162,12 @@ def _prompt(msg: dict, limits: Limits) -> str:
         raise ProtocolError("bad_prompt", f"'prompt' has {len(p)} characters, at most {limits.max_prompt_chars}")
     if "\x00" in p:
         raise ProtocolError("bad_prompt", "'prompt' contains a NUL character")
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProtocolError("bad_prompt", f"'prompt' is not valid Unicode: a lone surrogate ({p[e.start]!r} at "
+                                          f"character {e.start}); send whole characters (a surrogate pair "
+                                          f"\\ud83d\\ude00, or the character itself)") from None
     return p
 
 
@@ -142,12 +181,12 @@ def parse_message(raw: str | bytes, limits: Limits) -> Start | Prompt | Ack | St
                             fatal=True, close=CLOSE_TOO_BIG)
     try:
         msg = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays / objects nested thousands deep
         raise ProtocolError("bad_json", f"not JSON: {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_message", f"a message is a JSON object, got {type(msg).__name__}")
     kind = msg.get("type")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:
         raise ProtocolError("bad_type", f"'type' must be one of {sorted(_FIELDS)}, got {kind!r}")
     if msg.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"protocol version {msg.get('v')!r} is not supported: this server "
@@ -158,7 +197,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Start | Prompt | Ack | St
                                          f"{sorted(_FIELDS[kind])}")
     if kind == "start":
         return Start(_prompt(msg, limits), seed=_int(msg, "seed", 0, 2**63 - 1, default=0),
-                     blocks=_int(msg, "blocks", 1, limits.max_blocks, nullable=True),
+                     blocks=_int(msg, "blocks", 1, min(limits.max_blocks or MAX_BLOCKS, MAX_BLOCKS), nullable=True),
                      future_audio_frames=_int(msg, "future_audio_frames", 0, limits.max_future_audio_frames,
                                               nullable=True))
     if kind == "prompt":
@@ -166,7 +205,7 @@ def parse_message(raw: str | bytes, limits: Limits) -> Start | Prompt | Ack | St
     if kind == "ack":
         if "block" not in msg:
             raise ProtocolError("bad_field", "an 'ack' needs 'block'")
-        return Ack(_int(msg, "block", 0, None))
+        return Ack(_int(msg, "block", 0, MAX_BLOCKS))
     return Stop()
 
 

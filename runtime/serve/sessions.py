@@ -8,21 +8,19 @@ and writer threads decode the block and call ``_on_block`` on the writer thread,
 file writer's code (``StreamWriter`` into a ``FragmentSink``), emits the event + fragment, then waits while
 ``max_unacked_blocks`` blocks are unacknowledged. That wait fills the pipeline's host slots, which pauses
 the DiT: memory is bounded by a few blocks, whatever the client does. No acknowledgement for
-``client_timeout_s`` drops the client. Every session ends by zeroing its state (``StreamSession.clear``).
+``client_timeout_s`` drops the client. Every session ends by zeroing its state (``StreamSession.clear``);
+a failure in any stage, or no block for ``block_timeout_s`` (``faults.py``), ends that session alone.
 """
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
-from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from collections import deque
+from typing import Callable
 
 from hallolive_rt.cache_policy import ENDLESS
 from hallolive_rt.model.text_tokenizer import PromptError
@@ -30,70 +28,14 @@ from hallolive_rt.model.text_tokenizer import PromptError
 from ..media import FragmentSink, StreamWriter
 from ..metrics import percentile
 from ..session import StreamSession
+from .faults import Watchdog, failing_as, internal_error, stage_of
+from .parts import Binary, Close, ServerObserver, Slot as _Slot, Stats as _Stats, cap_malloc_arenas
 from .protocol import (CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_TIMEOUT, Limits, ProtocolError, Start, event,
                        mse_mime)
 
 __all__ = ["LiveServer", "LiveSession", "ServerObserver", "Binary", "Close"]
 
 log = logging.getLogger("hallolive_rt.serve")
-
-
-@dataclass(frozen=True)
-class Binary:
-    """fMP4 bytes for the client; ``block`` is set for a block's fragment (it counts for flow control)."""
-
-    data: bytes
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class Close:
-    code: int
-    reason: str
-
-
-@dataclass
-class _Slot:
-    """One session's worth of the device: a StreamSession reused while the stream shape stays the same."""
-
-    index: int
-    session: StreamSession | None = None
-    key: tuple | None = None
-
-
-@dataclass
-class _Stats:
-    sessions_total: int = 0
-    blocks_served: int = 0
-    ended: Counter = field(default_factory=Counter)
-    ttff_s: deque = field(default_factory=lambda: deque(maxlen=256))
-    block_s: deque = field(default_factory=lambda: deque(maxlen=1024))
-
-
-def cap_malloc_arenas(n: int = 4) -> bool:
-    """Cap glibc's malloc arenas for this process (``mallopt(M_ARENA_MAX)``), unless MALLOC_ARENA_MAX is set.
-
-    Every session runs on new threads (its own and the decode pipeline's), and glibc hands new threads new
-    arenas, up to 8 per core, whose freed memory it seldom returns: RSS then creeps up session after
-    session with nothing leaked (measured on 2 cores, 40 tiny sessions: 426 -> 640 MiB without a cap,
-    444-531 MiB, no trend, with a cap of 4).
-    Returns whether the cap was applied (False off glibc)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-8, n) == 1  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        return False
-
-
-class ServerObserver(Protocol):
-    """What a LiveServer reports as it happens (a Ray replica exports it as metrics, ``ray.py``). Called on
-    the thread where it happens (connection, session or writer thread), never under the server's lock."""
-
-    def sessions(self, active: int) -> None: ...  # a slot was taken or freed: active sessions now
-    def first_block(self, ttff_s: float) -> None: ...  # a session's first fragment went out
-    def block(self, block_s: float) -> None: ...  # a block was served
-    def ended(self, reason: str) -> None: ...  # a session ended (done, stopped, disconnected, error, ...)
 
 
 class LiveServer:
@@ -121,9 +63,12 @@ class LiveServer:
         self._stats = _Stats()
         self.replicas = 1
         self.observer: ServerObserver | None = None
+        self.shutting_down = False  # begin_shutdown: no new session from then on
+        self._connections: set = set()  # what begin_shutdown hands back to be closed (app.py's connections)
         if prebuild:  # the default shape (endless, the preset's lookahead) of every slot, before any client:
             for slot in self._free:  # state allocated (an OOM shows now) and graphs captured while nothing runs
                 self.session_for(slot, None, None)
+        self.watchdog = Watchdog(self)
 
     # ---- admission ------------------------------------------------------------------------------
     @property
@@ -133,18 +78,48 @@ class LiveServer:
     def admit(self) -> _Slot | None:
         """A free slot, or None when all ``max_sessions`` are taken (the caller answers ``busy``)."""
         with self._lock:
-            slot = self._free.pop() if self._free else None
+            slot = self._free.pop() if self._free and not self.shutting_down else None
             active = self.active_sessions
-        if slot is not None and self.observer is not None:
-            self.observer.sessions(active)
+        if slot is not None:
+            self._observe("sessions", active)
         return slot
 
     def release(self, slot: _Slot) -> None:
         with self._lock:
             self._free.append(slot)
             active = self.active_sessions
+        self._observe("sessions", active)
+
+    def _observe(self, what: str, *args) -> None:
+        """Tell the observer; its failure is logged, never a session's or a slot's."""
         if self.observer is not None:
-            self.observer.sessions(active)
+            try:
+                getattr(self.observer, what)(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("the server observer failed (%s)", what)
+
+    # ---- connections and shutdown ---------------------------------------------------------------
+    def attach(self, conn) -> None:
+        with self._lock:
+            self._connections.add(conn)
+
+    def detach(self, conn) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def running(self) -> list["LiveSession"]:
+        with self._lock:
+            return list(self._active.values())
+
+    def begin_shutdown(self) -> list:
+        """No new session from now on, every running one aborted ("server_shutdown"); returns the attached
+        connections, which the caller tells and closes (``app.shutdown_connections``)."""
+        with self._lock:
+            self.shutting_down = True
+            sessions, conns = list(self._active.values()), list(self._connections)
+        for s in sessions:
+            s.abort("server_shutdown")
+        return conns
 
     def open_session(self, slot: _Slot, start: Start, emit: Callable[[object], None]) -> "LiveSession":
         """Start one client's stream in ``slot`` (its thread starts now); ``emit`` gets dicts, Binary, Close.
@@ -161,8 +136,7 @@ class LiveServer:
         with self._lock:
             self._active.pop(s.id, None)
             self._stats.ended[s.end_reason] += 1
-        if self.observer is not None:
-            self.observer.ended(s.end_reason)
+        self._observe("ended", s.end_reason)
 
     def _served(self, block_s: float, ttff_s: float | None) -> None:
         """A block went out (``ttff_s`` with a session's first): counted as it happens, so ``stats()`` and
@@ -172,17 +146,16 @@ class LiveServer:
             self._stats.block_s.append(block_s)
             if ttff_s is not None:
                 self._stats.ttff_s.append(ttff_s)
-        if self.observer is not None:
-            if ttff_s is not None:
-                self.observer.first_block(ttff_s)
-            self.observer.block(block_s)
+        if ttff_s is not None:
+            self._observe("first_block", ttff_s)
+        self._observe("block", block_s)
 
     def check_prompt(self, text: str) -> None:
         """The tokenizer's verdict on a prompt (empty, too many tokens) as a ProtocolError."""
         try:
             info = self.c.tokenizer(text)
-        except PromptError as e:
-            raise ProtocolError("bad_prompt", str(e)) from None
+        except (PromptError, UnicodeError) as e:  # UnicodeError: text the tokenizer cannot encode
+            raise ProtocolError("bad_prompt", f"the prompt cannot be tokenized: {e}") from None
         if info.truncated:
             raise ProtocolError("bad_prompt", "prompt too long: " + "; ".join(info.truncation_messages()))
 
@@ -211,8 +184,9 @@ class LiveServer:
         with self._lock:
             st = self._stats
             ttff, blk = list(st.ttff_s), list(st.block_s)
+            stuck = sum(s.end_reason == "stalled" for s in self._active.values())  # threads not yet returned
             return {"replica": self.replica_id, "replicas": self.replicas, "active_sessions": self.active_sessions,
-                    "max_sessions": self.max_sessions, "sessions_total": st.sessions_total,
+                    "max_sessions": self.max_sessions, "stuck_sessions": stuck, "sessions_total": st.sessions_total,
                     "sessions_ended": dict(st.ended), "blocks_served": st.blocks_served,
                     "ttff_s": {"p50": percentile(ttff, 50), "p95": percentile(ttff, 95), "n": len(ttff)},
                     "block_s": {"p50": percentile(blk, 50), "p95": percentile(blk, 95), "n": len(blk)}}
@@ -242,6 +216,9 @@ class LiveSession:
         self._steady_frames = 0
         self._writer: StreamWriter | None = None
         self._final_close: Close | None = None  # emitted once the slot is free again
+        self._closed = False  # the close went out (the watchdog sends it at once: the thread may be stuck)
+        self._progress_at = time.monotonic()  # the last block (or the start): what the watchdog measures
+        self._waiting = False  # on the client (flow control): not a stall
 
     # ---- from the connection (event-loop thread) -------------------------------------------------
     def begin(self) -> None:
@@ -304,6 +281,25 @@ class LiveSession:
         if sess is not None:
             sess.request_stop()
 
+    def check_stall(self, now: float) -> None:
+        """Watchdog thread: no block for ``block_timeout_s`` (waits for the client excluded) ends the session:
+        its client gets ``stalled`` and the close now; the slot comes back when the thread returns."""
+        with self._cond:
+            idle = now - self._progress_at
+            if self._aborted or self._waiting or idle <= self.limits.block_timeout_s or not self._thread.is_alive():
+                return
+            self._aborted, self.end_reason, self._closed = True, "stalled", True
+            self._cond.notify_all()
+            sess = self._sess
+        log.error("session %s: no block for %.1f s (block_timeout_s %g): ended as stalled", self.id, idle,
+                  self.limits.block_timeout_s)
+        self._emit(event("error", code="stalled", fatal=True,
+                         message=f"no block for {idle:.1f} s (block_timeout_s {self.limits.block_timeout_s:g}): "
+                                 f"the session was ended; start a new one"))
+        self._emit(Close(CLOSE_INTERNAL, "stalled"))
+        if sess is not None:
+            sess.request_stop()
+
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -317,10 +313,13 @@ class LiveSession:
         st, p = self.start, self.server.p
         sess = None
         try:
-            sess = self.server.session_for(self.slot, st.blocks, st.future_audio_frames)
-            ctx, _ = sess.encode(st.prompt)  # checked by LiveServer.check_prompt before the session opened
-            self._writer = StreamWriter(None, width=p.pixel_width, height=p.pixel_height, fps=p.fps,
-                                        sample_rate=p.audio.sample_rate, sink=FragmentSink())
+            with failing_as("setup"):
+                sess = self.server.session_for(self.slot, st.blocks, st.future_audio_frames)
+            with failing_as("text"):
+                ctx, _ = sess.encode(st.prompt)  # checked by LiveServer.check_prompt before the session opened
+            with failing_as("writer"):
+                self._writer = StreamWriter(None, width=p.pixel_width, height=p.pixel_height, fps=p.fps,
+                                            sample_rate=p.audio.sample_rate, sink=FragmentSink())
             sess.pipeline.on_block = self._on_block
             with self._cond:
                 self._sess = sess
@@ -340,28 +339,45 @@ class LiveSession:
                     if self._aborted:
                         break
             run.close()
-            self._finish()
+            with failing_as("writer"):
+                self._finish()
         except Exception as e:  # noqa: BLE001 - reported to the client, logged with its traceback
-            log.exception("session %s failed", self.id)
-            self._fail("internal", f"{type(e).__name__}: {e}", CLOSE_INTERNAL)
+            stage = stage_of(e, "dit")  # untagged: raised on this thread, by the DiT's block loop
+            log.exception("session %s failed in %s", self.id, stage)
+            self._fail(internal_error(e, stage), CLOSE_INTERNAL)
         finally:
-            if sess is not None:
-                sess.pipeline.on_block = None
-                sess.clear()  # nothing of this stream (prompt K/V, caches) outlives it
-            with self._cond:
-                self._sess = None
-            if self._writer is not None:
-                self._writer.close()  # idempotent; frees the encoders (an aborted stream's bytes go nowhere)
-            self.server._ended(self)
-            self.server.release(self.slot)  # before the close: a client that reconnects at once finds it free
-            if self._final_close is not None:
-                self._emit(self._final_close)
+            self._teardown(sess)
 
-    def _fail(self, code: str, message: str, close: int) -> None:
+    def _teardown(self, sess: StreamSession | None) -> None:
+        """Whatever ended the stream: nothing of it outlives it (prompt K/V, caches, decoder states; a
+        session that cannot be zeroed is dropped and the slot builds a new one), the slot is free, then the
+        close goes out (a client that reconnects at once finds the slot free)."""
+        if sess is not None:
+            sess.pipeline.on_block = None
+            try:
+                sess.clear()
+            except Exception:  # noqa: BLE001
+                log.exception("session %s: its state could not be zeroed: the slot will build a new one", self.id)
+                self.slot.session = self.slot.key = None
+        with self._cond:
+            self._sess = None
+        if self._writer is not None:
+            try:
+                self._writer.close()  # idempotent; frees the encoders (an aborted stream's bytes go nowhere)
+            except Exception as e:  # noqa: BLE001 - a writer that failed mid-stream may fail again here
+                log.warning("session %s: closing its writer failed too: %s: %s", self.id, type(e).__name__, e)
+        self.server._ended(self)
+        self.server.release(self.slot)
+        with self._cond:
+            close, self._closed = (None if self._closed else self._final_close), True
+        if close is not None:
+            self._emit(close)
+
+    def _fail(self, ev: dict, close: int) -> None:
         with self._cond:
             self.end_reason = "error" if self.end_reason == "running" else self.end_reason
-        self.emit(event("error", code=code, message=message, fatal=True))
-        self._final_close = Close(close, code)
+        self.emit(ev)
+        self._final_close = Close(close, ev["code"])
 
     def _finish(self) -> None:
         with self._cond:
@@ -384,9 +400,10 @@ class LiveSession:
 
     def _on_block(self, b) -> None:
         """Writer thread: mux the block, emit it, then wait for the client (flow control)."""
-        if self._aborted:
-            return
-        self._writer.write_block(b.frames, b.audio)
+        if self._aborted or b.index != self.produced:  # an earlier block failed (its error is on its way):
+            return  # a stream never skips a block
+        with failing_as("writer"):
+            self._writer.write_block(b.frames, b.audio)
         now = time.perf_counter()
         if self.ttff_s is None:
             self.ttff_s = now - self.t0
@@ -402,21 +419,24 @@ class LiveSession:
         self.block_times.append(block_s)
         with self._cond:
             pid = self._prompt_of(b.index)
-            self.produced += 1
+            self.produced, self._progress_at = self.produced + 1, time.monotonic()
             queue = self.produced - min(self._acked, self._sent)
         self.server._served(block_s, self.ttff_s if self.produced == 1 else None)
-        for seg in self._writer.sink.pop():
-            if seg.kind == "init":
-                self.emit(event("init", mime=mse_mime(seg.data), bytes=len(seg.data)))
-                self.emit(Binary(seg.data))
-            else:
-                self.emit(event("block", index=b.index, prompt_id=pid, frames=int(b.frames.shape[0]),
-                                samples=int(b.audio.shape[0]), bytes=len(seg.data), ttff_s=self.ttff_s,
-                                first_frame_s=b.first_frame_s, block_s=block_s, gap_s=gap, fps=fps,
-                                queue=queue, stage_ms={k: round(v, 3) for k, v in b.times.items()}))
-                self.emit(Binary(seg.data, block=b.index))
+        with failing_as("writer"):
+            for seg in self._writer.sink.pop():
+                if seg.kind == "init":
+                    self.emit(event("init", mime=mse_mime(seg.data), bytes=len(seg.data)))
+                    self.emit(Binary(seg.data))
+                else:
+                    self.emit(event("block", index=b.index, prompt_id=pid, frames=int(b.frames.shape[0]),
+                                    samples=int(b.audio.shape[0]), bytes=len(seg.data), ttff_s=self.ttff_s,
+                                    first_frame_s=b.first_frame_s, block_s=block_s, gap_s=gap, fps=fps,
+                                    queue=queue, stage_ms={k: round(v, 3) for k, v in b.times.items()}))
+                    self.emit(Binary(seg.data, block=b.index))
         with self._cond:
+            self._waiting = True
             ok = self._cond.wait_for(self._may_continue, timeout=self.limits.client_timeout_s)
+            self._waiting, self._progress_at = False, time.monotonic()
         if not ok:
             log.info("session %s: no acknowledgement for %.1f s, dropping the client", self.id,
                      self.limits.client_timeout_s)

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     import torch
 
     from hallolive_rt.export.main import export_main
+    from hallolive_rt.options import ModelSource
 
     out = Path(args.out_dir)
     subs = [s for s in args.submodels.split(",") if s]
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     for sub in subs:  # the JSON is rewritten after every sub-model: a failure keeps what was measured
         t0 = time.perf_counter()
         with PeakRSS() as rss:
-            manifest = export_main(args.preset, None, True, "onnx", args.precision, out, 0, submodels=(sub,), log=log)
+            manifest = export_main(ModelSource(args.preset, random_weights=True), "onnx", args.precision, out, submodels=(sub,), log=log)
         entry = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(rss.peak / 2**30, 3)}
         m = json.loads(Path(manifest).read_text())
         wf = m["weights_files"][sub]

@@ -1,15 +1,13 @@
-"""One entry of the GPU session (bench/gpu_variants.py), in its own process; run by bench/gpu_driver.py.
-
-    python bench/gpu_phase.py --entry b-e2e --store OUT/h100-b-e2e.json --preset hallolive-512x992 --device cuda
-
-Writes the entry's JSON through the store as results come in (every block, for the bench kinds), with a
-``phase`` record on top: status "running" until the entry ends, then "ok", "failed" (it ran, its checks
-did not pass: pytest failures, a script's non-zero exit) or "error" (an exception: message and traceback
-tail recorded, exit code 1). A timeout or a crash is recorded by the driver, which reads the same file.
-
-HALLOLIVE_SIMULATE_MISSING=av,nvtx (set by the dry run) makes those imports fail here, as they do on the
-GPU image, before anything else is imported.
-"""
+"""One entry of the GPU session (bench/gpu_variants.py) in its own process, run by bench/gpu_driver.py
+(``python bench/gpu_phase.py --entry e-viewer-full --store OUT/h100-e-viewer.json --key e-viewer-full
+--preset hallolive-512x992 --device cuda --card h100``): it writes the entry's JSON through the store as
+results come in (every block, for the bench kinds), under a ``phase`` record whose status is "running"
+until the entry ends, then "ok", "failed" (it ran and what it checks did not pass: pytest failures, a
+script's non-zero exit, an out-of-memory error under a memory cap, a profile that caught no kernel),
+"skipped" (what it needs is not on this machine: ncu) or "error" (an exception, with its message and
+traceback tail; exit code 1); a timeout or a crash is recorded by the driver, which reads the same file.
+``HALLOLIVE_SIMULATE_MISSING=av,nvtx`` (set by the dry run) makes those imports fail here, as on a machine
+without those packages, before anything else is imported."""
 
 from __future__ import annotations
 
@@ -20,6 +18,7 @@ for _mod in filter(None, os.environ.get("HALLOLIVE_SIMULATE_MISSING", "").split(
     sys.modules[_mod.strip()] = None  # `import av` now raises ImportError, as on a machine without it
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import runpy  # noqa: E402
@@ -30,65 +29,108 @@ from pathlib import Path  # noqa: E402
 
 from gpu_driver import REPO, Store  # noqa: E402  (bench/ is this script's folder: first on sys.path)
 from gpu_variants import ENTRIES  # noqa: E402
+from pytest_deadline import REASON as DEADLINE_REASON  # noqa: E402
 
 
 class Failed(Exception):
     """The entry ran to its end but what it checks did not pass (recorded as status "failed")."""
 
 
+class Skipped(Exception):
+    """What the entry needs is not on this machine (recorded as status "skipped", exit code 0)."""
+
+
 # ---- the kinds ------------------------------------------------------------------------------------------------
 
-BENCH_OPTIONS = ("kv_impl", "fuse_projections", "attn_kernel", "seed", "warmup_runs", "overlap",
-                 "vae_backend", "vae_channels_last", "compare_overlap")  # bench_main keyword arguments
-CHECK_OPTIONS = ("kv_impl", "fuse_projections", "attn_kernel", "seed")      # check_backends': the DiT only
+RUN_OPTIONS = ("warmup_runs", "compare_overlap")  # bench_main's own; the rest are run options (from_flat)
 
 
-LEVER_OPTIONS = ("precision", "fp8_act_scale", "lean_context")  # -> levers=DiTLevers(...) (runtime/levers.py)
+def _options(o: dict):
+    """An entry's options -> (ModelSource, DiTOptions, DecoderOptions): random weights of its preset."""
+    from hallolive_rt.options import from_flat
+
+    return from_flat({k: v for k, v in o.items() if k != "vae_backend"} | {"random_weights": True})
 
 
-def _bench_kwargs(o: dict, names=BENCH_OPTIONS) -> dict:
-    kw = {k: o[k] for k in names if k in o}
-    levers = {k: o[k] for k in LEVER_OPTIONS if k in o}
-    if levers:
-        from hallolive_rt.runtime.levers import DiTLevers
+def _run_kwargs(o: dict) -> dict:
+    """bench_main's own arguments of an entry: the decoder variants it lists (``vae_backend``: a comma list)."""
+    from hallolive_rt.options import VideoDecodeOptions
 
-        kw["levers"] = DiTLevers(**levers)
+    kw = {k: o[k] for k in RUN_OPTIONS if k in o}
+    if "vae_backend" in o:
+        kw["vae_variants"] = VideoDecodeOptions.parse_list(o["vae_backend"], o.get("vae_channels_last", False))
     return kw
+
+
+def _backends(o: dict) -> list[str]:
+    """The entry's DiT backends, ``auto`` replaced by what it resolves to on this machine (bench_main takes
+    concrete names; its JSON records the pick and the reason under ``backend_choice``)."""
+    if "auto" not in o["backends"]:
+        return o["backends"]
+    from hallolive_rt.runtime.resolve import resolve_run
+
+    model, dit, decoders = _options({**o, "backend": "auto"})
+    pick = resolve_run(model, dit, decoders, blocks=o.get("blocks"), text=False).dit.backend
+    return list(dict.fromkeys(pick if n == "auto" else n for n in o["backends"]))
 
 
 def run_check(o: dict, emit) -> None:
     from hallolive_rt.runtime.bench_check import check_backends
 
-    kw = _bench_kwargs(o, CHECK_OPTIONS)
-    check_backends(o["preset"], o["backends"], o.get("blocks", 3), device=o["device"], on_update=emit, **kw)
+    model, dit, _ = _options(o)
+    check_backends(model, dit, backends=o["backends"], blocks=o.get("blocks", 3), on_update=emit)
 
 
 def run_e2e(o: dict, emit) -> None:
+    """``bench_main(mode="e2e")``; with ``memory_cap_gib``, under that cap and with the viewer's verdict."""
     from hallolive_rt.runtime.bench import bench_main
 
-    bench_main(o["preset"], True, o["backends"], o.get("blocks"), "e2e", device=o["device"], on_update=emit,
-               **_bench_kwargs(o))
+    if o.get("memory_cap_gib") is None:
+        bench_main(*_options(o), backends=_backends(o), blocks=o.get("blocks"), mode="e2e", on_update=emit,
+                   **_run_kwargs(o))
+        return
+    from gpu_viewer import MemoryCap, is_out_of_memory, viewer_summary
+
+    cap = MemoryCap(o["memory_cap_gib"], o["device"])  # before the first CUDA allocation of this process
+    state: dict = {}
+
+    def update(out: dict) -> None:
+        cap.watch()
+        state["out"] = out
+        emit({**out, "viewer": viewer_summary(out, cap)})
+
+    try:
+        out = bench_main(*_options(o), backends=_backends(o), blocks=o.get("blocks"), mode="e2e",
+                         on_update=update, **_run_kwargs(o))
+    except BaseException as e:
+        cap.done(e)
+        last = state.get("out", {})
+        emit({**last, "viewer": viewer_summary(last, cap)})
+        if is_out_of_memory(e):
+            raise Failed(f"does not fit under the {o['memory_cap_gib']} GiB cap: {type(e).__name__}: "
+                         f"{str(e)[:600]}") from e
+        raise
+    cap.done()
+    emit({**out, "viewer": viewer_summary(out, cap)})
 
 
 def run_stages(o: dict, emit) -> None:
     """DiT-only and/or VAE-only on ONE set of components, and the projected two-device rate."""
-    from hallolive_rt.kvcache.build import require_kv_ext
-    from hallolive_rt.profile import load_profile
     from hallolive_rt.runtime.bench import bench_main, combine_projection
     from hallolive_rt.runtime.components import load_components
-    from hallolive_rt.runtime.placement import resolve_devices
+    from hallolive_rt.runtime.resolve import resolve_run
 
-    kw = _bench_kwargs(o)
-    dit_dev, vae_dev = resolve_devices(o["device"])
-    require_kv_ext(kw.get("kv_impl", "torch"), dit_dev)  # before the weights, like bench_main
-    prof = load_profile(o["preset"])  # released geometry: the block count goes to bench_main
+    model, dit, decoders = _options(o)
+    run = resolve_run(model, dit, decoders, blocks=o.get("blocks"), text=False)  # the KV extension built first
+    prof = run.profile
     t = time.perf_counter()
-    comps = load_components(prof, None, dit_device=dit_dev, vae_device=vae_dev, dtype=prof.dtype,
-                            seed=kw.get("seed", 0), with_text=False)
+    comps = load_components(prof, None, dit_device=run.dit_device, vae_device=run.vae_device, dtype=prof.dtype,
+                            seed=model.seed, with_text=False, decoders=decoders)
     res: dict = {"build_s": time.perf_counter() - t}
     for mode in o.get("modes", ["dit", "vae"]):
-        res[mode] = bench_main(o["preset"], True, o["backends"], o.get("blocks"), mode, device=o["device"],
-                               components=comps, on_update=lambda out, m=mode: emit({**res, m: out}), **kw)
+        res[mode] = bench_main(model, dit, decoders, backends=o["backends"], blocks=o.get("blocks"), mode=mode,
+                               components=comps, on_update=lambda out, m=mode: emit({**res, m: out}),
+                               **_run_kwargs(o))
     if "dit" in res and "vae" in res:
         res["projected"] = combine_projection(res["dit"], res["vae"])
     emit(res)
@@ -96,12 +138,12 @@ def run_stages(o: dict, emit) -> None:
 
 class _Recorder:
     """pytest plugin: every test's outcome (and a failure's message) into the entry's JSON the moment the
-    test ends, so a run killed at its box still says what passed, what failed and why (the first H100
-    session lost the failures of three tests that way: -v showed FAILED, the summary never came)."""
+    test ends, so a run killed at its box still says what passed, what failed and why; the tests the
+    deadline skipped (bench/pytest_deadline.py) are counted apart as ``not_run``."""
 
     def __init__(self, res: dict, emit):
         self.res, self.emit = res, emit
-        res["tests"], res["counts"] = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        res["tests"], res["counts"] = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not_run": 0}
         res["running"] = None
 
     def pytest_runtest_logstart(self, nodeid, location):
@@ -112,6 +154,8 @@ class _Recorder:
         if report.when == "call" or report.outcome != "passed":
             outcome = "error" if report.failed and report.when != "call" else report.outcome
             msg = report.longreprtext[-2000:] if report.outcome != "passed" else ""
+            if outcome == "skipped" and DEADLINE_REASON in msg:
+                outcome = "not_run"
             self.res["counts"][outcome] += 1
             self.res["tests"].append({"name": report.nodeid, "outcome": outcome, "when": report.when,
                                       "time_s": round(report.duration, 2), "message": msg})
@@ -122,6 +166,9 @@ def run_pytest(o: dict, emit) -> None:
     import pytest
 
     res: dict = {"args": o["args"]}
+    if o.get("deadline_s"):  # from the entry's start: the KV extension's build counts against it
+        res["deadline_s"] = o["deadline_s"]
+        os.environ["HALLOLIVE_PYTEST_DEADLINE"] = str(time.time() + o["deadline_s"])
     if o.get("prebuild_kv_ext"):  # the extension's build, timed and recorded apart from the tests
         from hallolive_rt.kvcache.build import require_kv_ext
 
@@ -145,6 +192,9 @@ def run_pytest(o: dict, emit) -> None:
         res["workers"] = workers
     if os.environ.get("HALLOLIVE_PYTEST_APPEND"):  # the package comes from PYTHONPATH (no install)
         args.append("--import-mode=append")
+    if o.get("deadline_s"):  # bench/ on the workers' path too: they load the plugin by name
+        args += ["-p", "pytest_deadline"]
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
     rec = _Recorder(res, emit)
     rc = int(pytest.main(args, plugins=[rec]))
     res.update(exit_code=rc, running=None)
@@ -176,8 +226,14 @@ def run_script(o: dict, emit) -> None:
         raise Failed(f"{o['script']} exit code {rc}, {'no JSON written' if not files else 'JSON written'}")
 
 
+def run_ncu(o: dict, emit, **kw) -> None:
+    from gpu_ncu import run_ncu as run
+
+    run(o, emit, failed=Failed, skipped=Skipped, **kw)
+
+
 KIND_RUNNERS = {"check": run_check, "e2e": run_e2e, "stages": run_stages, "pytest": run_pytest,
-                "script": run_script}
+                "script": run_script, "ncu": run_ncu}
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------
@@ -191,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", required=True)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--box-s", type=float, default=None)
+    ap.add_argument("--card", default="gpu", help="the session's card slug: names the files an entry adds")
     ap.add_argument("--set-json", default="{}", help="options merged over the entry's (JSON object)")
     a = ap.parse_args(argv)
     entry = {e.name: e for e in ENTRIES}.get(a.entry)
@@ -207,10 +264,15 @@ def main(argv: list[str] | None = None) -> int:
 
     emit({})
     status, code = "ok", 0
+    runner = KIND_RUNNERS[entry.kind]
+    if entry.kind == "ncu":
+        runner = functools.partial(runner, card=a.card, out_dir=a.store.parent, box_s=a.box_s)
     try:
-        KIND_RUNNERS[entry.kind](opts, emit)
+        runner(opts, emit)
     except Failed as e:
         status, code, meta["error"] = "failed", 1, str(e)
+    except Skipped as e:
+        status, meta["error"] = "skipped", str(e)
     except BaseException as e:  # noqa: BLE001 - recorded for the session, then re-signalled by the exit code
         status, code = "error", 1
         meta["error"] = f"{type(e).__name__}: {e}"[-4000:]

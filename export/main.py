@@ -17,14 +17,25 @@ from pathlib import Path
 
 import torch
 
+from hallolive_rt.errors import ExportError
+from hallolive_rt.options import ModelSource
 from hallolive_rt.profile import Profile, load_profile
 
 from .contracts import DTYPE_NAMES, SUBMODELS, Contract, contracts_for
 from .fp8 import calibrate_dit, calibration_key, fp8_compute_dtype, fp8_layout, linear_weight_names, quantized_values
 from .fp8 import manifest_entry as fp8_manifest_entry
 from .fp8_graph import quantize_graph
-from .manifest import (SCHEMA, FileHashes, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
-                       tool_versions, write_manifest)
+from .manifest import (
+    SCHEMA,
+    FileHashes,
+    artifact_key,
+    device_info,
+    read_manifest,
+    rebuild_command,
+    sha256_file,
+    tool_versions,
+    write_manifest,
+)
 from .submodels import SUBMODEL_FILES, build_submodel, check_disk, check_memory, onnx_source, weights_ids, wrapper_for
 
 __all__ = ["export_main", "PRECISIONS", "FORMATS", "ExportError"]
@@ -34,20 +45,15 @@ FORMATS = ("onnx", "tensorrt", "aoti")
 _EXT = {"onnx": ".onnx", "tensorrt": ".plan", "aoti": ".pt2"}
 
 
-class ExportError(RuntimeError):
-    """A request the exporter refuses before doing any work (flags, memory, missing tools)."""
-
-
 def _default_precision(profile: Profile) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[profile.dtype_name]
 
 
-def export_main(preset: str, model_dir: str | None, random_weights: bool, format: str = "onnx",
-                precision: str | None = None, out_dir: str | os.PathLike = "artifacts", seed: int = 0, *,
-                submodels: tuple[str, ...] | None = None, opset: int | None = None, device: str | None = None,
-                force: bool = False, fp64_time: bool | None = None, aoti_configs: dict | None = None,
-                variants: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
-                ema: bool = False) -> Path:
+def export_main(model: ModelSource, format: str = "onnx", precision: str | None = None,
+                out_dir: str | os.PathLike = "artifacts", *, submodels: tuple[str, ...] | None = None,
+                opset: int | None = None, device: str | None = None, force: bool = False,
+                fp64_time: bool | None = None, aoti_configs: dict | None = None,
+                variants: tuple[str, ...] | None = None, log: Callable[[str], None] = print) -> Path:
     """Export the sub-models of a preset; returns the manifest path.
 
     CLI flags (``hallolive-rt export``):
@@ -66,18 +72,13 @@ def export_main(preset: str, model_dir: str | None, random_weights: bool, format
        they name, e.g. ("dit/a10_kv12",) for a one-block test; the manifest still records whole contracts,
        and the runtime refuses a stream that needs a variant the directory lacks)
     """
-    if model_dir and random_weights:
-        raise ExportError("pass exactly one of --model-dir DIR or --random-weights")
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     _check_out_dir(Path(out_dir))
-    profile = load_profile(preset)
-    if model_dir and profile.decoders == "tiny":
-        raise ExportError(f"the {profile.name} preset has no released weights; drop --model-dir (it exports random weights)")
-    if not model_dir and not random_weights:
-        if profile.decoders != "tiny":
-            raise ExportError(f"the {profile.name} preset needs --model-dir DIR (the release download) or --random-weights")
-        random_weights = True  # the tiny architecture only ever has random weights
+    profile = load_profile(model.preset)
+    model.check_against(profile)
+    model_dir, seed, ema = model.model_dir, model.seed, model.ema
+    random_weights = model_dir is None  # the tiny architecture only ever has random weights
     if format != "aoti":
         import importlib.util
 

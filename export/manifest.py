@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from hallolive_rt.errors import ArtifactMismatch
 from hallolive_rt.profile import Profile
 
 __all__ = ["MANIFEST", "SCHEMA", "ArtifactMismatch", "LoadedArtifacts", "load_artifacts", "read_manifest",
@@ -50,10 +51,6 @@ __all__ = ["MANIFEST", "SCHEMA", "ArtifactMismatch", "LoadedArtifacts", "load_ar
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
-
-
-class ArtifactMismatch(RuntimeError):
-    """An artifact directory that does not fit the current run; the message says why and how to rebuild."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -121,7 +121,7 @@ def available_bytes(device: str = "cpu") -> int:
 def check_memory(profile: Profile, subs, dtype: torch.dtype, fmt: str, device: str,
                  available: int | None = None) -> None:
     """Refuse, before any allocation, an export whose estimated peak exceeds the memory available."""
-    from .main import ExportError
+    from hallolive_rt.errors import ExportError
 
     avail = available if available is not None else available_bytes(device if fmt == "aoti" else "cpu")
     contracts = contracts_for(profile, dtype, vae_history=None if "vae_video" in subs else [])
@@ -150,7 +150,7 @@ def _explain(sub: str, profile: Profile, dtype: torch.dtype, fmt: str) -> str:
 
 def check_disk(profile: Profile, subs, dtype: torch.dtype, out_dir: str | Path, free: int | None = None) -> None:
     """Refuse, before writing anything, an ONNX export whose weights files would not fit on the disk."""
-    from .main import ExportError
+    from hallolive_rt.errors import ExportError
 
     need = {s: param_bytes(s, profile, dtype) for s in subs}
     free = free if free is not None else shutil.disk_usage(out_dir).free

@@ -193,10 +193,13 @@ def variant_plans(policy: AppendPolicy | RollingPolicy) -> list[BlockPlan]:
     """One plan per distinct static variant, in stream order (the first block that uses it): what a
     backend prepares (graphs, engines) and an exporter exports. Finite for an endless rolling stream:
     its variants stop changing once the sink and the ring are full and the audio history is at its bound."""
-    if policy.blocks is not None:
-        limit = policy.blocks
-    else:  # kv length is steady from block sink+window-1 on, the audio length from block window-1 on
+    if isinstance(policy, RollingPolicy):
+        # kv length is steady from block sink+window-1 on, the audio length from block window-1 on: the
+        # work here is bounded whatever the stream's length (a billion blocks start as fast as three)
         limit = policy.sink + policy.window + 1
+        limit = limit if policy.blocks is None else min(limit, policy.blocks)
+    else:
+        limit = policy.blocks  # append: at most the released clip
     seen: dict[tuple[int, int], BlockPlan] = {}
     for _, plan in zip(range(limit), policy.plans()):
         seen.setdefault(plan.variant, plan)

@@ -13,11 +13,9 @@ from dataclasses import MISSING, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
+from hallolive_rt.errors import ConfigError
+
 __all__ = ["StreamConfig", "FusionConfig", "ConfigError", "load_fusion_config", "embedded_config_path"]
-
-
-class ConfigError(ValueError):
-    """A config file with missing, unknown or inconsistent fields."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hallolive_rt.errors import ProfileError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -22,10 +24,6 @@ except ModuleNotFoundError:  # Python 3.10
 __all__ = ["Profile", "ProfileError", "load_profile", "list_profiles", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ProfileError(ValueError):
-    """An unknown preset or an inconsistent profile file."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hallolive_rt.errors import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "read_checkpoint",
@@ -28,10 +30,6 @@ __all__ = [
 ]
 
 _SHOW = 5  # how many offending keys a message lists before "... and N more"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: unreadable, not a checkpoint, or the wrong keys/shapes."""
 
 
 def _listing(names: list[str]) -> str:

@@ -1,38 +1,12 @@
-"""``hallolive-rt bench``: N blocks per backend in one process, a table, and a JSON under bench/results/.
-
-    bench_main("hallolive-512x992", random_weights=True, backends=["eager", "cudagraph"], blocks=5,
-               mode="e2e", out_json="bench/results/h100-e2e.json", device="cuda")
-
-Modes (all start from an already-encoded prompt: a fixed random context, never zeros):
-  e2e  the full session (DiT + video/audio decode + D2H, overlapped as ``stream`` runs it), per backend;
-  dit  the DiT block loop only (4 steps + context pass per block), per backend;
-  vae  the decoders only (video VAE frame by frame + streamed audio), on random latents.
-Every mode reports DiT-only / VAE-only FPS-equivalents where it measures them, and the two-device
-throughput min(DiT-only, VAE-only) labelled ``projected``. Per-stage achieved TFLOP/s use FLOP counts of
-the real architecture at the profile's shapes (runtime/flops.py: counted once on CPU on the meta device
-and committed, 33.4 -> 48.8 TFLOP per DiT forward and 37.4 TFLOP per latent frame of the video VAE at
-512x992, as docs/FACTS.md section 7 states; never recounted on the GPU unless the committed table is stale).
-One warm-up stream per backend precedes the timed one (graph capture and autotuning stay out of the
-numbers). Weights are built on the device (``load_components(profile, None, ...)``): no weight ever passes
-through host RAM; ``components=`` reuses a set already built (one build for several modes).
-
-Results are emitted as they come: after every timed block, ``on_update(out)`` gets the JSON so far
-(``complete`` False until the end) and ``out_json`` is rewritten (atomically), so a run killed part-way
-keeps every finished block. Writing costs well under a millisecond per block, between blocks.
-
-The DiT's opt-in fast paths (``fuse_projections``, ``attn_kernel``: ``--fuse-projections``,
-``--attn-kernel``) apply to every backend of the run and are recorded at the top of the JSON and in each
-result's ``session``: compare runs that differ only in them to decide whether they pay. The speed levers
-of issue #15 (``levers=DiTLevers(...)``: ``--precision fp8``, ``--lean-context``; and the ``compiled``
-backend) are recorded the same way (``levers`` at the top, fp8 / compile details in each ``session``).
-
-The video decoder's opt-in fast paths (``vae_backend``, ``vae_channels_last``: ``--vae-backend
-eager,cudagraph+cl3d ...``, runtime/vae_runner.py) are run variants: ``--mode vae`` runs each in this
-process after the eager baseline (keys ``"<variant> (decoders)"``, ``ratios_vs_eager`` on the VAE-only
-rate); e2e runs every DiT backend with every listed variant (keys ``"<backend> vae=<variant>"`` except the
-eager decoder). ``compare_overlap`` (``--compare-overlap``) runs each e2e variant overlapped and sequential
-(keys ``"... no-overlap"``). The choices are recorded at the top of the JSON and in each ``session``.
-"""
+"""``hallolive-rt bench``: N blocks per backend in one process through the session's own block loop, a
+table, and a JSON under bench/results/. Modes (each from a fixed random text context, never zeros): ``e2e``
+the full session (DiT + decoders + D2H, overlapped as ``stream`` runs it); ``dit`` the same loop without
+decoding (``StreamSession.run(decode=False)``); ``vae`` the decode pipeline alone on random latents. Every
+mode reports the stage FPS-equivalents it measures and the two-device throughput min(DiT-only, VAE-only)
+labelled ``projected``; per-stage TFLOP/s use the FLOP counts committed in runtime/flops.py. One warm-up
+stream per run precedes the timed one; weights are built on the device; the JSON is rewritten after every
+timed block (a run killed part-way keeps what finished). The DiT options and the decoder variants are
+recorded at the top of the JSON and in each result's ``session``: compare runs that differ only in one."""
 
 from __future__ import annotations
 
@@ -41,16 +15,22 @@ import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from hallolive_rt.profile import Profile, load_profile
+from hallolive_rt.errors import InputError
+from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource, VideoDecodeOptions
+from hallolive_rt.profile import Profile
 
 from .flops import FlopCounts, count_flops
 from .metrics import achieved_tflops, emitter, env_info, percentile, stream_metrics
+from .backends import BACKENDS
+from .resolve import ResolvedRun, resolve_run
+from .vae_runner import check_vae_options
 
-__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES", "dit_blocks"]
+__all__ = ["bench_main", "FlopCounts", "count_flops", "combine_projection", "MODES"]
 
 MODES = ("e2e", "dit", "vae")
 BF16_PEAK_TFLOPS = 790.0  # dense bf16 peak assumed for H100/H200 (docs/MEASURE.md, stage_tflops)
@@ -68,67 +48,27 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def dit_blocks(sess, ctx, seed: int, latents: list | None = None) -> Iterator:
-    """The session's DiT loop without decoding: one DecodedBlock (DiT stage times only, no frames) per
-    block, as soon as its DiT work is done. ``latents`` collects each block's committed (video, audio)
-    latents as float32 CPU tensors (for comparisons between backends)."""
-    import numpy as np
+def _vae_blocks(pipe, profile: Profile, blocks: int, seed: int) -> Iterator:
+    """Decode random latents block by block through ``pipe`` (a sequential DecodePipeline, built once per
+    video runner variant: its capture/compile happens at construction), one DecodedBlock each."""
+    from hallolive_rt.cache_policy import choose_policy
+    from hallolive_rt.stream import BlockOutput
 
-    from hallolive_rt.sampler import TorchNoise
-    from hallolive_rt.stream import window_noise
+    from .block_marks import BlockMarks
 
-    from .clock import dit_ms
-    from .decode_pipeline import DecodedBlock
-    from .session import BlockNoise
-
-    c, p, bs, clock = sess.c, sess.p, sess.bs, sess.pipeline.clock
-    init, fresh = BlockNoise(p, seed, c.dit_device, c.dtype), TorchNoise(seed + 1, device=c.dit_device)
-    clock.start()
-    with sess._on_dit_device(), torch.no_grad():
-        bs.start(ctx)
-    for plan in sess.plans:
-        with sess._on_dit_device(), torch.no_grad():
-            win = window_noise(init.audio, plan.index, sess.blocks, p.stream.audio_tokens_per_block,
-                               p.audio_window)
-            sess._k, sess._marks = 0, {"steps": []}
-            m = sess._marks
-            m["dit_start"] = clock.mark()
-            out = bs.run_block(plan, init.video(plan.index), win, fresh)
-            m["dit_end"] = clock.mark()
-            init.drop_before(plan.index + 1)
-            if latents is not None:
-                latents.append((out.video.float().cpu(), out.audio.float().cpu()))
-        e = clock.at_s(m["dit_end"], c.dit_device)  # waits for this block only (event-timed stages)
-        t = {"dit": dit_ms(clock, m),
-             "dit_steps": sum(clock.ms(a, b) for a, b in m["steps"]), "dit_context": clock.ms(*m["context"])}
-        frames = p.pixel_frames(p.stream.latent_frames_per_block, first_block=plan.index == 0)
-        yield DecodedBlock(plan.index, np.zeros((frames, 0, 0, 3), np.uint8), np.zeros(0, np.float32), t,
-                           clock.at_s(m["dit_start"], c.dit_device), e, e, [e])
-
-
-def _vae_blocks(comps, profile: Profile, blocks: int, seed: int, pipe=None) -> Iterator:
-    """Decode random latents block by block (sequential, exact stage times), one DecodedBlock each, with
-    ``pipe`` (a sequential DecodePipeline, built once per video runner variant: its capture/compile happens
-    at construction)."""
-    from types import SimpleNamespace
-
-    from .decode_pipeline import DecodePipeline
-
-    pipe = pipe or DecodePipeline(comps, profile, overlap=False)
-    s, v = profile.stream, profile.video
-    dev, dt = comps.vae_device, comps.dtype
+    s, v, a = profile.stream, profile.video, profile.audio
+    dev, dt = pipe.vae_dev, pipe.st_video.dtype
     g = torch.Generator(device=dev).manual_seed(seed)
     pipe.start()
-    for i in range(blocks):
+    for plan, _ in zip(choose_policy(profile, blocks).plans(), range(blocks)):
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             r = lambda *sh: torch.randn(sh, generator=g, device=dev).to(dt)  # noqa: E731
-            out = SimpleNamespace(index=i, video=r(1, s.latent_frames_per_block, v.latent_channels,
-                                                   v.latent_height, v.latent_width),
-                                  audio=r(1, s.audio_tokens_per_block, profile.audio.latent_channels),
-                                  audio_future=r(1, s.future_audio_tokens, profile.audio.latent_channels))
+            out = BlockOutput(plan.index, r(1, s.latent_frames_per_block, v.latent_channels, v.latent_height,
+                                            v.latent_width), r(1, s.audio_tokens_per_block, a.latent_channels),
+                              r(1, s.future_audio_tokens, a.latent_channels), plan)
             m = pipe.clock.mark()
-            pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)})  # decodes inline
-        for b in pipe.ready() + (pipe.finish() if i + 1 == blocks else []):
+            pipe.submit(out, BlockMarks(dit_start=m, context=(m, m), dit_end=m))  # decodes inline
+        for b in pipe.ready() + (pipe.finish() if plan.index + 1 == blocks else []):
             for k in ("dit", "dit_steps", "dit_context"):
                 b.times.pop(k, None)
             yield b
@@ -163,105 +103,87 @@ def _result(got, mode: str, prof: Profile, dit_dev, vae_dev, flops, sess_info: d
     return m
 
 
-def _command(preset, backends, n, mode, device, vae_device, prof, random_weights, fuse_projections,
-             attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap, compare_overlap, levers) -> str:
+def _command(model: ModelSource, dit: DiTOptions, decoders: DecoderOptions, backends, n, mode, variants,
+             compare_overlap) -> str:
     if "bench" in " ".join(sys.argv[:2]):
         return "hallolive-rt bench " + " ".join(sys.argv[2:])
-    return (f"bench_main(preset={preset!r}, backends={backends}, blocks={n}, mode={mode!r}, device={device!r}, "
-            f"vae_device={vae_device!r}, dtype={prof.dtype_name!r}, random_weights={random_weights}, "
-            f"kv_impl={kv_impl!r}, fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r}, "
-            f"vae_backend={vae_backend!r}, vae_channels_last={vae_channels_last}, overlap={overlap}, "
-            f"compare_overlap={compare_overlap}, levers={levers!r})")
+    return (f"bench_main({model!r}, {dit!r}, {decoders!r}, backends={backends}, blocks={n}, mode={mode!r}, "
+            f"vae_variants={[v.label for v in variants]}, compare_overlap={compare_overlap})")
 
 
-def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, backends: list[str] | None = None,
-               blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None, *,
-               device: str = "cuda", vae_device: str | None = None, dtype: str | None = None,
-               model_dir: str | None = None, seed: int = 0, kv_impl: str = "torch", warmup_runs: int = 1,
-               overlap: bool = True, fuse_projections: bool = False, attn_kernel: str = "auto",
-               vae_backend: str = "eager", vae_channels_last: bool = False, compare_overlap: bool = False,
-               console=None, ema: bool = False, components=None,
-               on_update: Callable[[dict], None] | None = None, levers=None, artifacts: str | None = None) -> dict:
+def bench_main(model: ModelSource | None = None, dit: DiTOptions | None = None, decoders: DecoderOptions | None = None,
+               *, backends: list[str] | None = None, vae_variants: list[VideoDecodeOptions] | None = None,
+               blocks: int | None = None, mode: str = "e2e", out_json: str | Path | None = None,
+               warmup_runs: int = 1, compare_overlap: bool = False, console=None, components=None,
+               on_update: Callable[[dict], None] | None = None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
 
-    ``components``: models already built for this preset and dtype (their devices are used); ``on_update``:
-    called with the JSON so far after every timed block and once at the end (``complete`` True).
-    ``backends`` None: every backend that can run here (``default_backends``). ``artifacts``: the export
-    directory the aoti / tensorrt backends run from, checked before any weight is built."""
+    ``model`` default: the full-size preset with random weights on CUDA. ``backends`` None: eager and what
+    ``dit.backend`` names (``auto``: its pick here), plus the format of ``dit.artifacts``. ``vae_variants``
+    None: the runner of ``decoders``. ``components``: models already built for this preset and dtype (their
+    devices are used); ``on_update``: called with the JSON so far after every timed block and at the end."""
     from rich.console import Console
     from rich.table import Table
 
     from hallolive_rt import nvtx
     from hallolive_rt.cache_policy import choose_policy
-    from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.kvcache.build import require_kv_ext
 
     from .components import load_components, weights_nbytes
     from .decode_pipeline import DecodePipeline
-    from .placement import resolve_devices
-    from .levers import DiTLevers, check_levers, precision_dtype
     from .peak import measure_gemm_peak
-    from .session import StreamSession, check_fast_paths
-    from .vae_runner import check_vae_options, parse_vae_variants
+    from .session import StreamSession
 
     console = console or Console(stderr=True, width=200)
+    model = model or ModelSource(preset="hallolive-512x992", random_weights=True, device="cuda")
+    dit, decoders = dit or DiTOptions(), decoders or DecoderOptions()
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not random_weights and model_dir is None and components is None:
-        raise ValueError("bench needs --random-weights or --model-dir")
-    levers = levers or DiTLevers()
-    # released geometry: the policy depends on it; --precision bf16|fp16|fp32 name the --dtype
-    prof = load_profile(preset).with_overrides(dtype=precision_dtype(levers.precision, dtype))
-    n = blocks if blocks is not None else prof.stream.blocks
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not model.random_weights and model.model_dir is None and components is None:
+        raise InputError("bench needs --random-weights or --model-dir")
     if components is not None:
-        if (components.profile.name, components.dtype) != (prof.name, prof.dtype):
-            raise ValueError(f"components were built for {components.profile.name} {components.dtype}, "
-                             f"not {prof.name} {prof.dtype}")
-        dit_dev, vae_dev = components.dit_device, components.vae_device
-    else:
-        dit_dev, vae_dev = resolve_devices(device, vae_device)
-    backends = list(backends) if backends else default_backends(dit_dev, artifacts, console)
-    vae_variants = parse_vae_variants(vae_backend, vae_channels_last)
-    runs = _run_variants(mode, backends, vae_variants, [True, False] if compare_overlap else [overlap])
-    cfg = load_fusion_config(prof.video_config, prof.audio_config)
-    names = list(dict.fromkeys(r[1] for r in runs))
-    backend_for = _check_backends(names, prof, n, dit_dev, artifacts, model_dir if not random_weights else None,
-                                  seed, ema)
-    for name in names:  # before building anything: a choice that cannot run fails now, naming itself
-        check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
-        if mode != "vae":
-            check_levers(name, levers, prof.dtype)
-    for vo in vae_variants:
+        model = replace(model, device=str(components.dit_device), vae_device=str(components.vae_device))
+    variants = vae_variants or [decoders.runner]
+    # every backend of the run checked before anything is built: a choice that cannot run fails now
+    first = resolve_run(model, dit, decoders, blocks=blocks, text=False, flag="--backends")
+    prof, dit_dev, vae_dev = first.profile, first.dit_device, first.vae_device
+    if components is not None and (components.profile.name, components.dtype) != (prof.name, prof.dtype):
+        raise InputError(f"components were built for {components.profile.name} {components.dtype}, "
+                         f"not {prof.name} {prof.dtype}")
+    n = first.nblocks
+    if n is None:
+        raise InputError("bench runs a finite number of blocks: pass --blocks N")
+    names = list(dict.fromkeys(backends or default_backends(first, console)))
+    resolved = {name: _resolve_backend(model, dit, decoders, name, n) for name in names if mode != "vae"}
+    for vo in variants:
         check_vae_options(vo, vae_dev)
-    kv_ext = require_kv_ext(kv_impl, dit_dev) if mode != "vae" else None  # built before any weight
+    runs = _run_variants(mode, names, variants, [True, False] if compare_overlap else [decoders.overlap])
     t = time.perf_counter()
-    comps = components or load_components(prof, None if random_weights else model_dir, dit_device=dit_dev,
-                                           vae_device=vae_dev, dtype=prof.dtype, seed=seed, with_text=False,
-                                           ema=ema)
+    comps = components or load_components(prof, None if model.random_weights else model.model_dir,
+                                           dit_device=dit_dev, vae_device=vae_dev, dtype=prof.dtype,
+                                           seed=model.seed, with_text=False, ema=model.ema, decoders=decoders)
     _sync(dit_dev)
     build_s = time.perf_counter() - t
     peak = measure_gemm_peak(dit_dev, prof.dtype)  # the card at hand, in this process (~0.1 s)
-    ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
-    counts = FlopCounts(prof, lean_context=levers.lean_context)
+    ctx = _random_ctx(prof, dit_dev, prof.dtype, model.seed)
+    counts = FlopCounts(prof, lean_context=dit.lean_context)
     flops = count_flops(prof, list(choose_policy(prof, n).plans()), len(prof.stream.denoising_steps), counts)
     results: dict[str, dict] = {}
     out = {
-        "command": _command(preset, backends, n, mode, device, vae_device, prof, random_weights,
-                            fuse_projections, attn_kernel, kv_impl, vae_backend, vae_channels_last, overlap,
-                            compare_overlap, levers),
+        "command": _command(model, dit, decoders, names, n, mode, variants, compare_overlap),
         "complete": False, "mode": mode, "preset": prof.name, "blocks": n, "dtype": prof.dtype_name,
-        "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections, "attn_kernel": attn_kernel,
-        "levers": levers.to_dict(), "vae_variants": [vo.label for vo in vae_variants], "overlap": "both" if compare_overlap else overlap,
+        "dit_options": first.dit.to_dict(), "kv_ext": first.kv_ext, "video_decoder": decoders.video_decoder,
+        "vae_variants": [vo.label for vo in variants], "overlap": "both" if compare_overlap else decoders.overlap,
         "weights": comps.source, "weights_bytes": weights_nbytes(comps),
         "build_s": build_s if components is None else None, "dit_device": str(dit_dev), "vae_device": str(vae_dev),
         "shapes": prof.to_dict(), "flops_per_block": flops, "flops": counts.describe(),
         "bf16_peak_tflops_assumed": BF16_PEAK_TFLOPS, "gemm_peak_measured": peak, "nvtx": nvtx.describe(),
         "env": env_info([dit_dev, vae_dev]), "results": results, "projected": None,
     }
+    if first.backend_choice is not None:
+        out["backend_choice"] = first.backend_choice.describe()
     out["git_commit"] = out["env"]["git_commit"]
 
     emit = emitter(out, on_update, out_json)
-
     for key, name, vae_opts, ov in runs:
         if dit_dev.type == "cuda":
             gc.collect()
@@ -272,16 +194,16 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
             sess = pipe = DecodePipeline(comps, prof, overlap=False, video_runner=vae_opts)
             sess_info = {"backend": key, **pipe.describe()}
             for _ in range(warmup_runs):
-                list(_vae_blocks(comps, prof, min(n, 2), seed, pipe))
-            timed = _vae_blocks(comps, prof, n, seed, pipe)
+                list(_vae_blocks(pipe, prof, min(n, 2), model.seed))
+            timed = _vae_blocks(pipe, prof, n, model.seed)
         else:
-            sess = StreamSession(comps, prof, backend=backend_for(name), blocks=n, kv_impl=kv_impl, overlap=ov,
-                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel, video_runner=vae_opts,
-                                 levers=levers)
+            r = resolved.pop(name, None) or _resolve_backend(model, dit, decoders, name, n)  # prepared once
+            sess = StreamSession(comps, prof, dit=r.dit, decoders=replace(decoders, runner=vae_opts, overlap=ov),
+                                 backend=r.backend, backend_choice=r.backend_choice, blocks=n)
             sess_info = sess.describe()
             for _ in range(warmup_runs):
-                list(sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed))
-            timed = sess.run(ctx, seed) if mode == "e2e" else dit_blocks(sess, ctx, seed)
+                list(sess.run(ctx, model.seed, decode=mode == "e2e"))
+            timed = sess.run(ctx, model.seed, decode=mode == "e2e")
         got = []
         for blk in timed:
             got.append(blk)
@@ -301,14 +223,23 @@ def bench_main(preset: str = "hallolive-512x992", random_weights: bool = True, b
     return out
 
 
+def _resolve_backend(model, dit, decoders, name: str, blocks: int) -> ResolvedRun:
+    if name not in BACKENDS:
+        raise InputError(f"--backends {name}: unknown; choose from {', '.join(BACKENDS)}")
+    try:
+        artifacts = dit.artifacts if name in ("aoti", "tensorrt") else None  # the others run the PyTorch DiT
+        return resolve_run(model, replace(dit, backend=name, artifacts=artifacts), decoders, blocks=blocks, text=False,
+                           flag="--backends")
+    except InputError as e:
+        raise InputError(f"--backends {name} cannot run here: {e}") from e.__cause__
+
+
 def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: list[bool]) -> list[tuple]:
     """(result key, DiT backend, video runner options, overlap) per run, baselines first.
 
     vae: the eager decoder first (the ratios' baseline), then each listed variant; dit: the decoders do
     not run, so one run per DiT backend; e2e: every DiT backend x video variant x overlap setting.
     """
-    from .vae_runner import VideoDecodeOptions
-
     if mode == "vae":
         vs = list(dict.fromkeys([VideoDecodeOptions(), *vae_variants]))
         return [(f"{vo.label} (decoders)", "eager", vo, False) for vo in vs]
@@ -318,57 +249,13 @@ def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: 
              " no-overlap"), b, vo, ov) for b in backends for vo in vae_variants for ov in overlaps]
 
 
-def default_backends(dit_dev: torch.device, artifacts: str | None, console=None) -> list[str]:
-    """The backends ``--backends`` means when not given: eager everywhere, cudagraph on CUDA, and the
-    format of ``artifacts`` (aoti / tensorrt) when a directory is given; says which were left out."""
-    import json
-
-    names = ["eager"] + (["cudagraph"] if dit_dev.type == "cuda" else [])
-    if artifacts is not None:
-        try:
-            fmt = json.loads((Path(artifacts) / "manifest.json").read_text()).get("format")
-        except (OSError, ValueError):
-            fmt = None  # the artifact check names what is wrong with the directory
-        names.append(fmt if fmt in ("aoti", "tensorrt") else "aoti")
-    if dit_dev.type != "cuda" and console is not None:
-        console.print(f"backends: {', '.join(names)} (cudagraph needs a CUDA device: not run on {dit_dev})")
+def default_backends(run: ResolvedRun, console=None) -> list[str]:
+    """What ``--backends`` means when not given: eager (the baseline) and the backend the run's
+    ``--backend`` resolved to (``auto``: its pick here; with ``--artifacts``: the format it holds)."""
+    names = list(dict.fromkeys(["eager", run.dit.backend]))
+    if console is not None and run.backend_choice is not None:
+        console.print(f"backends: {', '.join(names)} (auto: {run.backend_choice.reason})", highlight=False)
     return names
-
-
-def _check_backends(names: list[str], prof: Profile, blocks: int, dit_dev: torch.device,
-                    artifacts: str | None, model_dir: str | None, seed: int, ema: bool = False):
-    """Show every backend of ``names`` able to run this bench before any weight is built (the compiled ones
-    against their artifact directory; a refusal names --backends); returns ``backend_for(name)``: the
-    checked object for a backend's first run, a fresh one for each later run (a backend is prepared once)."""
-    from hallolive_rt.cache_policy import choose_policy, variant_plans
-    from hallolive_rt.export.manifest import ArtifactMismatch
-
-    from .backends import BACKENDS, BackendUnavailable
-    from .backends.artifacts import ArtifactBackend, backend_for_run
-    from .backends.cudagraph import require_cuda
-
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"--backends {','.join(unknown)}: unknown; choose from {', '.join(BACKENDS)}")
-    policy = choose_policy(prof, blocks)
-    out = {}
-    for name in names:
-        try:
-            if name in ("cudagraph", "compiled"):  # CUDA graphs: the message names this command's flag
-                require_cuda(dit_dev, what=f"{name} backend", flag="--backends")
-            be = backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
-                                 model_dir=model_dir, seed=seed, ema=ema, flag="--backends")
-            if isinstance(be, ArtifactBackend):
-                be.check(prof, policy.layout(), {p.variant for p in variant_plans(policy)}, dit_dev, prof.dtype)
-        except (BackendUnavailable, ArtifactMismatch, FileNotFoundError) as e:
-            raise ValueError(f"--backends {name} cannot run here: {e}") from None
-        out[name] = be
-
-    def backend_for(name: str):
-        be = out.pop(name, None)
-        return be if be is not None else backend_for_run(name, artifacts if name in ("aoti", "tensorrt") else None,
-                                                         model_dir=model_dir, seed=seed, ema=ema, flag="--backends")
-    return backend_for
 
 
 def _projection(results: dict, mode: str) -> dict:
@@ -389,7 +276,8 @@ def _fmt(x, spec=".2f"):
 def _table(console, Table, out: dict) -> None:
     t = Table(title=f"hallolive-rt bench: {out['preset']} {out['mode']} x{out['blocks']} blocks "
                     f"({out['dtype']}, {out['dit_device']}/{out['vae_device']}, fused projections "
-                    f"{'on' if out['fuse_projections'] else 'off'}, attention kernel {out['attn_kernel']})")
+                    f"{'on' if out['dit_options']['fuse_projections'] else 'off'}, attention kernel "
+                    f"{out['dit_options']['attn_kernel']}, video decoder {out['video_decoder']})")
     for col in ("backend", "TTFF s", "steady FPS", "block s (med)", "DiT ms", "VAE ms", "DiT FPS-eq",
                 "VAE FPS-eq", "DiT TFLOP/s", "VAE TFLOP/s", "peak GiB"):
         t.add_column(col, justify="right")

@@ -1,6 +1,7 @@
 """Backends against the reference on the same seed: per-block relative error of the committed latents.
 
-    check_backends("hallolive-512x992", ["eager", "cudagraph"], blocks=3, out_json="a.json", device="cuda")
+    check_backends(ModelSource("hallolive-512x992", random_weights=True, device="cuda"),
+                   backends=["eager", "cudagraph"], blocks=3, out_json="a.json")
 
 The reference backend (the first) runs the DiT block loop twice from the same seed and prompt context:
 the second run against the first is the **noise floor** (what the same code gives again: 0 unless kernels
@@ -20,14 +21,16 @@ every block, like ``bench_main``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from hallolive_rt.profile import load_profile
+from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource
 
-from .bench import _random_ctx, _sync, dit_blocks
+from .bench import _random_ctx, _sync
 from .metrics import emitter, env_info
+from .resolve import resolve_run
 
 __all__ = ["check_backends", "relative_error", "BOUND"]
 
@@ -59,43 +62,35 @@ def _summary(per_block: list[dict], key: str) -> dict:
     return out
 
 
-def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None = None, blocks: int = 3,
-                   out_json: str | Path | None = None, *, device: str = "cuda", dtype: str | None = None,
-                   seed: int = 0, kv_impl: str = "torch", fuse_projections: bool = False, attn_kernel: str = "auto",
+def check_backends(model: ModelSource | None = None, dit: DiTOptions | None = None, *,
+                   backends: list[str] | None = None, blocks: int = 3, out_json: str | Path | None = None,
                    components=None, on_update: Callable[[dict], None] | None = None, console=None) -> dict:
-    """Run the comparison (see the module docstring); print a table; return (and write) the JSON."""
+    """Run the comparison (see the module docstring); print a table; return (and write) the JSON. ``model``
+    default: the full-size preset with random weights on CUDA."""
     from rich.console import Console
 
-    from hallolive_rt.config import load_fusion_config
-    from hallolive_rt.kvcache.build import require_kv_ext
-
     from .components import load_components
-    from .placement import resolve_devices
-    from .session import StreamSession, check_fast_paths
+    from .session import StreamSession
 
     console = console or Console(stderr=True, width=200)
-    backends = list(backends or ["eager", "cudagraph"])
-    prof = load_profile(preset).with_overrides(dtype=dtype)  # released geometry; the count goes to the session
+    model = model or ModelSource(preset="hallolive-512x992", random_weights=True, device="cuda")
     if components is not None:
-        dit_dev = components.dit_device
-    else:
-        dit_dev, _ = resolve_devices(device)
-    cfg = load_fusion_config(prof.video_config, prof.audio_config)
-    for name in backends:
-        check_fast_paths(name, fuse_projections, attn_kernel, dit_dev, prof.dtype, cfg)
-    kv_ext = require_kv_ext(kv_impl, dit_dev)
+        model = replace(model, device=str(components.dit_device))
+    dit = dit or DiTOptions()
+    backends = list(backends or ["eager", "cudagraph"])
+    runs_of = {b: resolve_run(model, replace(dit, backend=b), DecoderOptions(), blocks=blocks, text=False)
+               for b in backends}  # every backend checked before anything is built
+    first = runs_of[backends[0]]
+    prof, dit_dev, seed = first.profile, first.dit_device, model.seed
     comps = components or load_components(prof, None, dit_device=dit_dev, dtype=prof.dtype, seed=seed,
                                            with_text=False)
     ctx = _random_ctx(prof, dit_dev, prof.dtype, seed)
     ref = backends[0]
     runs: dict[str, dict] = {}
     per_block: list[dict] = [{"index": i} for i in range(blocks)]
-    out = {"command": (f"check_backends(preset={preset!r}, backends={backends}, blocks={blocks}, "
-                       f"device={str(dit_dev)!r}, dtype={prof.dtype_name!r}, seed={seed}, kv_impl={kv_impl!r}, "
-                       f"fuse_projections={fuse_projections}, attn_kernel={attn_kernel!r})"),
+    out = {"command": f"check_backends({model!r}, {dit!r}, backends={backends}, blocks={blocks})",
            "complete": False, "preset": prof.name, "blocks": blocks, "dtype": prof.dtype_name,
-           "seed": seed, "kv_impl": kv_impl, "kv_ext": kv_ext, "fuse_projections": fuse_projections,
-           "attn_kernel": attn_kernel, "reference": ref, "weights": comps.source, "device": str(dit_dev),
+           "seed": seed, "dit_options": first.dit.to_dict(), "kv_ext": first.kv_ext, "reference": ref, "weights": comps.source, "device": str(dit_dev),
            "definitions": "max_rel = max|x-ref|/max|ref|, mean_rel = mean|x-ref|/mean|ref| of committed latents",
            "bound": BOUND, "runs": runs, "per_block": per_block, "summary": {},
            "env": env_info([dit_dev])}
@@ -110,13 +105,17 @@ def check_backends(preset: str = "hallolive-512x992", backends: list[str] | None
         if sess_backend != backend:
             del sess
             _sync(dit_dev)
-            sess = StreamSession(comps, prof, backend=backend, blocks=blocks, kv_impl=kv_impl,
-                                 fuse_projections=fuse_projections, attn_kernel=attn_kernel)
+            r = runs_of.pop(backend, None) or resolve_run(model, replace(dit, backend=backend), DecoderOptions(),
+                                                          blocks=blocks, text=False)  # a backend is prepared once
+            sess = StreamSession(comps, prof, dit=r.dit, backend=r.backend, blocks=blocks)
             sess_backend = backend
         latents = keep if keep is not None else []
         info = runs[run_name] = {"session": sess.describe(), "dit_ms": []}
         key = None if keep is not None else f"{run_name}_vs_{ref}"
-        for blk in dit_blocks(sess, ctx, seed, latents):
+        def keep_latents(i, block_out, latents=latents):
+            latents.append((block_out.video.float().cpu(), block_out.audio.float().cpu()))
+
+        for blk in sess.run(ctx, seed, decode=False, on_latents=keep_latents):
             info["dit_ms"].append(blk.times["dit"])
             if key is not None:
                 (v, a), (rv, ra) = latents[blk.index], ref_latents[blk.index]

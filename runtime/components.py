@@ -24,6 +24,7 @@ from hallolive_rt.model.text_tokenizer import load_tokenizer
 from hallolive_rt.model.vae_audio import AudioVAEDecoder, build_audio_decoder, load_audio_decoder
 from hallolive_rt.model.vae_video import WanVideoDecoder, build_video_decoder, load_video_decoder
 from hallolive_rt.model.vocoder import BigVGANVocoder, build_vocoder, load_vocoder
+from hallolive_rt.options import DecoderOptions
 from hallolive_rt.profile import Profile
 from hallolive_rt.release import MODEL_FILES, MissingModelFiles, ModelFiles, check_model_dir, decoder_configs
 
@@ -40,7 +41,7 @@ class Components:
     dit: DualStreamDiT
     text_encoder: TextEncoder | None  # None once released (after encoding) or when not built
     tokenizer: object
-    video_decoder: WanVideoDecoder
+    video_decoder: WanVideoDecoder  # or a tiny preview decoder of the same contract (model/vae_tiny.py)
     audio_vae: AudioVAEDecoder
     vocoder: BigVGANVocoder
     dtype: torch.dtype
@@ -73,14 +74,17 @@ def _random_text_encoder(cfg: UMT5Config, device: torch.device, dtype: torch.dty
 def load_components(profile: Profile, model_dir: str | Path | None = None, *,
                     dit_device: str | torch.device = "cpu", vae_device: str | torch.device | None = None,
                     text_device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    seed: int = 0, with_text: bool = True, ema: bool = False) -> Components:
+                    seed: int = 0, with_text: bool = True, ema: bool = False,
+                    decoders: DecoderOptions | None = None) -> Components:
     """Build (``model_dir=None``: random, seeded) or load every model of ``profile``.
 
     DiT on ``dit_device``; decoders on ``vae_device`` (default: the DiT's); the text encoder on
     ``text_device`` (default: the DiT's, freed after encoding). ``with_text=False`` skips the encoder
     (benchmarks that start from an encoded prompt). Missing files are reported all at once, before
     anything is loaded. ``ema`` picks the DiT entry of a nested training file (``load_dit``: False, the
-    default, reads ``generator``; True reads ``generator_ema``); random weights ignore it.
+    default, reads ``generator``; True reads ``generator_ema``); random weights ignore it. ``decoders``
+    picks the video decoder: the full Wan2.2 decoder (default) or a tiny preview decoder (its file, or
+    random weights like the rest).
     """
     dit_dev = canonical_device(dit_device)  # "cuda" -> "cuda:N": one name per device everywhere after this
     vae_dev = canonical_device(vae_device) if vae_device is not None else dit_dev
@@ -116,8 +120,21 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
             enc = load_text_encoder(paths["text_encoder"], tcfg, dtype=dtype, device=text_dev)
         tok = load_tokenizer(paths["tokenizer"], text_len=profile.text.text_len)
         source = f"{model_dir} (DiT entry: {dit_entry(ema)} if nested)"
+    if decoders is not None and decoders.tiny:
+        vdec = _tiny_video_decoder(decoders, vae_dev, dtype, seed)
+        source += f"; video decoder {decoders.video_decoder} ({decoders.tiny_weights or 'random weights'})"
     return Components(profile, cfg, dit, enc, tok, vdec, adec, voc, dtype, dit_dev, vae_dev,
                       model_dir is None, source)
+
+
+def _tiny_video_decoder(decoders: DecoderOptions, device: torch.device, dtype: torch.dtype, seed: int):
+    from hallolive_rt.model.vae_tiny import build_tiny_decoder, load_tiny_decoder
+
+    if decoders.tiny_weights is not None:
+        return load_tiny_decoder(decoders.tiny_weights, variant=decoders.video_decoder, dtype=dtype, device=device)
+    with torch.device(device):
+        torch.manual_seed(seed + 3)
+        return build_tiny_decoder(variant=decoders.video_decoder, device=device).to(dtype)
 
 
 def weights_nbytes(c: Components) -> dict[str, int]:

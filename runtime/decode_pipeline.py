@@ -45,7 +45,8 @@ from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.nvtx import stage
 from hallolive_rt.profile import Profile
 
-from .clock import Clock, dit_ms
+from .block_marks import BlockMarks
+from .clock import Clock
 from .placement import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
@@ -96,7 +97,7 @@ class _Job:
     slot: int
     first_block: bool
     has_future: bool
-    marks: dict  # DiT-side marks (dit device): final once ``sealed`` is set
+    marks: BlockMarks  # DiT-side marks (dit device): final once ``sealed`` is set
     copied: object = None  # event (CUDA) the decode stream waits for
     sealed: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False  # the stream ended before the DiT sealed this job
@@ -148,8 +149,8 @@ class DecodePipeline:
             self._dit_stream = torch.cuda.Stream(self.dit_dev, priority=DIT_STREAM_PRIORITY)
             self._hold_stream = torch.cuda.Stream(self.dit_dev)  # two devices: see submit
             self.slot_free = [torch.cuda.Event() for _ in range(2)]
-        if self.vdec.conv2.weight.dtype != dt:
-            raise ValueError(f"the video decoder holds {self.vdec.conv2.weight.dtype} weights, the stream runs {dt}")
+        if self.vdec.dtype != dt:
+            raise ValueError(f"the video decoder holds {self.vdec.dtype} weights, the stream runs {dt}")
         self.vrunner = make_video_runner(self.vdec, video_runner, 1, v.latent_height, v.latent_width)
         with torch.cuda.device(dev) if self.cuda else contextlib.nullcontext():
             self.vrunner.prepare()  # compile / capture now, outside any timed stream
@@ -266,7 +267,7 @@ class DecodePipeline:
         return self.clock.mark()
 
     @torch.no_grad()
-    def submit(self, out, marks: dict, *, sealed: bool = True) -> _Job:
+    def submit(self, out, marks: BlockMarks, *, sealed: bool = True) -> _Job:
         """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once.
 
         ``sealed=False``: the DiT still works on this block (its context pass) while it decodes; its
@@ -336,6 +337,9 @@ class DecodePipeline:
                     self.vae_stream.wait_event(job.copied)
                     return self._decode_on_stream(job, hslot)
             return self._decode_on_stream(job, hslot)
+        except BaseException:
+            self._free_hslots.put(hslot)  # a failed decode must not starve the next one of host slots
+            raise
         finally:
             self._slot_sem[job.slot].release()  # after slot_free was recorded (CUDA)
 
@@ -366,6 +370,12 @@ class DecodePipeline:
 
     # ---- host side (writer thread, or inline) -----------------------------------------------------------
     def _write(self, w: _WriteJob) -> DecodedBlock:
+        try:
+            return self._write_block(w)
+        finally:
+            self._free_hslots.put(w.hslot)  # also when writing failed: the decode thread never waits on it
+
+    def _write_block(self, w: _WriteJob) -> DecodedBlock:
         clock, job = self.clock, w.job
         job.sealed.wait()  # the DiT's marks of this block are final (writer thread; inline: already set)
         if job.abandoned:
@@ -374,21 +384,17 @@ class DecodePipeline:
         end = clock.at_s(w.marks["vae_audio_end"], self.vae_dev)
         dm = job.marks
         # the DiT's last mark of the block (after its context pass) may not be reached yet when the decode
-        # is done: CUDA's elapsed_time refuses an event not yet completed, so wait for it (the writer thread
-        # or, sequential, seal); every earlier DiT mark is on the same stream and complete with it
-        clock.wait(dm["dit_end"])
+        # is done: CUDA's elapsed_time refuses an event not yet completed, so ``times`` waits for it (the
+        # writer thread or, sequential, seal); every earlier DiT mark is on the same stream
         times = {
-            "dit": dit_ms(clock, dm),
-            "dit_steps": sum(clock.ms(a, b) for a, b in dm["steps"]),
-            "dit_context": clock.ms(*dm["context"]),
+            **dm.times(clock),
             "vae_video": clock.ms(w.marks["vae_start"], w.marks["vae_video_end"]),
             "vae_audio": clock.ms(w.marks["vae_video_end"], w.marks["vae_audio_end"]),
         }
         db = DecodedBlock(job.index, self.h_frames[w.hslot][:w.n_frames].numpy().copy(),
                           self.h_audio[w.hslot].numpy().copy(), times,
-                          start_s=clock.at_s(dm["dit_start"], self.dit_dev), first_frame_s=ready[0],
+                          start_s=clock.at_s(dm.dit_start, self.dit_dev), first_frame_s=ready[0],
                           done_s=max(ready[-1], end), frame_ready_s=ready)
-        self._free_hslots.put(w.hslot)
         if self.on_block is not None:
             t = time.perf_counter()
             with stage("io/write", block=job.index):

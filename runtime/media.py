@@ -65,6 +65,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from hallolive_rt.errors import MediaError, OutputWriteError
+
 from .outputs import FileSink
 from .probe import probe_media
 from .raw_records import _WavWriter, _Y4mWriter
@@ -72,14 +74,6 @@ from .raw_records import _WavWriter, _Y4mWriter
 __all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
 
 log = logging.getLogger(__name__)
-
-
-class MediaError(RuntimeError):
-    """An output path that cannot be written, or input that does not match the stream's shape."""
-
-
-class OutputWriteError(MediaError):
-    """A write failed mid-stream (disk full, ...); every output was cut back to its last complete block."""
 
 
 @dataclass(frozen=True)

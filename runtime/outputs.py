@@ -35,20 +35,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from hallolive_rt.errors import OutputBusy, OutputClaimError, OutputExists
+
 __all__ = ["OutputClaimError", "OutputBusy", "OutputExists", "OutputLock", "claim_outputs", "FileSink",
            "lock_path"]
-
-
-class OutputClaimError(RuntimeError):
-    """An output this process may not write (another writer holds it, or it exists)."""
-
-
-class OutputBusy(OutputClaimError):
-    """Another process is writing the output."""
-
-
-class OutputExists(OutputClaimError):
-    """The output exists and ``overwrite`` was not given."""
 
 
 def lock_path(path: str | os.PathLike) -> Path:

@@ -1,81 +1,142 @@
-"""The run half of ``stream_main`` (``runtime/session.py`` validates; this streams what it validated).
-
-    claim the outputs (runtime/outputs.py: one writer per file, no silent overwrite)
-    -> SIGINT / SIGTERM handlers (runtime/stopping.py)
-    -> artifact check (compiled backends), load, encode, warm-up
-    -> stream: each block written on the writer thread, progress per block, stop at a block boundary
-       on the first signal
-    -> summary (+ ``interrupted`` / ``exit_code`` after a signal) and the metrics JSON
-
-Nothing here validates user input again; everything it refuses (a held output, an existing one, an
-artifact directory that does not fit) is refused before any weight is loaded.
-"""
+"""``hallolive-rt stream`` as one function: ``stream_main(prompt, model=..., dit=..., decoders=...,
+outputs=...)`` checks every input (``resolve_run``, then the prompts with the tokenizer the weights use,
+then the output paths) before any weight is loaded, claims the outputs (one writer per file, no silent
+overwrite), installs the SIGINT / SIGTERM handlers, loads, encodes, runs the warm-up streams, and streams
+the session's blocks into the writer with progress per block; a first signal ends the stream at a block
+boundary (a playable file, both tracks ending together; ``interrupted`` and ``exit_code`` 130 / 143 in the
+summary). A write that fails mid-stream raises ``OutputWriteError`` after the outputs were cut back to
+their last complete block."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from hallolive_rt.cache_policy import ENDLESS, variant_plans
+from hallolive_rt.cache_policy import ENDLESS
+from hallolive_rt.errors import CheckpointError, InputError, MediaError, OutputClaimError, OutputWriteError
+from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource, OutputOptions
 
 from .decode_pipeline import DecodedBlock
-from .session import InputError, StreamSession
+from .progress import StreamProgress
+from .resolve import ResolvedRun, resolve_run
+from .session import StreamSession
 
-__all__ = ["claim_and_stream"]
+__all__ = ["stream_main", "check_utf8"]
 
 
-def claim_and_stream(run: dict, overwrite: bool) -> dict:
+@dataclass
+class _Job:
+    """A checked stream, ready to run."""
+
+    run: ResolvedRun
+    prompt: str
+    prompt_at: list[tuple[int, str]]
+    outputs: OutputOptions
+    writer: object
+    console: object
+    progress: bool
+    fps: float
+    warmup_runs: int
+
+
+def stream_main(prompt: str, *, model: ModelSource | None = None, dit: DiTOptions | None = None,
+                decoders: DecoderOptions | None = None, outputs: OutputOptions | None = None,
+                blocks: int | str | None = None, future_audio_frames: int | None = None,
+                prompt_at: list[tuple[int, str]] | None = None, truncate_prompt: bool = False, warmup_runs: int = 0,
+                progress: bool = True, console=None, fps: float | None = None) -> dict:
+    """Check, then stream ``prompt`` (see the module docstring); returns a summary. ``prompt_at``:
+    [(block, prompt)], each used from that block on; every prompt is encoded before the stream starts, then
+    the encoder is freed. ``future_audio_frames``: the audio lookahead in tokens. Defaults: the tiny preset
+    with random weights (no files needed)."""
+    from rich.console import Console
+
+    from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
+
+    from .media import StreamWriter
+
+    console = console or Console(stderr=True)
+    outputs = outputs or OutputOptions()
+    run = resolve_run(model or ModelSource(), dit or DiTOptions(), decoders or DecoderOptions(), blocks=blocks,
+                      future_audio_frames=future_audio_frames)
+    prof, nblocks = run.profile, run.nblocks
+    # the prompts, with the tokenizer the weights will use (cheap; before any weight is loaded)
+    tok = load_tokenizer(run.paths["tokenizer"] if run.paths else None, text_len=prof.text.text_len)
+    prompt_at = sorted(prompt_at or [])
+    for at, text in [(None, prompt), *prompt_at]:
+        what = "the prompt" if at is None else f"the prompt of --prompt-at {at}"
+        if at is not None and (at < 1 or (nblocks is not None and at >= nblocks)):
+            raise InputError(f"--prompt-at {at}:...: the block must be in 1..{'' if nblocks is None else nblocks - 1} "
+                             f"(block 0 uses --prompt; blocks are counted from 0)")
+        check_utf8(text, what)
+        try:
+            info = tok(text)
+        except PromptError as e:
+            raise InputError(str(e) if at is None else f"--prompt-at {at}: {e}") from e
+        if info.truncated:
+            msg = "; ".join(info.truncation_messages())
+            if not truncate_prompt:
+                raise InputError(f"{what} is too long: {msg}. Shorten it or pass --truncate-prompt to accept the cut")
+            console.print(f"[yellow]warning:[/] {msg}")
+    fps = fps or prof.fps
+    try:  # checks every output path now; the files themselves are opened at the first block
+        writer = StreamWriter(None if outputs.out is None else Path(outputs.out), width=prof.pixel_width,
+                              height=prof.pixel_height, fps=fps, sample_rate=prof.audio.sample_rate,
+                              frames_out=None if outputs.frames_out is None else Path(outputs.frames_out),
+                              wav_out=None if outputs.wav_out is None else Path(outputs.wav_out))
+        if outputs.metrics is not None:
+            _check_parent_writable(Path(outputs.metrics), "metrics")
+    except MediaError as e:
+        raise InputError(str(e)) from e
+    job = _Job(run, prompt, prompt_at, outputs, writer, console, progress, fps, warmup_runs)
+    return _claim_and_stream(job)
+
+
+def _claim_and_stream(job: _Job) -> dict:
     """Claim the outputs (lock, no silent overwrite), then stream under SIGINT / SIGTERM handling."""
-    from .outputs import OutputClaimError, claim_outputs
+    from .outputs import claim_outputs
     from .stopping import StopSignals, StreamInterrupted, exit_code
 
-    o = run["outputs"]
+    o = job.outputs
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopSignals())  # first: a signal while claiming still releases the claims
         try:
             try:
-                stack.enter_context(claim_outputs([("--out", o["out"]), ("--frames-out", o["frames_out"]),
-                                                   ("--wav-out", o["wav_out"]), ("--metrics", run["metrics"])],
-                                                  overwrite=overwrite))
+                stack.enter_context(claim_outputs(o.named(), overwrite=o.overwrite))
             except OutputClaimError as e:
                 raise InputError(str(e)) from None
-            return _stream(run, stop)
+            return _stream(job, stop)
         except StreamInterrupted as e:  # before the stream started, or a second signal: ends now
-            summary = {**o, "writer": run["writer"].summary, "blocks": run["writer"].summary.get("blocks", 0)}
+            summary = {**_paths(o), "writer": job.writer.summary, "blocks": job.writer.summary.get("blocks", 0)}
             return {**summary, "interrupted": e.name, "exit_code": exit_code(e.signum)}
 
 
-def _stream(run: dict, stop) -> dict:
-    from hallolive_rt.export.manifest import ArtifactMismatch
-    from hallolive_rt.weights import CheckpointError
+def _paths(o: OutputOptions) -> dict:
+    return {"out": o.out, "frames_out": o.frames_out, "wav_out": o.wav_out}
 
-    from .backends.artifacts import ArtifactBackend
+
+def _stream(job: _Job, stop) -> dict:
     from .components import MODEL_FILES, load_components
     from .metrics import stream_metrics, write_json
     from .stopping import exit_code
 
-    prof, policy, be, writer, console = run["prof"], run["policy"], run["be"], run["writer"], run["console"]
-    dit_dev, seed, nblocks = run["dit_dev"], run["seed"], run["nblocks"]
-    if isinstance(be, ArtifactBackend):  # the manifest, contracts, layout and variants: before any weight
-        try:
-            be.check(prof, policy.layout(), {p.variant for p in variant_plans(policy)}, dit_dev, prof.dtype)
-        except ArtifactMismatch as e:
-            raise InputError(str(e)) from None
+    run, writer = job.run, job.writer
+    prof, model, seed = run.profile, run.model, run.model.seed
     try:
-        comps = load_components(prof, run["paths"] and Path(run["model_dir"]), dit_device=dit_dev,
-                                vae_device=run["vae_dev"], dtype=prof.dtype, seed=seed, ema=run["ema"])
+        comps = load_components(prof, run.paths and Path(model.model_dir), dit_device=run.dit_device,
+                                vae_device=run.vae_device, dtype=prof.dtype, seed=seed, ema=model.ema,
+                                decoders=run.decoders)
     except CheckpointError as e:
         raise InputError(f"{e}\n(expected the official files: {MODEL_FILES})") from e
-    sess = StreamSession(comps, prof, backend=be, blocks=ENDLESS if nblocks is None else nblocks,
-                         cache_policy=run["cache_policy"], kv_impl=run["kv_impl"], overlap=run["overlap"],
-                         fuse_projections=run["fuse_projections"], attn_kernel=run["attn_kernel"],
-                         video_runner=run["vae_opts"], levers=run["levers"])
-    prompt_at = run["prompt_at"]
-    ctx, _ = sess.encode(run["prompt"], release=not prompt_at)
+    sess = StreamSession(comps, prof, dit=run.dit, decoders=run.decoders, backend=run.backend,
+                         backend_choice=run.backend_choice, blocks=ENDLESS if run.nblocks is None else run.nblocks)
+    ctx, _ = sess.encode(job.prompt, release=not job.prompt_at)
     encode_s = sess.text_encode_s
-    switches = [(at, sess.encode(text, release=k == len(prompt_at) - 1)[0]) for k, (at, text) in enumerate(prompt_at)]
+    last = len(job.prompt_at) - 1
+    switches = [(at, sess.encode(text, release=k == last)[0]) for k, (at, text) in enumerate(job.prompt_at)]
     sess.text_encode_s = encode_s  # the metrics' text_encode_s is the first prompt's
-    for _ in range(run["warmup_runs"]):  # graph/kernel warm-up streams, not timed, not written, no ranges
+    for _ in range(job.warmup_runs):  # graph/kernel warm-up streams, not timed, not written, no ranges
         from hallolive_rt.nvtx import suppressed
 
         with suppressed():
@@ -92,7 +153,7 @@ def _stream(run: dict, stop) -> dict:
     sess.pipeline.on_block = on_block
     stop.graceful = True  # from here a first SIGINT / SIGTERM ends the stream at the next block boundary
     blocks = sess.run(ctx, seed)
-    with writer, _Progress(console, nblocks, run["progress"]) as bar:
+    with writer, StreamProgress(job.console, run.nblocks, job.progress) as bar:
         try:
             for blk in blocks:
                 bar.update(blk)
@@ -102,62 +163,48 @@ def _stream(run: dict, stop) -> dict:
             blocks.close()  # the run's end drains what is decoding (written); the writer then ends both tracks
     if writer.error is not None:  # a write failed while the pipeline drained
         raise writer.error
-    summary = {**run["outputs"], "writer": writer.summary, "blocks": len(written),
-               "frames": sum(b.frames.shape[0] for b in written),
+    w = writer.summary
+    generated = sum(b.frames.shape[0] for b in written)
+    summary = {**_paths(job.outputs), "writer": w, "blocks": len(written), "frames_generated": generated,
+               "frames_written": w.get("frames", generated) + w.get("held_frames", 0),
                "audio_samples": sum(b.audio.shape[0] for b in written), "session": sess.describe()}
     if stop.requested:
         summary.update(interrupted=stop.name, exit_code=exit_code(stop.signum))
-    if run["metrics"] is not None:
-        m = stream_metrics(sorted(written, key=lambda b: b.index), fps=float(run["fps"]),
-                           text_encode_s=sess.text_encode_s, device=str(dit_dev), dtype=prof.dtype_name,
+    metrics = job.outputs.metrics
+    if metrics is not None:
+        m = stream_metrics(sorted(written, key=lambda b: b.index), fps=float(job.fps),
+                           text_encode_s=sess.text_encode_s, device=str(run.dit_device), dtype=prof.dtype_name,
                            extra={"command": "hallolive-rt stream", "preset": prof.name, "seed": seed,
-                                  "weights": comps.source, "vae_device": str(run["vae_dev"]),
-                                  "session": sess.describe(), "writer": writer.summary})
+                                  "weights": comps.source, "vae_device": str(run.vae_device),
+                                  "frames_generated": generated, "frames_written": summary["frames_written"],
+                                  "session": sess.describe(), "writer": w})
         try:
-            write_json(m, run["metrics"])
+            write_json(m, metrics)
         except OSError as e:
-            Path(str(run["metrics"]) + ".tmp").unlink(missing_ok=True)
-            from .media import OutputWriteError
-
+            Path(str(metrics) + ".tmp").unlink(missing_ok=True)
             raise OutputWriteError(f"the stream is complete, but its metrics could not be written to "
-                                   f"{run['metrics']}: {e}") from None
+                                   f"{metrics}: {e}") from None
         summary["metrics"] = m
     return summary
 
 
-class _Progress:
-    """A rich progress bar on a terminal (fits 80 columns: the bar keeps its width, the block details are
-    cut with an ellipsis); one plain line per block otherwise (logs, pipes), endless streams included."""
+def check_utf8(prompt: str, what_prompt: str = "the prompt") -> None:
+    """A prompt from a command line holds bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            raw = prompt[e.start:e.end].encode("utf-8", "surrogateescape").hex(" ")
+            what = f"byte(s) {raw}"
+        except UnicodeEncodeError:
+            what = f"the lone surrogate {prompt[e.start:e.end]!r}"
+        raise InputError(f"{what_prompt} is not valid UTF-8: {what} at character {e.start} (after "
+                         f"{prompt[:e.start][-20:]!r}); pass the text in UTF-8") from None
 
-    def __init__(self, console, total: int | None, enabled: bool):  # total None: an endless stream
-        self.console, self.total, self.enabled = console, total, enabled
-        self.bar = None
 
-    def __enter__(self):
-        if self.enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            from rich.table import Column
-
-            self.bar = Progress(BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}",
-                                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
-                                console=self.console, expand=True)
-            self.bar.start()
-            self.task = self.bar.add_task("stream", total=self.total, info="")
-        return self
-
-    def update(self, b: DecodedBlock) -> None:
-        vae = b.times["vae_video"] + b.times["vae_audio"]
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=f"DiT {b.times['dit']:.0f} ms, VAE {vae:.0f} ms, "
-                                                       f"first frame {b.first_frame_s:.2f} s")
-        elif self.enabled:
-            of = "" if self.total is None else f"/{self.total}"
-            self.console.print(f"[{b.index + 1}{of}] block {b.index}: {b.frames.shape[0]} frames, dit "
-                               f"{b.times['dit']:.0f} ms, vae {vae:.0f} ms, first frame at {b.first_frame_s:.2f} s",
-                               highlight=False, soft_wrap=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
+def _check_parent_writable(p: Path, what: str) -> None:
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise InputError(f"{what} path {str(p)!r} is a directory")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} path {str(p)!r}: folder {str(parent)!r} does not exist or is not writable")

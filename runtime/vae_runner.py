@@ -1,6 +1,6 @@
 """The video decode runner: how the stream runs one latent frame of the Wan2.2 decoder.
 
-    opts = parse_vae_variant("cudagraph+cl3d")               # or VideoDecodeOptions("cudagraph", True)
+    opts = VideoDecodeOptions.parse("cudagraph+cl3d")        # or VideoDecodeOptions("cudagraph", True)
     runner = make_video_runner(decoder, opts, batch=1, latent_h=32, latent_w=62)
     runner.prepare()                                         # layout, compile, warm-up, capture (once)
     runner.reset()                                           # a new stream
@@ -33,74 +33,25 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass
 
 import torch
 
-from hallolive_rt.model.vae_video import VideoDecodeState, WanVideoDecoder
+from hallolive_rt.errors import InputError
+from hallolive_rt.model.vae_video import WanVideoDecoder
+from hallolive_rt.options import VideoDecodeOptions
 
-__all__ = ["VAE_BACKENDS", "VideoDecodeOptions", "VideoDecodeRunner", "parse_vae_variant",
-           "parse_vae_variants", "check_vae_options", "make_video_runner", "set_conv_layout"]
+__all__ = ["VideoDecodeRunner", "check_vae_options", "make_video_runner", "set_conv_layout"]
 
-VAE_BACKENDS = ("eager", "compiled", "cudagraph", "compiled-cudagraph")
-_CL_SUFFIX = "+cl3d"
 CL3D = torch.channels_last_3d
 
 
-@dataclass(frozen=True)
-class VideoDecodeOptions:
-    """Which runner decodes video. ``compile_backend``/``compile_mode`` go to ``torch.compile`` (tests
-    use the fast ``aot_eager``; the GPU runs ``inductor``)."""
-
-    backend: str = "eager"
-    channels_last: bool = False
-    compile_backend: str = "inductor"
-    compile_mode: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.backend + (_CL_SUFFIX if self.channels_last else "")
-
-    @property
-    def uses_cuda_graph(self) -> bool:
-        return self.backend.endswith("cudagraph")
-
-    @property
-    def compiles(self) -> bool:
-        return self.backend.startswith("compiled")
-
-
-def parse_vae_variant(text: str, channels_last: bool = False) -> VideoDecodeOptions:
-    """``backend[+cl3d]`` -> options; ``channels_last=True`` adds +cl3d (the ``--vae-channels-last`` flag)."""
-    name = text.strip()
-    cl = name.endswith(_CL_SUFFIX)
-    name = name.removesuffix(_CL_SUFFIX)
-    if name not in VAE_BACKENDS:
-        raise ValueError(f"--vae-backend {text!r}: choose one of {', '.join(VAE_BACKENDS)}, optionally "
-                         f"followed by {_CL_SUFFIX} (channels_last_3d layout), e.g. cudagraph{_CL_SUFFIX}")
-    return VideoDecodeOptions(name, cl or channels_last)
-
-
-def parse_vae_variants(text: str, channels_last: bool = False) -> list[VideoDecodeOptions]:
-    """Comma-separated variants (bench), in order, without duplicates."""
-    out: list[VideoDecodeOptions] = []
-    for part in text.split(","):
-        if part.strip():
-            o = parse_vae_variant(part, channels_last)
-            if o not in out:
-                out.append(o)
-    if not out:
-        raise ValueError(f"--vae-backend {text!r} names no variant; e.g. eager or cudagraph{_CL_SUFFIX}")
-    return out
-
-
 def check_vae_options(opts: VideoDecodeOptions, device: torch.device | str) -> None:
-    """Raise ``ValueError`` (before anything is loaded) unless ``opts`` can run on ``device``."""
+    """Raise ``InputError`` (before anything is loaded) unless ``opts`` can run on ``device``."""
     dev = torch.device(device)
     if opts.uses_cuda_graph and (dev.type != "cuda" or not torch.cuda.is_available()):
         where = ("no CUDA device is visible here" if not torch.cuda.is_available() else
                  f"the decoders are on {dev}")
-        raise ValueError(f"--vae-backend {opts.label} captures CUDA graphs, but {where}: pass --vae-device "
+        raise InputError(f"--vae-backend {opts.label} captures CUDA graphs, but {where}: pass --vae-device "
                          f"cuda[:N] on a GPU machine, or use --vae-backend eager or compiled")
 
 
@@ -138,12 +89,11 @@ class VideoDecodeRunner:
     def __init__(self, decoder: WanVideoDecoder, opts: VideoDecodeOptions, batch: int, latent_h: int,
                  latent_w: int):
         self.decoder, self.opts = decoder, opts
-        w = decoder.conv2.weight
-        self.device, self.dtype = w.device, w.dtype
+        self.device, self.dtype = decoder.device, decoder.dtype
         fmt = CL3D if opts.channels_last else torch.contiguous_format
         st = decoder.new_state(batch, latent_h, latent_w)  # the weights' dtype and device
-        self.state = VideoDecodeState(tuple(b.contiguous(memory_format=fmt) for b in st.history))
-        shape = (batch, decoder.cfg.z_dim, 1, latent_h, latent_w)
+        self.state = st.with_layout(fmt) if opts.channels_last else st
+        shape = (batch, decoder.z_dim, 1, latent_h, latent_w)
         self.z = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(memory_format=fmt)
         self._epoch: int | None = None
         self.prepare_s: float | None = None
@@ -271,12 +221,9 @@ class CudaGraphRunner(CompiledRunner):
         return out
 
 
-def make_video_runner(decoder: WanVideoDecoder, opts: VideoDecodeOptions | str | None, batch: int,
-                      latent_h: int, latent_w: int) -> VideoDecodeRunner:
+def make_video_runner(decoder, opts: VideoDecodeOptions | None, batch: int, latent_h: int,
+                      latent_w: int) -> VideoDecodeRunner:
     """The runner ``opts`` names (not yet prepared: call ``prepare()`` on the decoder's device)."""
-    if opts is None or isinstance(opts, str):
-        opts = parse_vae_variant(opts or "eager")
-    if opts.backend not in VAE_BACKENDS:
-        raise ValueError(f"unknown video decode backend {opts.backend!r}; choose one of {', '.join(VAE_BACKENDS)}")
+    opts = opts or VideoDecodeOptions()
     cls = (CudaGraphRunner if opts.uses_cuda_graph else CompiledRunner if opts.compiles else VideoDecodeRunner)
     return cls(decoder, opts, batch, latent_h, latent_w)

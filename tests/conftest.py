@@ -44,9 +44,10 @@ def tiny_aoti_dir(tmp_path_factory):
     package (tests/test_export_aoti.py, tests/test_cli_artifacts.py)."""
     from hallolive_rt.export.aoti import FAST_BUILD
     from hallolive_rt.export.main import export_main
+    from hallolive_rt.options import ModelSource
 
     out = tmp_path_factory.mktemp("aoti") / "art"
-    export_main("tiny", None, True, "aoti", None, out, 0, submodels=("dit",), variants=("dit/a10_kv12",),
+    export_main(ModelSource("tiny", random_weights=True), "aoti", None, out, submodels=("dit",), variants=("dit/a10_kv12",),
                 device="cpu", aoti_configs=FAST_BUILD, log=lambda s: None)
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hallolive_rt.options import DiTOptions
 from hallolive_rt.cache_policy import AppendPolicy
 from hallolive_rt.profile import load_profile
 from hallolive_rt.sampler import TorchNoise
@@ -19,7 +20,7 @@ def test_registry_names_and_errors():
     assert BACKENDS == ("eager", "cudagraph", "compiled", "aoti", "tensorrt")
     from hallolive_rt.cli import Backend as CliBackend
 
-    assert tuple(b.value for b in CliBackend) == BACKENDS  # every backend is selectable from the CLI
+    assert tuple(b.value for b in CliBackend) == ("auto", *BACKENDS)  # every backend is selectable from the CLI
     eager = get_backend("eager")
     assert isinstance(eager, Backend) and eager.name == "eager"
     with pytest.raises(ValueError, match="unknown backend 'warp'.*eager, cudagraph, compiled, aoti, tensorrt"):
@@ -133,8 +134,8 @@ def test_cudagraph_session_end_to_end_matches_eager():
     p = load_profile("tiny").with_overrides(dtype="bfloat16")
     c = load_components(p, dit_device="cuda", vae_device="cuda", seed=0, with_text=False)
     ctx = 0.5 * torch.randn(1, 512, 64, device="cuda", dtype=torch.bfloat16)
-    a = list(StreamSession(c, p, backend="eager").run(ctx, seed=0))
-    b = list(StreamSession(c, p, backend="cudagraph").run(ctx, seed=0))
+    a = list(StreamSession(c, p, dit=DiTOptions(backend="eager")).run(ctx, seed=0))
+    b = list(StreamSession(c, p, dit=DiTOptions(backend="cudagraph")).run(ctx, seed=0))
     for x, y in zip(a, b):
         assert x.frames.shape == y.frames.shape
         assert np.abs(x.frames.astype(int) - y.frames.astype(int)).mean() < 2.0  # uint8 levels, bf16 noise

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.options import DiTOptions, ModelSource
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.bench import bench_main, combine_projection
 from hallolive_rt.runtime.decode_pipeline import DecodedBlock
@@ -52,8 +53,7 @@ def test_metrics_definitions_on_synthetic_timings():
 def test_bench_tiny_cpu_json_schema_and_projection(tmp_path):
     out = {}
     for mode in ("e2e", "dit", "vae"):
-        out[mode] = bench_main("tiny", True, ["eager"], 2, mode, tmp_path / f"{mode}.json", device="cpu",
-                               warmup_runs=0)
+        out[mode] = bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), None, warmup_runs=0, backends=["eager"], blocks=2, mode=mode, out_json=tmp_path / f"{mode}.json")
         disk = json.loads((tmp_path / f"{mode}.json").read_text())
         for k in ("command", "git_commit", "env", "shapes", "dtype", "mode", "results", "flops_per_block",
                   "projected"):
@@ -77,14 +77,13 @@ def test_bench_tiny_cpu_json_schema_and_projection(tmp_path):
 
 
 def test_bench_records_the_fast_path_choices_and_refuses_unavailable_ones(tmp_path):
-    out = bench_main("tiny", True, ["eager"], 1, "dit", tmp_path / "f.json", device="cpu", warmup_runs=0,
-                     fuse_projections=True, attn_kernel="math")
+    out = bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), DiTOptions(fuse_projections=True, attn_kernel="math"), warmup_runs=0, backends=["eager"], blocks=1, mode="dit", out_json=tmp_path / "f.json")
     disk = json.loads((tmp_path / "f.json").read_text())
-    assert disk["fuse_projections"] is True and disk["attn_kernel"] == "math"
+    assert disk["dit_options"]["fuse_projections"] is True and disk["dit_options"]["attn_kernel"] == "math"
     assert disk["results"]["eager"]["session"]["fuse_projections"] is True
     assert out["results"]["eager"]["dit_only_fps_equiv"] > 0
     with pytest.raises(ValueError, match="attention kernel 'efficient' cannot run on cpu"):
-        bench_main("tiny", True, ["eager"], 1, "dit", None, device="cpu", attn_kernel="efficient")
+        bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), DiTOptions(attn_kernel="efficient"), backends=["eager"], blocks=1, mode="dit", out_json=None)
 
 
 def test_env_info_tells_a_clean_tree_from_an_unknown_one(monkeypatch):
@@ -121,8 +120,7 @@ def test_bench_emits_each_block_as_it_finishes_and_reuses_components(tmp_path):
             seen.append((o["complete"], len(o["results"][name]["per_block"]), on_disk is None or
                          len(on_disk["results"][name]["per_block"]) == len(seen)))
 
-        out = bench_main("tiny", True, ["eager"], 3, mode, tmp_path / f"{mode}.json", device="cpu", warmup_runs=0,
-                         components=comps, on_update=on_update)
+        out = bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), None, warmup_runs=0, components=comps, on_update=on_update, backends=["eager"], blocks=3, mode=mode, out_json=tmp_path / f"{mode}.json")
         assert [s[:2] for s in seen] == [(False, 1), (False, 2), (False, 3), (True, 3)], mode
         assert all(s[2] for s in seen), "the file on disk holds the previous block's numbers at each update"
         assert out["build_s"] is None and out["flops"]["source"].startswith("committed table tiny.json")

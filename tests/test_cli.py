@@ -101,5 +101,5 @@ def test_export_tiny_needs_no_weights_flag_and_full_size_asks_for_one(tmp_path):
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert m["weights"] == {"text": "random:0"} and m["weights_files"]["text"]["file"] == "text_tiny_fp32.weights"
     p = _cli("export", "--preset", "hallolive-512x992", "--out-dir", str(tmp_path / "full"))
-    assert p.returncode == 2 and "needs --model-dir DIR (the release download) or --random-weights" in p.stderr
+    assert p.returncode == 2 and "needs weights: pass --model-dir <official download> or --random-weights" in p.stderr
     assert not (tmp_path / "full").exists()

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from hallolive_rt.options import DiTOptions, ModelSource, OutputOptions
 from hallolive_rt.cli import app
 from hallolive_rt.export.manifest import MANIFEST, write_manifest
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime import components
-from hallolive_rt.runtime.session import InputError, stream_main
+from hallolive_rt.errors import InputError
+from hallolive_rt.runtime.stream_run import stream_main
 
 
 @pytest.fixture()
@@ -86,8 +88,7 @@ def test_a_manifest_edited_to_claim_another_profile_is_refused_by_its_contracts(
     m["profile"] = {"name": prof.name, "digest": prof.digest()}
     write_manifest(moved, m)  # digest recomputed: the manifest looks genuine
     with pytest.raises(InputError) as e:
-        stream_main("hi", out=str(tmp_path / "o.mp4"), preset=str(toml), blocks=1, backend="aoti",
-                    artifacts=str(moved), progress=False)
+        stream_main("hi", model=ModelSource(preset=str(toml)), dit=DiTOptions(backend="aoti", artifacts=str(moved)), outputs=OutputOptions(out=str(tmp_path / "o.mp4")), blocks=1, progress=False)
     msg = str(e.value)
     assert "contract of dit" in msg and "vid_x [1, 2, 48, 4, 6] float32, this run needs vid_x [1, 2, 48, 6, 4]" in msg
     assert f"--out-dir {moved}" in msg and f"--out-dir {art}" not in msg, msg
@@ -101,8 +102,7 @@ def test_a_manifest_edited_to_claim_another_profile_is_refused_by_its_contracts(
 ])
 def test_a_stream_the_directory_cannot_serve_is_refused_before_loading(art, tmp_path, no_weights, blocks, needle):
     with pytest.raises(InputError) as e:
-        stream_main("hi", out=str(tmp_path / "o.mp4"), blocks=blocks, backend="aoti", artifacts=str(art),
-                    progress=False)
+        stream_main("hi", dit=DiTOptions(backend="aoti", artifacts=str(art)), outputs=OutputOptions(out=str(tmp_path / "o.mp4")), blocks=blocks, progress=False)
     assert needle in str(e.value) and f"--out-dir {art}" in str(e.value), str(e.value)
     assert sorted(tmp_path.iterdir()) == []
 

@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy, choose_policy
 from hallolive_rt.cli import app
 from hallolive_rt.model.rope import ROPE_POSITIONS
+from hallolive_rt.options import ModelSource, OutputOptions
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.decode_pipeline import DecodedBlock
-from hallolive_rt.runtime.session import InputError, stream_main
-from hallolive_rt.runtime.stream_run import _Progress
+from hallolive_rt.errors import InputError
+from hallolive_rt.runtime.stream_run import stream_main
+from hallolive_rt.runtime.progress import StreamProgress as _Progress
 
 COMMANDS = ("stream", "export", "bench", "profile")
 
@@ -51,9 +53,9 @@ def test_future_frames_past_the_tables_are_refused_up_front_with_the_range(tmp_p
     1024 - 30 x (history blocks + 1); one more is refused before any weight is loaded (the full preset's
     20 GB of random weights would take minutes: the refusal is immediate)."""
     out = tmp_path / "o.mp4"
-    kw = dict(out=str(out), preset=preset, blocks=blocks, random_weights=preset != "tiny", progress=False)
     with pytest.raises(InputError) as e:
-        stream_main("hi", future_audio_frames=limit + 1, **kw)
+        stream_main("hi", model=ModelSource(preset, random_weights=preset != "tiny"), blocks=blocks,
+                    outputs=OutputOptions(out=str(out)), future_audio_frames=limit + 1, progress=False)
     msg = str(e.value)
     assert f"F = {limit + 1} is out of range: F must be in 0..{limit}" in msg and "1024 positions" in msg, msg
     assert ("append policy" in msg) == (blocks != "endless"), msg
@@ -117,15 +119,18 @@ def test_bench_on_cpu_runs_the_backends_that_can_run_and_names_its_own_flag(tmp_
     r = _run("bench", "--preset", "tiny", "--device", "cpu", "--blocks", "1", "--kv-impl", "torch", "--out", str(out))
     assert r.exit_code == 0, r.output[-3000:]
     assert list(json.loads(out.read_text())["results"]) == ["eager"]
-    assert "cudagraph needs a CUDA device" in r.stderr
+    assert "auto: on cpu only eager runs" in r.stderr
     r = _run("bench", "--preset", "tiny", "--device", "cpu", "--backends", "eager,cudagraph")
     _one_error_line(r, "--backends cudagraph cannot run here")
     assert "use --backends eager" in r.stderr and "--backend " not in r.stderr.replace("--backends", "")
 
 
 def test_artifacts_flag_without_a_compiled_backend_and_the_reverse(tmp_path):
-    _one_error_line(_run("stream", "--out", str(tmp_path / "o.mp4"), "--artifacts", str(tmp_path)),
-                    "--artifacts is read by --backend aoti or tensorrt only")
+    _one_error_line(_run("stream", "--out", str(tmp_path / "o.mp4"), "--backend", "eager", "--artifacts",
+                         str(tmp_path)), "--artifacts is read by --backend aoti or tensorrt only")
+    # --backend auto (the default) runs what the directory holds: this one holds no export
+    r = _run("stream", "--out", str(tmp_path / "o.mp4"), "--artifacts", str(tmp_path))
+    assert r.exit_code == 2 and "no manifest.json" in r.stderr, r.output
     _one_error_line(_run("stream", "--out", str(tmp_path / "o.mp4"), "--backend", "aoti"),
                     "pass --artifacts DIR")
     _nothing_in(tmp_path)

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hallolive_rt.options import DecoderOptions, DiTOptions
 from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy
 from hallolive_rt.model.dual_layer import context_parts
 from hallolive_rt.sampler import TorchNoise
@@ -117,14 +118,13 @@ def test_context_parts_and_the_work_they_skip(tiny_profile):
 
 def test_session_runs_the_lean_pass_through_its_backend_and_records_it(tiny_profile):
     from hallolive_rt.runtime.components import load_components
-    from hallolive_rt.runtime.levers import DiTLevers
     from hallolive_rt.runtime.session import StreamSession
 
     comps = load_components(tiny_profile, None, with_text=False)
     ctx = 0.5 * torch.randn(1, 512, tiny_profile.text.text_dim)
     runs = {}
     for lean in (False, True):
-        sess = StreamSession(comps, tiny_profile, blocks=2, overlap=False, levers=DiTLevers(lean_context=lean))
+        sess = StreamSession(comps, tiny_profile, dit=DiTOptions(lean_context=lean), decoders=DecoderOptions(overlap=False), blocks=2)
         seen = []
         step = sess._backend_step
 
@@ -143,13 +143,17 @@ def test_session_runs_the_lean_pass_through_its_backend_and_records_it(tiny_prof
 
 
 def test_lean_context_is_refused_for_compiled_artifacts():
-    from hallolive_rt.runtime.levers import DiTLevers, check_levers
+    from hallolive_rt.config import load_fusion_config
+    from hallolive_rt.profile import load_profile
+    from hallolive_rt.runtime.levers import check_dit_options
 
+    p = load_profile("tiny")
+    cfg = load_fusion_config(p.video_config, p.audio_config)
     for backend in ("aoti", "tensorrt"):
         with pytest.raises(ValueError, match=f"which the {backend} backend does not run"):
-            check_levers(backend, DiTLevers(lean_context=True), torch.float32)
+            check_dit_options(DiTOptions(lean_context=True), backend, "cpu", torch.float32, cfg)
     for backend in ("eager", "cudagraph", "compiled"):
-        check_levers(backend, DiTLevers(lean_context=True), torch.float32)
+        check_dit_options(DiTOptions(lean_context=True), backend, "cpu", torch.float32, cfg)
 
 
 def test_exports_keep_the_full_forward(tiny_profile):

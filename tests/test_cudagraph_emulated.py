@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.options import DiTOptions
 from hallolive_rt.profile import load_profile
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import BlockStream
@@ -82,7 +83,7 @@ def test_emulated_cudagraph_session_frames_equal_eager(monkeypatch):
     c = load_components(p, seed=0, with_text=False)
     ctx = 0.5 * torch.randn(1, p.text.text_len, p.text.text_dim, generator=torch.Generator().manual_seed(3))
     ctx = ctx.to(torch.bfloat16)
-    ref = list(StreamSession(c, p, backend="eager", blocks=5).run(ctx, seed=0))
+    ref = list(StreamSession(c, p, dit=DiTOptions(backend="eager"), blocks=5).run(ctx, seed=0))
     emulate_cuda_graphs(monkeypatch)
     sess = StreamSession(c, p, backend=CudaGraphBackend(), blocks=5)
     assert sess.describe()["backend"] == "cudagraph" and sess.describe()["policy"] == "rolling"

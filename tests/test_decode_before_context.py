@@ -12,13 +12,16 @@ import threading
 
 import pytest
 import torch
-
-from hallolive_rt.profile import load_profile
-from hallolive_rt.sampler import TorchNoise
-from hallolive_rt.stream import BlockStream
+from hallolive_rt.runtime.block_marks import BlockMarks
 from hallolive_rt.runtime.components import load_components
 from hallolive_rt.runtime.decode_pipeline import DecodePipeline
 from hallolive_rt.runtime.session import StreamSession
+
+from hallolive_rt.cache_policy import choose_policy
+from hallolive_rt.options import DecoderOptions
+from hallolive_rt.profile import load_profile
+from hallolive_rt.sampler import TorchNoise
+from hallolive_rt.stream import BlockOutput, BlockStream
 from tests.dit_fixtures import tiny_dit, tiny_inputs
 
 
@@ -45,7 +48,7 @@ def _spy_refresh(sess) -> list[float]:
 
 
 def test_sequential_session_decodes_each_block_before_its_context_pass(comps, ctx):
-    sess = StreamSession(comps, comps.profile, overlap=False)
+    sess = StreamSession(comps, comps.profile, decoders=DecoderOptions(overlap=False))
     starts = _spy_refresh(sess)
     blocks = list(sess.run(ctx, seed=3))
     assert len(starts) == len(blocks) == comps.profile.stream.blocks
@@ -60,7 +63,7 @@ def test_sequential_session_decodes_each_block_before_its_context_pass(comps, ct
 def test_overlapped_session_hands_over_before_the_context_pass(comps, ctx):
     """With threads the decode runs beside the context pass: each block was submitted (its decode
     queued) before its context pass started, and its marks were complete when it was written."""
-    sess = StreamSession(comps, comps.profile, overlap=True)
+    sess = StreamSession(comps, comps.profile, decoders=DecoderOptions(overlap=True))
     order, lock = [], threading.Lock()
     submit, refresh = sess.pipeline.submit, sess.bs.refresh_caches
 
@@ -84,7 +87,7 @@ def test_overlapped_session_hands_over_before_the_context_pass(comps, ctx):
 def test_a_stream_that_fails_in_its_context_pass_stops_cleanly(comps, ctx):
     """An error between submit and seal: the error reaches the caller, no worker thread is left waiting
     for the block's seal, and the session streams again afterwards."""
-    sess = StreamSession(comps, comps.profile, overlap=True)
+    sess = StreamSession(comps, comps.profile, decoders=DecoderOptions(overlap=True))
     refresh = sess.bs.refresh_caches
 
     def boom(out):
@@ -122,12 +125,11 @@ def test_pipeline_refuses_to_finish_with_an_unsealed_block(comps):
     pipe = DecodePipeline(comps, p, overlap=False)
     pipe.start()
     s = p.stream
-    out = type("Out", (), {"index": 0, "video": torch.randn(1, s.latent_frames_per_block, 48, p.video.latent_height,
-                                                            p.video.latent_width),
-                           "audio": torch.randn(1, s.audio_tokens_per_block, 20),
-                           "audio_future": torch.zeros(1, 0, 20)})()
+    out = BlockOutput(0, torch.randn(1, s.latent_frames_per_block, 48, p.video.latent_height, p.video.latent_width),
+                      torch.randn(1, s.audio_tokens_per_block, 20), torch.zeros(1, 0, 20),
+                      next(choose_policy(p, None).plans()))
     m = pipe.clock.mark()
-    job = pipe.submit(out, {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)}, sealed=False)
+    job = pipe.submit(out, BlockMarks(dit_start=m, context=(m, m), dit_end=m), sealed=False)
     assert pipe.ready() == []  # decoded, not written: its marks are not final
     with pytest.raises(RuntimeError, match="never sealed"):
         pipe.finish()
@@ -175,7 +177,7 @@ def test_block_times_wait_for_the_context_pass_before_reading_its_marks(comps, c
     """The decode can finish before the DiT's context pass of the same block (one GPU: always when
     sequential; two GPUs: whenever the decoder is fast): the block's DiT times are read only after its last
     DiT mark is complete (a CUDA clock refuses elapsed times of events not yet reached)."""
-    sess = StreamSession(comps, comps.profile, overlap=overlap)
+    sess = StreamSession(comps, comps.profile, decoders=DecoderOptions(overlap=overlap))
     sess.pipeline.clock = _EventClock()
     blocks = list(sess.run(ctx, seed=3))
     assert [b.index for b in blocks] == list(range(comps.profile.stream.blocks))

@@ -3,18 +3,22 @@ ordering, back-pressure and error propagation; device-name validation."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-
-from hallolive_rt.model.audio_stream import StreamingAudioDecoder
-from hallolive_rt.profile import load_profile
+from hallolive_rt.runtime.block_marks import BlockMarks
 from hallolive_rt.runtime.components import load_components
 from hallolive_rt.runtime.decode_pipeline import DecodePipeline, frames_to_uint8
 from hallolive_rt.runtime.placement import resolve_devices
-from hallolive_rt.runtime.vae_runner import VideoDecodeOptions, set_conv_layout
+from hallolive_rt.runtime.vae_runner import set_conv_layout
+
+from hallolive_rt.cache_policy import choose_policy
+from hallolive_rt.model.audio_stream import StreamingAudioDecoder
+from hallolive_rt.options import DecoderOptions, VideoDecodeOptions
+from hallolive_rt.profile import load_profile
+from hallolive_rt.stream import BlockOutput
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +29,15 @@ def comps():
 def _latents(p, blocks, seed=0):
     g = torch.Generator().manual_seed(seed)
     s, v = p.stream, p.video
-    return [SimpleNamespace(index=i,
-                            video=torch.randn(1, s.latent_frames_per_block, 48, v.latent_height, v.latent_width, generator=g),
-                            audio=torch.randn(1, s.audio_tokens_per_block, 20, generator=g),
-                            audio_future=torch.randn(1, s.future_audio_tokens, 20, generator=g)) for i in range(blocks)]
+    plans = list(zip(range(blocks), choose_policy(p, None).plans()))
+    return [BlockOutput(i, torch.randn(1, s.latent_frames_per_block, 48, v.latent_height, v.latent_width, generator=g),
+                        torch.randn(1, s.audio_tokens_per_block, 20, generator=g),
+                        torch.randn(1, s.future_audio_tokens, 20, generator=g), plan) for i, plan in plans]
 
 
 def _marks(pipe):
     m = pipe.clock.mark()
-    return {"dit_start": m, "dit_end": m, "steps": [], "context": (m, m)}
+    return BlockMarks(dit_start=m, context=(m, m), dit_end=m)
 
 
 def _run(pipe, outs, drain_each=False):
@@ -71,7 +75,7 @@ def test_overlapped_pipeline_equals_plain_sequential_decode(comps):
             assert np.array_equal(b.frames, frames) and np.array_equal(b.audio, audio), f"block {b.index}"
 
 
-@pytest.mark.parametrize("runner", ["eager+cl3d", VideoDecodeOptions("compiled", compile_backend="aot_eager")],
+@pytest.mark.parametrize("runner", [VideoDecodeOptions("eager", True), VideoDecodeOptions("compiled", compile_backend="aot_eager")],
                          ids=["eager+cl3d", "compiled"])
 def test_overlapped_equals_sequential_with_each_video_runner(comps, runner):
     """The decode thread drives the runner (a compiled one included) exactly as the inline path does."""
@@ -135,7 +139,7 @@ def test_uint8_conversion_range():
 def test_cuda_pipeline_same_device_equals_inline():
     p = load_profile("tiny")
     c = load_components(p, dit_device="cuda", seed=0, with_text=False)
-    outs = [SimpleNamespace(index=o.index, video=o.video.cuda(), audio=o.audio.cuda(), audio_future=o.audio_future.cuda())
+    outs = [replace(o, video=o.video.cuda(), audio=o.audio.cuda(), audio_future=o.audio_future.cuda())
             for o in _latents(p, 4)]
     a = _run(DecodePipeline(c, p, overlap=True), outs)
     b = _run(DecodePipeline(c, p, overlap=False), outs)
@@ -156,7 +160,7 @@ def test_cuda_priorities_applied_and_overlap_equals_sequential(vae):
     ctx = (0.5 * torch.randn(1, p.text.text_len, p.text.text_dim, generator=torch.Generator().manual_seed(5))).cuda()
     runs = {}
     for overlap in (True, False):
-        sess = StreamSession(c, p, overlap=overlap, video_runner=vae)
+        sess = StreamSession(c, p, decoders=DecoderOptions(runner=vae, overlap=overlap))
         pr = sess.describe()["stream_priorities"]
         # read back from CUDA (cudaStreamGetPriority): lower number = higher priority
         assert pr["decode"] == pr["copy"] and pr["dit"] < pr["decode"], f"the DiT must outrank the decoder: {pr}"

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from hallolive_rt.cli import app
+from hallolive_rt.options import ModelSource
 from hallolive_rt.model.text_tokenizer import ByteTokenizer
 from hallolive_rt.model.vae_audio import MMAudioVAEConfig, build_audio_decoder
 from hallolive_rt.model.vae_video import WanVAEConfig, build_video_decoder
@@ -54,7 +55,7 @@ def test_load_components_threads_ema_to_the_dit(model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("command,target", [
-    ("stream", "hallolive_rt.runtime.session.stream_main"),
+    ("stream", "hallolive_rt.runtime.stream_run.stream_main"),
     ("export", "hallolive_rt.export.main.export_main"),
     ("bench", "hallolive_rt.runtime.bench.bench_main"),
 ])
@@ -65,8 +66,9 @@ def test_cli_ema_flag_reaches_the_command(monkeypatch, command, target):
     seen = []
 
     def fake(*args, **kw):
-        seen.append(kw.get("ema"))
-        return {}
+        model = kw.get("model") or next(a for a in args if isinstance(a, ModelSource))
+        seen.append(model.ema)
+        return {"frames_written": 0, "frames_generated": 0, "audio_samples": 0}
 
     monkeypatch.setattr(importlib.import_module(mod_name), fn, fake)
     runner = CliRunner()

@@ -54,13 +54,14 @@ def test_dit_variant_package_matches_eager_and_writes_caches(tiny_aoti_dir):
 @pytest.mark.slow
 def test_full_tiny_aoti_export_and_backend_replay(tmp_path):
     from hallolive_rt.export.main import export_main
+    from hallolive_rt.options import ModelSource
     from hallolive_rt.runtime.backends.aoti import AotiBackend
     from hallolive_rt.sampler import TorchNoise
     from hallolive_rt.stream import BlockStream
     from tests.dit_fixtures import tiny_inputs
 
     p = load_profile("tiny")
-    export_main("tiny", None, True, "aoti", None, tmp_path, 0, device="cpu", aoti_configs=FAST_BUILD)
+    export_main(ModelSource("tiny", random_weights=True), "aoti", None, tmp_path, device="cpu", aoti_configs=FAST_BUILD)
     dit = build_submodel("dit", p, None, 0, torch.float32, "cpu")
     nv, na, ctx = tiny_inputs(p, p.stream.blocks)
     fb, n = p.stream.latent_frames_per_block, p.stream.audio_tokens_per_block

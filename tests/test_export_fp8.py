@@ -29,6 +29,7 @@ pytest.importorskip("onnxruntime")
 from hallolive_rt.export.contracts import contracts_for  # noqa: E402
 from hallolive_rt.export.fp8 import FP8, calibrate_dit, fake_quant, quantize_rows  # noqa: E402
 from hallolive_rt.export.main import ExportError, export_main  # noqa: E402
+from hallolive_rt.options import ModelSource
 from hallolive_rt.export.onnx import OrtRunner, check_onnx, lint_tensorrt  # noqa: E402
 from hallolive_rt.export.submodels import build_submodel, onnx_source, wrapper_for  # noqa: E402
 from hallolive_rt.profiles import __file__ as _profiles_init  # noqa: E402
@@ -46,7 +47,7 @@ def _export_one_block(root, dtype: str = "float32"):
     toml.write_text(text.replace("\nblocks = 3\n", "\nblocks = 1\n").replace('"float32"', f'"{dtype}"'))
     out = root / "out"
     lines = []
-    export_main(str(toml), None, True, "onnx", "fp8", out, 0, submodels=("dit",), log=lines.append)
+    export_main(ModelSource(str(toml), random_weights=True), "onnx", "fp8", out, submodels=("dit",), log=lines.append)
     p = load_profile(toml)
     variant = contracts_for(p)["dit"].variants[0]
     return p, variant, out, lines
@@ -188,11 +189,11 @@ def test_full_size_fp8_on_cpu_refused_before_writing(tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ExportError, match=r"fp8: calibrating .* full hallolive-512x992 DiT .* needs a GPU "
                                           r"\(device='cuda'\); device is 'cpu'"):
-        export_main("hallolive-512x992", None, True, "onnx", "fp8", out, 0, device="cpu")
+        export_main(ModelSource("hallolive-512x992", random_weights=True), "onnx", "fp8", out, device="cpu")
     with pytest.raises(ExportError, match="fp8 needs opset 19 or 20"):
-        export_main("tiny", None, True, "onnx", "fp8", out, 0, opset=18)
+        export_main(ModelSource("tiny", random_weights=True), "onnx", "fp8", out, opset=18)
     with pytest.raises(ExportError, match="fp8 is for --format onnx"):
-        export_main("tiny", None, True, "aoti", "fp8", out, 0)
+        export_main(ModelSource("tiny", random_weights=True), "aoti", "fp8", out)
     assert not out.exists()
 
 

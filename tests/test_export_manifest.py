@@ -11,6 +11,8 @@ pytest.importorskip("onnx")
 
 from hallolive_rt.export.contracts import contracts_for, dit_contract  # noqa: E402
 from hallolive_rt.export.main import ExportError, export_main  # noqa: E402
+from hallolive_rt.errors import InputError
+from hallolive_rt.options import ModelSource
 from hallolive_rt.export.manifest import MANIFEST, ArtifactMismatch, load_artifacts  # noqa: E402
 from hallolive_rt.export.onnx import OnnxLintError, check_onnx  # noqa: E402
 from hallolive_rt.export.submodels import check_disk, check_memory, estimate_peak_bytes, param_bytes  # noqa: E402
@@ -21,7 +23,7 @@ REBUILD = "hallolive-rt export --preset tiny --random-weights --seed 0 --format 
 
 @pytest.fixture()
 def text_dir(tmp_path):
-    export_main("tiny", None, True, "onnx", None, tmp_path, 0, submodels=("text",), log=lambda s: None)
+    export_main(ModelSource("tiny", random_weights=True), "onnx", None, tmp_path, submodels=("text",), log=lambda s: None)
     return tmp_path
 
 
@@ -113,7 +115,9 @@ def test_full_size_onnx_refused_when_the_disk_is_too_small(tmp_path):
 
 
 def test_flag_conflicts_refused():
-    with pytest.raises(ExportError, match="exactly one of --model-dir"):
-        export_main("tiny", "/x", True, "onnx", None, "/tmp/never", 0)
+    with pytest.raises(InputError, match="--model-dir and --random-weights exclude each other"):
+        export_main(ModelSource("tiny", model_dir="/x", random_weights=True), "onnx", None, "/tmp/never")
+    with pytest.raises(InputError, match="the tiny preset has no released weights"):
+        export_main(ModelSource("tiny", model_dir="/x"), "onnx", None, "/tmp/never")
     with pytest.raises(ExportError, match="fp8 needs opset 19 or 20"):
-        export_main("tiny", None, True, "onnx", "fp8", "/tmp/never", 0, opset=18)
+        export_main(ModelSource("tiny", random_weights=True), "onnx", "fp8", "/tmp/never", opset=18)

@@ -17,6 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from hallolive_rt.export.contracts import DIT_CACHES, contracts_for  # noqa: E402
 from hallolive_rt.export.main import export_main  # noqa: E402
+from hallolive_rt.options import ModelSource
 from hallolive_rt.export.manifest import load_artifacts  # noqa: E402
 from hallolive_rt.export.onnx import OrtRunner  # noqa: E402
 from hallolive_rt.export.submodels import build_submodel, wrapper_for  # noqa: E402
@@ -31,7 +32,7 @@ from tests.dit_fixtures import tiny_inputs  # noqa: E402
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
     lines = []
-    export_main("tiny", None, True, "onnx", None, out, 0, log=lines.append)
+    export_main(ModelSource("tiny", random_weights=True), "onnx", None, out, log=lines.append)
     return out, lines
 
 
@@ -118,7 +119,7 @@ def test_rerun_skips_up_to_date(exported):
     out, first_lines = exported
     assert sum("exported" in ln for ln in first_lines) == 8  # 3 DiT + 2 VAE + 2 audio + 1 text
     lines = []
-    export_main("tiny", None, True, "onnx", None, out, 0, log=lines.append)
+    export_main(ModelSource("tiny", random_weights=True), "onnx", None, out, log=lines.append)
     assert len(lines) == 8 and all("skipped (up to date)" in ln for ln in lines), lines
     m = json.loads((out / "manifest.json").read_text())
     assert sorted(m["weights_files"]) == ["audio", "dit", "text", "vae_video"]
@@ -143,7 +144,7 @@ def test_graphs_share_one_weights_file_and_a_lost_graph_is_rebuilt_alone(exporte
     mtime = (out / wf["file"]).stat().st_mtime_ns
     (out / graphs[0]["file"]).unlink()
     lines = []
-    export_main("tiny", None, True, "onnx", None, out, 0, submodels=("dit",), log=lines.append)
+    export_main(ModelSource("tiny", random_weights=True), "onnx", None, out, submodels=("dit",), log=lines.append)
     assert f"[export] dit: weights skipped (up to date) {wf['file']}" in lines
     assert sum("exported" in ln for ln in lines) == 1 and sum(ln.startswith("[export] dit/") and "skipped" in ln for ln in lines) == 2
     assert (out / wf["file"]).stat().st_mtime_ns == mtime and (out / graphs[0]["file"]).is_file()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hallolive_rt.options import DiTOptions
 from hallolive_rt.config import load_fusion_config
 from hallolive_rt.model.attention import (ATTENTION_KERNELS, attention, attention_kernel, attention_reference,
                                           check_attention_kernel)
@@ -256,19 +257,20 @@ def test_the_forward_runs_the_chosen_kernel_and_refuses_unavailable_ones(tiny_pr
 def test_session_applies_and_reports_the_choices_and_refuses_them_for_artifacts(tiny_profile):
     from hallolive_rt.cli import AttnKernel
     from hallolive_rt.runtime.components import load_components
-    from hallolive_rt.runtime.session import StreamSession, check_fast_paths
+    from hallolive_rt.runtime.levers import check_dit_options
+    from hallolive_rt.runtime.session import StreamSession
 
     assert tuple(k.value for k in AttnKernel) == ATTENTION_KERNELS
     comps = load_components(tiny_profile, None, with_text=False)
-    sess = StreamSession(comps, tiny_profile, blocks=1, fuse_projections=True, attn_kernel="math")
+    sess = StreamSession(comps, tiny_profile, dit=DiTOptions(fuse_projections=True, attn_kernel="math"), blocks=1)
     d = sess.describe()
     assert d["fuse_projections"] is True and d["attn_kernel"] == "math" and comps.dit.projections_fused
     d = StreamSession(comps, tiny_profile, blocks=1).describe()  # defaults: the released forward again
     assert d["fuse_projections"] is False and d["attn_kernel"] == "auto" and not comps.dit.projections_fused
     for backend in ("aoti", "tensorrt"):
         with pytest.raises(ValueError, match=f"which the {backend} backend does not run"):
-            check_fast_paths(backend, True, "auto", "cpu", torch.float32, comps.cfg)
-        check_fast_paths(backend, False, "auto", "cpu", torch.float32, comps.cfg)  # defaults always apply
+            check_dit_options(DiTOptions(fuse_projections=True), backend, "cpu", torch.float32, comps.cfg)
+        check_dit_options(DiTOptions(), backend, "cpu", torch.float32, comps.cfg)  # defaults always apply
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from hallolive_rt.options import DecoderOptions, DiTOptions
 from hallolive_rt.model.fp8 import (ACT_SCALES, FP8, Float8Linear, fake_quant, fp8_eligible, quantize_rows,
                                     scaled_mm_works)
 from hallolive_rt.sampler import TorchNoise
@@ -152,27 +153,29 @@ def test_fused_groups_quantize_as_one_gemm_and_give_the_same_stream(tiny_profile
 def test_session_precision_fp8_is_applied_recorded_and_refused_where_it_cannot_apply(tiny_profile):
     from hallolive_rt.cli import ActScale, Precision
     from hallolive_rt.runtime.components import load_components
-    from hallolive_rt.runtime.levers import PRECISIONS, DiTLevers, check_levers, precision_dtype
+    from hallolive_rt.options import PRECISIONS
+    from hallolive_rt.runtime.levers import check_dit_options
     from hallolive_rt.runtime.session import StreamSession
 
     assert tuple(p.value for p in Precision) == PRECISIONS and tuple(a.value for a in ActScale) == ACT_SCALES
     comps = load_components(tiny_profile, None, with_text=False)
-    sess = StreamSession(comps, tiny_profile, blocks=1, overlap=False, levers=DiTLevers(precision="fp8"))
+    sess = StreamSession(comps, tiny_profile, dit=DiTOptions(precision="fp8"), decoders=DecoderOptions(overlap=False), blocks=1)
     d = sess.describe()
     assert d["precision"] == "fp8" and d["fp8"]["act_scale"] == "token" and d["fp8"]["linears_fp8"] > 0
     ctx = 0.5 * torch.randn(1, 512, tiny_profile.text.text_dim)
     blk = list(sess.run(ctx, seed=0))[0]
     assert blk.frames.shape[0] > 0 and torch.isfinite(torch.as_tensor(blk.audio)).all()
     with pytest.raises(ValueError, match="hold a float8 DiT"):  # no silent way back to the dtype
-        StreamSession(comps, tiny_profile, blocks=1, overlap=False)
+        StreamSession(comps, tiny_profile, decoders=DecoderOptions(overlap=False), blocks=1)
     for backend in ("aoti", "tensorrt"):
         with pytest.raises(ValueError, match=f"which the {backend} backend does not run"):
-            check_levers(backend, DiTLevers(precision="fp8"), torch.bfloat16)
+            check_dit_options(DiTOptions(precision="fp8"), backend, "cpu", torch.bfloat16, comps.cfg)
     with pytest.raises(ValueError, match="not float16"):
-        check_levers("eager", DiTLevers(precision="fp8"), torch.float16)
-    assert precision_dtype("bf16", None) == "bfloat16" and precision_dtype("fp8", "float32") == "float32"
+        check_dit_options(DiTOptions(precision="fp8"), "eager", "cpu", torch.float16, comps.cfg)
+    assert DiTOptions(precision="bf16").dtype_with(None) == "bfloat16"
+    assert DiTOptions(precision="fp8").dtype_with("float32") == "float32"
     with pytest.raises(ValueError, match="means --dtype float16"):
-        precision_dtype("fp16", "bfloat16")
+        DiTOptions(precision="fp16").dtype_with("bfloat16")
 
 
 def test_cli_precision_flags_reach_the_stream(tmp_path):

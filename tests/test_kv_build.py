@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hallolive_rt.options import DiTOptions, ModelSource
 from hallolive_rt.kvcache import build, cuda_toolkit
 from hallolive_rt.kvcache.cuda_toolkit import find_toolkit_root, is_toolkit_root, torch_arch_list
 
@@ -138,9 +139,10 @@ def test_kv_impl_ext_is_refused_before_any_weight_loads(tmp_path, monkeypatch):
         raise AssertionError("weights were loaded before the extension was checked")
 
     monkeypatch.setattr(components, "load_components", no_weights)
-    with pytest.raises(ValueError) as err:  # KVExtUnavailable: reported like a refused option
-        bench.bench_main("tiny", True, ["eager"], 1, "dit", None, device="cpu", kv_impl="ext")
-    assert isinstance(err.value, build.KVExtUnavailable)
+    with pytest.raises(ValueError) as err:  # KVExtUnavailable: reported like a refused option (InputError)
+        bench.bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), DiTOptions(kv_impl="ext"),
+                         backends=["eager"], blocks=1, mode="dit", out_json=None)
+    assert isinstance(err.value.__cause__, build.KVExtUnavailable)
     msg = str(err.value)
     assert "no compiler for you" in msg and "--kv-impl torch" in msg and "build.log" in msg
 

@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 
+from hallolive_rt.options import DecoderOptions, DiTOptions, OutputOptions
 from hallolive_rt.cache_policy import ENDLESS, AppendPolicy, RollingPolicy, choose_policy, parse_blocks
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.components import load_components
-from hallolive_rt.runtime.session import InputError, StreamSession, stream_main
+from hallolive_rt.errors import InputError
+from hallolive_rt.runtime.session import StreamSession
+from hallolive_rt.runtime.stream_run import stream_main
 from hallolive_rt.state import DiTState
 
 
@@ -21,15 +24,13 @@ def test_stream_main_past_the_clip_rolls_in_flat_memory_and_time(tmp_path, tiny_
     clip = tiny_profile.stream.blocks
     n = 16  # > 5x the tiny clip: the released append policy would grow every block
     m = tmp_path / "m.json"
-    summary = stream_main("a long talk", out=str(tmp_path / "o.mp4"), blocks=n, metrics=str(m),
-                          overlap=False, kv_impl="torch", progress=False)
+    summary = stream_main("a long talk", dit=DiTOptions(kv_impl="torch"), decoders=DecoderOptions(overlap=False), outputs=OutputOptions(out=str(tmp_path / "o.mp4"), metrics=str(m)), blocks=n, progress=False)
     metrics = json.loads(m.read_text())
     sess = metrics["session"]
     assert summary["blocks"] == n and sess["blocks"] == n > clip
     assert sess["policy"] == "rolling"
     # the state of this 16-block stream is the state of a one-block stream (and of the released clip)
-    one = stream_main("a long talk", out=str(tmp_path / "p.mp4"), blocks=1, overlap=False, kv_impl="torch",
-                      progress=False)
+    one = stream_main("a long talk", dit=DiTOptions(kv_impl="torch"), decoders=DecoderOptions(overlap=False), outputs=OutputOptions(out=str(tmp_path / "p.mp4")), blocks=1, progress=False)
     assert sess["state_bytes"] == one["session"]["state_bytes"]
     # flat block time: the fastest of five blocks (the least disturbed by other processes on a shared
     # machine) early in the stream and at its end; the append policy's attention grows with every block
@@ -59,12 +60,10 @@ def test_every_length_allocates_the_same_state_at_full_size():
 
 def test_an_endless_session_streams_until_the_caller_stops(tiny_profile):
     comps = load_components(tiny_profile, seed=0)
-    sess = StreamSession(comps, tiny_profile, blocks=ENDLESS, overlap=True)
-    finite = StreamSession(comps, tiny_profile, blocks=2, overlap=False)
+    sess = StreamSession(comps, tiny_profile, decoders=DecoderOptions(overlap=True), blocks=ENDLESS)
+    finite = StreamSession(comps, tiny_profile, decoders=DecoderOptions(overlap=False), blocks=2)
     assert sess.blocks is None and sess.describe()["blocks"] == ENDLESS and sess.policy.name == "rolling"
     assert sess.describe()["state_bytes"] == finite.describe()["state_bytes"]
-    with pytest.raises(ValueError, match="endless"):
-        sess.plans  # noqa: B018  (no finite list of plans)
     ctx, _ = sess.encode("no end", release=False)
     n = 3 * tiny_profile.stream.blocks + 1
     gen = sess.run(ctx, seed=0)
@@ -89,5 +88,5 @@ def test_parse_blocks_refuses(value):
 def test_append_is_refused_past_the_clip_before_anything_loads(tmp_path):
     for blocks in (4, "endless"):
         with pytest.raises(InputError, match="append holds at most 3 blocks"):
-            stream_main("x", out=str(tmp_path / "o.mp4"), blocks=blocks, cache_policy="append", progress=False)
+            stream_main("x", dit=DiTOptions(cache_policy="append"), outputs=OutputOptions(out=str(tmp_path / "o.mp4")), blocks=blocks, progress=False)
     assert not (tmp_path / "o.mp4").exists()

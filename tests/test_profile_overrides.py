@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.options import DecoderOptions
 from hallolive_rt.profile import ProfileError, load_profile
 from hallolive_rt.runtime.components import load_components
 from hallolive_rt.runtime.session import BlockNoise, StreamSession
@@ -56,7 +57,7 @@ def test_bad_overrides_are_refused_with_the_profile_file_rules(tiny_profile, kw,
 def test_three_frames_per_block_streams(comps, ctx):
     """The whole session (DiT, video and audio decoders) on 3 latent frames + 15 audio tokens per block."""
     p = load_profile("tiny").with_overrides(latent_frames_per_block=3)
-    got = list(StreamSession(comps, p, blocks=2, overlap=False).run(ctx, seed=1))
+    got = list(StreamSession(comps, p, decoders=DecoderOptions(overlap=False), blocks=2).run(ctx, seed=1))
     assert [b.frames.shape[0] for b in got] == [1 + 4 * 2, 4 * 3]
     for b in got:
         assert b.frames.shape[1:] == (64, 96, 3) and b.audio.shape == (15 * 512,)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.options import DecoderOptions, DiTOptions, OutputOptions
 from hallolive_rt.model.text_tokenizer import PromptError
 from hallolive_rt.profile import load_profile
 from hallolive_rt.runtime.components import load_components
-from hallolive_rt.runtime.session import StreamSession, parse_prompt_at, stream_main
+from hallolive_rt.runtime.session import StreamSession, parse_prompt_at
+from hallolive_rt.runtime.stream_run import stream_main
 from hallolive_rt.state import DiTState
 
 TEXT_KV = ("text_k_video", "text_v_video", "text_k_audio", "text_v_audio")
@@ -45,7 +47,7 @@ def _run(sess, ctx, switch_to=None, at=2):
 
 def test_switch_keeps_earlier_blocks_and_caches_and_uses_fresh_text_kv(comps, ctxs):
     a, b = ctxs
-    sess = StreamSession(comps, comps.profile, overlap=False)  # 3 blocks (the tiny clip), append caches
+    sess = StreamSession(comps, comps.profile, decoders=DecoderOptions(overlap=False))  # 3 blocks (the tiny clip), append caches
     base, _ = _run(sess, a)
     same, at_same = _run(sess, a, switch_to=a)  # switching to the same prompt changes nothing
     new, at_new = _run(sess, a, switch_to=b)
@@ -71,7 +73,7 @@ def test_switch_keeps_earlier_blocks_and_caches_and_uses_fresh_text_kv(comps, ct
 
 def test_text_switch_needs_the_resident_encoder_and_a_valid_prompt():
     c = load_components(load_profile("tiny"), seed=0)
-    sess = StreamSession(c, c.profile, blocks=2, overlap=False, keep_text_encoder=True)
+    sess = StreamSession(c, c.profile, decoders=DecoderOptions(overlap=False), blocks=2, keep_text_encoder=True)
     ctx, _ = sess.encode("a first prompt")
     assert c.text_encoder is not None  # kept: the session may still switch by text
     with pytest.raises(PromptError):
@@ -100,7 +102,7 @@ def test_text_switch_needs_the_resident_encoder_and_a_valid_prompt():
     assert first.index == 0 and [blk.index for blk in it] == []
     sess.clear()
     assert all(not t.any() for t in sess.bs.state.tensors().values())
-    ctx3, _ = StreamSession(c, c.profile, blocks=1, overlap=False).encode("released now")
+    ctx3, _ = StreamSession(c, c.profile, decoders=DecoderOptions(overlap=False), blocks=1).encode("released now")
     assert c.text_encoder is None
     with pytest.raises(RuntimeError, match="keep_text_encoder"):
         sess.switch_prompt("too late")
@@ -115,10 +117,9 @@ def test_parse_prompt_at():
 
 
 def test_stream_main_prompt_at(tmp_path):
-    kw = dict(blocks=3, overlap=False, kv_impl="torch", progress=False)
-    plain = stream_main("first words", out=None, frames_out=str(tmp_path / "a.y4m"), **kw)
-    switched = stream_main("first words", out=None, frames_out=str(tmp_path / "b.y4m"),
-                           prompt_at=[(2, "other words")], **kw)
+    kw = dict(blocks=3, dit=DiTOptions(kv_impl="torch"), decoders=DecoderOptions(overlap=False), progress=False)
+    plain = stream_main("first words", outputs=OutputOptions(out=None, frames_out=str(tmp_path / "a.y4m")), **kw)
+    switched = stream_main("first words", outputs=OutputOptions(out=None, frames_out=str(tmp_path / "b.y4m")), prompt_at=[(2, "other words")], **kw)
     assert plain["session"]["prompt_switches"] == [] and switched["session"]["prompt_switches"] == [2]
     a, b = (tmp_path / "a.y4m").read_bytes(), (tmp_path / "b.y4m").read_bytes()
     # y4m: header line, then one FRAME record per frame (64x96 4:4:4); blocks 0-1 are 5 + 8 frames

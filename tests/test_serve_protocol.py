@@ -18,11 +18,12 @@ import pytest
 
 av = pytest.importorskip("av")  # decodes the streamed MP4 (the GPU image has no PyAV: skip, not a collection error)
 
+from hallolive_rt.options import DiTOptions, ModelSource, OutputOptions
 from hallolive_rt.runtime.serve.launch import build_server
 from hallolive_rt.runtime.serve.protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_NORMAL,
                                                  CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED, Limits)
 from hallolive_rt.runtime.serve.sessions import LiveSession
-from hallolive_rt.runtime.session import stream_main
+from hallolive_rt.runtime.stream_run import stream_main
 from tests.serve_helpers import Client, full_session, running_server, session
 from tests.serve_helpers import decode_mp4 as _decode
 
@@ -31,7 +32,7 @@ PROMPT = "A man in a grey coat says: <S>good evening<E>"
 
 @pytest.fixture(scope="module")
 def live():
-    return build_server(preset="tiny", kv_impl="torch", seed=0)
+    return build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def addr(live):
 def reference(tmp_path_factory):
     """`hallolive-rt stream --out` for the same prompt and seed: the bytes the server must send."""
     out = tmp_path_factory.mktemp("ref") / "ref.mp4"
-    stream_main(PROMPT, out=str(out), blocks=3, seed=0, kv_impl="torch", progress=False)
+    stream_main(PROMPT, model=ModelSource(seed=0), dit=DiTOptions(kv_impl="torch"), outputs=OutputOptions(out=str(out)), blocks=3, progress=False)
     return out.read_bytes()
 
 

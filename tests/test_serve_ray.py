@@ -25,6 +25,10 @@ import pytest
 pytest.importorskip("av")
 pytest.importorskip("ray.serve")  # the ray extra (in the test extra: CI runs this module)
 
+import torch  # noqa: E402
+
+from hallolive_rt.options import DiTOptions, ModelSource  # noqa: E402
+from hallolive_rt.runtime.serve import ray as hray  # noqa: E402
 from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_BUSY, CLOSE_INTERNAL, CLOSE_NORMAL  # noqa: E402
 from tests.ray_driver import MARK  # noqa: E402
@@ -119,11 +123,17 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The single-process server (`hallolive-rt serve`'s app in this process), same weights seed: the
-    bytes of 2-block sessions with noise seeds 0 and 1."""
-    live = build_server(preset="tiny", kv_impl="torch", seed=0)
-    with running_server(live) as addr:
-        return {seed: full_session(addr, prompt=PROMPT, seed=seed, blocks=2).stream_bytes() for seed in (0, 1)}
+    """The single-process server (`hallolive-rt serve`'s app in this process), same weights seed, on as many
+    torch threads as a replica (``replica_threads``, whatever OMP_NUM_THREADS says): the bytes of 2-block
+    sessions with noise seeds 0 and 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(hray.replica_threads(ARGS))
+    try:
+        live = build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+        with running_server(live) as addr:
+            return {seed: full_session(addr, prompt=PROMPT, seed=seed, blocks=2).stream_bytes() for seed in (0, 1)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sessions_spread_over_replicas_third_is_busy_same_bytes_as_one_process(cluster, reference):

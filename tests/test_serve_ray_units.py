@@ -23,7 +23,8 @@ from hallolive_rt.runtime.serve import ray as hray  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_BUSY, CLOSE_INTERNAL, Limits  # noqa: E402
 from hallolive_rt.runtime.serve.ray_proxy import (PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH, ROUTER_PATH,  # noqa: E402
                                                   LeastLoadedRouter, SessionGuard)
-from hallolive_rt.runtime.session import InputError  # noqa: E402
+from hallolive_rt.errors import InputError  # noqa: E402
+from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource  # noqa: E402
 
 YAML = Path(__file__).resolve().parents[1] / "runtime" / "serve" / "ray_serve.yaml"
 
@@ -121,12 +122,14 @@ def test_build_app_sets_admission_and_devices(monkeypatch):
     assert d.num_replicas == 3 and d.max_ongoing_requests == 2 + hray.ADMISSION_HEADROOM
     assert d.max_queued_requests == hray.MAX_QUEUED and d.ray_actor_options["num_gpus"] == 2
     assert d._deployment_config.request_router_config.request_router_class == ROUTER_PATH
-    build, limits, token, origins, replicas = d.init_args
+    build, limits, token, origins, replicas, threads = d.init_args
     assert build == {"preset": "tiny", "max_sessions": 2, "device": "cuda:0", "vae_device": "cuda:1"}
-    assert limits == Limits(max_unacked_blocks=2) and token is None and replicas == 3
+    assert limits == Limits(max_unacked_blocks=2) and token is None and replicas == 3 and threads == 1
     monkeypatch.setenv(launch.TOKEN_ENV, "from-the-environment")
     assert hray.build_app({"preset": "tiny", "gpus_per_replica": 0})._bound_deployment.init_args[2] == \
         "from-the-environment"
+    assert hray.build_app({"preset": "tiny", "gpus_per_replica": 0, "cpus_per_replica": 3})._bound_deployment \
+        .init_args[5] == 3  # torch threads: the replica's CPUs
     assert hray.replica_devices(0) == ("cpu", None) and hray.replica_devices(1) == ("cuda:0", None)
 
 
@@ -144,14 +147,29 @@ def test_build_app_refusals(args, match):
 
 
 def test_cli_options_map_to_replica_devices():
-    common = dict(replicas=2, limits=Limits(), token=None, allowed_origins=(), preset="tiny")
-    a = hray.args_from_cli(device="cuda", vae_device=None, gpus_per_replica=None, **common)
+    def args(device="cuda", vae_device=None, gpus_per_replica=None):
+        return hray.args_from_cli(model=ModelSource(preset="tiny", device=device, vae_device=vae_device),
+                                  dit=DiTOptions(), decoders=DecoderOptions(), max_sessions=1,
+                                  gpus_per_replica=gpus_per_replica, replicas=2, limits=Limits(), token=None,
+                                  allowed_origins=())
+
+    a = args()
     assert a["gpus_per_replica"] == 1 and a["replicas"] == 2 and a["client_timeout_s"] == 30.0
-    assert hray.args_from_cli(device="cpu", vae_device=None, gpus_per_replica=None, **common)["gpus_per_replica"] == 0
+    assert "device" not in a and a["preset"] == "tiny"  # Ray, not --device, picks a replica's GPU
+    assert args(device="cpu")["gpus_per_replica"] == 0
     for kw, match in ((dict(device="cuda:1"), "cpu or cuda"), (dict(vae_device="cuda:1"), "--vae-device"),
                       (dict(device="cpu", gpus_per_replica=1), "CPU replicas")):
         with pytest.raises(InputError, match=match):
-            hray.args_from_cli(**{"device": "cuda", "vae_device": None, "gpus_per_replica": None, **kw}, **common)
+            args(**kw)
+
+
+def test_replica_threads_are_set_from_the_replica_cpus_or_torch_threads():
+    assert hray.replica_threads({}) == 1 and hray.replica_threads({"cpus_per_replica": 0.5}) == 1
+    assert hray.replica_threads({"cpus_per_replica": 4}) == 4
+    assert hray.replica_threads({"cpus_per_replica": 4, "torch_threads": 2}) == 2
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(InputError, match="torch_threads"):
+            hray.replica_threads({"torch_threads": bad})
 
 
 def test_a_local_ray_that_cannot_place_the_replicas_is_refused():

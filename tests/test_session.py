@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hallolive_rt.options import DecoderOptions, OutputOptions, from_flat
 from hallolive_rt.model.audio_stream import StreamingAudioDecoder
 from hallolive_rt.nvtx import StageTimer
 from hallolive_rt.profile import load_profile
@@ -16,7 +17,9 @@ from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import generate
 from hallolive_rt.runtime.components import load_components
 from hallolive_rt.runtime.decode_pipeline import frames_to_uint8
-from hallolive_rt.runtime.session import BlockNoise, InputError, StreamSession, stream_main
+from hallolive_rt.errors import InputError
+from hallolive_rt.runtime.session import BlockNoise, StreamSession
+from hallolive_rt.runtime.stream_run import stream_main
 
 PROMPT = "A woman looks into the camera and says: hello there."
 
@@ -54,7 +57,7 @@ def _reference(c, p, ctx, seed, blocks):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_session_equals_sequential_reference(comps, ctx, overlap):
     p = comps.profile
-    got = list(StreamSession(comps, p, overlap=overlap).run(ctx, seed=3))
+    got = list(StreamSession(comps, p, decoders=DecoderOptions(overlap=overlap)).run(ctx, seed=3))
     ref = _reference(comps, p, ctx, 3, p.stream.blocks)
     assert [b.index for b in got] == list(range(p.stream.blocks))
     for b, (frames, audio) in zip(got, ref):
@@ -93,7 +96,7 @@ def test_seed_determinism_and_future_tokens(comps, ctx):
 
 
 def test_rolling_stream_longer_than_the_clip(comps, ctx):
-    sess = StreamSession(comps, blocks=5, overlap=False)
+    sess = StreamSession(comps, decoders=DecoderOptions(overlap=False), blocks=5)
     assert sess.policy.name == "rolling"
     got = list(sess.run(ctx, seed=0))
     assert len(got) == 5 and all(np.isfinite(b.audio).all() for b in got)
@@ -101,7 +104,7 @@ def test_rolling_stream_longer_than_the_clip(comps, ctx):
 
 def test_stage_ranges_per_block(comps, ctx):
     timer = StageTimer("cpu")
-    sess = StreamSession(comps, overlap=False, on_block=lambda b: None)
+    sess = StreamSession(comps, decoders=DecoderOptions(overlap=False), on_block=lambda b: None)
     with timer:
         list(sess.run(ctx, seed=0))
     names = [r.name for r in timer.records()]
@@ -117,15 +120,18 @@ def test_stream_main_writes_mp4_and_metrics(tmp_path):
     from hallolive_rt.runtime.media import probe_media
 
     out, met = tmp_path / "o.mp4", tmp_path / "m.json"
-    s = stream_main(PROMPT, out=str(out), metrics=str(met), progress=False)
+    s = stream_main(PROMPT, outputs=OutputOptions(out=str(out), metrics=str(met)), progress=False)
     info = probe_media(out)
     assert info["error"] is None and info["video"][0]["codec"] == "h264" and info["audio"][0]["codec"] == "aac"
-    assert s["frames"] == 5 + 8 + 8 and s["audio_samples"] == 3 * 10 * 512
+    assert s["frames_generated"] == 5 + 8 + 8 and s["audio_samples"] == 3 * 10 * 512
+    # the MP4 holds 3 more: the last frame held to cover the audio's tail, and says so
+    assert s["frames_written"] == info["video"][0]["frames"] == 21 + 3
     m = json.loads(met.read_text())
     for k in ("ttff_s", "steady_fps", "block_time_s", "inter_block_gap_s", "per_block", "frames",
               "audio_samples", "device", "dtype", "env", "text_encode_s", "dit_only_fps_equiv"):
         assert k in m, k
-    assert m["frames"] == 21 and m["env"]["torch"] == torch.__version__
+    assert m["frames"] == m["frames_generated"] == 21 and m["frames_written"] == 24
+    assert m["env"]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -135,7 +141,7 @@ def test_stream_main_writes_mp4_and_metrics(tmp_path):
     ({"random_weights": True, "model_dir": "/x"}, "exclude each other"),
     ({"preset": "hallolive-512x992", "model_dir": "MISSING"}, "6 model files missing"),
     ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "cuda:99"}, "cuda"),
-    ({"backend": "warp"}, "unknown backend"),
+    ({"backend": "warp"}, "--backend 'warp': choose one of"),
     ({"prompt": "   "}, "empty"),
     ({"prompt": "x" * 600}, "too long"),
     ({"out": "/nonexistent-dir/o.mp4"}, "does not exist"),
@@ -151,6 +157,8 @@ def test_stream_main_rejects_bad_input_before_writing(tmp_path, kwargs, match, m
         monkeypatch.setattr("hallolive_rt.model.text_tokenizer.require_text_extra", lambda: None)
     kw.setdefault("out", str(tmp_path / "o.mp4"))
     with pytest.raises(InputError, match=match) as e:
-        stream_main(prompt, progress=False, **kw)
+        model, dit, decoders = from_flat(kw)
+        stream_main(prompt, model=model, dit=dit, decoders=decoders, blocks=kw.get("blocks"), progress=False,
+                    outputs=OutputOptions(out=kw["out"], metrics=kw.get("metrics")))
     assert e.value.exit_code == 2
     assert not (tmp_path / "o.mp4").exists()

@@ -17,13 +17,15 @@ pytest.importorskip("av", reason="the stream's MP4 is written with PyAV, which i
 
 from typer.testing import CliRunner  # noqa: E402
 
+from hallolive_rt.options import DecoderOptions, DiTOptions, OutputOptions
 from hallolive_rt.cli import app  # noqa: E402
 from hallolive_rt.runtime import outputs  # noqa: E402
 from hallolive_rt.runtime.media import probe_media  # noqa: E402
 from hallolive_rt.runtime.outputs import OutputLock, lock_path  # noqa: E402
-from hallolive_rt.runtime.session import InputError, stream_main  # noqa: E402
+from hallolive_rt.errors import InputError
+from hallolive_rt.runtime.stream_run import stream_main  # noqa: E402
 
-FAST = dict(kv_impl="torch", overlap=False, progress=False)
+FAST = dict(dit=DiTOptions(kv_impl="torch"), decoders=DecoderOptions(overlap=False), progress=False)
 
 
 def _files(folder):
@@ -49,14 +51,14 @@ def test_a_second_writer_is_refused_with_the_first_ones_pid_and_command(tmp_path
     other = _holder(out)
     try:
         with pytest.raises(InputError) as e:
-            stream_main("hi", out=str(out), blocks=1, **FAST)
+            stream_main("hi", outputs=OutputOptions(out=str(out)), blocks=1, **FAST)
         msg = str(e.value)
         assert f"is being written by another process: PID {other.pid}" in msg and "--pretend stream" in msg, msg
         assert not out.exists()
     finally:
         other.kill()  # however the holder ends, the kernel drops its lock
         other.wait()
-    summary = stream_main("hi", out=str(out), blocks=1, **FAST)
+    summary = stream_main("hi", outputs=OutputOptions(out=str(out)), blocks=1, **FAST)
     assert summary["blocks"] == 1 and probe_media(out)["error"] is None
     assert _files(tmp_path) == ["o.mp4"]  # the stale lock file of the killed holder is gone too
 
@@ -78,9 +80,9 @@ def test_existing_outputs_are_refused_unless_overwrite(tmp_path):
     out, wav = tmp_path / "o.mp4", tmp_path / "o.wav"
     out.write_bytes(b"an earlier take")
     with pytest.raises(InputError, match="--out .*o.mp4' exists; pass --overwrite"):
-        stream_main("hi", out=str(out), wav_out=str(wav), blocks=1, **FAST)
+        stream_main("hi", outputs=OutputOptions(out=str(out), wav_out=str(wav)), blocks=1, **FAST)
     assert out.read_bytes() == b"an earlier take" and _files(tmp_path) == ["o.mp4"]
-    summary = stream_main("hi", out=str(out), wav_out=str(wav), blocks=1, overwrite=True, **FAST)
+    summary = stream_main("hi", outputs=OutputOptions(out=str(out), wav_out=str(wav), overwrite=True), blocks=1, **FAST)
     assert summary["blocks"] == 1 and probe_media(out)["video"][0]["frames"] > 0
     assert _files(tmp_path) == ["o.mp4", "o.wav"]
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hallolive_rt.options import ModelSource, OutputOptions
 from hallolive_rt.model.text import (
     TextEncoder,
     UMT5Config,
@@ -253,12 +254,12 @@ def test_missing_text_extra_is_named_first_with_the_install_command(tmp_path, mo
 def test_model_dir_run_asks_for_the_text_extra_before_the_files(tmp_path, monkeypatch):
     import sys
 
-    from hallolive_rt.runtime.session import InputError, stream_main
+    from hallolive_rt.errors import InputError
+    from hallolive_rt.runtime.stream_run import stream_main
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(InputError, match=r"pip install -e '\.\[text\]'") as e:
-        stream_main("hello", out=str(tmp_path / "x.mp4"), preset="hallolive-512x992", model_dir=str(tmp_path),
-                    progress=False)
+        stream_main("hello", model=ModelSource(preset="hallolive-512x992", model_dir=str(tmp_path)), outputs=OutputOptions(out=str(tmp_path / "x.mp4")), progress=False)
     assert "model files missing" not in str(e.value) and not (tmp_path / "x.mp4").exists()
 
 

@@ -15,14 +15,8 @@ import sys
 import pytest
 import torch
 
-from hallolive_rt.runtime.vae_runner import (
-    VideoDecodeOptions,
-    check_vae_options,
-    make_video_runner,
-    parse_vae_variant,
-    parse_vae_variants,
-    set_conv_layout,
-)
+from hallolive_rt.options import ModelSource, VideoDecodeOptions
+from hallolive_rt.runtime.vae_runner import check_vae_options, make_video_runner, set_conv_layout
 from tests.conftest import assert_close
 from tests.test_vae_video import _tiny  # the tiny decoder with non-trivial norm gains and biases
 
@@ -56,7 +50,7 @@ def _decode(runner, z):
 
 def test_eager_runner_is_the_plain_decoder_bit_for_bit(dec, z):
     ref, st = _reference(dec, z)
-    r = make_video_runner(dec, "eager", 1, H, W)
+    r = make_video_runner(dec, VideoDecodeOptions.parse("eager"), 1, H, W)
     got = _decode(r, z)
     assert [g.shape[2] for g in got] == [1, 4, 4, 4]
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
@@ -66,7 +60,7 @@ def test_eager_runner_is_the_plain_decoder_bit_for_bit(dec, z):
 def test_channels_last_runner_equals_eager_and_changes_layout_only(dec, z):
     ref, st = _reference(dec, z)
     weights = {k: v.clone() for k, v in dec.state_dict().items()}
-    r = make_video_runner(dec, "eager+cl3d", 1, H, W)
+    r = make_video_runner(dec, VideoDecodeOptions.parse("eager+cl3d"), 1, H, W)
     got = _decode(r, z)
     assert r.describe()["label"] == "eager+cl3d" and r.opts.channels_last
     convs = [p for p in dec.parameters() if p.dim() == 5]
@@ -82,10 +76,10 @@ def test_channels_last_runner_equals_eager_and_changes_layout_only(dec, z):
 
 
 def test_a_runner_refuses_to_run_after_another_relaid_the_weights(dec, z):
-    a = make_video_runner(dec, "eager", 1, H, W)
+    a = make_video_runner(dec, VideoDecodeOptions.parse("eager"), 1, H, W)
     a.prepare()
     a.decode_frame(z[:, :, :1], True)
-    make_video_runner(dec, "eager+cl3d", 1, H, W).prepare()  # re-allocates the conv weights
+    make_video_runner(dec, VideoDecodeOptions.parse("eager+cl3d"), 1, H, W).prepare()  # re-allocates the conv weights
     with pytest.raises(RuntimeError, match="re-laid out"):
         a.decode_frame(z[:, :, 1:2], False)
     a.prepare()  # prepared again: runs
@@ -93,7 +87,7 @@ def test_a_runner_refuses_to_run_after_another_relaid_the_weights(dec, z):
     with pytest.raises(ValueError, match="does not fit"):
         a.decode_frame(torch.randn(1, 48, 1, H + 1, W), False)
     with pytest.raises(RuntimeError, match="prepare"):
-        make_video_runner(dec, "eager", 1, H, W).decode_frame(z[:, :, :1], True)
+        make_video_runner(dec, VideoDecodeOptions.parse("eager"), 1, H, W).decode_frame(z[:, :, :1], True)
 
 
 def test_compiled_runner_fullgraph_equals_eager_without_recompiling(dec, z):
@@ -120,7 +114,7 @@ def test_compiled_runner_fullgraph_equals_eager_without_recompiling(dec, z):
 def test_bf16_runner_within_bound_of_fp32_eager(dec, z, spec):
     ref, _ = _reference(dec, z)
     half = copy.deepcopy(dec).to(torch.bfloat16)
-    r = make_video_runner(half, spec, 1, H, W)
+    r = make_video_runner(half, VideoDecodeOptions.parse(spec), 1, H, W)
     got = _decode(r, z)
     assert r.describe()["dtype"] == "bfloat16" and got[0].dtype == torch.bfloat16
     for i, (a, b) in enumerate(zip(got, ref)):
@@ -130,17 +124,17 @@ def test_bf16_runner_within_bound_of_fp32_eager(dec, z, spec):
 
 
 def test_variant_names_and_refusals():
-    assert parse_vae_variant("cudagraph+cl3d") == VideoDecodeOptions("cudagraph", True)
-    assert parse_vae_variant("compiled", channels_last=True).label == "compiled+cl3d"
-    assert [o.label for o in parse_vae_variants("eager, cudagraph,eager")] == ["eager", "cudagraph"]
-    assert parse_vae_variant("compiled-cudagraph").uses_cuda_graph and parse_vae_variant("compiled-cudagraph").compiles
+    assert VideoDecodeOptions.parse("cudagraph+cl3d") == VideoDecodeOptions("cudagraph", True)
+    assert VideoDecodeOptions.parse("compiled", channels_last=True).label == "compiled+cl3d"
+    assert [o.label for o in VideoDecodeOptions.parse_list("eager, cudagraph,eager")] == ["eager", "cudagraph"]
+    assert VideoDecodeOptions.parse("compiled-cudagraph").uses_cuda_graph and VideoDecodeOptions.parse("compiled-cudagraph").compiles
     with pytest.raises(ValueError, match="choose one of eager, compiled, cudagraph, compiled-cudagraph"):
-        parse_vae_variant("fast")
+        VideoDecodeOptions.parse("fast")
     with pytest.raises(ValueError, match="names no variant"):
-        parse_vae_variants(" , ")
-    check_vae_options(parse_vae_variant("compiled+cl3d"), "cpu")  # runs anywhere
+        VideoDecodeOptions.parse_list(" , ")
+    check_vae_options(VideoDecodeOptions.parse("compiled+cl3d"), "cpu")  # runs anywhere
     with pytest.raises(ValueError, match="captures CUDA graphs.*--vae-backend eager or compiled"):
-        check_vae_options(parse_vae_variant("cudagraph"), "cpu")
+        check_vae_options(VideoDecodeOptions.parse("cudagraph"), "cpu")
 
 
 def _cli(*args):
@@ -174,7 +168,7 @@ def test_cuda_graph_runner_replays_equal_to_eager_without_sync(spec):
     st = m.new_state(1, H, W)
     with torch.no_grad():
         ref = [m.decode_frame(z[:, :, i:i + 1], st, i == 0).clone() for i in range(FRAMES)]
-    r = make_video_runner(m, spec, 1, H, W)
+    r = make_video_runner(m, VideoDecodeOptions.parse(spec), 1, H, W)
     r.prepare()  # warm-up and capture (may allocate and sync: outside the checked region)
     got = []
     torch.cuda.set_sync_debug_mode("error")
@@ -199,8 +193,7 @@ def test_bench_runs_vae_variants_after_the_eager_baseline_and_both_overlap_modes
 
     from hallolive_rt.runtime.bench import bench_main
 
-    v = bench_main("tiny", True, ["eager"], 2, "vae", tmp_path / "vae.json", device="cpu", warmup_runs=0,
-                   vae_backend="eager+cl3d")
+    v = bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), None, warmup_runs=0, backends=["eager"], blocks=2, mode="vae", out_json=tmp_path / "vae.json", vae_variants=VideoDecodeOptions.parse_list("eager+cl3d"))
     disk = json.loads((tmp_path / "vae.json").read_text())
     assert list(disk["results"]) == ["eager (decoders)", "eager+cl3d (decoders)"]
     assert disk["vae_variants"] == ["eager+cl3d"]
@@ -208,11 +201,10 @@ def test_bench_runs_vae_variants_after_the_eager_baseline_and_both_overlap_modes
     for key, r in v["results"].items():
         assert r["session"]["vae"]["label"] == key.removesuffix(" (decoders)")
         assert r["vae_only_fps_equiv"] > 0 and r["stage_tflops"]["vae_video"]["tflops"] > 0
-    e = bench_main("tiny", True, ["eager"], 1, "e2e", tmp_path / "e2e.json", device="cpu", warmup_runs=0,
-                   compare_overlap=True)
+    e = bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), None, warmup_runs=0, compare_overlap=True, backends=["eager"], blocks=1, mode="e2e", out_json=tmp_path / "e2e.json")
     disk = json.loads((tmp_path / "e2e.json").read_text())
     assert disk["overlap"] == "both" and list(disk["results"]) == ["eager", "eager no-overlap"]
     assert [r["session"]["overlap"] for r in e["results"].values()] == [True, False]
     assert set(disk["ratios_vs_eager"]) == {"eager", "eager no-overlap"}
     with pytest.raises(ValueError, match="captures CUDA graphs"):  # refused before anything is built
-        bench_main("tiny", True, ["eager"], 1, "vae", None, device="cpu", vae_backend="cudagraph")
+        bench_main(ModelSource(preset="tiny", random_weights=True, device="cpu"), None, backends=["eager"], blocks=1, mode="vae", out_json=None, vae_variants=VideoDecodeOptions.parse_list("cudagraph"))

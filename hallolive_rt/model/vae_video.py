@@ -111,6 +111,10 @@ class VideoDecodeState:
     def shapes(self) -> list[tuple[int, ...]]:
         return [tuple(b.shape) for b in self.history]
 
+    def with_layout(self, memory_format: torch.memory_format) -> "VideoDecodeState":
+        """The same history in ``memory_format`` (channels_last_3d for cuDNN's NDHWC conv kernels)."""
+        return VideoDecodeState(tuple(b.contiguous(memory_format=memory_format) for b in self.history))
+
 
 class _StaticHistory:
     """``History`` over preallocated buffers; ``first`` selects the first-frame code path."""
@@ -227,6 +231,18 @@ class WanVideoDecoder(nn.Module):
         super()._apply(fn, recurse)
         self.init_stats(self.latent_mean.device)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    @property
+    def z_dim(self) -> int:
+        return self.cfg.z_dim
 
     # ---- state -------------------------------------------------------------------------------------
     def new_state(self, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype | None = None,

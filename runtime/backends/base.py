@@ -28,12 +28,9 @@ from abc import ABC, abstractmethod
 import torch
 
 from hallolive_rt.cache_policy import BlockPlan
+from hallolive_rt.errors import BackendUnavailable
 
 __all__ = ["Backend", "BackendUnavailable", "variant_name", "distinct_variants"]
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that cannot run here; the message says what is missing and how to get it."""
 
 
 def variant_name(variant: tuple[int, int]) -> str:

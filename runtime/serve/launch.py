@@ -1,8 +1,8 @@
 """`hallolive-rt serve`: check the options, load the components once, serve the app with uvicorn.
 
-``build_server`` (validation + loading -> ``LiveServer``) is the part a Ray Serve replica reuses;
-``serve_main`` adds the bind checks (127.0.0.1 by default; a token for any other address), the app
-and uvicorn. Every refusal is an ``InputError`` (CLI exit code 2) raised before anything is loaded.
+``build_server`` (``resolve_run`` + loading -> ``LiveServer``) is the part a Ray Serve replica reuses;
+``serve_main`` adds the bind checks (127.0.0.1 by default; a token for any other address), the app and
+uvicorn. Every refusal is an ``InputError`` (CLI exit code 2) raised before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,15 +12,19 @@ import importlib.util
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from ..session import InputError
+from hallolive_rt.cache_policy import ENDLESS
+from hallolive_rt.errors import InputError
+from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource, ServeOptions
+
+from ..resolve import resolve_run
 from .protocol import Limits
 from .sessions import LiveServer
 
 __all__ = ["SERVE_EXTRA_HINT", "RAY_EXTRA_HINT", "missing_serve_deps", "missing_ray_deps", "is_loopback",
-           "check_bind", "check_options", "build_server", "serve_main", "TOKEN_ENV"]
+           "check_bind", "build_server", "serve_main", "TOKEN_ENV"]
 
 TOKEN_ENV = "HALLOLIVE_TOKEN"
 SERVE_EXTRA_HINT = ("live sessions need the serve extra (FastAPI, uvicorn, websockets): "
@@ -58,52 +62,23 @@ def check_bind(host: str, token: str | None) -> None:
         raise InputError("--token must have at least 8 characters")
 
 
-def check_options(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
-                  dtype: str | None = None, max_sessions: int = 1):
-    """The checks of ``build_server`` that hold on any machine (no device, no file, nothing loaded): a Ray
-    driver runs them before deploying, each replica runs ``build_server`` on its own node. -> the Profile."""
-    from hallolive_rt.profile import ProfileError, load_profile
+def build_server(*, model: ModelSource | None = None, dit: DiTOptions | None = None,
+                 decoders: DecoderOptions | None = None, max_sessions: int = 1, limits: Limits | None = None,
+                 replica_id: str | None = None) -> LiveServer:
+    """Check the options (``resolve_run``, as ``stream`` does), then load every component once, the text
+    encoder included (it stays resident: prompts arrive and switch at any time)."""
+    from ..components import load_components
 
     if max_sessions < 1:
         raise InputError(f"--max-sessions must be >= 1, got {max_sessions}")
-    try:
-        prof = load_profile(preset).with_overrides(dtype=dtype)
-    except (ProfileError, ValueError) as e:
-        raise InputError(str(e)) from e
-    if model_dir is not None and random_weights:
-        raise InputError("--model-dir and --random-weights exclude each other: drop one")
-    if model_dir is None and not random_weights and prof.decoders != "tiny":
-        raise InputError(f"preset {prof.name} needs weights: pass --model-dir <official download> or --random-weights")
-    if model_dir is not None and prof.decoders == "tiny":
-        raise InputError("the tiny preset has no released weights; drop --model-dir")
-    return prof
-
-
-def build_server(*, preset: str = "tiny", model_dir: str | None = None, random_weights: bool = False,
-                 device: str = "cpu", vae_device: str | None = None, dtype: str | None = None,
-                 backend: str = "eager", kv_impl: str | None = None, seed: int = 0, max_sessions: int = 1,
-                 limits: Limits | None = None, replica_id: str | None = None) -> LiveServer:
-    """Validate (as ``stream`` does), then load every component once, the text encoder included (it stays
-    resident: prompts arrive and switch at any time). ``seed`` draws random weights (the tiny preset).
-    ``kv_impl`` None: the extension on CUDA, the torch reference on CPU (no build before the first page)."""
-    from ..backends import BackendUnavailable, get_backend
-    from ..components import MissingModelFiles, check_model_dir, load_components
-    from ..placement import resolve_devices
-
-    prof = check_options(preset=preset, model_dir=model_dir, random_weights=random_weights, dtype=dtype,
-                         max_sessions=max_sessions)
-    try:
-        dit_dev, vae_dev = resolve_devices(device, vae_device)
-        paths = check_model_dir(model_dir) if model_dir is not None else None
-        get_backend(backend)
-    except (ValueError, MissingModelFiles, BackendUnavailable) as e:
-        raise InputError(str(e)) from e
-    comps = load_components(prof, paths and Path(model_dir), dit_device=dit_dev, vae_device=vae_dev,
-                            dtype=prof.dtype, seed=seed)
-    kv_impl = kv_impl or ("ext" if dit_dev.type == "cuda" else "torch")
-    comps.dit.set_kv_impl(kv_impl)  # builds the extension now (once), not inside the first session
-    return LiveServer(comps, max_sessions=max_sessions, limits=limits, replica_id=replica_id, backend=backend,
-                      kv_impl=kv_impl)
+    model = model or ModelSource()
+    run = resolve_run(model, dit or DiTOptions(), decoders or DecoderOptions(), blocks=ENDLESS)
+    comps = load_components(run.profile, run.paths and Path(model.model_dir), dit_device=run.dit_device,
+                            vae_device=run.vae_device, dtype=run.profile.dtype, seed=model.seed, ema=model.ema,
+                            decoders=run.decoders)
+    comps.dit.set_kv_impl(run.dit.kv_impl)  # builds the extension now (once), not inside the first session
+    return LiveServer(comps, max_sessions=max_sessions, limits=limits, replica_id=replica_id, dit=run.dit,
+                      decoders=run.decoders)
 
 
 class _RedactToken(logging.Filter):
@@ -117,13 +92,16 @@ class _RedactToken(logging.Filter):
         return True
 
 
-def serve_main(*, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               allowed_origins: Sequence[str] = (), log_level: str = "info",
-               on_ready: Callable[[str], None] | None = None, **build) -> None:
-    """Check the bind, build the server (``build_server(**build)``), serve until SIGTERM or SIGINT, which end
-    every connection with ``server_shutdown`` + close 1001 and return within 10 s whatever the sessions do
-    (``app.SHUTDOWN_S``). ``on_ready`` gets the page's URL (with the real port when ``port`` is 0, and the
-    token in its #fragment)."""
+def serve_main(serving: ServeOptions | None = None, *, on_ready: Callable[[str], None] | None = None,
+               **build) -> None:
+    """Check the bind, build the server (``build_server(max_sessions=..., **build)``), serve until SIGTERM or
+    SIGINT, which end every connection with ``server_shutdown`` + close 1001 and return within 10 s whatever
+    the sessions do (``app.SHUTDOWN_S``). ``on_ready`` gets the page's URL (with the real port when ``port``
+    is 0, and the token in its #fragment)."""
+    serving = serving or ServeOptions()
+    host, port, token, allowed_origins, log_level = (serving.host, serving.port, serving.token,
+                                                     serving.allowed_origins, serving.log_level)
+    build.setdefault("max_sessions", serving.max_sessions)
     check_bind(host, token)
     missing = missing_serve_deps()
     if missing:

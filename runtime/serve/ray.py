@@ -26,12 +26,16 @@ from collections.abc import Callable
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from ..session import InputError
-from .launch import TOKEN_ENV, check_bind, check_options, is_loopback
+from hallolive_rt.errors import InputError
+from hallolive_rt.options import FLAT_KEYS, from_flat, to_flat
+
+from ..resolve import resolve_run
+from .launch import TOKEN_ENV, check_bind, is_loopback
 from .protocol import Limits
 from .ray_proxy import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH, ROUTER_PATH
 
-__all__ = ["APP_NAME", "ADMISSION_HEADROOM", "LiveReplica", "ReplicaMetrics", "replica_devices", "args_from_cli",
+__all__ = ["APP_NAME", "ADMISSION_HEADROOM", "LiveReplica", "ReplicaMetrics", "replica_devices", "replica_threads",
+           "args_from_cli",
            "build_app", "check_resources", "start", "serve_ray_main", "PROXY_ENV"]
 
 log = logging.getLogger("hallolive_rt.serve")
@@ -47,10 +51,10 @@ PROXY_ENV = {PROXY_CALLBACK_ENV: PROXY_CALLBACK_PATH}  # the proxies inherit the
 TTFF_BOUNDS = [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 BLOCK_BOUNDS = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
 
-_BUILD_KEYS = {"preset", "model_dir", "random_weights", "seed", "dtype", "backend", "kv_impl", "max_sessions"}
+_BUILD_KEYS = FLAT_KEYS - {"device", "vae_device"} | {"max_sessions"}  # devices: the replica's (Ray's GPUs)
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
-_APP_KEYS = {"replicas", "gpus_per_replica", "cpus_per_replica", "token", "allowed_origins", "allow_no_token",
-             "graceful_shutdown_timeout_s"}
+_APP_KEYS = {"replicas", "gpus_per_replica", "cpus_per_replica", "torch_threads", "token", "allowed_origins",
+             "allow_no_token", "graceful_shutdown_timeout_s"}
 
 
 def replica_devices(gpus_per_replica: int) -> tuple[str, str | None]:
@@ -59,6 +63,18 @@ def replica_devices(gpus_per_replica: int) -> tuple[str, str | None]:
         raise InputError(f"--gpus-per-replica must be 0 (CPU), 1 (DiT and VAE on one GPU) or 2 (DiT on the "
                          f"first, VAE on the second), got {gpus_per_replica}")
     return {0: ("cpu", None), 1: ("cuda:0", None), 2: ("cuda:0", "cuda:1")}[gpus_per_replica]
+
+
+def replica_threads(args: dict) -> int:
+    """Torch's intra-op threads in each replica: ``torch_threads``, else its CPUs (``cpus_per_replica``, at
+    least 1). Always set, never left to the environment: on CPU the numbers depend on it (a reduction split
+    over more threads adds in another order), so a replica and a process comparing against it set the same."""
+    n = args.get("torch_threads")
+    if n is None:
+        n = max(1, int(float(args.get("cpus_per_replica", 1.0))))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"torch_threads must be an integer >= 1, got {n!r}")
+    return n
 
 
 class ReplicaMetrics:
@@ -115,12 +131,19 @@ class LiveReplica:
     """One replica: one LiveServer on this actor's GPU(s), served by ``create_app`` (late-bound ingress)."""
 
     async def __init__(self, build: dict, limits: Limits, token: str | None, allowed_origins: tuple[str, ...],
-                       replicas: int):
+                       replicas: int, threads: int = 1):
+        import torch
+
         from .launch import build_server
+
+        torch.set_num_threads(threads)  # replica_threads: before anything runs
 
         rid = serve.get_replica_context().replica_id.unique_id  # the replica tag of Ray's metrics and logs
         # loading takes minutes at full size: off the replica's event loop, which answers Ray meanwhile
-        self.server = await asyncio.to_thread(build_server, **build, limits=limits, replica_id=rid)
+        model, dit, decoders = from_flat(build)
+        self.server = await asyncio.to_thread(build_server, model=model, dit=dit, decoders=decoders,
+                                              max_sessions=build.get("max_sessions", 1), limits=limits,
+                                              replica_id=rid)
         self.server.replicas = replicas
         self.server.observer = ReplicaMetrics(self.server)
         self._token, self._origins = token, tuple(allowed_origins)
@@ -133,9 +156,12 @@ class LiveReplica:
         return create_app(self.server, token=self._token, allowed_origins=self._origins)
 
 
-def args_from_cli(*, device: str, vae_device: str | None, gpus_per_replica: int | None, replicas: int,
-                  limits: Limits, token: str | None, allowed_origins, **build) -> dict:
+def args_from_cli(*, model, dit, decoders, max_sessions: int, gpus_per_replica: int | None, replicas: int,
+                  limits: Limits, token: str | None, allowed_origins) -> dict:
     """``serve --ray``'s options as ``build_app`` arguments: Ray, not --device, chooses each replica's GPU."""
+    device, vae_device = model.device, model.vae_device
+    build = {k: v for k, v in to_flat(model, dit, decoders).items() if k not in ("device", "vae_device")}
+    build["max_sessions"] = max_sessions
     if vae_device is not None:
         raise InputError("with --ray the decoders' device follows --gpus-per-replica (2: the replica's second "
                          "GPU); drop --vae-device")
@@ -170,8 +196,8 @@ def build_app(args: dict):
     gpus = args.get("gpus_per_replica", 1)
     dit_device, vae_device = replica_devices(gpus)
     build = {k: args[k] for k in _BUILD_KEYS if k in args}
-    check_options(**{k: build[k] for k in ("preset", "model_dir", "random_weights", "dtype", "max_sessions")
-                     if k in build})
+    model, dit, decoders = from_flat(build)  # the checks that hold on any node, before anything is deployed
+    resolve_run(model, dit, decoders, devices=False)
     build.update(device=dit_device, vae_device=vae_device)
     try:
         limits = Limits(**{k: args[k] for k in _LIMIT_KEYS if k in args})
@@ -195,7 +221,7 @@ def build_app(args: dict):
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         graceful_shutdown_timeout_s=float(args.get("graceful_shutdown_timeout_s", 10.0)),
         graceful_shutdown_wait_loop_s=0.5,
-    ).bind(build, limits, token, tuple(args.get("allowed_origins", ())), replicas)
+    ).bind(build, limits, token, tuple(args.get("allowed_origins", ())), replicas, replica_threads(args))
 
 
 def check_resources(args: dict, have: dict) -> None:

@@ -24,6 +24,7 @@ from typing import Callable
 
 from hallolive_rt.cache_policy import ENDLESS
 from hallolive_rt.model.text_tokenizer import PromptError
+from hallolive_rt.options import DecoderOptions, DiTOptions
 
 from ..media import FragmentSink, StreamWriter
 from ..metrics import percentile
@@ -44,8 +45,8 @@ class LiveServer:
     to clients in ``hello`` and ``busy``. ``observer``: an optional ``ServerObserver``."""
 
     def __init__(self, components, *, max_sessions: int = 1, limits: Limits | None = None,
-                 replica_id: str | None = None, backend: str = "eager", kv_impl: str = "torch",
-                 cache_policy: str = "auto", overlap: bool = True, prebuild: bool = True):
+                 replica_id: str | None = None, dit: DiTOptions | None = None,
+                 decoders: DecoderOptions | None = None, prebuild: bool = True):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if components.text_encoder is None:
@@ -54,8 +55,7 @@ class LiveServer:
         self.c, self.p = components, components.profile
         self.max_sessions, self.limits = max_sessions, limits or Limits()
         self.replica_id = replica_id or uuid.uuid4().hex[:8]
-        self.session_options = {"backend": backend, "kv_impl": kv_impl, "cache_policy": cache_policy,
-                                "overlap": overlap}
+        self.session_options = {"dit": dit or DiTOptions(), "decoders": decoders or DecoderOptions()}
         self._lock = threading.Lock()
         self._free = [_Slot(i) for i in range(max_sessions)]
         self._active: dict[str, LiveSession] = {}

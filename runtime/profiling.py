@@ -1,15 +1,8 @@
-"""Profiling sessions: Nsight Systems / Nsight Compute command lines built from the presets in
-``profiles/nsys.toml`` and ``profiles/ncu.toml``, a clear explanation where a profiler is missing, and a
-PyTorch-profiler session that needs nothing installed.
-
-The three sessions see the same ranges (``hallolive_rt.nvtx``): nsys and ncu through NVTX, the torch
-session through ``record_function``. This module only builds and runs; ``hallolive-rt profile`` (the
-CLI) passes the stream.
-
-The profiled program is ``python -m hallolive_rt.cli stream <stream args> [--warmup-runs N]``: the
-stream command runs N streams under ``hallolive_rt.nvtx.suppressed()`` first (see
-``run_with_warmup``), so the first ``session`` range nsys sees is a warm one.
-"""
+"""Profiling sessions of one stream: ``build_command`` turns a preset of ``profiles/nsys.toml`` or
+``profiles/ncu.toml`` into the Nsight command line that runs ``hallolive-rt stream`` (after its silent warm-up
+runs, so the capture sees a warm stream), ``missing_profiler_message`` says where a missing Nsight tool comes
+from, and ``run_torch_session`` runs the same stream under the PyTorch profiler, which needs nothing
+installed. All three see the ranges of ``hallolive_rt.nvtx``; the CLI's ``profile`` command picks one."""
 
 from __future__ import annotations
 
@@ -19,25 +12,22 @@ import os
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from hallolive_rt.nvtx import DOMAIN, StageStat, StageTimer, encode_payload, range_names, suppressed
+from hallolive_rt.nvtx import DOMAIN, RANGES, StageRecord, StageTimer, encode_payload, suppressed
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = [
-    "SESSIONS", "NcuPreset", "NcuTarget", "NsysPreset", "PresetError", "ProfilerMissing", "StageTable",
-    "build_command", "find_profiler", "load_session_preset", "missing_profiler_message",
-    "ncu_nvtx_filter", "require_profiler", "run_torch_session", "run_with_warmup",
-]
+__all__ = ["SESSIONS", "PresetError", "SessionPreset", "StageRow", "StageTable", "build_command", "find_profiler",
+           "load_session_preset", "missing_profiler_message", "ncu_nvtx_filter", "run_torch_session"]
 
 SESSIONS = ("nsys", "ncu", "torch")
 
@@ -46,208 +36,104 @@ class PresetError(ValueError):
     """A malformed Nsight session preset."""
 
 
-class ProfilerMissing(RuntimeError):
-    """nsys / ncu is not installed; the message says where it comes from and offers the torch session."""
-
-
-# ---- presets as data ------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
-class NsysPreset:
-    trace: tuple[str, ...]
-    capture_range: str
-    nvtx_capture: str
-    capture_range_end: str
-    env: tuple[tuple[str, str], ...]
-    delay_s: float
-    duration_s: float
-    cuda_graph_trace: str
-    cuda_memory_usage: bool
-    sample: str
-    cpuctxsw: str
-    stats: bool
+class SessionPreset:
+    """``[<tool>]`` of a preset file: the tool's ``flags`` as written there, the report's file name (under
+    the output folder; ``{target}`` for ncu), the silent warm-up streams, and ncu's kernel targets."""
+    tool: str
+    flags: dict
     output: str
-    force_overwrite: bool
     warmup_runs: int
+    target: str | None = None
+    targets: dict = field(default_factory=dict)  # name -> {description, nvtx_range[, kernel_regex]}
 
-
-@dataclass(frozen=True)
-class NcuTarget:
-    name: str
-    description: str
-    nvtx_range: str
-    kernel_regex: str | None = None
-
-
-@dataclass(frozen=True)
-class NcuPreset:
-    target: str
-    sections: tuple[str, ...]
-    launch_count: int
-    launch_skip: int
-    graph_profiling: str
-    replay_mode: str
-    cache_control: str
-    clock_control: str
-    target_processes: str
-    kernel_name_base: str
-    output: str
-    force_overwrite: bool
-    warmup_runs: int
-    targets: tuple[NcuTarget, ...]
-
-    def get_target(self, name: str | None) -> NcuTarget:
+    def get_target(self, name: str | None) -> dict:
         name = name or self.target
-        for t in self.targets:
-            if t.name == name:
-                return t
-        raise PresetError(f"unknown ncu target {name!r}; choose one of {', '.join(t.name for t in self.targets)}")
+        if name not in self.targets:
+            raise PresetError(f"unknown ncu target {name!r}; choose one of {', '.join(self.targets)}")
+        return self.targets[name]
 
 
-def _check_keys(sec: dict, cls, src: str, skip=()) -> None:
-    names = {f.name for f in fields(cls)} - set(skip)
-    missing, extra = sorted(names - set(sec)), sorted(set(sec) - names - set(skip))
-    if missing or extra:
-        raise PresetError(f"{src}: [{cls.__name__}] missing {missing or '-'}; unknown {extra or '-'}")
-
-
-def load_session_preset(session: str, path: str | Path | None = None) -> NsysPreset | NcuPreset:
-    """Read ``profiles/<session>.toml`` (or ``path``) into a typed preset; unknown keys are refused."""
-    if session not in ("nsys", "ncu"):
-        raise PresetError(f"no preset file for session {session!r} (nsys and ncu have one)")
-    p = Path(path) if path is not None else Path(str(resources.files("hallolive_rt.profiles"))) / f"{session}.toml"
+def load_session_preset(tool: str, path: str | Path | None = None) -> SessionPreset:
+    """Read ``profiles/<tool>.toml`` (or ``path``); unknown keys and undocumented ranges are refused."""
+    if tool not in ("nsys", "ncu"):
+        raise PresetError(f"no preset file for session {tool!r} (nsys and ncu have one)")
+    p = Path(path) if path is not None else Path(str(resources.files("hallolive_rt.profiles"))) / f"{tool}.toml"
     with open(p, "rb") as fh:
         data = tomllib.load(fh)
-    if "stream" in data:
-        raise PresetError(f"{p}: a [stream] table makes this a shape preset, not an Nsight preset")
-    if session not in data:
-        raise PresetError(f"{p}: missing table [{session}]")
-    sec = dict(data[session])
-    src = str(p)
-    if session == "nsys":
-        sec["trace"] = tuple(sec.get("trace", ()))
-        sec["env"] = tuple(sorted((str(k), str(v)) for k, v in sec.get("env", {}).items()))
-        _check_keys(sec, NsysPreset, src)
-        preset = NsysPreset(**sec)
-        if preset.nvtx_capture not in range_names():
-            raise PresetError(f"{src}: nvtx_capture {preset.nvtx_capture!r} is not a documented range")
-        return preset
-    targets = tuple(NcuTarget(name=k, **v) for k, v in sec.pop("targets", {}).items())
-    sec["sections"] = tuple(sec.get("sections", ()))
-    _check_keys(sec, NcuPreset, src, skip=("targets",))
-    preset = NcuPreset(targets=targets, **sec)
-    for t in targets:
-        if t.nvtx_range not in range_names():
-            raise PresetError(f"{src}: target {t.name!r} names undocumented range {t.nvtx_range!r}")
-    preset.get_target(None)
+    if list(data) != [tool]:
+        raise PresetError(f"{p}: expected the one table [{tool}], found {', '.join(data) or 'none'}")
+    sec = dict(data[tool])
+    extra = set(sec) - {"flags", "output", "warmup_runs", "target", "targets"}
+    if extra or not {"flags", "output", "warmup_runs"} <= set(sec):
+        raise PresetError(f"{p}: [{tool}] needs flags, output, warmup_runs; unknown: {sorted(extra) or '-'}")
+    preset = SessionPreset(tool, **sec)
+    ranges = [t.get("nvtx_range") for t in preset.targets.values()]
+    if "nvtx-capture" in preset.flags:
+        ranges.append(preset.flags["nvtx-capture"].removesuffix(f"@{DOMAIN}"))
+    if any(r not in RANGES for r in ranges):
+        raise PresetError(f"{p}: {', '.join(str(r) for r in ranges if r not in RANGES)} is not a documented range")
+    if tool == "ncu":
+        preset.get_target(None)
     return preset
 
 
-# ---- command lines ------------------------------------------------------------------------------
-
-def ncu_nvtx_filter(range_name: str, domain: str = DOMAIN) -> str:
-    """ncu ``--nvtx-include`` expression for the push/pop range ``range_name`` of ``domain``.
-
-    In ncu's filter syntax '/' separates nested push/pop ranges and a trailing '/' marks a push/pop
-    range, so a literal 'dit/step' would read as range 'step' inside range 'dit'. The expression uses
-    ncu's ``regex:`` form with '.' standing for each slash of the name (tests/test_profiling.py checks
-    that no other documented range name matches it)."""
-    return f"regex:{domain}@{range_name.replace('/', '.')}/"
+def ncu_nvtx_filter(range_name: str) -> str:
+    """ncu ``--nvtx-include`` for a push/pop range of our domain: ncu reads '/' as nesting (and a trailing '/'
+    as push/pop), so each slash of the name becomes the regex '.' (no other range name matches it)."""
+    return f"regex:{DOMAIN}@{range_name.replace('/', '.')}/"
 
 
-def default_app(stream_args: Sequence[str], warmup_runs: int) -> list[str]:
-    app = [sys.executable, "-m", "hallolive_rt.cli", "stream", *stream_args]
-    if warmup_runs > 0:
-        app += ["--warmup-runs", str(warmup_runs)]
-    return app
+def _flags(flags: dict, joined: bool) -> list[str]:
+    """``--key=value`` (nsys) or ``--key value`` (ncu) per entry; a list repeats the flag, ``true`` is a switch."""
+    out: list[str] = []
+    for key, value in flags.items():
+        for v in value if isinstance(value, list) else [value]:
+            out += [f"--{key}"] if v is True else [f"--{key}={v}"] if joined else [f"--{key}", str(v)]
+    return out
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def build_command(session: str, preset: NsysPreset | NcuPreset | str | Path | None = None,
-                  stream_args: Sequence[str] = (), *, out_dir: str | Path = ".", target: str | None = None,
-                  app: Sequence[str] | None = None, warmup_runs: int | None = None) -> list[str]:
-    """argv that runs the stream under nsys or ncu with ``preset`` (default: ``profiles/<session>.toml``).
-
-    ``app`` replaces the profiled program (default ``default_app(stream_args, warmup_runs)``, the preset's
-    ``warmup_runs`` unless given); ``target`` picks an ncu target (``dit``, ``attention``, ``gemm``,
-    ``context``, ``vae``, ``audio``)."""
-    if session not in ("nsys", "ncu"):
-        raise ValueError(f"build_command: session must be 'nsys' or 'ncu', got {session!r}")
-    if preset is None or isinstance(preset, (str, Path)):
+def build_command(session: str, preset: SessionPreset | str | Path | None = None, stream_args: Sequence[str] = (),
+                  *, out_dir: str | Path = ".", target: str | None = None, warmup_runs: int | None = None) -> list[str]:
+    """argv that runs ``hallolive-rt stream <stream_args>`` under nsys or ncu with ``preset`` (default
+    ``profiles/<session>.toml``); ``target`` picks an ncu kernel target, ``warmup_runs`` overrides the preset's."""
+    if not isinstance(preset, SessionPreset):
         preset = load_session_preset(session, preset)
-    exe = find_profiler(session) or session
-    out = Path(out_dir)
-    if session == "nsys":
-        assert isinstance(preset, NsysPreset)
-        cmd = [exe, "profile", f"--trace={','.join(preset.trace)}"]
-        if preset.capture_range == "nvtx":
-            cmd += ["--capture-range=nvtx", f"--nvtx-capture={preset.nvtx_capture}@{DOMAIN}",
-                    f"--capture-range-end={preset.capture_range_end}"]
-        elif preset.capture_range != "none":
-            cmd += [f"--capture-range={preset.capture_range}"]
-        cmd += [f"--env-var={k}={v}" for k, v in preset.env]
-        if preset.delay_s > 0:
-            cmd += [f"--delay={_num(preset.delay_s)}"]
-        if preset.duration_s > 0:
-            cmd += [f"--duration={_num(preset.duration_s)}"]
-        cmd += [f"--cuda-graph-trace={preset.cuda_graph_trace}",
-                f"--cuda-memory-usage={str(preset.cuda_memory_usage).lower()}",
-                f"--sample={preset.sample}", f"--cpuctxsw={preset.cpuctxsw}",
-                f"--stats={str(preset.stats).lower()}",
-                f"--force-overwrite={str(preset.force_overwrite).lower()}",
-                f"--output={out / preset.output}"]
+    flags = dict(preset.flags)
+    if session == "ncu":
+        name = target or preset.target
+        t = preset.get_target(name)
+        flags.update({"nvtx": True, "nvtx-include": ncu_nvtx_filter(t["nvtx_range"]),
+                      "export": str(Path(out_dir) / preset.output.format(target=name))})
+        if "kernel_regex" in t:
+            flags["kernel-name"] = f"regex:{t['kernel_regex']}"
     else:
-        assert isinstance(preset, NcuPreset)
-        t = preset.get_target(target)
-        cmd = [exe, "--nvtx", "--nvtx-include", ncu_nvtx_filter(t.nvtx_range)]
-        if t.kernel_regex:
-            cmd += ["--kernel-name", f"regex:{t.kernel_regex}"]
-        for s in preset.sections:
-            cmd += ["--section", s]
-        cmd += ["--launch-skip", str(preset.launch_skip), "--launch-count", str(preset.launch_count),
-                "--graph-profiling", preset.graph_profiling, "--replay-mode", preset.replay_mode,
-                "--cache-control", preset.cache_control, "--clock-control", preset.clock_control,
-                "--target-processes", preset.target_processes,
-                "--kernel-name-base", preset.kernel_name_base,
-                "--export", str(out / preset.output.format(target=t.name))]
-        if preset.force_overwrite:
-            cmd += ["--force-overwrite"]
+        flags["output"] = str(Path(out_dir) / preset.output)
     warm = preset.warmup_runs if warmup_runs is None else warmup_runs
-    return cmd + list(app if app is not None else default_app(stream_args, warm))
+    app = [sys.executable, "-m", "hallolive_rt.cli", "stream", *stream_args]
+    app += ["--warmup-runs", str(warm)] if warm > 0 else []
+    head = [find_profiler(session) or session] + (["profile"] if session == "nsys" else [])
+    return head + _flags(flags, joined=session == "nsys") + app
 
 
-# ---- missing profilers --------------------------------------------------------------------------
-
-_WHERE = {
-    "nsys": dict(
-        product="Nsight Systems",
-        globs=["/usr/local/cuda/bin/nsys", "/usr/local/cuda-*/bin/nsys", "/opt/nvidia/nsight-systems/*/bin/nsys"],
-        source=("the CUDA toolkit's `cuda-nsight-systems-<ver>` / `nsight-systems-<ver>` apt packages "
-                "(NVIDIA's CUDA repository), a CUDA *devel* container image, or the standalone installer "
-                "at https://developer.nvidia.com/nsight-systems"),
-        note=""),
-    "ncu": dict(
-        product="Nsight Compute",
-        globs=["/usr/local/cuda/bin/ncu", "/usr/local/cuda-*/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"],
-        source=("the CUDA toolkit's `cuda-nsight-compute-<ver>` / `nsight-compute-<ver>` apt packages "
-                "(NVIDIA's CUDA repository), a CUDA *devel* container image, or the standalone installer "
-                "at https://developer.nvidia.com/nsight-compute"),
-        note=(" ncu also needs access to the GPU performance counters (root, or the driver option "
-              "NVreg_RestrictProfilingToAdminUsers=0), which shared machines often withhold.")),
+# Where each Nsight CLI is looked for and where it comes from.
+_TOOLS = {
+    "nsys": ("Nsight Systems", "nsight-systems",
+             ["/usr/local/cuda/bin/nsys", "/usr/local/cuda-*/bin/nsys", "/opt/nvidia/nsight-systems/*/bin/nsys"], ""),
+    "ncu": ("Nsight Compute", "nsight-compute",
+            ["/usr/local/cuda/bin/ncu", "/usr/local/cuda-*/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"],
+            " ncu also needs the GPU performance counters (root, or the driver option "
+            "NVreg_RestrictProfilingToAdminUsers=0), which shared machines often withhold."),
 }
 
 
 def find_profiler(session: str) -> str | None:
     """Path of the nsys / ncu binary: PATH first, then the usual install folders; None if absent."""
-    if session not in _WHERE:
+    if session not in _TOOLS:
         return None
-    found = shutil.which(session)
-    if found:
+    if found := shutil.which(session):
         return found
-    for pattern in _WHERE[session]["globs"]:
+    for pattern in _TOOLS[session][2]:
         hits = sorted(glob.glob(pattern))
         if hits and os.access(hits[-1], os.X_OK):
             return hits[-1]
@@ -255,110 +141,90 @@ def find_profiler(session: str) -> str | None:
 
 
 def missing_profiler_message(session: str, command: Sequence[str] | None = None) -> str:
-    """What the user sees when ``session``'s profiler is not installed."""
-    w = _WHERE[session]
-    looked = ", ".join(["PATH", *w["globs"]])
-    msg = (f"`{session}` ({w['product']} CLI) was not found (looked in: {looked}).\n"
-           f"It comes from {w['source']}.{w['note']}\n"
+    """What the user sees when ``session``'s profiler is not installed: where it comes from, the torch session
+    instead, and the command to run where it is installed."""
+    product, pkg, globs, note = _TOOLS[session]
+    msg = (f"`{session}` ({product} CLI) was not found (looked in: {', '.join(['PATH', *globs])}).\n"
+           f"It comes from the CUDA toolkit's `cuda-{pkg}-<ver>` / `{pkg}-<ver>` apt packages (NVIDIA's CUDA "
+           f"repository), a CUDA *devel* container image, or the standalone installer at "
+           f"https://developer.nvidia.com/{pkg}.{note}\n"
            f"Without it, profile the same stream with the PyTorch profiler, which needs nothing installed:\n"
            f"    hallolive-rt profile --session torch <the same stream options>\n"
            f"It writes a Chrome/Perfetto trace (open in https://ui.perfetto.dev) with the same range names "
            f"and prints a per-stage table.")
     if command:
-        msg += f"\nOn a machine with {w['product']}, the command would be:\n    {shlex.join(command)}"
+        msg += f"\nOn a machine with {product}, the command would be:\n    {shlex.join(command)}"
     return msg
 
 
-def require_profiler(session: str) -> str:
-    path = find_profiler(session)
-    if path is None:
-        raise ProfilerMissing(missing_profiler_message(session))
-    return path
+class StageRow(NamedTuple):
+    name: str
+    count: int
+    total_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
 
-
-# ---- torch session ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class StageTable:
-    """Per-stage summary of one profiled stream: one row per documented stage that ran."""
-    rows: tuple[StageStat, ...]
+    """Per-stage times of one profiled stream: one row per stage that ran, in the order of ``RANGES``, and
+    the ``session`` range's total (the share column)."""
+    rows: tuple[StageRow, ...]
     session_ms: float
 
     @classmethod
-    def from_stats(cls, stats: Sequence[StageStat]) -> "StageTable":
-        order = {n: i for i, n in enumerate(range_names())}
-        rows = tuple(sorted(stats, key=lambda s: order.get(s.name, len(order))))
-        session = next((s.total_ms for s in rows if s.name == "session"), 0.0)
-        return cls(rows, session)
+    def from_records(cls, records: Sequence[StageRecord]) -> "StageTable":
+        ms: dict[str, list[float]] = {n: [] for n in RANGES}
+        for r in records:
+            ms[r.name].append(r.ms)
+        rows = tuple(StageRow(n, len(v), sum(v), sum(v) / len(v), min(v), max(v)) for n, v in ms.items() if v)
+        return cls(rows, sum(ms["session"]))
 
-    def render(self) -> str:
+    def __str__(self) -> str:
         head = f"{'stage':<14}{'count':>7}{'total ms':>12}{'mean ms':>11}{'min ms':>10}{'max ms':>10}{'% session':>11}"
         lines = [head, "-" * len(head)]
-        for r in self.rows:
-            share = f"{100 * r.total_ms / self.session_ms:.1f}" if self.session_ms > 0 else "-"
-            lines.append(f"{r.name:<14}{r.count:>7}{r.total_ms:>12.3f}{r.mean_ms:>11.3f}"
-                         f"{r.min_ms:>10.3f}{r.max_ms:>10.3f}{share:>11}")
+        for name, count, *times in self.rows:
+            share = f"{100 * times[0] / self.session_ms:.1f}" if self.session_ms > 0 else "-"
+            lines.append(f"{name:<14}{count:>7}" + "".join(f"{t:>{w}.3f}" for t, w in zip(times, (12, 11, 10, 10)))
+                         + f"{share:>11}")
         return "\n".join(lines)
 
-    __str__ = render
 
-    def to_dict(self) -> dict:
-        return {"session_ms": self.session_ms,
-                "stages": [{f.name: getattr(r, f.name) for f in fields(r)} for r in self.rows]}
-
-
-def run_with_warmup(run_fn: Callable[[], object], warmup_runs: int) -> object:
-    """Run ``warmup_runs`` streams with every range suppressed, then the one that is profiled."""
-    for _ in range(warmup_runs):
-        with suppressed():
-            run_fn()
-    return run_fn()
-
-
-def _annotate_trace(path: Path, records) -> None:
-    """Add block / step / payload args to our ranges in the Chrome trace: record_function carries only
-    the name, and the n-th trace event of a name is the n-th timed stage of that name."""
-    with open(path) as fh:
-        trace = json.load(fh)
-    by_name: dict[str, list] = {}
-    for r in records:
-        by_name.setdefault(r.name, []).append(r)
+def _annotate_trace(path: Path, records: Sequence[StageRecord]) -> None:
+    """Write block / step / payload into our ranges' trace events (record_function carries the name only):
+    the n-th event of a name, in time order, is the n-th timed stage of that name."""
+    trace = json.loads(path.read_text())
     for cat in ("user_annotation", "gpu_user_annotation"):
-        events: dict[str, list[dict]] = {}
-        for e in trace.get("traceEvents", []):
-            if e.get("cat") == cat and e.get("name") in by_name:
-                events.setdefault(e["name"], []).append(e)
-        for name, evs in events.items():
-            evs.sort(key=lambda e: e.get("ts", 0))
-            for e, r in zip(evs, by_name[name]):
+        events = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == cat and e.get("name") in RANGES),
+                        key=lambda e: e.get("ts", 0))
+        for name in RANGES:
+            stages = [r for r in records if r.name == name]
+            for e, r in zip((e for e in events if e["name"] == name), stages):
                 if r.block is not None:
-                    e.setdefault("args", {}).update(
-                        block=r.block, payload=encode_payload(r.block, r.step),
-                        **({} if r.step is None else {"step": r.step}))
+                    step = {} if r.step is None else {"step": r.step}
+                    e.setdefault("args", {}).update(block=r.block, payload=encode_payload(r.block, r.step), **step)
     trace.setdefault("otherData", {})["hallolive_rt_domain"] = DOMAIN
-    with open(path, "w") as fh:
-        json.dump(trace, fh)
+    path.write_text(json.dumps(trace))
 
 
 def run_torch_session(run_fn: Callable[[], object], out_dir: str | Path, *, warmup_runs: int = 0,
                       device: torch.device | str | None = None,
                       name: str = "hallolive-rt-torch") -> tuple[Path, StageTable]:
-    """Run ``run_fn`` (one stream) under the PyTorch profiler after ``warmup_runs`` silent runs.
+    """Run ``run_fn`` (one stream) ``warmup_runs`` times silently, then once under the PyTorch profiler.
 
-    Returns the Chrome/Perfetto trace path (``out_dir/<name>.json``, the same range names as NVTX,
-    with block/step args) and the per-stage table, timed with CUDA events on GPU (perf_counter on
-    CPU) while the profiler records, so the table includes the profiler's own overhead."""
+    Returns the Chrome/Perfetto trace ``out_dir/<name>.json`` (our range names, with block/step args) and
+    the per-stage table, timed by the stage timer while the profiler records (its overhead included)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     timer = StageTimer(device if device is not None else ("cuda" if cuda else "cpu"))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for _ in range(warmup_runs):
         with suppressed():
             run_fn()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         with timer:
             run_fn()
         if cuda:
@@ -367,4 +233,4 @@ def run_torch_session(run_fn: Callable[[], object], out_dir: str | Path, *, warm
     prof.export_chrome_trace(str(trace))
     records = timer.records()
     _annotate_trace(trace, records)
-    return trace, StageTable.from_stats(timer.summary())
+    return trace, StageTable.from_records(records)

@@ -1,19 +1,18 @@
-"""NVTX ranges proven with a real NVTX tool: a small injection library (tests/nvtx_inject/), built here
-with the system C compiler and loaded through NVTX's documented NVTX_INJECTION64_PATH mechanism,
-records every push/pop of the process; the recorded tree must equal the tree documented in
-hallolive_rt/nvtx.py (names, nesting, categories, payloads). Also: free when off.
-
-To prove the real stream instead of the synthetic loop, pass its argv to ``record_ranges``, e.g.
-``record_ranges([sys.executable, "-m", "hallolive_rt.cli", "stream", "--preset", "tiny", "--blocks", "2"], lib, tmp)``.
-"""
+"""Stage ranges proven with a real NVTX tool: a small injection library (tests/nvtx_inject/), built here with
+the system C compiler and loaded through NVTX's NVTX_INJECTION64_PATH, records every push and pop of the
+process, and the recorded tree (names, nesting, categories, payloads) must be the one a stream of BLOCKS
+blocks of STEPS steps is specified to emit; also the torch.cuda.nvtx client, the stage timer, and a
+``stage()`` that costs nothing when off."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import timeit
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,15 +23,24 @@ import torch
 from hallolive_rt import nvtx as hn
 
 REPO = Path(__file__).resolve().parents[1]
-INJECT_SRC = REPO / "tests" / "nvtx_inject" / "record_ranges.c"
 BLOCKS, STEPS = 2, 4
-EXPECTED_TREE = hn.expected_tree(BLOCKS, STEPS)
+DECODE = ("vae/video", "vae/audio", "dit/context", "io/write")  # after a block's steps, in this order
+
+
+def expected_tree(blocks: int = BLOCKS, steps: int = STEPS) -> list[tuple]:
+    """The ranges of one stream on the loop's thread: ``(name, category, payload or None, children)``."""
+    def block(b):
+        kids = [("dit/step", "dit", b * 1000 + k, []) for k in range(steps)]
+        return ("block", "block", b * 1000, kids + [(n, n.split("/")[0], b * 1000, []) for n in DECODE])
+    return [("text/encode", "text", None, []), ("session", "session", None, [block(b) for b in range(blocks)])]
+
+
+EXPECTED_TREE = expected_tree()
 
 
 def synthetic_stream(blocks: int = BLOCKS, steps: int = STEPS) -> None:
-    """A stand-in for the streaming loop with exactly the documented stages (tiny tensor work inside)."""
-    stage = hn.stage
-    x = torch.ones(4, 4)
+    """A stand-in for the streaming loop with exactly its stages (tiny tensor work inside)."""
+    stage, x = hn.stage, torch.ones(4, 4)
     with stage("text/encode"):
         ctx = x @ x
     with stage("session"):
@@ -41,17 +49,33 @@ def synthetic_stream(blocks: int = BLOCKS, steps: int = STEPS) -> None:
                 for k in range(steps):
                     with stage("dit/step", block=b, step=k):
                         y = torch.tanh(ctx @ x)
-                with stage("vae/video", block=b):
-                    torch.nn.functional.conv2d(y[None, None], torch.ones(1, 1, 3, 3), padding=1)
-                with stage("vae/audio", block=b):
-                    torch.relu(y)
-                with stage("dit/context", block=b):
-                    ctx = ctx + 0.5 * y
-                with stage("io/write", block=b):
-                    y.sum()
+                for name in DECODE:
+                    with stage(name, block=b):
+                        ctx = ctx + 0.5 * y
 
 
-# ---- the recording harness ----------------------------------------------------------------------
+def _names(tree) -> list[str]:
+    return [n for node in tree for n in [node[0], *_names(node[3])]]
+
+
+def test_ranges_table_is_the_specified_tree_and_names_every_stage_in_use():
+    def walk(nodes, parent):
+        for name, _, payload, kids in nodes:
+            fields = () if payload is None else ("block", "step") if name == "dit/step" else ("block",)
+            assert hn.RANGES[name] == (parent, fields), name
+            walk(kids, name)
+
+    walk(EXPECTED_TREE, None)
+    assert list(hn.RANGES) == list(dict.fromkeys(_names(EXPECTED_TREE)))
+    used = {m for p in [*REPO.glob("runtime/**/*.py"), *REPO.glob("hallolive_rt/**/*.py")]
+            for m in re.findall(r'\bstage\("([^"]+)"', p.read_text())}
+    assert used and used <= set(hn.RANGES), used - set(hn.RANGES)
+    assert hn.encode_payload(3, 2) == 3002 and hn.encode_payload(3) == 3000
+    with pytest.raises(ValueError):
+        hn.encode_payload(1, 1000)
+
+
+# ---- under a real NVTX tool ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def inject_lib(tmp_path_factory) -> Path:
@@ -62,37 +86,33 @@ def inject_lib(tmp_path_factory) -> Path:
         pytest.skip("no system C compiler `cc` to build the NVTX injection library")
     lib = tmp_path_factory.mktemp("nvtx_inject") / "librecord_ranges.so"
     subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(lib),
-                    str(INJECT_SRC), "-lpthread"], check=True, capture_output=True, text=True)
+                    str(REPO / "tests" / "nvtx_inject" / "record_ranges.c"), "-lpthread"], check=True)
     return lib
 
 
 def parse_records(path: Path, domain: str = hn.DOMAIN) -> tuple[list[tuple], dict[int, str]]:
-    """Recorded events -> (roots of the range forest of ``domain``, {category id: name}).
-
-    Nodes are ``(name, category name, payload or None, children)``, children in push order; threads
-    are kept apart (each has its own NVTX stack) and their roots listed in order of first push."""
+    """Recorded events -> (the range forest of ``domain``, {category id: name}); each thread keeps its own
+    NVTX stack, and roots are listed in order of first push."""
     categories: dict[int, str] = {}
     stacks: dict[str, list[list]] = {}
     roots: list[list] = []
-    pushes: list[list] = []
     for line in path.read_text().splitlines():
         f = line.split("\t")
-        if f[0] == "category" and f[1] == domain:
+        if len(f) < 2 or f[1] != domain:
+            continue
+        if f[0] == "category":
             categories[int(f[2])] = f[3]
-        elif f[0] == "push" and f[1] == domain:
+        elif f[0] == "push":
             _, _, tid, name, cat, ptype, pval = f
-            payload = None if ptype == "none" else int(pval)
             assert ptype in ("none", "i64"), f"unexpected payload type {ptype} on {name}"
-            node = [name, int(cat), payload, []]
-            pushes.append(node)
+            node = [name, int(cat), None if ptype == "none" else int(pval), []]
             stack = stacks.setdefault(tid, [])
             (stack[-1][3] if stack else roots).append(node)
             stack.append(node)
-        elif f[0] == "pop" and f[1] == domain:
+        elif f[0] == "pop":
             assert stacks.get(f[2]), f"pop without a push on thread {f[2]}"
             stacks[f[2]].pop()
-    open_ranges = {t: [n[0] for n in s] for t, s in stacks.items() if s}
-    assert not open_ranges, f"ranges never popped: {open_ranges}"
+    assert not any(stacks.values()), f"ranges never popped: {stacks}"
 
     def freeze(n):
         return (n[0], categories.get(n[1], f"<unnamed {n[1]}>"), n[2], [freeze(c) for c in n[3]])
@@ -101,8 +121,7 @@ def parse_records(path: Path, domain: str = hn.DOMAIN) -> tuple[list[tuple], dic
 
 
 def record_ranges(program: str | list[str], lib: Path, tmp_path: Path, env: dict | None = None):
-    """Run ``program`` (Python source, or a full argv) with the injection library attached and return
-    ``parse_records`` of what it recorded."""
+    """Run ``program`` (Python source, or an argv) with the tool attached; ``parse_records`` of what it saw."""
     rec = tmp_path / "nvtx_events.tsv"
     argv = [sys.executable, "-c", program] if isinstance(program, str) else list(program)
     full_env = {k: v for k, v in os.environ.items() if k != "HALLOLIVE_NVTX"}
@@ -114,143 +133,95 @@ def record_ranges(program: str | list[str], lib: Path, tmp_path: Path, env: dict
     return parse_records(rec)
 
 
-def _names(tree) -> list[str]:
-    return [n for node in tree for n in [node[0], *_names(node[3])]]
-
-
-# ---- the documented tree ------------------------------------------------------------------------
-
-def test_documented_tree_has_the_required_stages():
-    names = hn.range_names()
-    for required in ("session", "block", "text/encode", "dit/step", "dit/context", "vae/video",
-                     "vae/audio", "io/write"):
-        assert required in names
-    roots = hn.documented_tree()
-    assert [r.name for r in roots] == ["text/encode", "session"]
-    block = next(c for c in roots[1].children if c.name == "block")
-    assert [c.name for c in block.children] == ["dit/step", "vae/video", "vae/audio", "dit/context", "io/write"]
-    assert _names(EXPECTED_TREE).count("dit/step") == BLOCKS * STEPS
-    assert _names(EXPECTED_TREE).count("block") == BLOCKS
-
-
-def test_payload_encoding_roundtrips():
-    for b in (0, 1, 7, 123):
-        for s in (None, 0, 3, 999):
-            assert hn.decode_payload(hn.encode_payload(b, s)) == (b, s or 0)
-    assert hn.encode_payload(3, 2) == 3002
-    with pytest.raises(ValueError):
-        hn.encode_payload(1, 1000)
-
-
 def _stream_argv(tmp_path, *extra):
     return [sys.executable, "-m", "hallolive_rt.cli", "stream", "--preset", "tiny", "--blocks", str(BLOCKS),
             "--out", str(tmp_path / "s.mp4"), "--kv-impl", "torch", *extra]
 
 
-def test_real_tiny_stream_emits_the_documented_tree(inject_lib, tmp_path):
+def test_real_tiny_stream_emits_the_tree(inject_lib, tmp_path):
     """`hallolive-rt stream` itself (2 tiny blocks, decode on the loop's thread) under an NVTX tool."""
     tree, categories = record_ranges(_stream_argv(tmp_path, "--no-overlap"), inject_lib, tmp_path)
     assert sorted(categories.values()) == sorted(["session", "text", "block", "dit", "vae", "io"])
-    if tree != EXPECTED_TREE:
-        pytest.fail(f"recorded NVTX tree differs from the documented one:\nrecorded {tree}\nexpected {EXPECTED_TREE}")
+    assert tree == EXPECTED_TREE, f"recorded {tree}\nexpected {EXPECTED_TREE}"
 
 
 def test_real_stream_with_overlap_keeps_decode_ranges_on_their_threads(inject_lib, tmp_path):
-    """With overlap the decoders and the writer run on their own threads: their ranges become roots
-    there (NVTX nests per thread) with the same names and block payloads; the loop's tree keeps the rest."""
+    """With overlap the decoders and the writer run on their own threads: their ranges are roots there (NVTX
+    nests per thread) with the same names and block payloads; the loop's tree keeps the rest."""
     tree, _ = record_ranges(_stream_argv(tmp_path), inject_lib, tmp_path)
     off_loop = {"vae/video", "vae/audio", "io/write"}
 
     def prune(nodes):
         return [(n, c, p, prune(k)) for n, c, p, k in nodes if n not in off_loop]
 
-    main = [n for n in tree if n[0] not in off_loop]
-    assert main == prune(EXPECTED_TREE)
+    assert [n for n in tree if n[0] not in off_loop] == prune(EXPECTED_TREE)
     others = sorted((n[0], n[2]) for n in tree if n[0] in off_loop)
-    assert others == sorted((name, hn.encode_payload(b)) for b in range(BLOCKS) for name in off_loop)
+    assert others == sorted((name, b * 1000) for b in range(BLOCKS) for name in off_loop)
     assert all(not n[3] for n in tree if n[0] in off_loop)
 
 
-def test_injected_tool_records_the_documented_tree(inject_lib, tmp_path):
-    program = f"from tests.test_nvtx import synthetic_stream; synthetic_stream({BLOCKS}, {STEPS})"
+def test_synthetic_stream_under_the_tool_and_warmup_under_suppressed_is_invisible(inject_lib, tmp_path):
+    # What the nsys capture range relies on: the first `session` the tool sees is the profiled one.
+    program = ("from hallolive_rt.nvtx import suppressed\nfrom tests.test_nvtx import synthetic_stream\n"
+               "with suppressed():\n    synthetic_stream()\nsynthetic_stream()\n")
     tree, categories = record_ranges(program, inject_lib, tmp_path)
     assert sorted(categories.values()) == sorted(["session", "text", "block", "dit", "vae", "io"])
-    if tree != EXPECTED_TREE:
-        pytest.fail(f"recorded NVTX tree differs from the documented one:\nrecorded {tree}\nexpected {EXPECTED_TREE}")
-
-
-def test_warmup_under_suppressed_is_invisible(inject_lib, tmp_path):
-    # What the nsys capture range relies on: the first `session` the tool sees is the profiled one.
-    program = ("from tests.test_nvtx import synthetic_stream\n"
-               "from hallolive_rt.runtime.profiling import run_with_warmup\n"
-               f"run_with_warmup(lambda: synthetic_stream({BLOCKS}, {STEPS}), 2)\n")
-    tree, _ = record_ranges(program, inject_lib, tmp_path)
     assert tree == EXPECTED_TREE
 
 
 def test_env_switch_silences_ranges_under_a_tool(inject_lib, tmp_path):
     program = "from tests.test_nvtx import synthetic_stream; synthetic_stream(1, 1)"
-    tree, _ = record_ranges(program, inject_lib, tmp_path, env={"HALLOLIVE_NVTX": "0"})
-    assert tree == []
+    assert record_ranges(program, inject_lib, tmp_path, env={"HALLOLIVE_NVTX": "0"})[0] == []
 
 
-# ---- without the `nvtx` package (the GPU image lacks it) ----------------------------------------
+# ---- without the `nvtx` package -----------------------------------------------------------------
 
-def _run_without_nvtx_package(code: str, env: dict | None = None) -> str:
-    """Run ``code`` in a fresh interpreter where ``import nvtx`` fails; returns its stdout."""
+def _run_without_nvtx_package(code: str, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter where ``import nvtx`` fails; the JSON of its last line."""
     prog = "import sys\nsys.modules['nvtx'] = None\n" + code
     full_env = {k: v for k, v in os.environ.items() if k not in ("HALLOLIVE_NVTX", "NVTX_INJECTION64_PATH")}
     full_env.update(OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-c", prog], env=full_env, cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_without_the_package_ranges_fall_back_and_the_runtime_imports():
-    out = _run_without_nvtx_package(
-        "import json, torch\n"
-        "from hallolive_rt import nvtx as hn\n"
+def test_without_the_package_the_runtime_imports_and_timing_works():
+    info = _run_without_nvtx_package(
+        "import json, torch\nfrom hallolive_rt import nvtx as hn\n"
         "import hallolive_rt.runtime.session, hallolive_rt.runtime.decode_pipeline, hallolive_rt.runtime.bench\n"
         "from tests.test_nvtx import synthetic_stream\n"
-        "timer = hn.StageTimer()\n"
-        "with timer:\n"
-        "    synthetic_stream(2, 4)\n"
+        "with hn.StageTimer() as timer:\n    synthetic_stream()\n"
         "print(json.dumps({**hn.describe(), 'stages': [r.name for r in timer.records()],\n"
         "                  'cuda_torch': hasattr(torch._C, '_nvtx')}))\n")
-    info = json.loads(out.strip().splitlines()[-1])
     assert info["backend"] == ("torch.cuda.nvtx" if info["cuda_torch"] else "none")
-    assert "`nvtx` package is not installed" in info["fallback_reason"]
-    assert info["categories"] is False and info["payloads"] is False and info["enabled"] is False
-    assert info["stages"] == _names(EXPECTED_TREE), "timing works without any NVTX client"
+    assert info["enabled"] is False and info["domain"] is None
+    assert info["stages"] == _names(EXPECTED_TREE)
 
 
-def test_torch_nvtx_fallback_pushes_the_bare_stage_names_under_a_tool():
-    """With a tool named in NVTX_INJECTION64_PATH, the torch.cuda.nvtx client pushes/pops each stage by
-    its bare name (default domain); torch's NVTX entry points are replaced by a recorder here."""
-    out = _run_without_nvtx_package(
-        "import json, torch, torch.cuda.nvtx as tn\n"
-        "calls = []\n"
+def test_torch_nvtx_client_pushes_the_bare_stage_names_under_a_tool():
+    """With a tool named in NVTX_INJECTION64_PATH, torch.cuda.nvtx pushes/pops each stage by its bare name;
+    torch's NVTX entry points are replaced by a recorder here."""
+    info = _run_without_nvtx_package(
+        "import json, torch, torch.cuda.nvtx as tn\ncalls = []\n"
         "class Rec:\n"
         "    def rangePushA(self, msg): calls.append(('push', msg)); return 0\n"
         "    def rangePop(self): calls.append(('pop', None)); return 0\n"
         "torch._C._nvtx = tn._nvtx = Rec()\n"
-        "from hallolive_rt import nvtx as hn\n"
-        "from tests.test_nvtx import synthetic_stream\n"
-        "synthetic_stream(2, 4)\n"
-        "print(json.dumps({**hn.describe(), 'calls': calls}))\n",
+        "from hallolive_rt import nvtx as hn\nfrom tests.test_nvtx import synthetic_stream\n"
+        "synthetic_stream()\nprint(json.dumps({**hn.describe(), 'calls': calls}))\n",
         env={"NVTX_INJECTION64_PATH": "/nonexistent/libtool.so"})
-    info = json.loads(out.strip().splitlines()[-1])
     assert info["backend"] == "torch.cuda.nvtx" and info["tool_attached"] and info["enabled"]
     pushes = [m for op, m in info["calls"] if op == "push"]
     assert pushes == _names(EXPECTED_TREE)
     assert sum(op == "pop" for op, _ in info["calls"]) == len(pushes)
 
 
-# ---- free when off ------------------------------------------------------------------------------
+# ---- off, refused, timed ------------------------------------------------------------------------
 
 def test_stage_is_free_when_off():
-    if hn.nvtx_enabled():
+    if hn.describe()["enabled"]:
         pytest.skip("an NVTX tool is attached to the test process")
     assert hn.stage("dit/step", block=1, step=2) is hn._OFF
 
@@ -268,14 +239,12 @@ def test_stage_is_free_when_off():
     t_stage = min(timeit.repeat(with_stage, number=n, repeat=7)) / n
     t_null = min(timeit.repeat(with_null, number=n, repeat=7)) / n
     print(f"stage() off: {t_stage * 1e9:.0f} ns per enter/exit; nullcontext: {t_null * 1e9:.0f} ns")
-    assert t_stage < 2e-6, f"stage() costs {t_stage * 1e9:.0f} ns when off"
-    # relative to a bare context manager (robust on a loaded machine): under 1 us of extra work
-    assert t_stage - t_null < 1e-6, f"stage() {t_stage * 1e9:.0f} ns vs nullcontext {t_null * 1e9:.0f} ns"
+    assert t_stage < 2e-6 and t_stage - t_null < 1e-6, f"stage() {t_stage * 1e9:.0f} ns, null {t_null * 1e9:.0f} ns"
 
 
-def test_undocumented_or_mismatched_stage_is_refused_when_on():
+def test_unknown_or_mismatched_stage_is_refused_when_on():
     with hn.StageTimer():
-        with pytest.raises(KeyError, match="not in the documented range tree"):
+        with pytest.raises(KeyError, match="not in hallolive_rt.nvtx.RANGES"):
             hn.stage("dit/stepp", block=0, step=0)
         with pytest.raises(ValueError, match="takes block, step"):
             hn.stage("dit/step", block=0)
@@ -284,18 +253,19 @@ def test_undocumented_or_mismatched_stage_is_refused_when_on():
 
 
 def test_stage_timer_times_every_stage_on_cpu():
-    timer = hn.StageTimer("cpu")
-    with timer:
-        synthetic_stream(BLOCKS, STEPS)
-    with hn.stage("session"):      # not timed: the timer is uninstalled
+    with hn.StageTimer("cpu") as timer:
+        synthetic_stream()
+        with hn.stage("io/write", block=9):
+            time.sleep(0.02)
+    with hn.stage("session"):  # not timed: the timer is uninstalled
         pass
     recs = timer.records()
-    assert [r.name for r in recs] == _names(EXPECTED_TREE)
-    assert all(r.ms >= 0 for r in recs)
-    stats = {s.name: s for s in timer.summary()}
-    assert stats["dit/step"].count == BLOCKS * STEPS and stats["block"].count == BLOCKS
-    # nesting: a parent lasts at least as long as the sum of its children
-    assert stats["session"].total_ms >= stats["block"].total_ms
+    assert [r.name for r in recs] == _names(EXPECTED_TREE) + ["io/write"]
+    assert [(r.block, r.step) for r in recs if r.name == "dit/step"] == [(b, k) for b in range(BLOCKS)
+                                                                          for k in range(STEPS)]
+    assert recs[-1].block == 9 and 20 <= recs[-1].ms < 2000, recs[-1]
+    session = next(r.ms for r in recs if r.name == "session")
+    assert session >= sum(r.ms for r in recs if r.name == "block") > 0  # a parent outlasts its children
     with hn.suppressed(), timer:
         synthetic_stream(1, 1)
     assert len(timer.records()) == len(recs)
@@ -311,7 +281,7 @@ def test_stage_timer_uses_cuda_events_and_skips_graph_capture():
             y = x @ x
         torch.cuda.synchronize()
         with torch.cuda.graph(g):
-            with hn.stage("dit/step", block=0, step=1):      # inside capture: not timed
+            with hn.stage("dit/step", block=0, step=1):  # inside capture: not timed
                 y = x @ x
     recs = timer.records()
     assert [(r.name, r.step) for r in recs] == [("dit/step", 0)] and recs[0].ms > 0

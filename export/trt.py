@@ -1,26 +1,24 @@
-"""TensorRT plans from the exported ONNX graphs, with the TensorRT Python API (no trtexec).
-
-UNVERIFIED HERE: TensorRT cannot be installed in this workplace, so this file is written against the
-TensorRT 10 Python API and has never run. The import is optional; without TensorRT every entry point
-raises ``TensorRTMissing`` saying how to install it.
-
-Precision comes from one enum (``--precision fp32|bf16|fp16|fp8``) and is already in the ONNX graph:
-it is exported in that dtype, with the explicit float32 islands of the model (norm statistics, RoPE,
-the time embedding) as Cast nodes. The network is therefore built STRONGLY_TYPED: TensorRT keeps the
-graph's types instead of choosing per layer, so a bf16 plan computes what the bf16 eager model does.
-fp8 needs explicit Q/DQ nodes (TensorRT has no implicit FP8 calibration): the exporter writes them into
-the DiT graph (``fp8.py``, ``fp8_graph.py``); a graph without QuantizeLinear/DequantizeLinear is refused.
-
-The timing cache (``timing.cache`` beside the plans) is loaded before and saved after every build, so
-re-building a variant or a sibling variant reuses the kernel timings.
-"""
+"""TensorRT plans from the exported ONNX graphs, with the TensorRT Python API (no trtexec), for TensorRT 11
+(and 10). UNVERIFIED: no TensorRT plan has been built with this code (TensorRT was not installable where it
+was written and tested); tests/test_trt_api.py checks that every TensorRT name it uses exists in the 11.x
+bindings. The
+network is strongly typed (the only kind TensorRT 11 builds; on 10 the STRONGLY_TYPED creation flag asks
+for it): precision comes from one enum (``--precision fp32|bf16|fp16|fp8``) and is already in the ONNX
+graph, exported in that dtype with the model's float32 islands (norm statistics, RoPE, the time embedding)
+as Cast nodes, so a bf16 plan computes what the bf16 eager model does; there are no precision builder flags.
+fp8 needs explicit Q/DQ nodes, which the exporter writes into the DiT graph (``fp8.py``, ``fp8_graph.py``);
+a graph without QuantizeLinear/DequantizeLinear is refused. The timing cache (``timing.cache`` beside the
+plans) is loaded before and saved after every build, so a rebuilt or sibling variant reuses kernel timings.
+Without TensorRT every entry point raises ``TensorRTMissing`` saying how to install it."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["TensorRTMissing", "require_tensorrt", "build_engine", "trt_version"]
+__all__ = ["REQUIREMENT", "TensorRTMissing", "require_tensorrt", "build_engine", "trt_version"]
+
+REQUIREMENT = "tensorrt>=10,<12"  # the versions whose API this code uses (pyproject's tensorrt extra)
 
 
 class TensorRTMissing(RuntimeError):
@@ -31,13 +29,17 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TensorRTMissing("TensorRT is not installed: pip install 'tensorrt>=10' (or the hallolive-rt[tensorrt] "
+        raise TensorRTMissing(f"TensorRT is not installed: pip install '{REQUIREMENT}' (or the hallolive-rt[tensorrt] "
                               f"extra) on a machine with an NVIDIA GPU ({e})") from e
+    major = int(trt.__version__.split(".")[0])
+    if major not in (10, 11):
+        raise TensorRTMissing(f"TensorRT {trt.__version__} is installed; this code is written for '{REQUIREMENT}'")
     return trt
 
 
 def trt_version() -> str:
-    return require_tensorrt().__version__
+    trt = require_tensorrt()
+    return trt.__version__
 
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, precision: str, *,
@@ -52,8 +54,9 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, pre
             raise ValueError(f"{onnx_path}: fp8 plans need an explicitly quantized graph (Q/DQ nodes); none found")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    # TensorRT 11 types every network strongly (its STRONGLY_TYPED flag is deprecated and ignored); 10 needs the flag.
+    strong = 0 if trt.__version__.startswith("11.") else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(strong)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

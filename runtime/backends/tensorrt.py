@@ -1,13 +1,11 @@
-"""The ``tensorrt`` backend: DiT plans built by ``hallolive-rt export --format tensorrt``.
-
-UNVERIFIED HERE (no TensorRT in this workplace): written against the TensorRT 10 Python API.
-
-Tensors are bound by address (``set_tensor_address``) and run with ``execute_async_v3`` on the current
-CUDA stream. TensorRT engines are functional: the caches are inputs and ``<cache>_out`` outputs, and an
-output may not alias an input, so the updated caches land in one set of scratch buffers (shared by all
-variants: same shapes) and are copied back into ``stream.state`` after each step - one device copy of
-the four caches per forward. Flow outputs are static buffers owned by the backend.
-"""
+"""The ``tensorrt`` backend: DiT plans built by ``hallolive-rt export --format tensorrt``, for TensorRT 11 (and
+10). UNVERIFIED: no TensorRT plan has been built or run with this code (TensorRT was not installable where it
+was written and tested); tests/test_trt_api.py checks that every TensorRT name it uses exists in the 11.x
+bindings. Tensors are bound by address (``set_tensor_address``) and run with ``execute_async_v3`` on the
+current CUDA stream. TensorRT engines are functional: the caches are inputs and ``<cache>_out`` outputs, and
+an output may not alias an input, so the updated caches land in one set of scratch buffers (shared by all
+variants: same shapes) and are copied back into ``stream.state`` after each step - one device copy of the
+four caches per forward. Flow outputs are static buffers owned by the backend."""
 
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ import torch
 
 from hallolive_rt.cache_policy import BlockPlan
 from hallolive_rt.export.contracts import DIT_CACHES, dit_variant_name
+from hallolive_rt.export.trt import TensorRTMissing, require_tensorrt
 
 from .artifacts import ArtifactBackend
 from .base import BackendUnavailable, distinct_variants, variant_name
@@ -28,9 +27,9 @@ class TensorRTBackend(ArtifactBackend):
 
     def __init__(self, artifact_dir=None, weights_id=None):
         try:
-            import tensorrt as trt
-        except ImportError as e:
-            raise BackendUnavailable(f"TensorRT is not installed (pip install 'tensorrt>=10'): {e}") from e
+            trt = require_tensorrt()
+        except TensorRTMissing as e:
+            raise BackendUnavailable(str(e)) from e
         super().__init__(artifact_dir, weights_id)
         self.trt = trt
         self.engines: dict[tuple[int, int], tuple] = {}

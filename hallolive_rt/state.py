@@ -98,3 +98,28 @@ class DiTState:
         """Zero every cache in place (a new stream on the same buffers; no reallocation)."""
         for t in self.tensors().values():
             t.zero_()
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """Static buffers of a streaming decoder (causal conv caches, frame memories) that its ``decode_frame``
+    writes in place; shapes never change, so a CUDA graph may capture them."""
+
+    buffers: tuple[torch.Tensor, ...]
+
+    def reset(self) -> None:
+        for buf in self.buffers:
+            buf.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(b.shape) for b in self.buffers]
+
+    def with_layout(self, memory_format: torch.memory_format):
+        """The same buffers in ``memory_format`` (channels_last_3d means channels_last for 4-D buffers)."""
+        def fmt(b):
+            return torch.channels_last if b.dim() == 4 and memory_format == torch.channels_last_3d else memory_format
+        return type(self)(tuple(b.contiguous(memory_format=fmt(b)) for b in self.buffers))

@@ -9,7 +9,6 @@ the encoder is ignored); the two expect different latents, so the variant is alw
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hallolive_rt.model import vae_video
+from hallolive_rt.model.vae_video import latent_stats
+from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
 __all__ = [
@@ -53,12 +53,6 @@ _DENORMALISED = {"taew2_2": False, "lighttaew2_2": True}  # does the variant exp
 _LAYOUT_KEY = re.compile(r"^decoder\.\d+\.")
 
 
-def _latent_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The Wan2.2 latent (mean, std), from the statistics file the full decoder reads."""
-    data = json.loads(vae_video._STATS_FILE.read_text())
-    return tuple(data["mean"]), tuple(data["std"])
-
-
 @dataclass(frozen=True)
 class TinyDecoderConfig:
     """Shape parameters of the released Wan2.2 TAEHV decoder; ``widths`` shrinks it for tests."""
@@ -81,30 +75,12 @@ class TinyDecoderConfig:
         return self.temporal_factor * latent_frames - (self.temporal_factor - 1 if first else 0)
 
 
-@dataclass(frozen=True)
-class TinyDecodeState:
-    """``memory[k]`` [B, C_k, H_k, W_k]: MemBlock ``k``'s input at the previous frame of its own frame rate.
-
-    Shapes never change; the runtime owns the object and ``decode_frame`` updates it in place.
-    """
-
-    memory: tuple[torch.Tensor, ...]
-
-    def reset(self) -> None:
-        for buf in self.memory:
-            buf.zero_()
+class TinyDecodeState(DecoderState):
+    """``memory[k]`` [B, C_k, H_k, W_k]: MemBlock ``k``'s input at the previous frame of its own frame rate."""
 
     @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.memory)
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(b.shape) for b in self.memory]
-
-    def with_layout(self, memory_format: torch.memory_format) -> "TinyDecodeState":
-        """The same memory in ``memory_format``; the 5-D channels_last_3d means channels_last here (4-D)."""
-        fmt = torch.channels_last if memory_format == torch.channels_last_3d else memory_format
-        return TinyDecodeState(tuple(b.contiguous(memory_format=fmt) for b in self.memory))
+    def memory(self) -> tuple[torch.Tensor, ...]:
+        return self.buffers
 
 
 class _SoftClamp(nn.Module):
@@ -166,7 +142,7 @@ class TinyVideoDecoder(nn.Module):
                              f"(taew2_2 decodes the DiT latent as is, lighttaew2_2 expects z * std + mean)")
         self.cfg, self.variant = cfg, variant
         self.denormalise = _DENORMALISED[variant]
-        self._stats = _latent_stats()
+        self._stats = latent_stats()
         if len(self._stats[0]) != cfg.z_dim:
             raise ValueError(f"z_dim {cfg.z_dim}: the Wan2.2 latent statistics have {len(self._stats[0])} channels")
         self.decoder = nn.Sequential(*_decoder_layers(cfg))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d
+from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
 __all__ = [
@@ -44,6 +45,12 @@ __all__ = [
 ]
 
 _STATS_FILE = Path(__file__).with_name("wan22_latent_stats.json")
+
+
+def latent_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The Wan2.2 latent (mean, std) as float constants (wan22_latent_stats.json)."""
+    data = json.loads(_STATS_FILE.read_text())
+    return tuple(data["mean"]), tuple(data["std"])
 STATS_MODES = ("release", "fp32")  # dtype of the latent statistics and of the de-normalisation (module doc)
 _KEEP_PREFIXES = ("decoder.", "conv2.")
 
@@ -90,30 +97,13 @@ class WanVAEConfig:
         return self.temporal_factor * latent_frames - (self.temporal_factor - 1 if first else 0)
 
 
-@dataclass(frozen=True)
-class VideoDecodeState:
-    """Causal history of the decoder: ``history[i]`` [B, C_i, 2, h_i, w_i] feeds cached conv ``i``.
-
-    Slots follow the release's call order (its ``feat_idx``). Shapes never change; the runtime owns
-    the object and ``decode_frame`` updates it in place.
-    """
-
-    history: tuple[torch.Tensor, ...]
-
-    def reset(self) -> None:
-        for buf in self.history:
-            buf.zero_()
+class VideoDecodeState(DecoderState):
+    """Causal history of the decoder: ``history[i]`` [B, C_i, 2, h_i, w_i] feeds cached conv ``i``, in the
+    release's call order (its ``feat_idx``)."""
 
     @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.history)
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(b.shape) for b in self.history]
-
-    def with_layout(self, memory_format: torch.memory_format) -> "VideoDecodeState":
-        """The same history in ``memory_format`` (channels_last_3d for cuDNN's NDHWC conv kernels)."""
-        return VideoDecodeState(tuple(b.contiguous(memory_format=memory_format) for b in self.history))
+    def history(self) -> tuple[torch.Tensor, ...]:
+        return self.buffers
 
 
 class _StaticHistory:
@@ -193,14 +183,14 @@ class WanVideoDecoder(nn.Module):
 
     def __init__(self, cfg: WanVAEConfig, stats: str = "release"):
         super().__init__()
-        data = json.loads(_STATS_FILE.read_text())
-        if cfg.z_dim != len(data["mean"]):
-            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(data['mean'])} channels")
+        mean, _ = latent_stats()
+        if cfg.z_dim != len(mean):
+            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(mean)} channels")
         if stats not in STATS_MODES:
             raise ValueError(f"stats {stats!r}: choose one of {', '.join(STATS_MODES)}")
         self.cfg = cfg
         self.stats = stats
-        self._stats = (tuple(data["mean"]), tuple(data["std"]))
+        self._stats = latent_stats()
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.temperal_upsample,
                                  out_channels=3 * cfg.patch_size**2)

@@ -4,8 +4,9 @@ context pass of block i and then block i+1.
     main thread (DiT device)      decode thread (VAE device)           writer thread (host)
     DiT block i: 4 steps --event--> copy stream: latents -> staging[i % 2]
     DiT block i: context pass       vae stream: wait copy; decode frame by frame;
-    DiT block i+1 ...               uint8 + D2H into pinned host slot;  wait frame 0 (first frame out),
-                                    audio decode + D2H; record events --> wait rest; copy out of pinned;
+    DiT block i+1 ...               uint8 + D2H into pinned host slot,  each latent frame once it is on the
+                                    frame by frame  ------------------> host: on_frames(FramesReady) (the
+                                    audio decode + D2H; record events   first frame leaves at once); then
                                                                          on_block(...) (io/write: MP4)
 The block is handed over unsealed (``submit(..., sealed=False)``) after its denoising steps, and sealed
 once its context pass has been issued: its DiT marks are final only then, so the writer (or, sequential,
@@ -50,7 +51,7 @@ from .clock import Clock
 from .placement import DECODE_STREAM_PRIORITY, DIT_STREAM_PRIORITY
 from .vae_runner import VideoDecodeOptions, make_video_runner
 
-__all__ = ["DecodedBlock", "DecodePipeline", "frames_to_uint8", "failing_as"]
+__all__ = ["DecodedBlock", "DecodePipeline", "FramesReady", "frames_to_uint8", "failing_as"]
 
 
 @contextlib.contextmanager
@@ -105,11 +106,50 @@ class _Job:
 
 @dataclass
 class _WriteJob:
+    """A block on its way to the host. The decode thread hands it to the writer before decoding (overlap
+    mode) and appends each latent frame's mark as that frame's pixels are queued for the host, so the
+    writer sends frame j as soon as it is there: the stream's first frame never waits for the block."""
+
     job: _Job
     hslot: int
-    n_frames: int
-    frame_marks: list
-    marks: dict
+    n_frames: int = 0
+    frame_marks: list = field(default_factory=list)
+    frame_ends: list = field(default_factory=list)  # host frame count after each latent frame
+    marks: dict = field(default_factory=dict)
+    error: BaseException | None = None
+    progress: threading.Condition = field(default_factory=threading.Condition)
+
+    def add_frame(self, mark, n_frames: int) -> None:
+        with self.progress:
+            self.frame_marks.append(mark)
+            self.frame_ends.append(n_frames)
+            self.progress.notify_all()
+
+    def fail(self, e: BaseException) -> None:
+        with self.progress:
+            self.error = e
+            self.progress.notify_all()
+
+    def done(self) -> None:
+        with self.progress:
+            self.marks["done"] = True
+            self.progress.notify_all()
+
+    def wait(self, ready) -> None:
+        with self.progress:
+            self.progress.wait_for(lambda: ready() or self.error is not None)
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
+class FramesReady:
+    """Frames of one latent frame on the host, handed to ``on_frames`` before their block is complete."""
+
+    block: int
+    latent_frame: int
+    frames: np.ndarray  # uint8 [n, H, W, 3]
+    ready_s: float  # when they reached the host (seconds since the stream's start)
 
 
 _STOP = object()
@@ -118,10 +158,11 @@ _STOP = object()
 class DecodePipeline:
     """Decodes committed blocks (video + streamed audio) behind the DiT; see the module docstring."""
 
-    def __init__(self, components, profile: Profile, *, overlap: bool = True, on_block=None,
+    def __init__(self, components, profile: Profile, *, overlap: bool = True, on_block=None, on_frames=None,
                  host_slots: int = 3, video_runner: VideoDecodeOptions | str | None = None):
         c = components
         self.p, self.overlap, self.on_block = profile, overlap, on_block
+        self.on_frames = on_frames  # FramesReady -> None, on the writer thread, frame by frame
         self.dit_dev, self.vae_dev = c.dit_device, c.vae_device  # canonical (load_components)
         self.cuda = self.vae_dev.type == "cuda"
         self.clock = Clock([self.dit_dev, self.vae_dev])
@@ -224,7 +265,9 @@ class DecodePipeline:
                 outbox.put(failed)
                 continue
             try:
-                outbox.put(fn(item))
+                out = fn(item)
+                if out is not None:  # None: the decode thread already handed the block to the writer
+                    outbox.put(out)
             except BaseException as e:  # surfaced on the main thread by ready()/finish()
                 outbox.put(e)
 
@@ -337,19 +380,35 @@ class DecodePipeline:
                     self.vae_stream.wait_event(job.copied)
                     return self._decode_on_stream(job, hslot)
             return self._decode_on_stream(job, hslot)
-        except BaseException:
-            self._free_hslots.put(hslot)  # a failed decode must not starve the next one of host slots
-            raise
         finally:
             self._slot_sem[job.slot].release()  # after slot_free was recorded (CUDA)
 
     @torch.no_grad()
-    def _decode_on_stream(self, job: _Job, hslot: int) -> _WriteJob:
+    def _decode_on_stream(self, job: _Job, hslot: int) -> _WriteJob | None:
+        w = _WriteJob(job, hslot)
+        if not self.overlap:
+            try:
+                self._fill(w)
+            except BaseException:
+                self._free_hslots.put(hslot)  # a failed decode must not starve the next one of host slots
+                raise
+            return w
+        self._write_q.put(w)  # the writer sends each frame as it arrives; it owns the host slot from here
+        try:
+            self._fill(w)
+        except BaseException as e:
+            w.fail(e)
+            raise
+        return None  # already with the writer
+
+    def _fill(self, w: _WriteJob) -> None:
+        job, hslot = w.job, w.hslot
         i, slot, clock = job.index, job.slot, self.clock
         z = self.st_video[slot].transpose(1, 2)  # [B, C, Fb, h, w]
         nb = self.cuda
-        marks = {"vae_start": clock.mark()}
-        frame_marks, off = [], 0
+        marks = w.marks
+        marks["vae_start"] = clock.mark()
+        off = 0
         with stage("vae/video", block=i), failing_as("vae_video"):
             for j in range(z.shape[2]):
                 x = self.vrunner.decode_frame(z[:, :, j:j + 1], job.first_block and j == 0)
@@ -357,8 +416,9 @@ class DecodePipeline:
                 n = u8.shape[0]
                 self.h_frames[hslot][off:off + n].copy_(u8, non_blocking=nb)
                 off += n
-                frame_marks.append(clock.mark())
-        marks["vae_video_end"] = frame_marks[-1]
+                w.add_frame(clock.mark(), off)
+        w.n_frames = off
+        marks["vae_video_end"] = w.frame_marks[-1]
         with stage("vae/audio", block=i), failing_as("vae_audio"):
             fut = self.st_future[slot] if job.has_future else None
             wav = self.adec.step(self.astate, self.st_audio[slot], fut)  # [B, S] float32
@@ -366,7 +426,7 @@ class DecodePipeline:
             marks["vae_audio_end"] = clock.mark()
         if self.cuda:
             self.slot_free[slot].record(self.vae_stream)
-        return _WriteJob(job, hslot, off, frame_marks, marks)
+        w.done()
 
     # ---- host side (writer thread, or inline) -----------------------------------------------------------
     def _write(self, w: _WriteJob) -> DecodedBlock:
@@ -377,10 +437,19 @@ class DecodePipeline:
 
     def _write_block(self, w: _WriteJob) -> DecodedBlock:
         clock, job = self.clock, w.job
+        ready, start = [], 0
+        for j in range(self.p.stream.latent_frames_per_block):  # each latent frame as soon as it is decoded
+            w.wait(lambda j=j: len(w.frame_marks) > j)
+            ready.append(clock.at_s(w.frame_marks[j], self.vae_dev))  # waits for its copy to the host
+            end_j = w.frame_ends[j]
+            if self.on_frames is not None:
+                self.on_frames(FramesReady(job.index, j, self.h_frames[w.hslot][start:end_j].numpy().copy(),
+                                           ready[-1]))
+            start = end_j
+        w.wait(lambda: "done" in w.marks)
         job.sealed.wait()  # the DiT's marks of this block are final (writer thread; inline: already set)
         if job.abandoned:
             raise RuntimeError(f"block {job.index} abandoned: the stream ended before its DiT work did")
-        ready = [clock.at_s(m, self.vae_dev) for m in w.frame_marks]  # in order: frame 0 first
         end = clock.at_s(w.marks["vae_audio_end"], self.vae_dev)
         dm = job.marks
         # the DiT's last mark of the block (after its context pass) may not be reached yet when the decode

@@ -92,7 +92,8 @@ class StreamSession:
     def __init__(self, components, profile: Profile | None = None, *, dit: DiTOptions | None = None,
                  decoders: DecoderOptions | None = None, backend: Backend | None = None,
                  blocks: int | str | None = None, future_audio_tokens: int | None = None,
-                 on_block: Callable[[DecodedBlock], None] | None = None, keep_text_encoder: bool = False,
+                 on_block: Callable[[DecodedBlock], None] | None = None, on_frames: Callable | None = None,
+                 keep_text_encoder: bool = False,
                  backend_choice: BackendChoice | None = None):
         c = components
         p = profile or c.profile
@@ -122,7 +123,8 @@ class StreamSession:
         self.prepare_s = time.perf_counter() - t
         self._backend_step = self.backend.step
         self.bs.step_fn = self._step
-        self.pipeline = DecodePipeline(c, p, overlap=self.decoders.overlap, on_block=on_block,
+        # on_frames: each latent frame's pixels as soon as they are on the host (FramesReady), before its block
+        self.pipeline = DecodePipeline(c, p, overlap=self.decoders.overlap, on_block=on_block, on_frames=on_frames,
                                        video_runner=self.decoders.runner)
         self.text_encode_s: float | None = None
         # keep_text_encoder: encode() keeps the encoder (a live session may still switch prompts by text)

@@ -22,13 +22,14 @@ def tiny_file(tmp_path_factory):
     return p
 
 
-@pytest.mark.parametrize("variant", ["taew2_2", "lighttaew2_2"])
-def test_stream_frames_are_the_tiny_decoders_whole_clip_decode(tiny_profile, tiny_file, variant):
+@pytest.mark.parametrize("variant,runner", [("taew2_2", "eager"), ("lighttaew2_2", "eager"), ("taew2_2", "compiled")])
+def test_stream_frames_are_the_tiny_decoders_whole_clip_decode(tiny_profile, tiny_file, variant, runner):
     from hallolive_rt.runtime.components import load_components
     from hallolive_rt.runtime.decode_pipeline import frames_to_uint8
     from hallolive_rt.runtime.session import StreamSession
 
-    dec = DecoderOptions(video_decoder=variant, tiny_weights=str(tiny_file))
+    dec = DecoderOptions(video_decoder=variant, tiny_weights=str(tiny_file),
+                         runner=VideoDecodeOptions(runner, compile_backend="aot_eager"))
     comps = load_components(tiny_profile, None, with_text=False, decoders=dec)
     assert type(comps.video_decoder).__name__ == "TinyVideoDecoder" and comps.video_decoder.variant == variant
     ctx = 0.5 * torch.randn(1, 512, tiny_profile.text.text_dim)
@@ -36,6 +37,9 @@ def test_stream_frames_are_the_tiny_decoders_whole_clip_decode(tiny_profile, tin
     sess = StreamSession(comps, tiny_profile, decoders=dec)
     got = list(sess.run(ctx, seed=1, on_latents=lambda i, out: latents.append(out.video.clone())))
     assert sess.describe()["video_decoder"] == variant
+    if runner == "compiled":  # the MemBlock compiled once per shape and variant, shared by its 9 blocks
+        assert 2 <= sess.pipeline.vrunner.compiler.graphs < 2 * 9
+    comps.video_decoder.set_region_fn(None)
     z = torch.cat(latents, dim=1).transpose(1, 2)  # [1, 48, T, h, w]
     with torch.no_grad():
         whole = frames_to_uint8(comps.video_decoder.decode_full(z)[0]).numpy()

@@ -1,23 +1,10 @@
-"""Regional compilation of the DiT: ``dual_layer`` compiled once and shared by every layer.
-
-    compiler = LayerCompiler()
-    with compiler.active(dit):          # dit.forward now runs the compiled layer in every layer
-        run(...)                        # the first call per LayerStatic / shape compiles, later ones reuse
-    compiler.stats()                    # graphs, compile seconds, graph breaks (0: fullgraph)
-
-An eager full-size forward launches ~8,100 kernels; the compiled layer fuses the elementwise work
-around each GEMM and attention (norms, modulation, RoPE, gates, the cache writes) into a few kernels.
-Compiling the one layer function instead of the whole model keeps compile time to one layer's worth per
-static variant (seconds), because every layer has the same code, the same static numbers and
-same-shaped inputs: the layer's weights are graph inputs (dynamo inlines built-in ``nn.Module``s), so
-layer 2..L hit layer 1's compiled code (``tests/test_compiled_layers.py`` counts it).
-
-``LayerCompiler`` is a dynamo backend wrapping inductor that counts and times every compilation, so the
-runtime can report compile time (``CompiledBackend.describe()``, bench JSON). ``active`` also raises
-dynamo's recompile limit for the layer function (one graph per variant and layer part is expected, more
-than dynamo's default of 8 for a long stream) and makes hitting it an error instead of a silent fall
-back to eager.
-"""
+"""Regional compilation: one function compiled once and shared by every module that runs it. ``RegionCompiler``
+is a dynamo backend wrapping inductor (or another backend, for tests) that counts and times each
+compilation; its ``limits()`` raise dynamo's recompile limit for the region (one graph per static variant
+is expected) and make hitting it an error instead of a silent fall back to eager. ``LayerCompiler`` is the
+DiT's region: ``dual_layer``, whose weights are graph inputs (dynamo inlines built-in ``nn.Module``s), so
+layers 2..L reuse layer 1's compiled code (tests/test_compiled_layers.py counts it); the video decoder's
+region is its residual block (runtime/vae_runner.py)."""
 
 from __future__ import annotations
 
@@ -28,19 +15,20 @@ import torch
 
 from .dual_layer import dual_layer
 
-__all__ = ["LayerCompiler"]
+__all__ = ["RegionCompiler", "LayerCompiler"]
 
 
-class LayerCompiler:
+class RegionCompiler:
     """A ``torch.compile`` backend (inductor, or ``inner`` for tests) that counts and times compilations,
-    and the compiled ``dual_layer`` that uses it."""
+    and ``fn`` compiled with it (fullgraph, static shapes)."""
 
-    def __init__(self, inner: str = "inductor", max_graphs: int = 64):
+    def __init__(self, fn, inner: str = "inductor", max_graphs: int = 64):
         self.inner = inner
         self.max_graphs = max_graphs
         self.graphs = 0
         self.compile_s = 0.0
-        self.fn = torch.compile(dual_layer, backend=self, fullgraph=True, dynamic=False)
+        self.region = f"{fn.__module__}.{fn.__qualname__}"
+        self.fn = torch.compile(fn, backend=self, fullgraph=True, dynamic=False)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         t = time.perf_counter()
@@ -56,17 +44,28 @@ class LayerCompiler:
         self.compile_s += time.perf_counter() - t
         return out
 
+    def limits(self):
+        """While active: at most ``max_graphs`` graphs of the region, and one more is an error."""
+        return torch._dynamo.config.patch(recompile_limit=self.max_graphs, fail_on_recompile_limit_hit=True)
+
+    def stats(self) -> dict:
+        return {"compiled_graphs": self.graphs, "compile_s": self.compile_s, "fullgraph": True,
+                "graph_breaks": 0, "backend": self.inner, "region": self.region}
+
+
+class LayerCompiler(RegionCompiler):
+    """The compiled ``dual_layer`` of the DiT."""
+
+    def __init__(self, inner: str = "inductor", max_graphs: int = 64):
+        super().__init__(dual_layer, inner, max_graphs)
+
     @contextlib.contextmanager
     def active(self, dit):
         """Run ``dit``'s layers through the compiled function inside the block; restore afterwards."""
         old = dit.layer_fn
         dit.layer_fn = self.fn
         try:
-            with torch._dynamo.config.patch(recompile_limit=self.max_graphs, fail_on_recompile_limit_hit=True):
+            with self.limits():
                 yield self
         finally:
             dit.layer_fn = old
-
-    def stats(self) -> dict:
-        return {"compiled_graphs": self.graphs, "compile_s": self.compile_s, "fullgraph": True,
-                "graph_breaks": 0, "backend": self.inner, "region": "hallolive_rt.model.dual_layer.dual_layer"}

@@ -9,6 +9,7 @@ the encoder is ignored); the two expect different latents, so the variant is alw
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -171,6 +172,17 @@ class TinyVideoDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder[1].weight.device
+
+    # the compiled region: every MemBlock runs ``region(block, x, past)`` (None: eager)
+    region = staticmethod(lambda block, x, past: _MemBlock.forward(block, x, past))
+
+    def set_region_fn(self, fn) -> None:
+        for m in self.modules():
+            if isinstance(m, _MemBlock):
+                if fn is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = functools.partial(fn, m)
 
     @property
     def z_dim(self) -> int:

@@ -22,6 +22,7 @@ release's numbers in bf16). The two agree exactly in float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d
+from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d, ResidualBlock
 from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
@@ -106,6 +107,33 @@ class VideoDecodeState(DecoderState):
         return self.buffers
 
 
+def _causal(buf: torch.Tensor, x: torch.Tensor, first: bool) -> torch.Tensor:
+    """``x`` with its causal past prepended; the past becomes ``x``'s last frames (in place)."""
+    # Nothing precedes the first frame: the release zero-pads, i.e. a zero history.
+    xc = F.pad(x, (0, 0, 0, 0, CACHE_T, 0)) if first else torch.cat([buf, x], dim=2)
+    buf.copy_(xc[:, :, -CACHE_T:])
+    return xc
+
+
+class BlockHistory:
+    """The history of one residual block: its two cached convs' buffers in call order. A compiled region
+    sees tensors and the first-frame flag, never a cache index, so one graph serves every same-shaped block."""
+
+    def __init__(self, buffers: tuple[torch.Tensor, torch.Tensor], first: bool):
+        self.buffers, self.first, self.n = buffers, first, 0
+
+    def causal_input(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers[self.n]
+        self.n += 1
+        return _causal(buf, x, self.first)
+
+
+def _through_region(block: ResidualBlock, fn, x: torch.Tensor, hist) -> torch.Tensor:
+    if isinstance(hist, _StaticHistory):
+        return fn(block, x, hist.for_block(block))
+    return ResidualBlock.forward(block, x, hist)  # the functional and release histories stay eager
+
+
 class _StaticHistory:
     """``History`` over preallocated buffers; ``first`` selects the first-frame code path."""
 
@@ -113,11 +141,11 @@ class _StaticHistory:
         self.buffers, self.first = buffers, first
 
     def causal_input(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        buf = self.buffers[conv.cache_index]
-        # Nothing precedes the first frame: the release zero-pads, i.e. a zero history.
-        xc = F.pad(x, (0, 0, 0, 0, CACHE_T, 0)) if self.first else torch.cat([buf, x], dim=2)
-        buf.copy_(xc[:, :, -CACHE_T:])
-        return xc
+        return _causal(self.buffers[conv.cache_index], x, self.first)
+
+    def for_block(self, block: ResidualBlock) -> "BlockHistory":
+        r = block.residual
+        return BlockHistory((self.buffers[r[2].cache_index], self.buffers[r[6].cache_index]), self.first)
 
     def skip_time_conv(self, conv: CausalConv3d) -> bool:
         if self.first:
@@ -233,6 +261,17 @@ class WanVideoDecoder(nn.Module):
     @property
     def z_dim(self) -> int:
         return self.cfg.z_dim
+
+    # the compiled region: every residual block runs ``region(block, x, BlockHistory)`` (None: eager)
+    region = staticmethod(ResidualBlock.forward)
+
+    def set_region_fn(self, fn) -> None:
+        for m in self.decoder.modules():
+            if isinstance(m, ResidualBlock):
+                if fn is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = functools.partial(_through_region, m, fn)
 
     # ---- state -------------------------------------------------------------------------------------
     def new_state(self, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype | None = None,

@@ -2,8 +2,10 @@
 
 ``create_app(server, token=...)`` builds the app; ``serve_connection(server, websocket, ...)`` is the whole
 life of one WebSocket (checks, admission, the session, the cleanup), usable from any ASGI route, so a Ray
-Serve replica wraps the same function over its own ``LiveServer``. The page is three files shipped as
-package data, read once here: no request path ever reaches the file system.
+Serve replica wraps the same function over its own ``LiveServer``. An unexpected exception in a connection's
+tasks is an ``internal`` error and close 1011; SIGTERM / SIGINT (``stop_on_signals``) end every connection
+with ``server_shutdown`` and close 1001 first. The page is three files shipped as package data, read once
+here: no request path ever reaches the file system.
 """
 
 from __future__ import annotations
@@ -236,6 +238,8 @@ class _Connection:
             self._sender.cancel()
         tasks = {self._sender, asyncio.create_task(self._receive_loop())}
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if self._leaving and self._sender.cancelled():  # cancelled before its first step: say it here
+            await self._say_going_away()
         for t in pending:
             t.cancel()
         results = await asyncio.gather(*pending, return_exceptions=True)
@@ -274,10 +278,13 @@ class _Connection:
         except asyncio.CancelledError:
             if not self._leaving:
                 raise
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.send_text(json.dumps(event(
-                    "error", code="server_shutdown", message=_SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
-            await _close(self.ws, CLOSE_GOING_AWAY, "server_shutdown")
+            await self._say_going_away()
+
+    async def _say_going_away(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.send_text(json.dumps(event(
+                "error", code="server_shutdown", message=_SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
+        await _close(self.ws, CLOSE_GOING_AWAY, "server_shutdown")
 
     async def _send_queued(self) -> None:
         timeout = self.limits.client_timeout_s

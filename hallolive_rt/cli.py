@@ -314,6 +314,8 @@ def serve(
                                            "acknowledged before generation pauses (bounds memory per client)."),
     client_timeout: float = typer.Option(30.0, "--client-timeout", min=0.1, help="Seconds without an ack (while "
                                          "paused) or without a send completing before a client is dropped."),
+    block_timeout: float = typer.Option(300.0, "--block-timeout", min=1.0, help="Seconds a session may go without "
+                                        "producing a block before the watchdog ends it (error stalled, close 1011)."),
     allow_origin: Optional[list[str]] = typer.Option(None, "--allow-origin", help="Extra page origin allowed to "
                                                      "connect (repeatable; default: only this server's own)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning, info, debug."),
@@ -356,7 +358,8 @@ def serve(
                                  max_sessions=max_sessions, log_level=log_level, webrtc=webrtc,
                                  ice_servers=tuple(ice_server or ()))
         limits = Limits(max_prompt_chars=max_prompt_chars, max_blocks=max_blocks,
-                        max_unacked_blocks=max_unacked_blocks, client_timeout_s=client_timeout)
+                        max_unacked_blocks=max_unacked_blocks, client_timeout_s=client_timeout,
+                        block_timeout_s=block_timeout)
         if use_ray:
             from hallolive_rt.runtime.serve.ray import args_from_cli, serve_ray_main
 

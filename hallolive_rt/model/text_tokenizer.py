@@ -164,7 +164,11 @@ class ByteTokenizer:
         mask = torch.zeros_like(ids)
         lengths, dropped, tails = [], [], []
         for i, t in enumerate(texts):
-            data = t.encode("utf-8")
+            try:
+                data = t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PromptError(f"prompt {i} is not valid Unicode (a lone surrogate at character {e.start}): "
+                                  f"send UTF-8 text") from None
             body = list(data[:keep])
             row = [b + self.OFFSET for b in body] + [self.EOS]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)

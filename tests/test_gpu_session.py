@@ -24,9 +24,9 @@ PHASE_KEYS = {"name", "kind", "status", "box_s", "elapsed_s", "wall_s", "exit_co
 # what each kind's JSON must hold (the schema the GPU session commits)
 KIND_KEYS = {
     "check": {"command", "complete", "preset", "blocks", "dtype", "seed", "reference", "runs", "per_block", "summary",
-              "bound", "env", "git_commit", "kv_impl"},
+              "bound", "env", "git_commit", "dit_options"},
     "e2e": {"command", "complete", "mode", "preset", "blocks", "dtype", "results", "projected", "flops_per_block",
-            "flops", "env", "git_commit", "shapes", "kv_impl", "nvtx", "weights_bytes"},
+            "flops", "env", "git_commit", "shapes", "dit_options", "nvtx", "weights_bytes"},
     "stages": {"build_s"},  # + one key per mode the entry runs (_kind_keys)
     "pytest": {"args", "kv_ext_build", "counts", "tests", "exit_code"},
     "script": {"argv", "exit_code", "env"},
@@ -95,7 +95,7 @@ def test_dry_run_writes_every_json_and_prints_the_table_last(tmp_path):
     assert c["projected"]["two_device_fps"] > 0 and "projected" in c["projected"]["label"]
     d = json.loads((out / "cpu-dryrun-d-cuda-tests.json").read_text())
     assert d["exit_code"] == 0 and d["counts"]["skipped"] > 0 and d["kv_ext_build"]["ok"], "collects without av"
-    assert variants["c-stages-kv-ext"]["dit"]["kv_impl"] == "ext"
+    assert variants["c-stages-kv-ext"]["dit"]["dit_options"]["kv_impl"] == "ext"
     # the last lines printed are the table: a header and one line per entry
     tail = proc.stdout.strip().splitlines()[-(len(default) + 1):]
     assert tail[0].split()[:3] == ["entry", "status", "time"]

@@ -29,7 +29,6 @@ from pathlib import Path  # noqa: E402
 
 from gpu_driver import REPO, Store  # noqa: E402  (bench/ is this script's folder: first on sys.path)
 from gpu_variants import ENTRIES  # noqa: E402
-from pytest_deadline import REASON as DEADLINE_REASON  # noqa: E402
 
 
 class Failed(Exception):
@@ -82,12 +81,17 @@ def run_check(o: dict, emit) -> None:
 
 
 def run_e2e(o: dict, emit) -> None:
-    """``bench_main(mode="e2e")``; with ``memory_cap_gib``, under that cap and with the viewer's verdict."""
+    """``bench_main(mode="e2e")``; with ``memory_cap_gib``, under that cap and with the viewer's verdict. A
+    run that does not fit the cap is recorded so (``fits: false``, the error) and then run again without
+    it, so the viewer still gets its figures and the memory the run needs; the entry is then "failed"."""
     from hallolive_rt.runtime.bench import bench_main
 
+    def bench(on_update):
+        return bench_main(*_options(o), backends=_backends(o), blocks=o.get("blocks"), mode="e2e",
+                          on_update=on_update, **_run_kwargs(o))
+
     if o.get("memory_cap_gib") is None:
-        bench_main(*_options(o), backends=_backends(o), blocks=o.get("blocks"), mode="e2e", on_update=emit,
-                   **_run_kwargs(o))
+        bench(emit)
         return
     from gpu_viewer import MemoryCap, is_out_of_memory, viewer_summary
 
@@ -99,19 +103,34 @@ def run_e2e(o: dict, emit) -> None:
         state["out"] = out
         emit({**out, "viewer": viewer_summary(out, cap)})
 
+    oom = None
     try:
-        out = bench_main(*_options(o), backends=_backends(o), blocks=o.get("blocks"), mode="e2e",
-                         on_update=update, **_run_kwargs(o))
+        out = bench(update)
     except BaseException as e:
         cap.done(e)
-        last = state.get("out", {})
-        emit({**last, "viewer": viewer_summary(last, cap)})
-        if is_out_of_memory(e):
-            raise Failed(f"does not fit under the {o['memory_cap_gib']} GiB cap: {type(e).__name__}: "
-                         f"{str(e)[:600]}") from e
-        raise
-    cap.done()
-    emit({**out, "viewer": viewer_summary(out, cap)})
+        update(state.get("out", {}))
+        if not (cap.applied and is_out_of_memory(e)):
+            raise
+        oom = f"{type(e).__name__}: {str(e)[:600]}"
+        e.__traceback__ = None  # its frames hold the model: let it go before the second run
+    if oom is None:
+        cap.done()
+        update(out)
+        return
+    import gc
+
+    import torch
+
+    state.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    cap.lift()
+    out = bench(update)
+    cap.watch()
+    update(out)
+    need = (cap.rerun or {}).get("peak_reserved_gib")
+    raise Failed(f"does not fit under the {o['memory_cap_gib']} GiB cap ({oom}); measured again without the cap: "
+                 f"peak {'-' if need is None else f'{need:.1f}'} GiB reserved")
 
 
 def run_stages(o: dict, emit) -> None:
@@ -142,7 +161,9 @@ class _Recorder:
     deadline skipped (bench/pytest_deadline.py) are counted apart as ``not_run``."""
 
     def __init__(self, res: dict, emit):
-        self.res, self.emit = res, emit
+        from pytest_deadline import REASON
+
+        self.res, self.emit, self.not_run = res, emit, REASON
         res["tests"], res["counts"] = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "not_run": 0}
         res["running"] = None
 
@@ -154,7 +175,7 @@ class _Recorder:
         if report.when == "call" or report.outcome != "passed":
             outcome = "error" if report.failed and report.when != "call" else report.outcome
             msg = report.longreprtext[-2000:] if report.outcome != "passed" else ""
-            if outcome == "skipped" and DEADLINE_REASON in msg:
+            if outcome == "skipped" and self.not_run in msg:
                 outcome = "not_run"
             self.res["counts"][outcome] += 1
             self.res["tests"].append({"name": report.nodeid, "outcome": outcome, "when": report.when,
@@ -192,8 +213,8 @@ def run_pytest(o: dict, emit) -> None:
         res["workers"] = workers
     if os.environ.get("HALLOLIVE_PYTEST_APPEND"):  # the package comes from PYTHONPATH (no install)
         args.append("--import-mode=append")
-    if o.get("deadline_s"):  # bench/ on the workers' path too: they load the plugin by name
-        args += ["-p", "pytest_deadline"]
+    if o.get("deadline_s"):  # PYTEST_PLUGINS (not -p): xdist workers inherit the environment, not every flag
+        os.environ["PYTEST_PLUGINS"] = "pytest_deadline"
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH")]))
     rec = _Recorder(res, emit)
     rc = int(pytest.main(args, plugins=[rec]))
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     status, code = "ok", 0
     runner = KIND_RUNNERS[entry.kind]
     if entry.kind == "ncu":
-        runner = functools.partial(runner, card=a.card, out_dir=a.store.parent, box_s=a.box_s)
+        runner = functools.partial(runner, card=a.card, out_dir=a.store.parent, box_s=a.box_s, dry_run=a.dry_run)
     try:
         runner(opts, emit)
     except Failed as e:

@@ -322,8 +322,10 @@ def serve(
     webrtc: bool = typer.Option(False, "--webrtc", help="Also offer WebRTC (POST /webrtc/offer: video + Opus "
                                 "tracks and a data channel with the same messages; README, \"Voice agents over "
                                 "WebRTC\"). Needs the webrtc extra."),
-    ice_server: Optional[list[str]] = typer.Option(None, "--ice-server", metavar="URL", help="With --webrtc: a "
-                                                   "STUN/TURN server (repeatable); default: host candidates only."),
+    ice_server: Optional[list[str]] = typer.Option(None, "--ice-server", metavar="[USER:CREDENTIAL@]URL",
+                                                   help="With --webrtc: a STUN (stun:host:port) or TURN "
+                                                   "(user:secret@turn:host:port) server, repeatable; default: "
+                                                   "host candidates only. The page is told the STUN ones."),
     use_ray: bool = typer.Option(False, "--ray", help="Scale out on Ray Serve: --replicas worker processes, each "
                                  "with its own GPU(s) and --max-sessions sessions, behind Ray's proxy on "
                                  "--host/--port (README, \"Scale-out on Ray Serve\"). Needs the ray extra."),
@@ -346,6 +348,11 @@ def serve(
         _fail(f"{', '.join(missing_ray_deps())} not installed: {RAY_EXTRA_HINT}")
     if missing_serve_deps():
         _fail(f"{', '.join(missing_serve_deps())} not installed: {SERVE_EXTRA_HINT}", 3)
+    if webrtc:
+        from hallolive_rt.runtime.serve.webrtc import WEBRTC_EXTRA_HINT, webrtc_available
+
+        if not webrtc_available():
+            _fail(f"--webrtc needs aiortc, which is not installed: {WEBRTC_EXTRA_HINT}", 3)
     from hallolive_rt.runtime.serve.launch import serve_main
     from hallolive_rt.runtime.serve.protocol import Limits
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from hallolive_rt.errors import InputError
 
 __all__ = ["ModelSource", "DiTOptions", "VideoDecodeOptions", "DecoderOptions", "OutputOptions", "ServeOptions",
-           "BACKEND_CHOICES", "KV_IMPLS", "CACHE_POLICIES", "PRECISIONS", "ACT_SCALES", "FP8_IMPLS",
+           "ice_server", "BACKEND_CHOICES", "KV_IMPLS", "CACHE_POLICIES", "PRECISIONS", "ACT_SCALES", "FP8_IMPLS",
            "ATTENTION_KERNELS", "VAE_BACKENDS", "VIDEO_DECODERS", "DTYPES", "FLAT_KEYS", "default_kv_impl",
            "to_flat", "from_flat"]
 
@@ -239,6 +239,27 @@ class ServeOptions:
             raise InputError(f"--max-sessions must be >= 1, got {self.max_sessions}")
         if self.token is not None and len(self.token) < 8:
             raise InputError("--token must have at least 8 characters")
+        if self.ice_servers and not self.webrtc:
+            raise InputError("--ice-server is for the WebRTC transport: add --webrtc")
+        for spec in self.ice_servers:
+            ice_server(spec)
+
+
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+
+def ice_server(spec: str) -> tuple[str, str | None, str | None]:
+    """``[USER:CREDENTIAL@]URL`` (``--ice-server``) -> ``(url, username, credential)``; a TURN server needs
+    the credentials, a STUN server takes none."""
+    auth, _, url = spec.rpartition("@") if "@" in spec else ("", "", spec)
+    if not url.startswith(ICE_SCHEMES) or len(url.split(":", 1)[1]) == 0:
+        raise InputError(f"--ice-server {spec!r}: expected [USER:CREDENTIAL@]URL with a URL of scheme "
+                         f"{', '.join(ICE_SCHEMES)} (e.g. stun:stun.example.org:3478)")
+    user, sep, cred = auth.partition(":")
+    if url.startswith("turn") != bool(sep and user and cred):
+        need = "needs USER:CREDENTIAL@ before it" if url.startswith("turn") else "takes no credentials"
+        raise InputError(f"--ice-server {url!r}: a {url.split(':', 1)[0].upper()} server {need}")
+    return url, user or None, cred or None
 
 
 # ---- flat form: the keys of a Ray Serve application's arguments (YAML) --------------------------------------

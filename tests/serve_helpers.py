@@ -12,13 +12,13 @@ from hallolive_rt.runtime.serve.protocol import CLOSE_NORMAL
 
 
 @contextlib.contextmanager
-def running_server(live, *, token=None, allowed_origins=()):
+def running_server(live, *, token=None, allowed_origins=(), **app_kw):
     """Serve ``create_app(live)`` on 127.0.0.1 (a free port) from a thread; yields ``host:port``."""
     import uvicorn
 
     from hallolive_rt.runtime.serve.app import create_app
 
-    app = create_app(live, token=token, allowed_origins=allowed_origins)
+    app = create_app(live, token=token, allowed_origins=allowed_origins, **app_kw)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
                             ws_max_size=4 * live.limits.max_message_bytes, ws_per_message_deflate=False)
     server = uvicorn.Server(config)

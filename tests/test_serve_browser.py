@@ -45,13 +45,14 @@ def _browser_or_skip():
 
 
 @pytest.fixture
-def server_url():
-    """`hallolive-rt serve` on a free loopback port, as a user starts it; stopped with Ctrl-C (SIGINT)."""
+def server_url(request):
+    """`hallolive-rt serve` on a free loopback port, as a user starts it (extra flags: the test's param);
+    stopped with Ctrl-C (SIGINT)."""
     _browser_or_skip()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.pop("HALLOLIVE_TOKEN", None)
     proc = subprocess.Popen([sys.executable, "-m", "hallolive_rt.cli", "serve", "--preset", "tiny", "--port", "0",
-                             "--log-level", "warning"],  # the defaults a newcomer gets
+                             "--log-level", "warning", *getattr(request, "param", ())],  # a newcomer's defaults
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
@@ -150,5 +151,55 @@ def test_page_plays_the_live_stream_and_switches_prompt(server_url, tmp_path):
     assert final["types"][-2:] == ["tail", "end"] and final["acked"] >= k
     assert shot.stat().st_size > 10_000
     dest = os.environ.get("HALLOLIVE_SCREENSHOT")
+    if dest:
+        shutil.copyfile(shot, Path(dest))
+
+
+@pytest.mark.parametrize("server_url", [("--webrtc",)], indirect=True)
+def test_page_plays_the_webrtc_call_and_switches_prompt(server_url, tmp_path):
+    """The WebRTC transport chosen on the page: a video and an audio track arrive and play past 1 s (frames
+    rendered, counted by requestVideoFrameCallback), a prompt switch on the data channel is applied."""
+    from playwright.sync_api import sync_playwright
+
+    shot = tmp_path / "webrtc-page.png"
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                    if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(server_url)
+            _wait(page, "!document.querySelector('#transport option[value=webrtc]').disabled", 10,
+                  "the page to learn that WebRTC is offered")
+            page.select_option("#transport", "webrtc")
+            page.click("#start")
+            _wait(page, "window.hallolive.framesRendered >= 5", 120, "frames rendered from the video track")
+            page.click("#switch")
+            k = _wait(page, "(() => { const p = window.hallolive.prompts[1]; "
+                            "return p && p.from_block != null && {k: p.from_block}; })()", 60,
+                      "the prompt switch to be applied")["k"]
+            t = _wait(page, "(() => { const t = document.getElementById('video').currentTime; "
+                            "return t > 1.2 && window.hallolive.framesRendered >= 30 && t; })()", 120,
+                      "playback past 1 s")
+            tracks = page.evaluate("(() => { const s = document.getElementById('video').srcObject; "
+                                   "return {audio: s.getAudioTracks().length, video: s.getVideoTracks().length, "
+                                   "frames: window.hallolive.framesRendered, "
+                                   "ttff_ms: window.hallolive.firstFrameMs}; })()")
+            page.screenshot(path=str(shot))
+            page.click("#stop")
+            _wait(page, "window.hallolive.ended && document.getElementById('status').textContent === 'ended'", 60,
+                  "the end of the session")
+            final = page.evaluate("({errors: window.hallolive.errors, types: window.hallolive.events.map(e => "
+                                  "e.type)})")
+        finally:
+            browser.close()
+    print(f"WebRTC: playhead {t:.2f} s, switch from block {k}, {tracks}")
+    assert tracks["audio"] == 1 and tracks["video"] == 1 and tracks["frames"] >= 30 and tracks["ttff_ms"] > 0
+    assert final["errors"] == [] and problems == [], (final["errors"], problems)
+    assert final["types"][-1] == "end" and "prompt_applied" in final["types"]
+    assert shot.stat().st_size > 10_000
+    dest = os.environ.get("HALLOLIVE_SCREENSHOT_WEBRTC")
     if dest:
         shutil.copyfile(shot, Path(dest))

@@ -31,7 +31,7 @@ pytest.importorskip("av")
 from hallolive_rt.model.audio_stream import StreamingAudioDecoder  # noqa: E402
 from hallolive_rt.options import DiTOptions, ModelSource  # noqa: E402
 from hallolive_rt.runtime.media import StreamWriter  # noqa: E402
-from hallolive_rt.runtime.serve import app as app_module  # noqa: E402
+from hallolive_rt.runtime.serve import control as control_module  # noqa: E402
 from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, Limits,  # noqa: E402
                                                  ProtocolError)
@@ -198,7 +198,7 @@ def test_an_unexpected_exception_in_a_connection_is_an_error_and_close_1011(addr
         c = Client(addr)
         c.until("hello")
         if where == "before_start":
-            m.setattr(app_module, "parse_message", _raise)
+            m.setattr(control_module, "parse_message", _raise)
             c.send(type="stop")
         else:
             m.setattr(LiveSession, "ack", _raise)

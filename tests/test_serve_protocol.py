@@ -284,9 +284,12 @@ def test_twenty_sessions_leave_threads_and_memory_flat(addr, live):
     _wait(lambda: gc.collect() >= 0 and not [o for o in gc.get_objects() if isinstance(o, LiveSession)],
           timeout=10, what="the last LiveSession to be freed")
     assert live.stats()["active_sessions"] == 0
-    # native threads (x264 / libavcodec / torch pools, not Python threads) of the last session may still be
-    # winding down when it is measured (seen: +4 now and then, gone a session later): bounded, never growing
-    assert max(tasks) <= min(tasks) + 8, tasks
+    # native threads (x264 / libavcodec / torch pools, not Python threads) of a session may still be winding
+    # down when it is measured (+4 now and then, gone a session later; +12 after the very first session, whose
+    # pools start then): past the warm-up bounded, and the last 8 sessions never above sessions 4-11 (a leak of
+    # one thread per session would lift them by 8)
+    assert max(tasks[4:]) <= min(tasks) + 8, tasks
+    assert max(tasks[12:]) <= max(tasks[4:12]) + 4, tasks
     assert tensors[-1] == tensors[3]  # exact: no tensor survives a session (caches are reused, not re-made)
     # RSS, coarsely (the exact check of leaked state is the tensor count above): after the allocator's warm-up
     # (sessions 0-3) one session's RSS moves by up to ~+-40 MiB (glibc arenas, encoder buffers) without any

@@ -142,3 +142,29 @@ def test_serve_bad_options_exit_2_before_loading():
     assert res.exit_code == 2 and "unknown preset" in res.output
     res = CliRunner().invoke(app, ["serve", "--preset", "hallolive-512x992"])
     assert res.exit_code == 2 and "needs weights" in res.output
+
+
+def test_ice_server_specs_are_checked_before_anything_loads():
+    from hallolive_rt.options import ice_server
+
+    assert ice_server("stun:stun.example.org:3478") == ("stun:stun.example.org:3478", None, None)
+    assert ice_server("u:p@ss@turn:turn.example.org:3478?transport=udp") == \
+        ("turn:turn.example.org:3478?transport=udp", "u", "p@ss")
+    for spec, why in [("http://x", "scheme"), ("stun:", "scheme"), ("turn:t.example.org", "USER:CREDENTIAL"),
+                      ("u:p@stun:s.example.org", "takes no credentials"), ("u@turns:t.example.org", "USER:CRED")]:
+        with pytest.raises(launch.InputError, match=why):
+            ice_server(spec)
+    res = CliRunner().invoke(app, ["serve", "--ice-server", "stun:s.example.org"])
+    assert res.exit_code == 2 and "add --webrtc" in res.output
+    res = CliRunner().invoke(app, ["serve", "--webrtc", "--ice-server", "turn:t.example.org"])
+    assert res.exit_code == 2 and "needs USER:CREDENTIAL@" in res.output
+    res = CliRunner().invoke(app, ["serve", "--webrtc", "--ray"])
+    assert res.exit_code == 2 and "one process" in res.output
+
+
+def test_serve_webrtc_without_aiortc_says_how_to_install_it(monkeypatch):
+    from hallolive_rt.runtime.serve import webrtc
+
+    monkeypatch.setattr(webrtc, "webrtc_available", lambda: False)
+    res = CliRunner().invoke(app, ["serve", "--webrtc"])
+    assert res.exit_code == 3 and "pip install -e '.[webrtc]'" in res.output

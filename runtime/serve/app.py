@@ -23,15 +23,15 @@ from collections.abc import Sequence
 from importlib import resources
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
+from .control import SHUTDOWN_MESSAGE, Control
 from .faults import internal_error
-from .protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_GOING_AWAY, CLOSE_INTERNAL,
-                       CLOSE_NORMAL, CLOSE_TIMEOUT, CLOSE_UNAUTHORIZED, PROTOCOL_VERSION, Ack, Prompt, ProtocolError,
-                       Start, Stop, event, parse_message)
-from .sessions import Binary, Close, LiveServer, LiveSession
+from .protocol import (CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TIMEOUT,
+                       CLOSE_UNAUTHORIZED, PROTOCOL_VERSION, event)
+from .sessions import Binary, Close, LiveServer
 
 __all__ = ["create_app", "serve_connection", "shutdown_connections", "stop_on_signals", "leave_stuck_sessions",
            "PAGE_FILES", "SHUTDOWN_S"]
@@ -51,8 +51,10 @@ def _read_page() -> dict[str, tuple[bytes, str]]:
     return {route: ((static / name).read_bytes(), ctype) for route, (name, ctype) in PAGE_FILES.items()}
 
 
-def create_app(server: LiveServer, *, token: str | None = None, allowed_origins: Sequence[str] = ()) -> FastAPI:
-    """The app of one process: ``GET /`` (the page), ``GET /health`` (``server.stats()``), ``WS /ws``."""
+def create_app(server: LiveServer, *, token: str | None = None, allowed_origins: Sequence[str] = (),
+               webrtc: bool = False, ice_servers: Sequence[str] = ()) -> FastAPI:
+    """The app of one process: ``GET /`` (the page), ``GET /health`` (``server.stats()``), ``WS /ws``; with
+    ``webrtc``, ``POST /webrtc/offer`` (``webrtc.answer_offer``) under the same origin and token rules."""
     app = FastAPI(title="hallolive-rt live sessions", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.live = server
     page = _read_page()
@@ -83,7 +85,46 @@ def create_app(server: LiveServer, *, token: str | None = None, allowed_origins:
     async def ws(websocket: WebSocket) -> None:
         await serve_connection(server, websocket, token=token, allowed_origins=allowed_origins)
 
+    # the page learns whether to offer the transport, and the STUN servers (never a TURN credential)
+    stun = [s for s in ice_servers if s.startswith(("stun:", "stuns:"))]
+
+    @app.get("/webrtc")
+    async def webrtc_info() -> JSONResponse:
+        return JSONResponse({"webrtc": webrtc, "ice_servers": stun}, headers=headers)
+
+    if webrtc:
+        from .webrtc import MAX_SDP_BYTES, answer_offer
+
+        @app.post("/webrtc/offer")
+        async def offer(request: Request) -> JSONResponse:
+            refusal = _refusal(request, token, allowed_origins)
+            if refusal is not None:
+                return JSONResponse(event("error", code=refusal[0], message=refusal[1], fatal=True),
+                                    status_code=403 if refusal[0] == "forbidden_origin" else 401, headers=headers)
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_SDP_BYTES:
+                    return JSONResponse(event("error", code="too_large", fatal=True,
+                                              message=f"an offer of more than {MAX_SDP_BYTES} bytes"),
+                                        status_code=413, headers=headers)
+            try:
+                msg = json.loads(body)
+            except ValueError as e:
+                msg = f"not JSON: {e}"
+            status, answer = await answer_offer(server, msg, ice_servers=ice_servers)
+            return JSONResponse(answer, status_code=status, headers=headers)
+
     return app
+
+
+def _refusal(conn, token: str | None, allowed: Sequence[str]) -> tuple[str, str] | None:
+    """Why a WebSocket or an HTTP request (both carry headers and query) may not open a session, or None."""
+    if not _origin_ok(conn, allowed):
+        return "forbidden_origin", "pages of another origin may not connect"
+    if token is not None and not _token_ok(conn, token):
+        return "unauthorized", "missing or wrong token (?token=... or Authorization: Bearer ...)"
+    return None
 
 
 def _token_ok(ws: WebSocket, token: str) -> bool:
@@ -112,14 +153,11 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
                            allowed_origins: Sequence[str] = ()) -> None:
     """One WebSocket from accept to close: origin and token, a slot or ``busy``, the session, cleanup."""
     await ws.accept()
-    refusal = None
-    if not _origin_ok(ws, allowed_origins):
-        refusal = ("forbidden_origin", "pages of another origin may not connect", CLOSE_FORBIDDEN_ORIGIN)
-    elif token is not None and not _token_ok(ws, token):
-        refusal = ("unauthorized", "missing or wrong token (?token=... or Authorization: Bearer ...)",
-                   CLOSE_UNAUTHORIZED)
+    refusal = _refusal(ws, token, allowed_origins)
+    if refusal is not None:
+        refusal = (*refusal, CLOSE_FORBIDDEN_ORIGIN if refusal[0] == "forbidden_origin" else CLOSE_UNAUTHORIZED)
     elif server.shutting_down:
-        refusal = ("server_shutdown", _SHUTDOWN_MESSAGE, CLOSE_GOING_AWAY)
+        refusal = ("server_shutdown", SHUTDOWN_MESSAGE, CLOSE_GOING_AWAY)
     if refusal is not None:
         with contextlib.suppress(Exception):
             await ws.send_text(json.dumps(event("error", code=refusal[0], message=refusal[1], fatal=True)))
@@ -149,9 +187,6 @@ async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | No
                 await asyncio.sleep(0.02)
         server.detach(conn)
         conn.finished.set()
-
-
-_SHUTDOWN_MESSAGE = "the server is shutting down: connect again later"
 
 
 async def shutdown_connections(server: LiveServer, timeout: float = 5.0) -> int:
@@ -209,14 +244,13 @@ def leave_stuck_sessions(server: LiveServer) -> None:
         os._exit(0)
 
 
-class _Connection:
-    """The two halves of one connection: a receiver (validates, dispatches) and a sender (events, bytes)."""
+class _Connection(Control):
+    """The two halves of one connection: a receiver (``Control.receive``) and a sender (events, bytes)."""
 
     def __init__(self, server: LiveServer, ws: WebSocket, slot):
-        self.server, self.ws, self.slot, self.limits = server, ws, slot, server.limits
-        self.session: LiveSession | None = None
+        super().__init__(server, slot)
+        self.ws = ws
         self.out: asyncio.Queue = asyncio.Queue()
-        self.closing = False
         self.finished = asyncio.Event()
         self._sender: asyncio.Task | None = None
         self._leaving = False  # going_away: the sender says server_shutdown and closes 1001
@@ -266,12 +300,6 @@ class _Connection:
         if self._sender is not None:
             self._sender.cancel()
 
-    def _close_after(self, code: int, reason: str) -> None:
-        """The sender closes once everything queued before this went out."""
-        if not self.closing:
-            self.closing = True
-            self.emit(Close(code, reason))
-
     async def _send_loop(self) -> None:
         try:
             await self._send_queued()
@@ -283,7 +311,7 @@ class _Connection:
     async def _say_going_away(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.send_text(json.dumps(event(
-                "error", code="server_shutdown", message=_SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
+                "error", code="server_shutdown", message=SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
         await _close(self.ws, CLOSE_GOING_AWAY, "server_shutdown")
 
     async def _send_queued(self) -> None:
@@ -310,7 +338,6 @@ class _Connection:
                 return
 
     async def _receive_loop(self) -> None:
-        bad = 0
         loop = asyncio.get_running_loop()
         start_deadline = loop.time() + self.limits.start_timeout_s
         while True:
@@ -322,41 +349,10 @@ class _Connection:
             except asyncio.TimeoutError:
                 self.emit(event("error", code="start_timeout", fatal=True,
                                 message=f"no start message within {self.limits.start_timeout_s:g} s"))
-                self._close_after(CLOSE_TIMEOUT, "start_timeout")
+                self.close_after(CLOSE_TIMEOUT, "start_timeout")
                 continue
             except (WebSocketDisconnect, RuntimeError):
                 return
             if msg["type"] == "websocket.disconnect":
                 return
-            if self.closing:
-                continue  # the close is on its way: nothing more is read
-            raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes", b"")
-            try:
-                self._dispatch(parse_message(raw, self.limits))
-            except ProtocolError as e:
-                bad += 1
-                fatal = e.fatal or bad >= self.limits.max_bad_messages
-                self.emit(event("error", code=e.code, message=str(e), fatal=fatal))
-                if fatal:
-                    self._close_after(e.close if e.fatal else CLOSE_BAD_MESSAGES, e.code)
-
-    def _dispatch(self, m) -> None:
-        s = self.session
-        if isinstance(m, Start):
-            if s is not None:
-                raise ProtocolError("already_started", "this connection already runs a session: one per connection")
-            if self.server.shutting_down:
-                raise ProtocolError("server_shutdown", _SHUTDOWN_MESSAGE, fatal=True, close=CLOSE_GOING_AWAY)
-            self.server.check_prompt(m.prompt)
-            self.session = self.server.open_session(self.slot, m, self.emit)
-        elif s is None and isinstance(m, (Prompt, Ack)):
-            raise ProtocolError("not_started", "send a 'start' message first")
-        elif isinstance(m, Prompt):
-            s.switch_prompt(m.prompt)
-        elif isinstance(m, Ack):
-            s.ack(m.block)
-        elif isinstance(m, Stop):
-            if s is None:
-                self._close_after(CLOSE_NORMAL, "stopped")
-            else:
-                s.stop()
+            self.receive(msg.get("text") if msg.get("text") is not None else msg.get("bytes", b""))

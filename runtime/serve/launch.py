@@ -106,12 +106,18 @@ def serve_main(serving: ServeOptions | None = None, *, on_ready: Callable[[str],
     missing = missing_serve_deps()
     if missing:
         raise ImportError(f"{', '.join(missing)} not installed: {SERVE_EXTRA_HINT}")
+    if serving.webrtc:
+        from .webrtc import WEBRTC_EXTRA_HINT, webrtc_available
+
+        if not webrtc_available():
+            raise ImportError(f"--webrtc needs aiortc, which is not installed: {WEBRTC_EXTRA_HINT}")
     import uvicorn
 
     from .app import SHUTDOWN_S, create_app, leave_stuck_sessions, stop_on_signals
 
     server = build_server(**build)
-    app = create_app(server, token=token, allowed_origins=allowed_origins)
+    app = create_app(server, token=token, allowed_origins=allowed_origins, webrtc=serving.webrtc,
+                     ice_servers=serving.ice_servers)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             ws_max_size=4 * server.limits.max_message_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=SHUTDOWN_S["uvicorn"])

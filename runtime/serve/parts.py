@@ -10,6 +10,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..metrics import percentile
+
 __all__ = ["Binary", "Close", "ServerObserver", "Slot", "Stats", "cap_malloc_arenas"]
 
 
@@ -43,6 +45,26 @@ class Stats:
     ended: Counter = field(default_factory=Counter)
     ttff_s: deque = field(default_factory=lambda: deque(maxlen=256))
     block_s: deque = field(default_factory=lambda: deque(maxlen=1024))
+    first_out_s: dict = field(default_factory=dict)  # transport -> seconds from start to its first frame out
+
+    def record_block(self, block_s: float, ttff_s: float | None) -> None:
+        self.blocks_served += 1
+        self.block_s.append(block_s)
+        if ttff_s is not None:
+            self.ttff_s.append(ttff_s)
+
+    def record_first_out(self, transport: str, seconds: float) -> None:
+        self.first_out_s.setdefault(transport, deque(maxlen=1024)).append(seconds)
+
+    def summary(self) -> dict:
+        """The counters as ``LiveServer.stats()`` reports them (percentiles of the latest values)."""
+        def pct(xs) -> dict:
+            xs = list(xs)
+            return {"p50": percentile(xs, 50), "p95": percentile(xs, 95), "n": len(xs)}
+
+        return {"sessions_total": self.sessions_total, "sessions_ended": dict(self.ended),
+                "blocks_served": self.blocks_served, "ttff_s": pct(self.ttff_s), "block_s": pct(self.block_s),
+                "first_frame_out_s": {k: pct(v) for k, v in self.first_out_s.items()}}
 
 
 def cap_malloc_arenas(n: int = 4) -> bool:
@@ -69,3 +91,35 @@ class ServerObserver(Protocol):
     def first_block(self, ttff_s: float) -> None: ...  # a session's first fragment went out
     def block(self, block_s: float) -> None: ...  # a block was served
     def ended(self, reason: str) -> None: ...  # a session ended (done, stopped, disconnected, error, ...)
+
+
+def profile_info(c) -> dict:
+    """What a client is told of the stream (``hello``'s ``profile``): size, rates, block length, device."""
+    p = c.profile
+    return {"preset": p.name, "width": p.pixel_width, "height": p.pixel_height, "fps": float(p.fps),
+            "sample_rate": p.audio.sample_rate, "clip_blocks": p.stream.blocks,
+            "frames_per_block": p.pixel_frames(p.stream.latent_frames_per_block, first_block=False),
+            "text_len": p.text.text_len, "device": str(c.dit_device), "weights": c.source}
+
+
+class BlockPace:
+    """A session's live numbers, block by block: the gap between first frames and the steady FPS (frames of
+    blocks 1.. over the time they took to arrive, as ``metrics.py`` counts it)."""
+
+    def __init__(self):
+        self.block_times: deque = deque(maxlen=1024)  # an endless session keeps the latest only
+        self._prev_first: float | None = None
+        self._done0: float | None = None
+        self._steady_frames = 0
+
+    def add(self, b) -> tuple[float | None, float | None]:
+        """A decoded block arrived: its (gap_s, fps so far), None where not defined yet."""
+        gap = None if self._prev_first is None else b.first_frame_s - self._prev_first
+        self._prev_first, fps = b.first_frame_s, None
+        if self._done0 is None:
+            self._done0 = b.done_s
+        else:
+            self._steady_frames += b.frames.shape[0]
+            fps = self._steady_frames / max(b.done_s - self._done0, 1e-9)
+        self.block_times.append(b.done_s - b.start_s)
+        return gap, fps

@@ -27,6 +27,9 @@ file ``hallolive-rt stream --out`` writes (init segment, one fragment per block,
             "stage": "setup" | "text" | "dit" | "vae_video" | "vae_audio" | "writer" | "connection", ...,
             "fatal": true} + CLOSE_INTERNAL; "stalled" (no block for ``block_timeout_s``) + CLOSE_INTERNAL;
             "server_shutdown" + CLOSE_GOING_AWAY. After "internal" or "stalled" the server serves on.
+Over WebRTC (``webrtc.py``) the same messages and events travel on the data channel; pictures and sound
+go on the tracks, so ``init``/``tail`` and binaries do not exist there, ``block`` says ``bytes`` 0, and the
+close comes as a last event ``close`` {code, reason} (one of the close codes below) before the peer closes.
 Behind Ray Serve (``ray.py``) the replica says all of the above; Ray's proxy adds two endings of its own
 (``ray_proxy.py``): ``error`` code ``replica_lost`` + CLOSE_INTERNAL when the replica holding the session
 died, ``unavailable`` + CLOSE_BUSY (or CLOSE_INTERNAL) when the proxy answered with an HTTP error instead.
@@ -63,7 +66,7 @@ CLOSE_CODES = frozenset({CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_TOO_BIG, CLOSE_IN
                          CLOSE_BAD_MESSAGES, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN_ORIGIN, CLOSE_TIMEOUT})
 
 EVENTS = frozenset({"hello", "busy", "started", "init", "block", "prompt_queued", "prompt_applied", "tail", "end",
-                    "error"})
+                    "error", "close"})
 # where a session can fail (``stage`` of an "internal" error): building its state, encoding a prompt, the
 # DiT's steps, the video decoder, the audio decoder, muxing the block; and the connection's own tasks
 STAGES = ("setup", "text", "dit", "vae_video", "vae_audio", "writer", "connection")

@@ -1,15 +1,8 @@
 """Live sessions without any web framework: ``LiveServer`` owns the loaded components, the session slots
-and the counters; ``LiveSession`` runs one client's stream on its own thread and hands events and fMP4
-bytes to a thread-safe ``emit`` callable. ``app.py`` puts a WebSocket in front; a Ray Serve replica can
-wrap the same objects (one ``LiveServer`` per replica) without a second copy of this logic.
-
-Threads of one session: the session thread drives ``StreamSession.run`` (the DiT); the pipeline's decode
-and writer threads decode the block and call ``_on_block`` on the writer thread, which muxes it with the
-file writer's code (``StreamWriter`` into a ``FragmentSink``), emits the event + fragment, then waits while
-``max_unacked_blocks`` blocks are unacknowledged. That wait fills the pipeline's host slots, which pauses
-the DiT: memory is bounded by a few blocks, whatever the client does. No acknowledgement for
-``client_timeout_s`` drops the client. Every session ends by zeroing its state (``StreamSession.clear``);
-a failure in any stage, or no block for ``block_timeout_s`` (``faults.py``), ends that session alone.
+and the counters; ``LiveSession`` runs one client's stream on its own thread and hands events, fMP4 bytes
+(or, with a ``media`` sink, each decoded frame and each block's audio) to a thread-safe ``emit``. The
+WebSocket (``app.py``) and WebRTC (``webrtc.py``) transports and a Ray Serve replica wrap these same
+objects; threads, flow control and endings are drawn in ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Callable
 
 from hallolive_rt.cache_policy import ENDLESS
@@ -27,10 +19,10 @@ from hallolive_rt.model.text_tokenizer import PromptError
 from hallolive_rt.options import DecoderOptions, DiTOptions
 
 from ..media import FragmentSink, StreamWriter
-from ..metrics import percentile
 from ..session import StreamSession
 from .faults import Watchdog, failing_as, internal_error, stage_of
-from .parts import Binary, Close, ServerObserver, Slot as _Slot, Stats as _Stats, cap_malloc_arenas
+from .parts import (Binary, BlockPace, Close, ServerObserver, Slot as _Slot, Stats as _Stats, cap_malloc_arenas,
+                    profile_info)
 from .protocol import (CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_TIMEOUT, Limits, ProtocolError, Start, event,
                        mse_mime)
 
@@ -121,11 +113,14 @@ class LiveServer:
             s.abort("server_shutdown")
         return conns
 
-    def open_session(self, slot: _Slot, start: Start, emit: Callable[[object], None]) -> "LiveSession":
+    def open_session(self, slot: _Slot, start: Start, emit: Callable[[object], None], *, media=None,
+                     transport: str = "ws") -> "LiveSession":
         """Start one client's stream in ``slot`` (its thread starts now); ``emit`` gets dicts, Binary, Close.
-        The session owns the slot from here: it releases it when its thread ends, before its last Close."""
+        ``media``: an object with ``frames(FramesReady)`` and ``block(DecodedBlock)`` (writer thread) that
+        takes the pictures and sound instead of the fMP4 muxer. The session owns the slot from here: it
+        releases it when its thread ends, before its last Close."""
         sid = f"{self.replica_id}-{next(self._ids)}"
-        s = LiveSession(self, slot, sid, start, emit)
+        s = LiveSession(self, slot, sid, start, emit, media=media, transport=transport)
         with self._lock:
             self._active[sid] = s
             self._stats.sessions_total += 1
@@ -142,13 +137,15 @@ class LiveServer:
         """A block went out (``ttff_s`` with a session's first): counted as it happens, so ``stats()`` and
         the metrics of an endless session move while it runs."""
         with self._lock:
-            self._stats.blocks_served += 1
-            self._stats.block_s.append(block_s)
-            if ttff_s is not None:
-                self._stats.ttff_s.append(ttff_s)
+            self._stats.record_block(block_s, ttff_s)
         if ttff_s is not None:
             self._observe("first_block", ttff_s)
         self._observe("block", block_s)
+
+    def _first_out(self, transport: str, seconds: float) -> None:
+        """A session's first frame left the server (its fragment written, or its frame sent on a track)."""
+        with self._lock:
+            self._stats.record_first_out(transport, seconds)
 
     def check_prompt(self, text: str) -> None:
         """The tokenizer's verdict on a prompt (empty, too many tokens) as a ProtocolError."""
@@ -173,30 +170,24 @@ class LiveServer:
 
     # ---- what the client and the operator see ---------------------------------------------------------
     def info(self) -> dict:
-        p = self.p
-        return {"preset": p.name, "width": p.pixel_width, "height": p.pixel_height, "fps": float(p.fps),
-                "sample_rate": p.audio.sample_rate, "clip_blocks": p.stream.blocks,
-                "frames_per_block": p.pixel_frames(p.stream.latent_frames_per_block, first_block=False),
-                "text_len": p.text.text_len, "device": str(self.c.dit_device), "weights": self.c.source}
-
+        return profile_info(self.c)
     def stats(self) -> dict:
         """Health and metrics of this process / replica (``/health``; what a Ray replica reports)."""
         with self._lock:
-            st = self._stats
-            ttff, blk = list(st.ttff_s), list(st.block_s)
             stuck = sum(s.end_reason == "stalled" for s in self._active.values())  # threads not yet returned
             return {"replica": self.replica_id, "replicas": self.replicas, "active_sessions": self.active_sessions,
-                    "max_sessions": self.max_sessions, "stuck_sessions": stuck, "sessions_total": st.sessions_total,
-                    "sessions_ended": dict(st.ended), "blocks_served": st.blocks_served,
-                    "ttff_s": {"p50": percentile(ttff, 50), "p95": percentile(ttff, 95), "n": len(ttff)},
-                    "block_s": {"p50": percentile(blk, 50), "p95": percentile(blk, 95), "n": len(blk)}}
+                    "max_sessions": self.max_sessions, "stuck_sessions": stuck, **self._stats.summary()}
 
 
 class LiveSession:
     """One client's stream: a thread running the StreamSession, flow control, prompt switches, the end."""
 
-    def __init__(self, server: LiveServer, slot: _Slot, sid: str, start: Start, emit: Callable[[object], None]):
+    def __init__(self, server: LiveServer, slot: _Slot, sid: str, start: Start, emit: Callable[[object], None],
+                 *, media=None, transport: str = "ws"):
         self.server, self.slot, self.id, self.start, self._emit = server, slot, sid, start, emit
+        self.media, self.transport = media, transport
+        self.first_out_s: float | None = None  # start to the first frame leaving the server
+        self._media_frames = self._media_samples = 0
         self.limits = server.limits
         self._cond = threading.Condition()
         self._aborted = self._stopping = False
@@ -210,10 +201,7 @@ class LiveSession:
         self._thread = threading.Thread(target=self._work, name=f"hallolive-session-{sid}", daemon=True)
         self.t0 = time.perf_counter()
         self.ttff_s: float | None = None
-        self.block_times: deque = deque(maxlen=1024)  # an endless session keeps the latest only
-        self._prev_first: float | None = None  # first_frame_s of the previous block (inter-block gap)
-        self._done0: float | None = None  # done_s of block 0 and frames since: the steady FPS (metrics.py)
-        self._steady_frames = 0
+        self.pace = BlockPace()
         self._writer: StreamWriter | None = None
         self._final_close: Close | None = None  # emitted once the slot is free again
         self._closed = False  # the close went out (the watchdog sends it at once: the thread may be stuck)
@@ -257,10 +245,17 @@ class LiveSession:
             self._cond.notify_all()
 
     def sent(self, block: int) -> None:
-        """The connection wrote block ``block``'s fragment."""
+        """The connection wrote block ``block``'s fragment (or its track sent the block's last frame)."""
+        self.frame_out()
         with self._cond:
             self._sent = max(self._sent, block + 1)
             self._cond.notify_all()
+
+    def frame_out(self) -> None:
+        """A frame left the server: the first one is the transport's time to first frame."""
+        if self.first_out_s is None:
+            self.first_out_s = time.perf_counter() - self.t0
+            self.server._first_out(self.transport, self.first_out_s)
 
     def stop(self) -> None:
         """Graceful: end after the block running now; the blocks made so far, the tail and ``end`` follow."""
@@ -317,9 +312,12 @@ class LiveSession:
                 sess = self.server.session_for(self.slot, st.blocks, st.future_audio_frames)
             with failing_as("text"):
                 ctx, _ = sess.encode(st.prompt)  # checked by LiveServer.check_prompt before the session opened
-            with failing_as("writer"):
-                self._writer = StreamWriter(None, width=p.pixel_width, height=p.pixel_height, fps=p.fps,
-                                            sample_rate=p.audio.sample_rate, sink=FragmentSink())
+            if self.media is None:
+                with failing_as("writer"):
+                    self._writer = StreamWriter(None, width=p.pixel_width, height=p.pixel_height, fps=p.fps,
+                                                sample_rate=p.audio.sample_rate, sink=FragmentSink())
+            else:
+                sess.pipeline.on_frames = self.media.frames
             sess.pipeline.on_block = self._on_block
             with self._cond:
                 self._sess = sess
@@ -353,7 +351,7 @@ class LiveSession:
         session that cannot be zeroed is dropped and the slot builds a new one), the slot is free, then the
         close goes out (a client that reconnects at once finds the slot free)."""
         if sess is not None:
-            sess.pipeline.on_block = None
+            sess.pipeline.on_block = sess.pipeline.on_frames = None
             try:
                 sess.clear()
             except Exception:  # noqa: BLE001
@@ -384,10 +382,15 @@ class LiveSession:
             if self._aborted:
                 return
             self.end_reason = "stopped" if self._stopping else "done"
-        summary = self._writer.close()
-        for seg in self._writer.sink.pop():
-            self.emit(event("tail", bytes=len(seg.data)))
-            self.emit(Binary(seg.data))
+        if self._writer is None:  # media sink: what was generated, no held frames
+            summary = {"frames": self._media_frames, "samples": self._media_samples,
+                       "video_s": self._media_frames / float(self.server.p.fps),
+                       "audio_s": self._media_samples / self.server.p.audio.sample_rate}
+        else:
+            summary = self._writer.close()
+            for seg in self._writer.sink.pop():
+                self.emit(event("tail", bytes=len(seg.data)))
+                self.emit(Binary(seg.data))
         self.emit(event("end", reason=self.end_reason, blocks=self.produced, frames=summary.get("frames", 0),
                         samples=summary.get("samples", 0), video_s=summary.get("video_s", 0.0),
                         audio_s=summary.get("audio_s", 0.0), duration_s=time.perf_counter() - self.t0))
@@ -403,43 +406,39 @@ class LiveSession:
         if self._aborted or b.index != self.produced:  # an earlier block failed (its error is on its way):
             return  # a stream never skips a block
         with failing_as("writer"):
-            self._writer.write_block(b.frames, b.audio)
-        now = time.perf_counter()
-        if self.ttff_s is None:
-            self.ttff_s = now - self.t0
-        gap = None if self._prev_first is None else b.first_frame_s - self._prev_first
-        self._prev_first = b.first_frame_s
-        fps = None
-        if self._done0 is None:
-            self._done0 = b.done_s
-        else:  # steady FPS so far: frames of blocks 1.. over the time they took to arrive
-            self._steady_frames += b.frames.shape[0]
-            fps = self._steady_frames / max(b.done_s - self._done0, 1e-9)
+            if self.media is None:
+                self._writer.write_block(b.frames, b.audio)
+            else:
+                self.media.block(b)
+                self._media_frames, self._media_samples = (self._media_frames + b.frames.shape[0],
+                                                           self._media_samples + b.audio.shape[0])
+        self.ttff_s = time.perf_counter() - self.t0 if self.ttff_s is None else self.ttff_s
+        gap, fps = self.pace.add(b)
         block_s = b.done_s - b.start_s
-        self.block_times.append(block_s)
         with self._cond:
             pid = self._prompt_of(b.index)
             self.produced, self._progress_at = self.produced + 1, time.monotonic()
             queue = self.produced - min(self._acked, self._sent)
         self.server._served(block_s, self.ttff_s if self.produced == 1 else None)
+        info = dict(index=b.index, prompt_id=pid, frames=int(b.frames.shape[0]), samples=int(b.audio.shape[0]),
+                    ttff_s=self.ttff_s, first_frame_s=b.first_frame_s, block_s=block_s, gap_s=gap, fps=fps,
+                    queue=queue, stage_ms={k: round(v, 3) for k, v in b.times.items()})
+        if self.media is not None:  # the pictures and sound went to the media sink
+            self.emit(event("block", bytes=0, **info))
         with failing_as("writer"):
-            for seg in self._writer.sink.pop():
+            for seg in self._writer.sink.pop() if self._writer is not None else ():
                 if seg.kind == "init":
                     self.emit(event("init", mime=mse_mime(seg.data), bytes=len(seg.data)))
                     self.emit(Binary(seg.data))
                 else:
-                    self.emit(event("block", index=b.index, prompt_id=pid, frames=int(b.frames.shape[0]),
-                                    samples=int(b.audio.shape[0]), bytes=len(seg.data), ttff_s=self.ttff_s,
-                                    first_frame_s=b.first_frame_s, block_s=block_s, gap_s=gap, fps=fps,
-                                    queue=queue, stage_ms={k: round(v, 3) for k, v in b.times.items()}))
+                    self.emit(event("block", bytes=len(seg.data), **info))
                     self.emit(Binary(seg.data, block=b.index))
         with self._cond:
             self._waiting = True
             ok = self._cond.wait_for(self._may_continue, timeout=self.limits.client_timeout_s)
             self._waiting, self._progress_at = False, time.monotonic()
         if not ok:
-            log.info("session %s: no acknowledgement for %.1f s, dropping the client", self.id,
-                     self.limits.client_timeout_s)
+            log.info("session %s: no ack for %.1f s, dropping the client", self.id, self.limits.client_timeout_s)
             self._emit(event("error", code="client_timeout", fatal=True,
                              message=f"no ack for {self.limits.client_timeout_s:g} s with "
                                      f"{self.limits.max_unacked_blocks} blocks unacknowledged"))

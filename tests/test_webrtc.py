@@ -256,3 +256,21 @@ def test_ten_sessions_leave_threads_and_memory_flat(addr, live):
     # native pools (libvpx, Opus, the loop's executor) settle after the first sessions: bounded, not growing
     assert max(threads[2:]) <= min(threads) + 8 and threads[-1] <= max(threads[2:6]) + 2, threads
     assert live.stats()["active_sessions"] == 0
+
+
+def test_the_first_frame_bench_runs_and_webrtc_sends_its_first_frame_before_the_block_is_muxed(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve_first_frame.py"
+    spec = importlib.util.spec_from_file_location("serve_first_frame", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ff.json"
+    res = bench.main(["--sessions", "1", "--blocks", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == res["summary"]
+    ws, rtc = res["summary"]["ws"], res["summary"]["webrtc"]
+    assert ws["n"] == rtc["n"] == 1 and res["env"]["git_commit"]
+    # the WebSocket's first frame leaves with its block's fragment, WebRTC's once it is decoded
+    assert 0 < rtc["server_first_frame_out_s_p50"] < ws["server_first_frame_out_s_p50"]
+    assert ws["client_first_frame_s_p50"] >= ws["server_first_frame_out_s_p50"] > 0

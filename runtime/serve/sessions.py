@@ -393,7 +393,8 @@ class LiveSession:
                 self.emit(Binary(seg.data))
         self.emit(event("end", reason=self.end_reason, blocks=self.produced, frames=summary.get("frames", 0),
                         samples=summary.get("samples", 0), video_s=summary.get("video_s", 0.0),
-                        audio_s=summary.get("audio_s", 0.0), duration_s=time.perf_counter() - self.t0))
+                        audio_s=summary.get("audio_s", 0.0), duration_s=time.perf_counter() - self.t0,
+                        first_frame_out_s=self.first_out_s))
         self._final_close = Close(CLOSE_NORMAL, self.end_reason)
 
     def _prompt_of(self, block: int) -> int:  # under self._cond; blocks come in order, so older entries go

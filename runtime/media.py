@@ -1,54 +1,8 @@
-"""Streamed media output: fragmented MP4 (H.264 + AAC), raw .y4m frames and a 16-bit WAV, block by block.
-
-A/V sync, and why no drift can accumulate
------------------------------------------
-The model pairs one latent frame (``vae_temporal`` = 4 pixel frames) with ``tokens_per_latent_frame`` = 5
-audio tokens of 512 samples at 16 kHz, i.e. 2560 samples = 0.16 s. The runtime therefore writes video at
-``profile.fps`` = 25 fps, where 4 frames last exactly 0.16 s too. (The release writes 24 fps: 4 frames last
-0.1667 s, so the picture falls 40 ms behind the speech per 24-frame block; ``fps=24`` reproduces that.)
-
-Nothing here is ever a running float sum. Every timestamp is a function of two integer counters:
-video frame ``n`` has pts ``n`` in time base ``1/fps`` and audio sample ``s`` has pts ``s`` in time base
-``1/sample_rate``; the audio that may be released after ``n`` frames is ``floor(n * sample_rate / fps)``
-samples, computed with ``fps`` as an exact ``Fraction``. Samples per frame may be fractional (16000/24 =
-666.67): the fraction is never rounded and carried, it simply never exists, because the bound is recomputed
-from the totals. So the error of any timestamp is below one sample / one frame, at block 1 and block 10**6.
-
-The first latent frame decodes to 1 pixel frame for 5 tokens of audio, so after block 0 the audio is 3
-frames (1920 samples at 25 fps) ahead of the video, and stays exactly 3 frames ahead: a constant offset,
-not a drift. Audio past the end of the frames written so far is buffered, so the MP4's audio never runs
-ahead of its video mid-stream. On close the last frame is held (repeated) ``ceil(S * fps / sr) - N``
-times (N frames, S samples received), then all audio is written: the video ends at most one frame after
-the audio. When the audio is SHORTER than the video (only with a mismatched fps such as 24) nothing is
-invented: the gap is reported in ``StreamWriter.summary`` and stays visible in the file.
-
-AAC priming: the encoder emits 1024 samples of priming first (pts -1024). A fragmented MP4 cannot carry
-an edit list written before the first packet, so the muxer shifts both tracks by the priming instead
-(video frame 0 is shown 64 ms longer at 16 kHz); from there on frame n and audio sample n*sr/fps play at
-the same instant (tests/test_media.py decodes a click train against a flash train to check it).
-
-Kill safety: each block starts with a forced IDR frame and, once the block is muxed, its fragment
-(moof + mdat) is flushed to disk, so a process killed mid-stream leaves a file that demuxes with every
-finished block's frames; its audio may stop up to 3 AAC frames (< 192 ms at 16 kHz) short of the video:
-the part of an AAC frame not yet fed plus the frames the encoder still holds. close() writes everything
-else as one last fragment (held frames + tail audio).
-
-In-memory output (live sessions): ``StreamWriter(None, ..., sink=FragmentSink())`` muxes through the very
-same encoders and muxer into memory instead of a file; ``sink.pop()`` hands out the init segment (ftyp +
-moov, at the first block), one media fragment (moof + mdat) per block and the tail that close() writes.
-Concatenated, they are byte for byte the file this writer writes for the same blocks (tests/test_media.py).
-
-The .y4m and .wav are raw records of exactly what the model produced (no held frames, no alignment):
-the .y4m is append-only, the .wav header is rewritten after every block (``runtime/raw_records.py``).
-Reading a file back: ``probe_media`` (``runtime/probe.py``, re-exported here).
-
-Ends: ``close()`` (normal end, or a stream stopped by SIGINT / SIGTERM at a block boundary) ends both
-tracks on the last block: the held frames cover the audio, all audio is written, so the tracks differ by
-less than one frame. A write that fails (disk full, quota, I/O error) cuts every output back to the end of
-its last complete block (``runtime/outputs.FileSink``) and raises ``OutputWriteError`` saying what was
-kept: the MP4 then ends on that block's fragment (its audio up to 3 AAC frames short, as after a kill).
-Every file is opened through a ``FileSink``; whether a path may be written at all (locks, overwrite) is
-decided before, in ``runtime/outputs.py``.
+"""Streamed media output, block by block: ``StreamWriter`` muxes uint8 RGB frames [N, H, W, 3] and mono
+float audio [S] into a fragmented MP4 (H.264 + AAC; one fragment per block, flushed as it is muxed), into
+memory through a ``FragmentSink`` (the same bytes, for live sessions), and into raw .y4m / .wav records.
+Every timestamp comes from two integer counters (frame ``n`` at ``n / fps``, sample ``s`` at
+``s / sample_rate``); the sync rules, kill safety and write failures are in ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -58,6 +12,7 @@ import errno
 import logging
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -74,6 +29,7 @@ from .raw_records import _WavWriter, _Y4mWriter
 __all__ = ["StreamWriter", "MediaError", "OutputWriteError", "SyncPoint", "probe_media", "FragmentSink", "Segment"]
 
 log = logging.getLogger(__name__)
+TIMELINE_KEEP = 64  # sync points kept: a failed write cuts back at most 2 blocks
 
 
 @dataclass(frozen=True)
@@ -209,8 +165,8 @@ def _libavformat():
 class StreamWriter:
     """Write streamed blocks of RGB frames + mono float audio to fragmented MP4 / .y4m / .wav.
 
-    Use as a context manager and call ``write_block`` once per decoded block. See the module docstring
-    for the timing rules. Outputs are opened at the first block, so an error before it leaves no files.
+    Use as a context manager and call ``write_block`` once per decoded block (timing rules:
+    ``docs/ARCHITECTURE.md``, "The media writer"). Outputs are opened at the first block, so an error before it leaves no files.
     """
 
     def __init__(self, path: Path | None, *, width: int, height: int, fps: float | Fraction,
@@ -233,7 +189,9 @@ class StreamWriter:
         # 25.0 -> 25, 24000/1001 stays exact; a float like 29.97 becomes 2997/100, still exact.
         self.fps = Fraction(fps).limit_denominator(1_000_000)
         self.crf, self.preset, self.audio_bitrate = crf, preset, audio_bitrate
-        self.timeline: list[SyncPoint] = []
+        # the sync points of the latest blocks (an endless stream keeps a bounded number)
+        self.timeline: deque[SyncPoint] = deque(maxlen=TIMELINE_KEEP)
+        self.blocks = 0  # blocks written
         self.summary: dict = {}
         self.fragment_flush = False  # True once an explicit per-block fragment flush succeeded
         self._frames = 0  # received video frames (= muxed, until the hold at close)
@@ -261,7 +219,7 @@ class StreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and not self.timeline:
+        if exc_type is not None and not self.blocks:
             self._abort()  # nothing finished: leave no partial files
         else:
             self.close()  # finished blocks stay playable even if the caller failed later
@@ -334,7 +292,7 @@ class StreamWriter:
         if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
             raise MediaError(f"audio must be float [S] (mono), got {audio.dtype} {list(audio.shape)}")
         audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
-        if not self.timeline:
+        if not self.blocks:
             self._open()
         frames = np.ascontiguousarray(frames)
         try:
@@ -344,9 +302,10 @@ class StreamWriter:
         self._frames += len(frames)
         if len(frames):
             self._last = frames[-1]
-        point = SyncPoint(len(self.timeline), self._frames, self._samples,
+        point = SyncPoint(self.blocks, self._frames, self._samples,
                           Fraction(self._frames) / self.fps, Fraction(self._samples, self.sample_rate))
         self.timeline.append(point)
+        self.blocks += 1
         return point
 
     def _write_outputs(self, frames: np.ndarray, audio: np.ndarray) -> None:
@@ -355,7 +314,7 @@ class StreamWriter:
             # no explicit flush: the muxer writes block i-1's fragment when block i's first frame arrives,
             # so before this block's frames the file ends after block i-2's fragment
             self._sink.commit()
-            self._mp4_whole = max(len(self.timeline) - 1, 0)
+            self._mp4_whole = max(self.blocks - 1, 0)
         if self._y4m is not None:
             self._y4m.write(frames)
         if self._wav is not None:
@@ -372,16 +331,16 @@ class StreamWriter:
                     raise self._sink.error
                 if self.fragment_flush:  # this block's fragment is on disk
                     self._sink.commit()
-                    self._mp4_whole = len(self.timeline) + 1
+                    self._mp4_whole = self.blocks + 1
             if self.sink is not None:
-                self.sink.cut("fragment", len(self.timeline))
+                self.sink.cut("fragment", self.blocks)
         for w in (self._y4m, self._wav):
             if w is not None:
                 w.commit()
 
     def _write_failed(self, err: OSError) -> OutputWriteError:
         """Cut every output back to its last complete block and close it; the error says what was kept."""
-        kept = len(self.timeline) if self._sink is None else min(len(self.timeline), self._mp4_whole)
+        kept = self.blocks if self._sink is None else min(self.blocks, self._mp4_whole)
         what = "the disk is full" if err.errno == errno.ENOSPC else (
             "the disk quota is exceeded" if err.errno == errno.EDQUOT else f"a write failed ({err})")
         where = ", ".join(str(p) for p in (self.path, self.frames_out, self.wav_out) if p is not None)
@@ -399,13 +358,13 @@ class StreamWriter:
                     w.close()
                 except (av.FFmpegError, OSError):
                     pass
-        last = self.timeline[kept - 1]
+        last = next(p for p in self.timeline if p.block == kept - 1)
         self.summary = {"blocks": kept, "frames": last.frames, "held_frames": 0, "samples": last.samples,
                         "video_s": float(last.video_end), "audio_s": float(last.audio_end),
                         "end_mismatch_s": float(last.video_end - last.audio_end),
                         "fragment_flush": self.fragment_flush, "error": str(err)}
         self.error = OutputWriteError(
-            f"{what} while writing block {len(self.timeline) + 1} to {where}: kept the first {kept} complete "
+            f"{what} while writing block {self.blocks + 1} to {where}: kept the first {kept} complete "
             f"block(s) ({float(last.video_end):.2f} s), and the file plays up to there. Free some space and "
             f"stream again")
         return self.error
@@ -459,11 +418,11 @@ class StreamWriter:
                     self.sink.cut("tail")
         video_end = Fraction(self._frames + held) / self.fps
         audio_end = Fraction(self._samples, self.sample_rate)
-        self.summary = {"blocks": len(self.timeline), "frames": self._frames, "held_frames": held,
+        self.summary = {"blocks": self.blocks, "frames": self._frames, "held_frames": held,
                         "samples": self._samples, "video_s": float(video_end), "audio_s": float(audio_end),
                         "end_mismatch_s": float(video_end - audio_end),
                         "fragment_flush": self.fragment_flush}
-        if self.timeline and audio_end < video_end - 1 / self.fps:
+        if self.blocks and audio_end < video_end - 1 / self.fps:
             log.warning("audio ends %.3f s before the video (fps %s does not match the audio clock)",
                         float(video_end - audio_end), self.fps)
         return self.summary

@@ -291,3 +291,11 @@ def test_no_files_left_when_failing_before_first_block(tmp_path):
             raise RuntimeError("later")
     p = probe_media(outs["path"])
     assert p["error"] is None and p["video"][0]["frames"] == 5 + 3
+
+
+def test_an_endless_stream_keeps_a_bounded_timeline(tmp_path):
+    blocks = media.TIMELINE_KEEP + 6
+    w = write_stream(tmp_path / "long.mp4", blocks, lambda b: (1, 640), 25, cheap=True)
+    assert w.blocks == w.summary["blocks"] == blocks and w.summary["frames"] == blocks
+    assert len(w.timeline) == media.TIMELINE_KEEP and w.timeline[-1].block == blocks - 1
+    assert w.timeline[0].block == blocks - media.TIMELINE_KEEP

@@ -1,21 +1,8 @@
-"""Backends against the reference on the same seed: per-block relative error of the committed latents.
-
-    check_backends(ModelSource("hallolive-512x992", random_weights=True, device="cuda"),
-                   backends=["eager", "cudagraph"], blocks=3, out_json="a.json")
-
-The reference backend (the first) runs the DiT block loop twice from the same seed and prompt context:
-the second run against the first is the **noise floor** (what the same code gives again: 0 unless kernels
-are non-deterministic). Each other backend then runs once; for every block, the committed video latents
-[B, Fb, C, h, w] and audio latents [B, 30, Ca] are compared with the reference's:
-
-    max_rel  = max |x - ref| / max |ref|        mean_rel = mean |x - ref| / mean |ref|
-
-(the definitions of tests/test_stream_reference.py). ``within_bound`` applies the bf16 bound the tests
-hold two implementations of the same loop to (max_rel < 5e-2, mean_rel < 1e-2; tests/test_backends.py
-holds cudagraph to the same 5e-2 on the tiny preset); a non-finite value never passes. Errors compound
-over blocks (block i's caches hold blocks < i), so the per-block list shows where a divergence starts.
-Only the DiT runs (the decoders are deterministic functions of these latents). Results are emitted after
-every block, like ``bench_main``.
+"""Backends against the reference on the same seed: ``check_backends(model, backends=[...], blocks=3)``
+runs the first backend twice (the noise floor) and each other once, and reports per block the relative
+error of the committed video [B, Fb, C, h, w] and audio [B, 30, Ca] latents against the reference
+(``max_rel``, ``mean_rel``) and whether it is within the bf16 bound. Only the DiT runs. Definitions:
+``docs/ARCHITECTURE.md``, "Checking a backend".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""Every model a stream needs, from the official download layout or with random weights.
-
-The official model directory layout and ``check_model_dir`` (which reports EVERY missing file in one
-error) live in ``hallolive_rt.release``, shared with the exporters. ``load_components(profile, None, ...)``
-builds random weights of the profile's architecture directly on the target devices (the full-size
-benchmark never holds a weight in host RAM): the DiT via ``build_dit`` (meta build + ``to_empty``), the
-decoders under ``torch.device(...)``, the umT5 encoder meta-built and filled on its device. Random
-weights always pair with the offline ``ByteTokenizer`` (its ids are valid in any vocabulary), so no
-file at all is needed; the tiny preset uses the small encoder of ``UMT5Config.tiny()``.
+"""Every model a stream needs (``load_components``): from the official download layout (checked by
+``hallolive_rt.release.check_model_dir``, every missing file in one error), or random weights of the
+profile's architecture built directly on the target devices (the full-size DiT never in host RAM), always
+with the offline ``ByteTokenizer`` so no file at all is needed; the tiny preset's encoder is
+``UMT5Config.tiny()``.
 """
 
 from __future__ import annotations

@@ -1,34 +1,8 @@
-"""DiT and decoders on one or two devices, overlapped: the VAE of block i decodes while the DiT runs the
-context pass of block i and then block i+1.
-
-    main thread (DiT device)      decode thread (VAE device)           writer thread (host)
-    DiT block i: 4 steps --event--> copy stream: latents -> staging[i % 2]
-    DiT block i: context pass       vae stream: wait copy; decode frame by frame;
-    DiT block i+1 ...               uint8 + D2H into pinned host slot,  each latent frame once it is on the
-                                    frame by frame  ------------------> host: on_frames(FramesReady) (the
-                                    audio decode + D2H; record events   first frame leaves at once); then
-                                                                         on_block(...) (io/write: MP4)
-The block is handed over unsealed (``submit(..., sealed=False)``) after its denoising steps, and sealed
-once its context pass has been issued: its DiT marks are final only then, so the writer (or, sequential,
-``seal`` itself) computes its times and writes it after the seal.
-Hand-off: the DiT's stream records an event after block i's steps; the copy stream (VAE device) waits
-it and copies the committed latents into one of two static staging slots; the decode stream waits the
-copy's event; a staging slot is refilled only after the decode stream's "slot consumed" event. Host slots
-(pinned, one block of frames + audio each) return to a free list once the writer has copied them out,
-so a slow MP4 encoder back-pressures decoding, never the DiT's stream. Nothing on the main thread waits
-for the VAE.
-
-With two GPUs (``--dit-device cuda:0 --vae-device cuda:1``) the DiT and the decoders run truly in
-parallel; with one GPU the same code runs both on separate streams of it (the GPU interleaves their
-kernels). On CPU there are no streams or events: the same classes run with synchronous copies and
-host timestamps, threads included (``overlap=True``) or everything inline (``overlap=False``, the
-sequential reference). Timings: CUDA events, converted to seconds since the stream's start through a
-per-device origin event recorded right after a synchronize; ``perf_counter`` on CPU.
-
-The video decoder runs through a ``VideoDecodeRunner`` (runtime/vae_runner.py: eager reference, compiled,
-CUDA graph, channels_last_3d), chosen with ``video_runner`` (``--vae-backend``), which owns the decoder's
-conv-cache state. On CUDA the DiT's work on the main thread goes through ``dit_stream()``: a stream of
-higher priority than the decode and copy streams (see ``DIT_STREAM_PRIORITY``).
+"""The decode pipeline: the DiT and the decoders on one or two devices, overlapped (block i decodes while
+the DiT runs block i's context pass and block i+1). ``DecodePipeline.submit(out, marks)`` takes a block's
+committed latents (video [B, 48, T, h, w], audio [B, 30, tokens]) after its denoising steps; the decode
+thread hands each latent frame's uint8 pixels to ``on_frames`` as they reach the host, and the whole block
+to ``on_block`` on the writer thread. Threads, streams, events and slots: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations

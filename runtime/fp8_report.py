@@ -1,23 +1,8 @@
-"""How far ``--precision fp8`` moves the stream: the deviation table of ``bench/fp8_deviation.py``.
-
-The same seeded stream (initial noise, re-noise draws, prompt context: all drawn in float32 on the device)
-runs through the DiT in each precision, with the same random weights (drawn in float32, rounded per run):
-
-    fp32                 the reference (optional at full size: 47 GB of weights)
-    bf16                 the released compute dtype
-    fp8/<impl>           bf16 compute, every eligible Linear in float8 e4m3 (``hallolive_rt.model.fp8``), once per
-                         implementation: ``scaled_mm`` (torch._scaled_mm: Hopper's float8 tensor cores on a GPU,
-                         torch's reference kernel on a CPU) and ``emulate`` (the float32 quantize-dequantize
-                         reference). On a CPU there is no float8 hardware: both rows are emulations.
-
-Each run is compared with the reference runs (``vs`` fp32 and bf16; and fp8/scaled_mm vs fp8/emulate, the
-float8 kernel against its reference), free-running (no teacher forcing: an
-error in one forward moves the inputs of the next, as in a real stream):
-    x0_rel_rms    per forward (every denoising step of every block), video and audio separately:
-                  rms(x0 - x0_ref) / rms(x0_ref); reported per forward and as max / mean
-    latents       the committed video and audio latents of the whole stream, same measure
-    frames_psnr   the committed video decoded by one float32 video VAE (the profile's, random weights) to
-                  uint8 frames: PSNR in dB against the reference's frames (inf when equal)
+"""How far ``--precision fp8`` moves the stream: the deviation table of ``bench/fp8_deviation.py``. The
+same seeded stream runs through the DiT in fp32 (the reference), bf16 and bf16 with float8 e4m3 Linears
+(``scaled_mm`` and the ``emulate`` reference), with the same random weights, free-running; each run is
+compared per forward (``x0_rel_rms``), on the committed latents and on the decoded frames (``frames_psnr``).
+The rows and measures: ``docs/ARCHITECTURE.md``, "fp8 deviation".
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
-"""The ``--metrics`` JSON: the definitions of docs/MEASURE.md (in the repository root).
-
-Input: the ``DecodedBlock``s of one stream (times in seconds since ``StreamSession.run`` was called,
-stage times in ms from CUDA events / perf_counter). Steady state = blocks 2..N (index >= 1).
-
-* block time       done_s - start_s of each steady block (first DiT forward started -> last frame and all
-                   audio of the block on the host); median and p95.
-* steady FPS       frames of blocks 2..N / (done_s[N] - done_s[1]): the wall time over which blocks 2..N
-                   were delivered, decode and D2H included (with overlap, blocks 2..N finish one DiT block
-                   apart, so this is the pipeline's throughput). None with one block.
-* DiT-only FPS-eq  frames per steady block / median DiT time of a block (4 steps + context pass);
-  VAE-only FPS-eq  frames per steady block / median (video decode + audio decode) time;
-  projected 2-GPU  min(DiT-only, VAE-only): labelled ``projected``, not measured.
-* TTFF             first_frame_s of block 1: from the run() call with an encoded prompt (text K/V
-                   preparation included) to the first RGB frame on the host; text encoding reported
-                   separately (text_encode_s).
-* inter-block gap  differences of consecutive blocks' first_frame_s; p99 (linear interpolation, so with
-                   few blocks it is close to the max, which is reported too) against one block's playback
-                   duration (frames per steady block / fps).
+"""The ``--metrics`` JSON of a stream: block time, steady FPS, DiT-only and VAE-only FPS equivalents, the
+projected two-GPU rate, TTFF and the inter-block gap, computed from the ``DecodedBlock``s of one stream
+(times in seconds since ``StreamSession.run``; steady state = blocks 2..N) by the definitions of
+``docs/MEASURE.md``; how each is computed here: ``docs/ARCHITECTURE.md``, "Metrics".
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
-"""Where output files are opened: one writer per file, no silent overwrite, and a sink that knows how much
-of a file is whole.
-
-    with claim_outputs([out, wav_out, metrics], overwrite=False):   # OutputBusy / OutputExists otherwise
-        ... stream; StreamWriter opens each file through a FileSink ...
-
-One writer per file: ``fcntl.flock`` on a lock file beside each output (``.<name>.lock``), taken without
-waiting and held for the life of the stream. The holder writes its PID and command line into it, so a
-second writer is refused at once with a message naming the first. The kernel drops the lock when the
-holding process ends, however it ends; the lock file is removed on every exit this process sees (a
-SIGKILL leaves a stale one, which the next writer takes over: a stale file holds no lock).
-
-No silent overwrite: an output that exists is refused unless ``overwrite`` is set (CLI ``--overwrite``).
-
-``FileSink`` is the file object the MP4 muxer (and the raw .y4m / .wav records) write through: a raw
-(unbuffered) file that remembers the size at the end of the last complete block (``commit``) and the
-first write error, so a disk that fills up mid-stream leaves a file cut back to its last complete block
-(``rollback``), never a torn one. Sinks for other destinations (memory, a socket) can stand in for it:
-the encoding core only needs ``write``/``seek``/``tell`` (PyAV's file-object protocol).
-
-This module holds the file-system policy only; ``runtime/media.py`` (the encoding core) never decides
-whether a path may be written.
+"""Where output files are opened: ``claim_outputs([(what, path), ...])`` takes one lock per output for
+the life of a stream (a second writer is refused at once, naming the first) and refuses an existing file
+unless ``overwrite``; ``FileSink`` is the raw file the muxer and raw records write through, which can cut
+a file back to its last complete block after a failed write. File-system policy only: ``media.py`` never
+decides whether a path may be written. Locks and sinks: ``docs/ARCHITECTURE.md``, "Output files".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""The measured dense-GEMM peak of a device: what ``bench``'s stage shares are set against.
-
-    measure_gemm_peak("cuda:0", torch.bfloat16)  # {"tflops": 702.3, "n": 8192, ...}
-
-``bench`` reports each stage's achieved TFLOP/s against two peaks: the assumed bf16 peak of the release's
-cards (``BF16_PEAK_TFLOPS``, 790, docs/MEASURE.md) and this one, measured in the same process on the card
-at hand (an H100 and an H200 differ, and the assumed figure is neither's datasheet number). The measure
-is the best of ``iters`` square ``n x n x n`` matmuls in ``dtype`` after a warm-up, timed with CUDA
-events (one synchronize at the end, none between them): the throughput a well-shaped GEMM reaches on
-this device, clocks and power limits included. On a CPU it runs a small size and means little; it is
-recorded all the same, so the JSON has one schema.
+"""The measured dense-GEMM peak of a device, what ``bench``'s stage shares are set against beside the
+assumed 790 TFLOP/s: ``measure_gemm_peak("cuda:0", torch.bfloat16)`` -> ``{"tflops", "n", ...}``, the best
+of ``iters`` square ``n x n x n`` matmuls after a warm-up, timed with CUDA events (one synchronize at the
+end): clocks and power limits included. On a CPU a small size, recorded all the same (one JSON schema).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""The raw records of a stream beside its MP4: ``--frames-out`` (.y4m) and ``--wav-out`` (.wav).
-
-Exactly what the model produced (no held frames, no alignment): the .y4m is append-only, the .wav header
-is rewritten after every block, so both are valid however the stream ends. Both write through a
-``FileSink`` (``runtime/outputs.py``): ``commit`` after a block, ``rollback`` to the last one after a
-failed write (``StreamWriter`` drives both).
+"""The raw records of a stream beside its MP4, ``--frames-out`` (.y4m) and ``--wav-out`` (.wav): exactly
+what the model produced (no held frames, no alignment), the .y4m append-only, the .wav header rewritten
+after every block, so both are valid however the stream ends; both write through a ``FileSink``
+(``commit`` after a block, ``rollback`` after a failed write, driven by ``StreamWriter``).
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""SIGINT / SIGTERM during ``hallolive-rt stream``: how a user ends a stream, and what it leaves.
-
-    with StopSignals() as stop:          # installs handlers (main thread only), restores them on exit
-        ... load, encode ...             # a signal here raises StreamInterrupted at once: nothing written
-        stop.graceful = True
-        for blk in session.run(...):
-            ...
-            if stop.requested:           # a signal here only asks: the loop ends at this block boundary,
-                break                    # the blocks already decoding are written, the writer closes
-
-The first signal while streaming is a request, so the file ends on a block boundary with both tracks
-complete (``StreamWriter.close``); a second one aborts at once (``StreamInterrupted``), leaving what the
-per-block fragment flushes already put on disk. Exit codes follow the shell's convention, 128 + signal:
-130 for SIGINT, 143 for SIGTERM.
+"""SIGINT / SIGTERM during ``hallolive-rt stream`` (``StopSignals``): before streaming a signal aborts at
+once (``StreamInterrupted``, nothing written); while streaming the first one is a request, so the loop
+ends on a block boundary with both tracks complete, and a second one aborts, leaving what the per-block
+fragment flushes put on disk. Exit codes are 128 + signal: 130 for SIGINT, 143 for SIGTERM.
 """
 
 from __future__ import annotations

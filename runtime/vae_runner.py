@@ -1,32 +1,8 @@
-"""The video decode runner: how the stream runs one latent frame of the Wan2.2 decoder.
-
-    opts = VideoDecodeOptions.parse("cudagraph+cl3d")        # or VideoDecodeOptions("cudagraph", True)
-    runner = make_video_runner(decoder, opts, batch=1, latent_h=32, latent_w=62)
-    runner.prepare()                                         # layout, compile, warm-up, capture (once)
-    runner.reset()                                           # a new stream
-    x = runner.decode_frame(z, first=True)                   # [B, 3, 1, H, W]
-    x = runner.decode_frame(z, first=False)                  # [B, 3, 4, H, W], every later frame
-
-A runner owns the decoder's ``VideoDecodeState`` (the causal-conv caches, static buffers written in
-place) and one static input buffer z [B, z_dim, 1, h, w]. ``decode_frame`` copies z in and runs one of
-two static variants: the stream's first frame (1 pixel frame out; the history is zero-filled) and the
-steady frame (4 out). The backends:
-
-  eager               ``WanVideoDecoder.decode_frame`` as written: the reference;
-  compiled            ``torch.compile(decode_frame, fullgraph=True)``: one graph per variant, so nothing
-                      in it can sync the host (a graph break would raise);
-  cudagraph           each variant captured once as a CUDA graph over the static state and input, then
-                      ``copy_`` into the input and ``replay()`` (one launch per latent frame instead of
-                      ~600 kernels);
-  compiled-cudagraph  the compiled variants inside our own capture.
-
-``+cl3d`` (``channels_last=True``, any backend) puts the 5-D conv weights, the state and the input in
-``torch.channels_last_3d``: cuDNN's tensor-core conv kernels read NDHWC, so NCDHW operands are transposed
-around every conv. It changes memory layout only, never values (tests hold it equal to eager). The dtype
-is the decoder's (bf16 at full size, as the profile says).
-
-Outputs may be static buffers valid until the next ``decode_frame`` (the pipeline converts them at once).
-Every lever is opt-in: none has been measured on a GPU yet (see README, "Speed levers").
+"""The video decode runner: how a stream runs one latent frame z [B, 48, 1, h, w] of the Wan2.2 decoder
+(eager reference, compiled, CUDA graph or compiled inside a CUDA graph; optionally ``channels_last_3d``),
+owning the decoder's causal-conv caches as static state. ``make_video_runner(decoder, opts, ...)``, then
+``prepare()`` once, ``reset()`` per stream and ``decode_frame(z, first)`` -> [B, 3, 1 or 4, H, W].
+Backends and their contract: ``docs/ARCHITECTURE.md``, "The video decode runner".
 """
 
 from __future__ import annotations

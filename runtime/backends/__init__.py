@@ -1,15 +1,8 @@
-"""Backend registry: ``get_backend(name, **options)`` -> an object with the ``Backend`` interface.
-
-    eager      PyTorch modules, eagerly (the reference)
-    cudagraph  the same modules, each per-block step captured once per static variant and replayed
-    compiled   cudagraph with the DiT's layers compiled by inductor while capturing (one compiled layer
-               function shared by all layers: runtime/backends/compiled.py)
-    aoti       AOTInductor packages built by ``hallolive-rt export`` (runtime/backends/aoti.py)
-    tensorrt   TensorRT plans built by ``hallolive-rt export`` (runtime/backends/tensorrt.py)
-
-aoti and tensorrt are imported only when asked for (their modules pull in heavy, optional packages);
-each module provides ``create_backend(**options) -> Backend``. A backend that cannot run here raises
-``BackendUnavailable`` with what is missing.
+"""Backend registry: ``get_backend(name, **options)`` -> a ``Backend``: ``eager`` (the reference),
+``cudagraph`` (each step captured once per static variant and replayed), ``compiled`` (cudagraph with the
+DiT's layers compiled while capturing), ``aoti`` and ``tensorrt`` (artifacts of ``hallolive-rt export``,
+imported only when asked for: they pull in optional packages). A backend that cannot run here raises
+``BackendUnavailable`` saying what is missing.
 """
 
 from __future__ import annotations

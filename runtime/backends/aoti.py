@@ -1,10 +1,7 @@
-"""The ``aoti`` backend: the DiT step as AOTInductor packages built by ``hallolive-rt export --format aoti``.
-
-One ``.pt2`` per static variant. Each package was exported from the in-place wrapper, so it takes the
-stream's own state tensors (``DiTState`` caches, text K/V, the cursor's position buffers) and writes the
-block's K/V into the caches itself, like the eager forward; ``step`` only routes to the package of
-``plan.variant``. ``prepare`` validates the artifact directory (``ArtifactBackend.check``: manifest,
-contracts, cache layout, variants) and refuses a mismatch with the command that rebuilds it.
+"""The ``aoti`` backend: the DiT step as AOTInductor packages built by ``hallolive-rt export --format aoti``,
+one ``.pt2`` per static variant, each taking the stream's own state tensors (caches, text K/V, the
+cursor's positions) and writing the block's K/V into the caches itself; ``step`` routes to the package of
+``plan.variant``, ``prepare`` checks the artifact directory (``ArtifactBackend.check``) first.
 """
 
 from __future__ import annotations

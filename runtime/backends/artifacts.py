@@ -1,13 +1,8 @@
-"""The artifact check of the compiled backends (aoti, tensorrt), in one place.
-
-An artifact directory is trusted only after ``load_artifacts`` (manifest digest, profile, weights id,
-format, precision, tool versions, device, file hashes, and every recorded contract against the one this
-run's profile derives) and two facts of this stream: the DiT packages were built for its cache layout,
-and there is one package per static variant its plans use. ``stream_main`` and ``bench_main`` run the
-check before any weight is loaded; the backend's ``prepare`` asks again and gets the same answer from
-memory (the full-size DiT packages are tens of GB: hashed once per run).
-
-Every refusal ends with the command that rebuilds into the directory that was given.
+"""The artifact check of the compiled backends (aoti, tensorrt), in one place: a directory is trusted only
+after ``load_artifacts`` (manifest digest, profile, weights id, format, precision, tool versions, device,
+file hashes, every contract against this run's profile), a package built for this stream's cache layout and
+one per static variant its plans use. It runs before any weight loads and answers again from memory (the
+full-size packages are tens of GB: hashed once per run); every refusal names the command that rebuilds.
 """
 
 from __future__ import annotations

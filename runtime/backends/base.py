@@ -1,24 +1,8 @@
-"""The backend contract: how a streaming session runs one DiT step.
-
-A backend replaces ``BlockStream.eager_step`` and nothing else: the block loop (x0 math, re-noising,
-audio history, cache policy, cursor ``fill_``) stays the one in ``hallolive_rt.stream``, so every
-backend is checked against the same reference by construction.
-
-    backend = get_backend("cudagraph")
-    backend.prepare(stream, plans)        # once per session, before ``stream.start(ctx)``
-    stream.step_fn = backend.step         # (xv, xa, vt, at, plan) -> (flow_v, flow_a)
-    print(backend.variants())             # the static shapes it serves
-
-``prepare`` sees every ``BlockPlan`` the session will run (or one period of an endless rolling stream,
-whose plans repeat the same variants); a backend that needs static shapes (graphs, engines) builds one
-artifact per distinct ``plan.variant`` = (audio_len, video_kv_len). ``prepare`` may run the DiT
-(warm-up, capture) and so may write into the caches: the session calls ``stream.start`` afterwards,
-which zeroes them.
-
-``step`` has ``BlockStream.eager_step``'s contract: inputs xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca],
-vt [B, Fb] and at [B, La] float32; the cursor (write row, first positions) already holds ``plan``'s
-values on the device. Outputs may be static buffers owned by the backend, valid until its next ``step``
-(the block loop consumes them at once).
+"""The backend contract: how a streaming session runs one DiT step. A backend replaces
+``BlockStream.eager_step`` and nothing else (the block loop stays ``hallolive_rt.stream``'s, so every
+backend meets the same reference): ``prepare(stream, plans)`` once per session, then ``step(xv, xa, vt,
+at, plan) -> (flow_v, flow_a)`` with xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca], vt [B, Fb], at [B, La].
+The contract in full: ``docs/ARCHITECTURE.md``, "Backends".
 """
 
 from __future__ import annotations

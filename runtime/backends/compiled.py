@@ -1,18 +1,8 @@
-"""The ``compiled`` backend: the ``cudagraph`` backend with the DiT's layers compiled while it captures.
-
-Not a copy of the capture code: ``CompiledBackend`` subclasses ``CudaGraphBackend`` and only swaps the
-forward it warms up and captures (``_forward_mode``): inside it, every layer of ``DualStreamDiT.forward``
-runs ``dual_layer`` compiled by inductor (regional compilation, ``hallolive_rt.model.compile``): compiled
-once per static variant (and lean-context layer part) during the first warm-up call, shared by all
-layers, then captured into the variant's CUDA graph with the rest of the step (embeddings, heads). After
-``prepare`` the DiT is left as it was (eager layers): the graphs hold the compiled kernels.
-
-A separate backend name rather than a ``cudagraph`` option so that one ``hallolive-rt bench --backends
-eager,cudagraph,compiled`` run measures eager, captured and compiled+captured in one process, on the same
-weights, with ratios to eager (an option would apply to every backend of a run).
-
-``describe()`` / ``compile_info()`` report the compile: graphs compiled, inductor seconds, and the wall
-time of the warm-up calls that compiled (tracing + compiling + one run), next to ``capture_s``.
+"""The ``compiled`` backend: ``CudaGraphBackend`` with one swap, the forward it warms up and captures, in
+which every layer runs ``dual_layer`` compiled by inductor (regional compilation, one compiled function
+per static variant shared by all layers), captured into the variant's CUDA graph with the rest of the step.
+A backend name of its own so one ``bench --backends eager,cudagraph,compiled`` run compares all three on
+the same weights; ``describe()`` reports graphs compiled, inductor seconds and warm-up wall time.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""CUDA-graph backend: every DiT step captured once per static variant, then replayed.
-
-The contract, nano-vllm style, on one screen:
-  1. static inputs per variant (audio_len, video_kv_len): xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca],
-     vt [B, Fb], at [B, La] float32, filled with small random values (never time or warm up on zeros);
-  2. warm-up on a side stream (lazy inits, cuBLAS/cuDNN workspaces, autotuning stay out of the graph);
-  3. capture largest variant first into ONE shared memory pool: the largest sizes the pool and every
-     smaller graph reuses its blocks (variants run one at a time, never concurrently);
-  4. per step: ``copy_`` into the variant's static inputs, ``replay()``, return its static outputs.
-The per-block numbers (cache write row, first RoPE positions) live in the session's ``Cursor`` device
-buffers, written with ``fill_`` before the block: the graph reads them, so one graph serves every block
-with the same variant. Nothing in a captured step syncs the host (tests/test_backends.py replays under
-``torch.cuda.set_sync_debug_mode("error")``); ``prepare`` may (it times each variant's first warm-up call).
-
-Outputs are the graph's static buffers: valid until the next ``step`` of any variant (they live in the
-shared pool), which is how the block loop uses them (x0 is computed from them at once).
-
-With ``BlockStream.lean_context`` on, each variant gets a second graph for the t = 0 context pass
-(``plan.context``), which runs the lean forward (only what reaches a cache) and has no outputs.
-``CompiledBackend`` (``compiled.py``) is this backend with the DiT's layers compiled while capturing.
+"""CUDA-graph backend: every DiT step captured once per static variant (audio_len, video_kv_len) into one
+shared memory pool, then replayed: ``copy_`` into the variant's static inputs xv [B, Fb, Cv, Hl, Wl],
+xa [B, La, Ca], vt [B, Fb], at [B, La], ``replay()``, its static outputs returned. The per-block numbers
+live in the session's ``Cursor`` device buffers, so one graph serves every block of its variant and
+nothing in a captured step syncs the host. Capture rules: ``docs/ARCHITECTURE.md``, "Backends".
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""The HTTP + WebSocket front of a ``LiveServer`` (FastAPI on uvicorn): the page, ``/health``, ``/ws``.
-
-``create_app(server, token=...)`` builds the app; ``serve_connection(server, websocket, ...)`` is the whole
-life of one WebSocket (checks, admission, the session, the cleanup), usable from any ASGI route, so a Ray
-Serve replica wraps the same function over its own ``LiveServer``. An unexpected exception in a connection's
-tasks is an ``internal`` error and close 1011; SIGTERM / SIGINT (``stop_on_signals``) end every connection
-with ``server_shutdown`` and close 1001 first. The page is three files shipped as package data, read once
-here: no request path ever reaches the file system.
+"""The HTTP front of a ``LiveServer`` (FastAPI on uvicorn): the page, ``/health``, ``/ws`` and, with
+WebRTC on, ``/webrtc/offer``. ``create_app(server, token=...)`` builds the app; ``serve_connection`` is the
+whole life of one WebSocket (checks, admission, the session, the cleanup) for any ASGI route, so a Ray
+replica wraps the same function. An unexpected exception in a connection's tasks is an ``internal`` error
+and close 1011; SIGTERM / SIGINT (``stop_on_signals``) end every connection with ``server_shutdown`` and
+close 1001 first. The page is three files of package data read once: no request path reaches the disk.
 """
 
 from __future__ import annotations

@@ -1,42 +1,8 @@
-"""The live-session protocol over one WebSocket (version 1): client messages, their validation, events.
-
-Client -> server, JSON text only (a binary message is an error), at most ``Limits.max_message_bytes``:
-    {"type": "start", "prompt": str, "seed": int = 0, "blocks": int | null = null (endless),
-     "future_audio_frames": int | null = null (the preset's)}          once, first
-    {"type": "prompt", "prompt": str}     switch: takes effect at the next block boundary
-    {"type": "ack", "block": int}         blocks 0..block are appended (flow control, below)
-    {"type": "stop"}                      end after the block running now; the tail and "end" follow
-Every message may carry "v": 1; unknown keys and types are refused with an ``error`` event. Integers are
-at most ``MAX_BLOCKS`` (2**53 - 1, exact in any JSON reader) where no smaller limit applies; a prompt is
-valid Unicode (no lone surrogate such as "\\ud800", no NUL).
-
-Server -> client: JSON events ``{"type": ..., "v": 1, ...}``; each binary message (fMP4 bytes) follows the
-event that describes it (``init``, ``block``, ``tail``, each with "bytes"). The binaries concatenated are the
-file ``hallolive-rt stream --out`` writes (init segment, one fragment per block, tail).
-    hello   replica, replicas, active_sessions, max_sessions, profile, limits    on connect
-    busy    replica, replicas, active_sessions, max_sessions, message    then close CLOSE_BUSY
-    started session, replica, prompt_id 0, seed, blocks, future_audio_frames, encode_s, policy
-    init    mime (for MediaSource.addSourceBuffer), bytes                 + the init segment
-    block   index, prompt_id, frames, samples, bytes, ttff_s, first_frame_s, block_s, gap_s, fps,
-            queue, stage_ms                                               + the block's fragment
-    prompt_queued  prompt_id;   prompt_applied  prompt_id, from_block
-    tail    bytes                                                         + held frames, tail audio
-    end     reason (done | stopped), blocks, frames, samples, video_s, audio_s, duration_s
-    error   code, message, fatal, [stage]   (fatal: the close follows; ``ERROR_CODES`` lists the codes)
-            code "internal" names the stage that failed: {"type": "error", "v": 1, "code": "internal",
-            "stage": "setup" | "text" | "dit" | "vae_video" | "vae_audio" | "writer" | "connection", ...,
-            "fatal": true} + CLOSE_INTERNAL; "stalled" (no block for ``block_timeout_s``) + CLOSE_INTERNAL;
-            "server_shutdown" + CLOSE_GOING_AWAY. After "internal" or "stalled" the server serves on.
-Over WebRTC (``webrtc.py``) the same messages and events travel on the data channel; pictures and sound
-go on the tracks, so ``init``/``tail`` and binaries do not exist there, ``block`` says ``bytes`` 0, and the
-close comes as a last event ``close`` {code, reason} (one of the close codes below) before the peer closes.
-Behind Ray Serve (``ray.py``) the replica says all of the above; Ray's proxy adds two endings of its own
-(``ray_proxy.py``): ``error`` code ``replica_lost`` + CLOSE_INTERNAL when the replica holding the session
-died, ``unavailable`` + CLOSE_BUSY (or CLOSE_INTERNAL) when the proxy answered with an HTTP error instead.
-
-Flow control: the server keeps at most ``max_unacked_blocks`` blocks generated but not acknowledged; past
-that, generation pauses (memory stays bounded), and a client that acknowledges nothing for
-``client_timeout_s`` is dropped (CLOSE_TIMEOUT). ``queue`` in a block event counts those blocks.
+"""The live-session protocol, version 1: the client's messages (``start``, ``prompt``, ``ack``, ``stop``;
+JSON text of at most ``Limits.max_message_bytes``), their validation (``parse_message`` raises a
+``ProtocolError`` naming the key and the rule), the events the server sends (``event``), the close codes
+and the per-client ``Limits``. The tables of messages, events and close codes are in the README, "Live
+sessions"; over WebRTC the same messages travel on a data channel (``webrtc.py``).
 """
 
 from __future__ import annotations

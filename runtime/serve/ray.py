@@ -1,15 +1,8 @@
-"""Scale-out on Ray Serve: N replicas of the single-process live server behind Ray's HTTP proxy.
-
-Each replica (``LiveReplica``) is one Ray actor process on the GPU(s) Ray gives it: it builds one
-``LiveServer`` (``launch.build_server``: validation, every component loaded once) and serves the very app of
-``hallolive-rt serve`` (``app.create_app``: the page, ``/health``, ``/ws`` through ``serve_connection``) as
-its late-bound ASGI ingress, so the session logic has one code path. A WebSocket stays on the replica that
-accepted it for its whole life. Admission across replicas and the end of a session whose replica died are
-decided in Ray's proxy (``ray_proxy.py``); per-replica metrics go to Ray's metrics agent (``ReplicaMetrics``).
-
-Entry points: ``build_app(args)``, the application builder of ``serve run runtime/serve/ray_serve.yaml``;
-``start`` (Ray, Serve's proxy, the application: what ``hallolive-rt serve --ray`` and the tests run) and
-``serve_ray_main`` (the CLI, until interrupted).
+"""Scale-out on Ray Serve: N replicas (``LiveReplica``, one actor process on its GPUs, one ``LiveServer``)
+each serving the very app of ``hallolive-rt serve`` (``app.create_app``) as its late-bound ASGI ingress,
+so sessions have one code path; admission and lost replicas are handled in Ray's proxy (``ray_proxy.py``),
+per-replica metrics go to Ray's agent (``ReplicaMetrics``). Entry points: ``build_app(args)`` (for
+``serve run runtime/serve/ray_serve.yaml``), ``start`` and ``serve_ray_main`` (``serve --ray``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""What runs in Ray Serve's proxy (one per node, Ray's own process) for live sessions: the request router
-that puts a new connection on the least loaded replica, and an ASGI middleware that gives a client a
-protocol event when Ray's proxy would otherwise just drop its socket. Light on purpose (no torch): the
-proxy imports this module; ``ray.py`` names both by import path.
-
-Admission across replicas, as measured on Ray 2.60 (``bench/ray_admission.py`` ->
-``bench/results/cpu-ray-admission.json``; README, "Scale-out on Ray Serve"):
-- a WebSocket is one ongoing request of its replica for its whole life; a connection beyond
-  ``max_ongoing_requests`` on every replica is not refused: its handshake waits in the proxy until a
-  connection ends (``max_queued_requests`` -1 and 1 alike: the 4th of 2 x 1 waited too). So that limit
-  alone can never give a ``busy`` event, and a full replica must not be one Ray considers full;
-- hence ``max_ongoing_requests = max_sessions + ADMISSION_HEADROOM``: a full replica still accepts the
-  connection and answers ``busy`` itself (``app.serve_connection``, the one code path), and this router
-  sends each new connection to the replica with the fewest ongoing requests, i.e. to one with a free slot
-  whenever there is one. Ray's default (power of two choices) compares two random replicas: with 4
-  replicas holding 3 sessions, a 4th (or one of the 3) got ``busy`` while a slot was free in 5 of 10
-  trials (5 to 7 in earlier runs); with this router in 0 of 10.
-The router probes every replica's count at each new request rather than trusting its cache, so proxies
-on several nodes (each with its own router) see each other's sessions; a probe is a millisecond, a
-session start seconds of GPU.
+"""What runs in Ray Serve's proxy (one per node) for live sessions: ``LeastLoadedRouter``, which puts a new
+connection on the replica with the fewest ongoing requests (probed at each request, so proxies on several
+nodes see each other's sessions), and ``SessionGuard``, an ASGI middleware that gives a client a protocol
+event (``replica_lost``, ``unavailable``) where Ray's proxy would drop its socket. No torch: the proxy
+imports it; ``ray.py`` names both by import path. Why admission works this way: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations

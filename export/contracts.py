@@ -1,19 +1,8 @@
-"""One I/O contract per exported sub-model, derived from the profile (the only place shapes are stated).
-
-A contract lists, per static-shape variant, the tensors an artifact takes and returns: names equal to
-the forward's argument names (state tensors by their field names in ``DiTState`` / ``Cursor`` /
-``VideoDecodeState``), shapes and dtypes. Exporters trace with ``sample_inputs`` of the contract,
-ONNX/TensorRT name their bindings after it, the manifest records it, and the runtime binds buffers by it.
-
-State is explicit. A tensor the forward updates in place (DiT caches, VAE conv history) is an input and,
-in functional formats (ONNX, TensorRT), also an output named ``<name>_out`` (``Variant.updates`` pairs
-them); AOTInductor keeps the in-place write, so its packages have the flow/frames outputs only.
-
-Variants:
-  dit        one per distinct ``BlockPlan.variant`` = (audio_len, video_kv_len) of the cache policy
-  vae_video  ``first`` (the stream's first latent frame: 1 pixel frame) and ``next`` (4 pixel frames)
-  audio      one per window length the streaming audio decoder feeds (trim start: grows, then steady)
-  text       one (the tokenizer's fixed length)
+"""One I/O contract per exported sub-model, derived from the profile (the only place shapes are stated):
+per static-shape variant, the tensors an artifact takes and returns (names equal to the forward's
+arguments, state tensors by their ``DiTState`` / ``Cursor`` / ``VideoDecodeState`` field names, shapes,
+dtypes). Exporters trace with its ``sample_inputs``, ONNX/TensorRT name bindings after it, the manifest
+records it and the runtime binds buffers by it. State and variants: ``docs/ARCHITECTURE.md``, "Export".
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""DiT block exporter: ``DualStreamDiT.forward`` with its state spread into the contract's named tensors.
-
-Two wrappers of the same forward, one per way a compiled format can express the cache writes:
-
-* ``functional=True`` (ONNX, TensorRT): the caches are inputs and their updated copies are outputs
-  (``video_k_out``, ...). Each layer's cache is cloned, written with the reference ``index_copy_``
-  ops, and the layers are stacked again, so the graph holds ScatterND + Concat and nothing aliases
-  (per-layer tensors rather than writes through ``cache[i]`` views of one clone: no view semantics for
-  an exporter to get wrong).
-* ``functional=False`` (AOTInductor): the forward writes the input caches in place, exactly like
-  eager; ``torch.export`` records the writes as input mutations and the compiled package applies them
-  to the caller's buffers, so the runtime passes ``stream.state`` tensors and gets flows back.
-
-Cache writes always use the pure-torch reference ops (``get_kv_ops("torch")``): the C++ extension's
-ops are opaque to the ONNX exporter. ``float64_time=False`` switches the sinusoidal time embedding to
-float32 for float64-free targets (TensorRT); the manifest records which was used.
+"""DiT block exporter: ``DualStreamDiT.forward`` with its state spread into the contract's named tensors,
+in two wrappers: ``functional=True`` (ONNX, TensorRT: the caches are inputs and their updated copies
+outputs, ``video_k_out``, ...) and ``functional=False`` (AOTInductor: the forward writes the caller's
+caches in place, as eager does). Cache writes use the pure-torch reference ops; ``float64_time=False``
+gives a float32 time embedding for float64-free targets. Details: ``docs/ARCHITECTURE.md``, "Export".
 """
 
 from __future__ import annotations

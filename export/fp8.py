@@ -1,23 +1,8 @@
-"""``--precision fp8`` for the DiT: which tensors are quantized, how, and the calibration of activation scales.
-
-The scheme (one definition, used by the weights writer, the graph rewrite in ``fp8_graph.py`` and the
-tests' PyTorch reference; the float8 primitives ``quantize_rows`` / ``fake_quant`` live in
-``hallolive_rt.model.fp8``, shared with the PyTorch path's ``--precision fp8``):
-
-* **weights**: every 2-D weight of an ``nn.Linear`` in the DiT is stored as float8 e4m3fn, quantized per
-  output channel (row): ``scale = amax(|row|) / 448`` computed in float32 (a zero row gets scale 1), then
-  rounded to the compute dtype, and ``q = clamp(w / scale, -448, 448)`` cast to float8 (round to nearest
-  even). The scale is its own tensor ``<weight>_scale`` ([out_features]) in the same weights file.
-* **activations**: each such Linear's input is quantized per tensor, ``scale = amax / 448`` with ``amax`` the
-  largest ``|input|`` seen while running the DiT through the real streaming loop (``BlockStream``) for
-  the profile's blocks on seeded random noise and prompt context (``calibrate_dit``).
-* everything else (biases, norms, convolutions, embeddings, caches) stays in the compute dtype.
-
-Scales are stored in the dtype of the tensor they scale (float32 on the tiny preset, bfloat16 at full
-size): opsets 19-20 require QuantizeLinear's scale to have its input's dtype, and DequantizeLinear's
-output takes its scale's dtype, so the dequantized weight lands in the graph's dtype without a Cast.
-The compute dtype of an fp8 run is float32 where the profile's dtype is float32 (the tiny preset, so that
-onnxruntime's CPU provider can check the graphs), bfloat16 otherwise.
+"""``--precision fp8`` for the DiT: every ``nn.Linear`` weight stored as float8 e4m3fn with a per-row scale
+(``<weight>_scale`` [out_features]), each such Linear's input quantized per tensor with a scale calibrated
+by running the real streaming loop (``calibrate_dit``), everything else in the compute dtype. One
+definition for the weights writer, the graph rewrite (``fp8_graph.py``) and the tests' reference; the
+scheme in full: ``docs/ARCHITECTURE.md``, "The fp8 scheme".
 """
 
 from __future__ import annotations

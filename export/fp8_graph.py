@@ -1,18 +1,8 @@
-"""The fp8 rewrite of an exported DiT graph (``onnx_ir``), run by ``export_onnx`` before ``_optimize``.
-
-Before the optimizer, on purpose: the initializers still carry the traced names that map to the model's
-tensor names (so each weight finds its Linear's calibration), and the optimizer's passes then apply to
-the rewritten graph (Q/DQ pairs on one activation with equal scales, e.g. q/k/v, are merged by its
-initializer deduplication and common-subexpression elimination). The optimizer never folds a node that
-reads a weight, so a weight's DequantizeLinear stays in the graph for TensorRT.
-
-For each weight the layout stores as float8 (``fp8.py``):
-  * its initializer becomes the float8 tensor of the weights file and feeds
-    ``DequantizeLinear(W_fp8, W_scale, axis=0)``, whose output replaces it everywhere;
-  * following that output through Transpose / Cast / Reshape to its MatMul or Gemm, the GEMM's other
-    (activation) input goes through ``QuantizeLinear -> DequantizeLinear`` (float8 e4m3fn, zero point 0)
-    with the Linear's calibrated per-tensor scale.
-A quantized weight that reaches no MatMul/Gemm is an error (naming it): it would be dequantized for nothing.
+"""The fp8 rewrite of an exported DiT graph (``onnx_ir``), run by ``export_onnx`` before the optimizer:
+each weight stored as float8 feeds ``DequantizeLinear(W_fp8, W_scale, axis=0)``, and the activation input
+of the MatMul/Gemm it reaches goes through ``QuantizeLinear -> DequantizeLinear`` with the Linear's
+calibrated scale; a quantized weight that reaches no GEMM is an error naming it. Why before the
+optimizer: ``docs/ARCHITECTURE.md``, "The fp8 scheme".
 """
 
 from __future__ import annotations

@@ -1,34 +1,8 @@
-"""``manifest.json``: what an artifact directory holds, what it was built from, and the refusal rules.
-
-Schema (version 1)::
-
-    {"schema": 1, "format": "onnx|tensorrt|aoti", "precision": "fp32|bf16|fp16|fp8",
-     "profile": {"name": str, "digest": str}, "weights": {submodel: "random:<seed>" | file digest},
-     "tools": {"python", "torch", "onnx"?, "onnxruntime"?, "tensorrt"?}, "device": {"kind", "arch", "name"},
-     "time_embedding": "float32|float64", "opset": int | null, "command": "hallolive-rt export ...",
-     "contracts": {submodel: Contract.to_dict()},
-     "artifacts": {"<submodel>/<variant>": {"submodel", "variant", "file", "sha256", "bytes", "key",
-                                            "data_file"?, "data_sha256"?, "io": "functional|inplace"}},
-     "weights_files": {submodel: {"file", "key", "sha256", "bytes"}},   (ONNX / TensorRT)
-     "fp8"?: {"submodels": ["dit"], "others": dtype of the other sub-models, "compute", "weights",
-              "activations", "calibration": {"blocks", "seed", "inputs", "device"}},   (--precision fp8)
-     "digest": sha256 of everything above (canonical JSON)}
-
-``key`` hashes every input of one artifact (profile digest, weights id, precision, format, tool versions,
-device arch, the variant's contract, time embedding, opset): a re-run skips an artifact whose key and
-file hash still match. ``load_artifacts`` refuses, with the difference and the command that rebuilds
-into the directory it was given: a missing/corrupt/edited manifest, another profile, other weights,
-another format/precision, other tool versions or device architecture (compiled formats only), a missing
-or modified artifact file, and a recorded contract that is not the one this run's profile derives.
-
-The digest only proves the manifest was written by someone who could recompute it; the contract check
-proves the artifacts fit the run: every recorded sub-model contract (variants, tensor names, shapes,
-dtypes, meta such as the cache layout) is compared with ``contracts_for(profile, dtype)`` of this run,
-so a manifest edited to claim another profile (digest recomputed) is refused before anything runs.
-
-ONNX graphs keep their weights outside: every variant of a sub-model points into one shared
-``<submodel>_<profile>_<precision>.weights`` file (``data_file``), hashed once per load however many
-graphs share it.
+"""``manifest.json``: what an artifact directory holds (format, precision, profile, weights, tools, device,
+contracts, one entry per artifact with its file hash and input key), what it was built from, and the
+refusal rules: ``load_artifacts`` refuses any difference from this run (profile, weights, format,
+precision, tools, device architecture, a missing or modified file, a recorded contract that is not the one
+this profile derives) with the command that rebuilds. Schema: ``docs/ARCHITECTURE.md``, "The manifest".
 """
 
 from __future__ import annotations

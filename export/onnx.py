@@ -1,23 +1,8 @@
-"""ONNX export of one contract variant, its checks, and a TensorRT-compatibility lint.
-
-Export traces the sub-model on the **meta device** and never touches a weight value: ``torch.export``
-records the graph at the contract's static shapes, PyTorch's ``torch.export``-based ONNX exporter
-(``dynamo=True``, needs ``onnxscript``) translates it, and every initializer is then pointed at its
-(offset, length) in the sub-model's shared weights file (``weights_file.py``), which is written
-separately, one tensor at a time. Host memory is therefore independent of the model size: the
-full-size 11.7B DiT exports on a 24 GB machine. Then ``onnxscript``'s optimizer cleans the graph
-(inlining, dead code, folding of shape and index arithmetic up to 1M elements); it never folds a node
-that reads a weight (TensorRT folds those itself), so no weight is ever loaded. No dynamic axes, ever.
-
-Checks after every export (``check_onnx``):
-  * ``onnx.checker`` (by path, so graphs with external data past 2 GB are checked too);
-  * graph inputs/outputs equal the contract (names, order, static shapes, dtypes);
-  * ``lint_tensorrt``: ops outside TensorRT's ONNX parser support list, any dynamic or unknown dim
-    after shape inference, any float64 tensor, int64 feeding anything but index/shape arithmetic
-    (TensorRT computes int64 only in a few layers, and large int64 constants waste memory);
-    float8: only e4m3fn, only as a QuantizeLinear output or a DequantizeLinear input (TensorRT computes
-    fp8 only through explicit Q/DQ), never as graph I/O; every Q/DQ's scale and zero point are constants.
-A failure raises ``OnnxLintError`` naming the node, its op type and the offending tensor.
+"""ONNX export of one contract variant, traced on the meta device (no weight value is touched: the
+initializers point into the shared weights file, so the full-size DiT exports on a 24 GB machine),
+cleaned by ``onnxscript``'s optimizer, with static shapes only; then ``check_onnx``: ``onnx.checker``, the
+graph's I/O against the contract and ``lint_tensorrt`` (a failure raises ``OnnxLintError`` naming the node,
+its op and the tensor). What is linted: ``docs/ARCHITECTURE.md``, "Export".
 """
 
 from __future__ import annotations

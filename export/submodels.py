@@ -1,13 +1,7 @@
-"""The four exported sub-models: where their weights live, how to build them, their wrappers, and the
-memory and disk each export needs (checked before anything is allocated or written).
-
-Two ways to get a sub-model to an exporter:
-  * ``build_submodel``: the module with its weights, on a device (AOTInductor compiles real modules);
-  * ``onnx_source``: what the ONNX exporter needs, which is less: a module whose structure can be traced
-    (the meta device will do) and an iterator over its tensor values, consumed once, one tensor at a
-    time, into the weights file. The DiT and the text encoder stream their values (random draws or the
-    memory-mapped release file), so their host memory does not grow with the model; the two decoders
-    (small; the audio one folds its weight norms at load) are built and read back.
+"""The four exported sub-models: where their weights live, how to build them (``build_submodel``: the
+module with its weights, for AOTInductor; ``onnx_source``: a traceable module and its tensor values one at
+a time, for ONNX, so host memory does not grow with the model), their wrappers, and the memory and disk
+each export needs, checked before anything is allocated or written.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""TensorRT plans from the exported ONNX graphs, with the TensorRT Python API (no trtexec), for TensorRT 11
-(and 10). UNVERIFIED: no TensorRT plan has been built with this code (TensorRT was not installable where it
-was written and tested); tests/test_trt_api.py checks that every TensorRT name it uses exists in the 11.x
-bindings. The
-network is strongly typed (the only kind TensorRT 11 builds; on 10 the STRONGLY_TYPED creation flag asks
-for it): precision comes from one enum (``--precision fp32|bf16|fp16|fp8``) and is already in the ONNX
-graph, exported in that dtype with the model's float32 islands (norm statistics, RoPE, the time embedding)
-as Cast nodes, so a bf16 plan computes what the bf16 eager model does; there are no precision builder flags.
-fp8 needs explicit Q/DQ nodes, which the exporter writes into the DiT graph (``fp8.py``, ``fp8_graph.py``);
-a graph without QuantizeLinear/DequantizeLinear is refused. The timing cache (``timing.cache`` beside the
-plans) is loaded before and saved after every build, so a rebuilt or sibling variant reuses kernel timings.
-Without TensorRT every entry point raises ``TensorRTMissing`` saying how to install it."""
+"""TensorRT plans from the exported ONNX graphs with the TensorRT Python API, for TensorRT 11 (and 10):
+a strongly typed network whose precision is already in the graph (no precision builder flags; fp8 needs
+the exporter's Q/DQ nodes), and a timing cache beside the plans reused by every build. Without TensorRT
+every entry point raises ``TensorRTMissing`` with the install command. Not verified: no plan has been
+built with this code; ``tests/test_trt_api.py`` checks every TensorRT name it uses against the 11.x
+bindings.
+"""
 
 from __future__ import annotations
 

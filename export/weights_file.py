@@ -1,14 +1,7 @@
-"""The external-data weights file that every ONNX variant of a sub-model shares, written one tensor at a time.
-
-All variants of a sub-model (five DiT variants at 512x992) hold the same initializers. They are written once,
-into ``<sub>_<profile>_<precision>.weights`` next to the graphs, and each graph's initializers point at an
-(offset, length) in it: a 21.7 GiB DiT lands on disk once, not once per variant.
-
-The layout is planned from names, shapes and dtypes alone (a meta-device module is enough), so it is the
-same on every run and a graph exported later still points at the right bytes. The values come from any
-iterator of ``(name, tensor)`` in any order (random draws, memory-mapped checkpoint tensors, a built
-module); each is checked against its slot, cast, written at its offset and dropped, so host memory holds
-one tensor at a time. The file appears under its name only when complete (written as ``.partial``, renamed).
+"""The external-data weights file every ONNX variant of a sub-model shares (``<sub>_<profile>_<precision>
+.weights``), planned from names, shapes and dtypes alone and written one tensor at a time from any
+``(name, tensor)`` iterator, so host memory holds one tensor and a 21.7 GiB DiT lands on disk once, not
+once per variant. The file appears under its name only when complete (written as ``.partial``, renamed).
 """
 
 from __future__ import annotations

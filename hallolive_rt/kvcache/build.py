@@ -1,27 +1,8 @@
-"""Build-on-first-use of the hallolive_kv extension (cpp_ext/) and loading it into torch.ops.
-
-Why on first use and not at install: the package installs with plain setuptools (no compiler, no torch
-needed to build the wheel), while the extension must match the torch that is actually imported. So the
-first `hallolive_rt.kvcache.ops` import configures and builds cpp_ext/ with CMake into
-
-    $HALLOLIVE_KV_CACHE_DIR or ~/.cache/hallolive_rt/kv_ext / <build key> /
-
-where the build key hashes the sources, torch, Python, CUDA and the GPU architecture. Changed sources give
-a new key, so a stale library is never loaded: it is rebuilt. A lock file serialises concurrent builds.
-A failed build raises KVExtBuildError with the log path; nothing falls back to torch silently (the torch
-path is an explicit choice: get_kv_ops("torch") / `--kv-impl torch`).
-
-HALLOLIVE_KV_LIB=/path/libhallolive_kv.so loads a prebuilt library instead (e.g. from the root
-`cmake --build build`); HALLOLIVE_KV_CUDA=AUTO|ON|OFF overrides the CUDA choice passed to CMake.
-
-CUDA builds get the real toolkit root (cuda_toolkit.find_toolkit_root: never the parent of a wrapper script
-named nvcc) as CMAKE_CUDA_COMPILER / CUDA_TOOLKIT_ROOT_DIR / CUDAToolkit_ROOT, and an explicit architecture
-list (the visible GPUs', or TORCH_CUDA_ARCH_LIST), both part of the build key.
-
-``require_kv_ext(kv_impl, device)`` is what a command calls while it validates its options: with
-``kv_impl == "ext"`` it builds (or finds) and loads the library before any weight is loaded, and fails in
-seconds with the build log's error lines (KVExtUnavailable, a ValueError, so CLIs report it as a refused
-option) instead of after minutes of model loading.
+"""Build-on-first-use of the hallolive_kv extension (``cpp_ext/``) with CMake, into a directory keyed by a
+hash of the sources, torch, Python, CUDA and the GPU architecture (a stale library is never loaded), under
+a lock, and loading it into ``torch.ops``; a failed build raises ``KVExtBuildError`` with the log path,
+never a silent fall-back. ``require_kv_ext(kv_impl, device)`` builds it while a command checks its options,
+before any weight loads. Paths, variables and the CUDA toolkit: ``docs/ARCHITECTURE.md``, "KV extension".
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""Audio decode: the release's one-shot ``decode_full`` and a block-streaming decoder.
-
-The release decodes all audio once at the end (``decode_full``). Neither the VAE decoder (global mid
-attention, ~+-13 latent tokens of conv receptive field) nor BigVGAN (~+-25 mel frames) is causal, so a
-streamed block can only approximate the full decode. ``StreamingAudioDecoder`` re-decodes, per block, a
-window ``[left context | block | future]`` of latent tokens and keeps exactly the block's samples:
-
-    window tokens:  [ history[-left:] | block (N committed) | future (F, not committed) ]
-    kept samples:   [ left*spt, (left + N)*spt )        spt = samples per token (512)
-
-Over a stream of K blocks this yields K*N*spt samples, as many as ``decode_full`` on the K*N tokens.
-``measure_stream_deviation`` reports how far the two differ (max abs error, SNR in dB).
-
-Static shapes. ``decode_window`` (the part to compile/capture) sees one window length per variant:
-  start="trim" (default): the first calls use only the history that exists, so the window grows from
-      N+F up to left+N+F, i.e. ceil(left / N) + 1 shapes (2 when left <= N: the first block, then steady
-      state); with F > 0 and no future at the stream end, one more shape without the future.
-  start="reflect" / "zeros": missing history (and a missing future) is padded with a mirror image of the
-      real tokens / with zero latents, so every call has the one shape left+N+F. The pad's audio is
-      discarded, but it still shifts the kept samples through attention and the conv receptive field.
-The runtime state (history ring, commit counter) is an explicit ``AudioStreamState`` passed in.
+"""Audio decode: the release's one-shot ``decode_full`` and ``StreamingAudioDecoder``, which per block
+re-decodes a window ``[left context | block (N tokens) | future (F)]`` of latent tokens [B, 30, L] and keeps
+exactly the block's N * 512 samples (16 kHz), with an explicit ``AudioStreamState`` and one window length
+per static variant (``start`` = trim | reflect | zeros); ``measure_stream_deviation`` compares it with the
+whole-clip decode. Why a window, and its shapes: ``docs/ARCHITECTURE.md``, "Streaming audio decode".
 """
 
 from __future__ import annotations

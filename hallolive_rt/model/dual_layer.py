@@ -1,29 +1,8 @@
-"""One dual-stream layer of the DiT (video block ``i`` + audio block ``i``): the code all layers run.
-
-``dual_layer`` is a plain function of the two ``FusionLayer`` modules, the hidden states, the layer's own
-state tensors and a hashable ``LayerStatic``. Every layer calls the same function with the same static
-numbers, so ``torch.compile`` of it (``compile_dual_layer``) traces and compiles it ONCE and reuses the
-code for every layer: regional compilation, seconds instead of a whole-model compile (the modules'
-parameters are graph inputs, not constants, because ``torch._dynamo`` inlines built-in ``nn.Module``s).
-
-Per layer (docs/FACTS.md section 2):
-    A += g1a * self_attn_a(...)            V += g1v * self_attn_v(...)      (video attends its cache)
-    A0 = A
-    A += cross_a(norm3(A), text, V)        audio sees video after its self-attention (fusion cache)
-    A += g2a * ffn_a(...)
-    V += cross_v(norm3(V), text, A0)       video sees audio after self-attention, before audio cross/ffn
-    V += g2v * ffn_v(...)
-
-``LayerStatic.part`` says how much of that a layer computes (the t = 0 context pass only refreshes the
-caches, ``DualStreamDiT.forward(context=True)``):
-    full          everything (every denoising forward; context-pass layers 0 .. L-3)
-    no_audio_tail all but the audio cross-attention's query side and the audio FFN (context layer L-2: the
-                  audio state after it only feeds layer L-1's audio self-attention, which is itself dead)
-    cache_only    the video self-attention (its K/V writes and output, which the fusion K/V read) and the
-                  fusion K/V writes; nothing after them (context layer L-1: no later layer reads V or A)
-What is skipped never reaches a cache, and what is computed is computed by the same ops in the same
-order, so in eager mode the caches after a lean context pass are bit-identical to the full forward's
-(tests/test_context_pass.py).
+"""One dual-stream layer of the DiT (video block ``i`` + audio block ``i``), the code all layers run:
+``dual_layer`` is a plain function of the two ``FusionLayer`` modules, the hidden states, the layer's state
+tensors and a hashable ``LayerStatic`` (whose ``part`` says how much a context-pass layer computes), so
+``compile_dual_layer`` compiles it once and reuses it for every layer. The layer's equations and the lean
+context parts: ``docs/ARCHITECTURE.md``, "The dual-stream layer".
 """
 
 from __future__ import annotations

@@ -1,32 +1,8 @@
-"""float8 e4m3 Linear layers for the PyTorch path (``--precision fp8`` on ``stream`` / ``bench``).
-
-The scheme is the export's (``hallolive_rt.export.fp8``; these primitives are shared with it), with
-dynamic activation scales instead of calibrated ones:
-
-* **weights**: every ``nn.Linear`` weight of the DiT is stored as float8 e4m3fn rows, one scale per output
-  channel: ``scale = amax(|row|) / 448`` computed in float32, rounded through the compute dtype (as the
-  ONNX graphs store it; 1 for a zero row), ``q = clamp(w / scale, -448, 448)`` cast to float8 (round to
-  nearest even). Bit-identical to the weights an fp8 ONNX export writes.
-* **activations**: each Linear's input is quantized on the fly, per token (one scale per row of the
-  [tokens, features] input, the default) or per tensor: ``scale = amax / 448`` in float32.
-* **GEMM**: ``torch._scaled_mm(x_fp8, w_fp8.T, scale_x [M, 1], scale_w [1, N], bias, out_dtype)``: float8
-  products, float32 accumulation, both scales applied in the epilogue (row-wise scaling: cuBLAS / CUTLASS
-  on Hopper, a reference kernel on CPU). ``emulate`` computes the same arithmetic with float32 matmuls of
-  the float8 values (exact products; only the accumulation order differs): the reference the
-  ``_scaled_mm`` path is tested against, and the fallback where ``_scaled_mm`` cannot run.
-* everything else (biases, norms, convolutions, attention, caches) stays in the compute dtype. Linear
-  layers whose in/out features are not multiples of 16 (``_scaled_mm``'s layout rule; in this DiT only
-  the audio head's 20 outputs) stay in the compute dtype too, on every device, so the CPU emulation and
-  the GPU run quantize the same layers.
-
-Why ``torch._scaled_mm`` and not torchao: torchao (0.18, the newest; needs torch >= 2.11) is well kept and
-would do the same math (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``), but it
-refuses to quantize on a CPU (it asserts CUDA compute capability >= 8.9 or MI300 / XPU), so none of its
-code could be tested here, and its weight scales are float32 where the export's are rounded through the
-compute dtype. ``torch._scaled_mm`` is the op torchao itself calls; it runs row-wise on CPU in torch 2.13,
-so the CPU tests run the very module the GPU runs. See the README ("Speed levers (DiT)").
-
-Nothing here syncs the host: scales are device tensors, the fallback is chosen once at quantization.
+"""float8 e4m3 Linear layers for the PyTorch path (``--precision fp8`` on ``stream`` / ``bench``): weights
+as float8 rows with per-row scales (bit-identical to the fp8 ONNX export's), activations quantized on the
+fly per token or per tensor, the GEMM by ``torch._scaled_mm`` (``emulate``: the float32 reference and
+fallback); Linears whose features are not multiples of 16 stay in the compute dtype. Nothing syncs the
+host. The scheme, and why not torchao: ``docs/ARCHITECTURE.md``, "fp8 in PyTorch".
 """
 
 from __future__ import annotations

@@ -1,28 +1,8 @@
-"""Fused projections: the ``nn.Linear`` layers of a module that read the same input, run as one GEMM.
-
-Opt-in (``DualStreamDiT.fuse_projections()``, ``--fuse-projections``) and off by default: whether one
-wide GEMM beats several narrow ones is a GPU measurement (``hallolive-rt bench``), not yet made.
-
-The checkpoint's names and shapes never change. Fusing a group concatenates its members' weights and
-biases into one non-persistent buffer (``<group>_weight`` / ``<group>_bias``: not in ``state_dict()``,
-not in ``parameters()``) and re-points every member's parameters at their row slice of it, so:
-  * ``state_dict()`` and ``named_parameters()`` yield the released names, shapes and values, and the
-    parameter count is unchanged (the buffer is the parameters' storage, not a copy);
-  * in-place writes to a member (``copy_``, ``init_random_``, ``load_state_dict`` without ``assign``)
-    land in the fused weight;
-  * ``.to()`` / ``to_empty()`` (which replace tensors) go through ``_apply``, which re-fuses afterwards.
-``load_state_dict(assign=True)`` replaces parameters without ``_apply``: load first, then fuse (calling
-``fuse_projections()`` again re-fuses from the current parameters). Unfusing drops the buffers and
-leaves the members' parameters where they are (contiguous row slices), so it copies nothing; the members
-of a group then still share one storage (``torch.save`` writes it once; ``safetensors.save_file`` refuses
-shared tensors: clone them first).
-
-Works on the meta device (structure only), and keeps the forward free of host syncs: the fused path is
-a Python attribute test resolved at trace / capture time, then ``F.linear`` and ``split``.
-
-``--precision fp8`` (``model/fp8.py``) quantizes a fused group as ONE float8 Linear ``<group>_fp8`` (per-row
-weight scales make row concatenation exact) whose members are row views of it; the bf16 buffers go, and
-the layout is frozen from then on (unfusing raises).
+"""Fused projections (opt-in: ``DualStreamDiT.fuse_projections()``, ``--fuse-projections``): the
+``nn.Linear`` layers of a module that read the same input run as one GEMM over one non-persistent buffer
+that the members' parameters are row slices of, so ``state_dict()`` keeps the released names, shapes and
+values. Works on the meta device, adds no host sync. The rules (loading, casts, unfusing, fp8):
+``docs/ARCHITECTURE.md``, "Fused projections".
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""Wan2.2 video VAE decoder (z_dim 48, 4x16x16), streamed one latent frame at a time.
-
-decode(z) = clamp(unpatchify(decoder(conv2(z * std + mean))), -1, 1). The decoder is causal in time:
-each of its 32 temporal-kernel-3 convs sees the last 2 frames of its own input from the previous call.
-The release keeps those frames in a Python list whose entries change type and length during the first
-frames. Here they sit in one preallocated ``VideoDecodeState``, a [B, C, 2, h, w] buffer per conv,
-updated in place with ``copy_``. Every call after the first reads and writes the same shapes, so
-``decode_frame(first=False)`` can be captured once and replayed. The release's first-chunk rule (the
-first latent frame gives 1 pixel frame, later ones give 4) is a static Python variant, ``first=True``.
-That variant zero-fills the history it writes, so a state can be reused without a reset.
-
-The encoder is not built: streaming inference only decodes. ``encoder.*`` and ``conv1.*`` in the file
-are dropped on load.
-
-De-normalisation follows the release's formula, ``z / inv_std + mean`` with ``inv_std = 1 / std`` computed
-in float32. ``stats`` says in which dtype: ``"release"`` (default) keeps mean and inv_std in the
-decoder's dtype and computes in it, as Hallo-Live does: its ``Wan2_2_VAE.to(dtype=bfloat16)`` casts the
-model and the scale tensors, and the division and addition then run in bf16 (not autocast ops). ``"fp32"``
-keeps both constants and the arithmetic in float32 whatever the weights' dtype (less rounding, not the
-release's numbers in bf16). The two agree exactly in float32.
+"""Wan2.2 video VAE decoder (z_dim 48, 4x16x16), streamed one latent frame at a time: z [B, 48, T, h, w]
+-> frames [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1]. The causal convs' history lives in a preallocated
+``VideoDecodeState`` updated in place, so ``decode_frame(first=False)`` has one shape and can be captured;
+the encoder is not built. The state, the first-frame variant and the de-normalisation modes:
+``docs/ARCHITECTURE.md``, "The video decoder".
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """AOTInductor packages (``.pt2``) of the same contracts: ``torch.export`` + ``aoti_compile_and_package``.
-
-The in-place wrappers are exported (``functional=False``): ``torch.export`` records the cache / conv-
-history writes as input mutations, and the compiled package writes them into the caller's tensors, so
-a package runs on ``stream.state`` exactly as the eager forward does and returns only the flows
-(frames, wav, ctx). A package is compiled for the device its sample inputs live on (CPU here, CUDA on
-a GPU) and for the torch version that built it: the manifest records both and the loader refuses others.
+Exports the in-place wrappers (``functional=False``): a package updates ``stream.state`` in the caller's
+tensors and returns only the flows (frames, wav, ctx). Bound to the build device and torch version.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""``hallolive-rt export``: build every sub-model, export each contract variant, write the manifest.
-
-One pass per artifact, one log line per pass (``exported`` / ``skipped (up to date)``). A pass is up to
-date when the manifest already lists the artifact with the same key (profile digest, weights id,
-precision, format, tool versions, device arch, contract, time embedding, opset) and the file on disk
-still has the recorded sha256.
+"""``hallolive-rt export``: build every sub-model, export each contract variant, write the manifest; one pass and one
+log line per artifact, skipping artifacts the manifest already lists as up to date.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Video VAE exporter: ``WanVideoDecoder.decode_frame(z, state, first)`` with the conv history explicit.
-
-``first`` is static (two variants). Functional wrapper (ONNX/TensorRT): ``history_i`` in, ``history_i_out``
-out, via the decoder's own ``decode_frame_functional``. In-place wrapper (AOTInductor): the history
-buffers are written with ``copy_`` exactly as ``decode_frame`` does at runtime.
+"""Video VAE exporter: ``WanVideoDecoder.decode_frame(z, state, first)`` with the conv history explicit and
+``first`` static (two variants): a functional wrapper (``history_i`` in, ``history_i_out`` out) for ONNX/TensorRT
+and an in-place wrapper (history written with ``copy_``) for AOTInductor.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Cache policies: which cache rows a block writes, how many rows it attends, where positions start.
-
-``AppendPolicy`` is the released behaviour: one row range per block, never evicted, positions from 0,
-the whole audio history re-read every forward. It is exact for clips up to the profile's length.
-``RollingPolicy`` keeps ``sink`` blocks of video forever plus a ring of ``window`` blocks, bounds the
-audio history, and re-bases RoPE positions before they leave the 1024-entry tables, so a stream runs
-for any number of blocks in constant memory and constant time per block.
-
-A policy yields one ``BlockPlan`` per block, in Python ints: the static numbers of a captured variant
-(attended rows, audio length) and the per-block numbers the runtime writes into device buffers with
-``fill_`` (write row, first positions) - a kernel launch with a scalar argument, never a host sync.
-
-Positions (rolling): video frame f sits at f - R (R = frames re-based so far; sink frames keep theirs);
-audio token g at g - 5R (5 tokens per latent frame, the 0.2 RoPE scale keeps the two streams aligned).
+"""Cache policies: which cache rows a block writes, how many it attends, where positions start, as one
+``BlockPlan`` per block in Python ints (the static numbers of a captured variant, and the per-block ones
+the runtime writes into device buffers with ``fill_``, never a host sync). ``AppendPolicy`` is the
+release's (exact up to the profile's clip length); ``RollingPolicy`` keeps sink blocks plus a ring and
+re-bases RoPE positions, so a stream runs without end in constant memory and time: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations

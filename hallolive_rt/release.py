@@ -1,16 +1,7 @@
-"""The official release's file layout under ``--model-dir`` and the decoder configs a profile names.
-
-Shared by the runtime (loading a stream's components) and the exporters (weights ids, loading one
-sub-model): one statement of where each release file lives.
-
-    Hallo-Live/hallolive_dit.pt                         dual-stream DiT (student)
-    Wan2.2-TI2V-5B/Wan2.2_VAE.pth                       video VAE (decoder used)
-    MMAudio/ext_weights/v1-16.pth                       audio VAE 16 kHz (decoder used)
-    MMAudio/ext_weights/best_netG.pt                    BigVGAN vocoder 16 kHz
-    Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth     umT5-XXL text encoder
-    Wan2.1-T2V-1.3B/google/umt5-xxl/                    umT5 tokenizer files (where the release's
-                                                        tools/download_models.sh puts them; a top-level
-                                                        google/umt5-xxl/ is accepted too)
+"""The official release's file layout under ``--model-dir`` (the DiT, the Wan2.2 VAE, MMAudio's VAE and
+BigVGAN, umT5 and its tokenizer files) and the decoder configs a profile names: one statement of where
+each file lives, shared by the runtime and the exporters. The layout is drawn in ``docs/ARCHITECTURE.md``,
+"The release layout".
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""Where the CUDA toolkit really is, and which GPU architectures to build for (used by build.py).
-
-Why not just ``which nvcc``: on some machines the ``nvcc`` on the PATH is a wrapper script outside the
-toolkit (``/usr/local/bin/nvcc`` doing ``exec /usr/local/cuda-13.0/bin/nvcc "$@"``), and torch's CMake
-(FindCUDA) and ``torch.utils.cpp_extension.CUDA_HOME`` both take its grandparent folder (``/usr/local``) as
-the toolkit root. A root counts here only if it holds ``bin/nvcc`` and ``cuda_runtime.h``; candidates, first
-valid wins:
-
-    1. $CUDA_HOME, $CUDA_PATH              (an explicit choice)
-    2. the root nvcc itself reports         (``nvcc --dryrun`` prints ``TOP=<root>/bin/..``: follows wrappers)
-    3. the real path of ``nvcc`` on the PATH, two folders up
-    4. torch's own CUDA_HOME
-    5. /usr/local/cuda
-    6. a toolkit from NVIDIA's pip wheels beside torch (site-packages/nvidia/cu13, .../cuda_nvcc)
+"""Where the CUDA toolkit really is (a root counts only if it holds ``bin/nvcc`` and ``cuda_runtime.h``,
+so a wrapper script named nvcc outside the toolkit is followed, not trusted) and which GPU architectures to
+build for, for ``build.py``. The order of candidates: ``docs/ARCHITECTURE.md``, "KV extension".
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""One attention facade for every attention in the DiT (self, text cross, fusion cross).
-
-Inputs are [B, L, H, D] like the caches; no mask is ever needed at inference (causality comes from
-what is in the caches). ``attention`` is PyTorch's SDPA; which SDPA kernel runs is a choice:
-
-    auto       PyTorch picks per call (flash / cuDNN / efficient on CUDA, the CPU flash or math kernel
-               on CPU): the default and the released behaviour
-    math       SDPA's composite math kernel (any device and dtype)
-    flash      FlashAttention (CUDA: fp16/bf16, sm80+) or, on CPU, PyTorch's CPU flash kernel
-    cudnn      cuDNN attention (CUDA only)
-    efficient  memory-efficient attention (CUDA only)
-
-A non-auto choice is applied with ``torch.nn.attention.sdpa_kernel`` around the SDPA calls
-(``attention_kernel``) and allows that one kernel only: inputs it cannot take raise instead of silently
-falling back. ``check_attention_kernel`` probes the choice on the device, dtype and head dims before a
-run and names the choice, device and torch's reasons when it cannot run there. ``attention_reference``
-is the explicit float32 math that every kernel is tested against.
+"""One attention facade for every attention in the DiT (self, text cross, fusion cross): q, k, v
+[B, L, H, D] like the caches, never a mask (causality is what the caches hold). ``attention`` is PyTorch's
+SDPA with a kernel choice (``auto`` | ``math`` | ``flash`` | ``cudnn`` | ``efficient``; a non-auto choice
+allows that kernel only and is probed first by ``check_attention_kernel``); ``attention_reference`` is the
+float32 math every kernel is tested against. The choices: ``docs/ARCHITECTURE.md``, "Attention kernels".
 """
 
 from __future__ import annotations

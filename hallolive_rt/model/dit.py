@@ -1,19 +1,9 @@
-"""The dual-stream causal DiT of Hallo-Live: a video stream and an audio stream fused in every layer.
-
-State-dict names equal the checkpoint's after its ``model.`` prefix: ``video_model.*``, ``audio_model.*``.
-One forward denoises one block: the video block's tokens (incremental, written into the video caches at
-``pos.video_slot``) and the whole audio sequence from position 0 (recomputed every forward, as released).
-
-Each layer runs ``dual_layer`` (``model/dual_layer.py``: both streams' blocks of that layer,
-docs/FACTS.md section 2), the same function for every layer, so ``torch.compile`` of it serves all of them
-(``layer_fn``, set by the ``compiled`` backend; ``model/compile.py``). Nothing here syncs the host:
-positions and offsets are tensors, every size is static per variant.
-
-Opt-in fast paths, off by default until a GPU measurement says they pay (``hallolive-rt bench``):
-``fuse_projections()`` (q/k/v, text k/v and fusion k/v as one GEMM each; ``model/fused.py``),
-``set_attention_kernel()`` (one SDPA kernel for every attention; ``model/attention.py``),
-``quantize_fp8()`` (float8 Linears; ``model/fp8.py``) and ``forward(context=True)`` (the lean t = 0
-context pass: only what reaches a cache).
+"""The dual-stream causal DiT of Hallo-Live: a video stream and an audio stream fused in every layer, with
+the checkpoint's names after its ``model.`` prefix (``video_model.*``, ``audio_model.*``). One forward
+denoises one block: the video block's tokens (written into the video caches at ``pos.video_slot``) and the
+whole audio sequence from position 0; every layer runs the same ``dual_layer``, nothing syncs the host, and
+the opt-in fast paths are ``fuse_projections()``, ``set_attention_kernel()``, ``quantize_fp8()`` and
+``forward(context=True)`` (the lean context pass), each off until a GPU measurement says it pays.
 """
 
 from __future__ import annotations

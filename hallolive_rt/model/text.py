@@ -1,20 +1,8 @@
-"""umT5-XXL text encoder as the release runs it: prompt -> ctx [B, text_len, dim] (4096), zero past the prompt.
-
-Formula (Wan's ``T5Encoder`` with ``shared_pos=False``; read from the release, written here from scratch):
-token embedding -> num_layers x [x += Attn(RMS(x)); x += FFN(RMS(x))] -> RMS. Every layer owns its
-relative-position bias table (32 buckets, bidirectional, log-spaced up to 128 positions); attention
-logits are NOT scaled by 1/sqrt(d); padded keys are masked; softmax runs in fp32; the FFN is gated,
-``fc2(fc1(x) * gelu_tanh(gate(x)))``; RMS norms compute in fp32 and cast back to the weight dtype.
-The release's wrapper then zeroes every row at or past the prompt's length; ``TextEncoder.forward`` does
-that too, so one graph maps (ids, mask) to the exact context the DiT sees.
-
-Why not ``transformers.UMT5EncoderModel``: the tiny default must run without ``transformers`` (so an
-encoder of our own exists anyway, and one implementation serves both presets); the v5 library runs
-softmax in the model dtype, not fp32 as the release does; and its mask/cache plumbing is in the way of
-static-shape capture and export. tests/test_text.py checks this module against an independent reference
-of Wan's formula and, when ``transformers`` is installed, against ``UMT5EncoderModel`` (Wan -> HF key map).
-
-Parameter names are Wan's checkpoint names, so ``models_t5_umt5-xxl-enc-bf16.pth`` loads with no key map.
+"""umT5-XXL text encoder as the release runs it: (ids, mask) [B, text_len] -> ctx [B, text_len, 4096],
+zero past the prompt, written from Wan's ``T5Encoder`` formula (per-layer relative-position bias, unscaled
+logits, fp32 softmax and RMS norms, gated gelu-tanh FFN) with Wan's checkpoint names, so
+``models_t5_umt5-xxl-enc-bf16.pth`` loads with no key map. The formula and why not ``transformers``:
+``docs/ARCHITECTURE.md``, "The text encoder".
 """
 
 from __future__ import annotations

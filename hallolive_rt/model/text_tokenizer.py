@@ -1,16 +1,8 @@
-"""Prompt tokenizers for the umT5 text encoder: the release's umT5 tokenizer and an offline byte tokenizer.
-
-Both turn a list of prompts into the fixed-shape pair the encoder takes, ``ids`` and ``mask`` [B, text_len],
-padded on the right to ``text_len`` (512 in the release), truncated past it with the EOS token kept last,
-and both report what truncation dropped so the CLI can tell the user instead of silently cutting a prompt.
-
-- ``UMT5Tokenizer`` wraps the Hugging Face tokenizer files shipped with the official download
-  (``Wan2.1-T2V-1.3B/google/umt5-xxl``), read offline only, with the release's 'whitespace' cleaning
-  (ftfy, HTML unescape twice, whitespace collapse). Needs the ``text`` extra (``transformers``,
-  ``sentencepiece``, ``ftfy``): every ``--model-dir`` run does, and ``require_text_extra`` says so first.
-- ``ByteTokenizer`` needs no files and no packages: UTF-8 bytes shifted past three specials laid out like
-  T5's (pad 0, eos 1, unk 2), 259 ids. The tiny preset pairs it with a random encoder whose vocabulary
-  is exactly that size, so the default demo runs with no download.
+"""Prompt tokenizers for the umT5 text encoder: prompts -> ``ids``, ``mask`` [B, text_len] (512 in the
+release), right-padded, truncated with EOS kept last and the truncation reported. ``UMT5Tokenizer`` reads
+the release's tokenizer files offline with its whitespace cleaning (needs the ``text`` extra);
+``ByteTokenizer`` needs nothing: UTF-8 bytes past three specials (pad 0, eos 1, unk 2), 259 ids, paired with
+the tiny preset's random encoder so the demo runs with no download.
 """
 
 from __future__ import annotations

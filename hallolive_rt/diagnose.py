@@ -1,15 +1,8 @@
-"""One DiT forward of a stream, for diagnosis: what went into the forward at block ``b``, step ``s``, and
-the flow (and x0) that came out, without driving the loop by hand.
-
-The inputs of a forward depend on everything before it (the committed audio history, the caches written
-by earlier blocks, the re-noise draws), so ``forward_at`` runs the real loop (``BlockStream``, the code
-the runtime runs) from block 0 through block ``b`` with ``record=True`` and returns that one
-``ForwardRecord``. Steps ``0 .. steps-1`` are the denoising forwards; ``s == steps`` is the t=0 context pass
-(its record has no x0). Use it to compare one forward with another implementation on identical inputs::
-
-    rec = forward_at(dit, profile, ctx, noise_v, noise_a, seed=0, block=2, step=1)
-    rec.vid_in, rec.aud_in, rec.vid_t, rec.aud_t   # the forward's inputs
-    rec.flow_v, rec.flow_a, rec.x0_v, rec.x0_a     # what it predicted, and x0 = x_t - sigma * flow
+"""One DiT forward of a stream, for diagnosis: ``forward_at(dit, profile, ctx, noise_v, noise_a, seed=0,
+block=b, step=s)`` runs the real loop (``BlockStream``) through block ``b`` and returns the
+``ForwardRecord`` of step ``s`` (``s == steps``: the t = 0 context pass): its inputs (``vid_in``, ``aud_in``,
+``vid_t``, ``aud_t``) and what it predicted (``flow_v``, ``flow_a``, ``x0_v``, ``x0_a``), to compare one
+forward with another implementation on identical inputs.
 """
 
 from __future__ import annotations

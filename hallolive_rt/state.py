@@ -1,13 +1,7 @@
-"""Typed, preallocated runtime state of the DiT: KV caches, text K/V, positions and write offsets.
-
-Modules hold weights and constant tables only; everything a stream changes lives here and is passed
-into the forward. Every tensor is allocated once at full size; a block step only writes into it
-(``copy_`` / index writes at offsets held in device tensors), so the same captured graph serves every
-block that has the same static shapes.
-
-Cache layout per layer: [B, S, H, D]; all layers of one kind are one tensor [L, B, S, H, D].
-Slots ``[0, sink)`` are never overwritten once written; slots ``[sink, sink + ring)`` form a ring
-(``ring == 0``: plain append, the released behaviour).
+"""Typed, preallocated runtime state of the DiT: KV caches ([L, B, S, H, D] per kind; slots ``[0, sink)``
+kept, ``[sink, sink + ring)`` a ring, ``ring == 0`` plain append), text K/V, positions and write offsets.
+Modules hold weights and constant tables only; a block step writes into these tensors at offsets held in
+device tensors, so one captured graph serves every block of the same static shapes.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""The streaming block loop of Hallo-Live (docs/FACTS.md section 4), on explicit state.
-
-Block i (F future tokens, W = 30 + F):
-    xv = video noise of the block; xa = cat(committed audio history, W window tokens of noise)
-    4 forwards at t = 1000, 937.5, 833.3, 625: x0 = x_t - sigma v; between steps re-noise the video
-    block and the audio window with FRESH noise (video drawn first); the history part stays.
-    commit x0v and the first 30 window tokens of x0a, then one forward at t = 0 on (x0v, x0a) - the
-    re-predicted history included - which leaves the clean K/V of the block in the caches.
-
-``BlockStream`` runs blocks one at a time (for the runtime, which decodes while the next block runs);
-``generate`` runs N blocks from given noise and returns every committed latent (for tests and tools).
-The DiT step is a swappable callable so graph-captured or compiled backends reuse this exact loop.
+"""The streaming block loop of Hallo-Live on explicit state: per block, 4 denoising forwards of the video
+block xv [B, Fb, Cv, h, w] and the audio window xa [B, La, Ca] with fresh re-noise between them, the commit
+of x0, then one t = 0 forward that leaves the block's clean K/V in the caches. ``BlockStream`` runs blocks
+one at a time with a swappable DiT step (so every backend reuses this loop); ``generate`` runs N blocks and
+returns every committed latent. The loop step by step: ``docs/ARCHITECTURE.md``, "The block loop".
 """
 
 from __future__ import annotations

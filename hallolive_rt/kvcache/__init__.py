@@ -1,14 +1,8 @@
-"""KV-cache operators: a C++/CUDA extension (cpp_ext/) and a pure-torch reference with the same API.
-
-    ops = get_kv_ops("ext")      # or "torch" (--kv-impl torch): explicit, never a silent fallback
-    ops.rope_write_block(cache_k, k, cos, sin, offset, ring_start, ring_size)
-    ops.write_block(cache_v, v, offset, ring_start, ring_size)
-    ops.rerotate(cache_k, cos_delta, sin_delta, start, length)
-
-Conventions: caches [B, S, H, D] contiguous; blocks [B, N, H, D]; `offset` a [1] int64 tensor on the
-cache's device holding the block's first LOGICAL slot (it may grow without bound when a ring is used);
-cos/sin float32 [rows, D/2], already gathered per row (pairs that must not rotate carry cos=1, sin=0).
-Only importing the "ext" implementation builds/loads the extension.
+"""KV-cache operators, a C++/CUDA extension (``cpp_ext/``) and a pure-torch reference with one API:
+``get_kv_ops("ext" | "torch")`` -> ``rope_write_block``, ``write_block``, ``rerotate`` on caches
+[B, S, H, D] and blocks [B, N, H, D], with ``offset`` a [1] int64 device tensor (the block's first logical
+slot) and cos/sin float32 [rows, D/2] gathered per row. Explicit, never a silent fall-back; only "ext"
+builds the extension. Conventions: ``docs/ARCHITECTURE.md``, "KV extension".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""The hallolive_kv extension ops: Python wrappers and the fake (meta) kernels torch.compile needs.
-
-Importing this module loads (building on first use, see build.py) cpp_ext/'s library. The C++ side names
-this module with set_python_module, so tracing an op without these fakes tells the user to import it.
-
-Schemas (TORCH_LIBRARY(hallolive_kv), cpp_ext/registration.cpp):
-    write_block(Tensor(a!) cache, Tensor src, Tensor offset, int ring_start, int ring_size) -> ()
-    rope_write_block(Tensor(a!) cache, Tensor src, Tensor cos, Tensor sin, Tensor offset,
-                     int ring_start, int ring_size) -> ()
-    rerotate(Tensor(a!) cache, Tensor cos_delta, Tensor sin_delta, int start, int length) -> ()
-Semantics are defined by hallolive_rt.kvcache.reference (the same functions in plain torch).
+"""The hallolive_kv extension ops (``write_block``, ``rope_write_block``, ``rerotate``; schemas in
+``cpp_ext/registration.cpp``): Python wrappers and the fake (meta) kernels ``torch.compile`` needs.
+Importing it loads ``cpp_ext/``'s library (built on first use, ``build.py``); the semantics are
+``kvcache/reference.py``'s.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Pure-torch reference of the hallolive_kv ops: the tests' ground truth and the `--kv-impl torch` choice.
-
-Same signatures and semantics as hallolive_rt.kvcache.ops, built from plain torch ops: slot indices from
-the offset tensor (no host read, so this path is capturable too), `index_copy_` for the write, and RoPE as
-a separate fp32 pass. It costs three passes over memory where the extension costs one.
-
-Slot mapping (shared with cpp_ext/checks.h map_slot): block row n goes to logical slot offset[0] + n;
-logical slots below `ring_start` (the sink) are physical slots, slots at or past it wrap inside
-[ring_start, ring_start + ring_size). ring_size == 0 means no ring: offset[0] + N <= S is required.
+"""Pure-torch reference of the hallolive_kv ops, the tests' ground truth and the ``--kv-impl torch``
+choice: the same signatures, slot indices from the offset tensor (no host read: capturable), ``index_copy_``
+and RoPE as a separate fp32 pass (three passes over memory where the extension makes one). Block row n goes
+to logical slot offset[0] + n; slots past ``ring_start`` wrap inside [ring_start, ring_start + ring_size).
 """
 
 from __future__ import annotations

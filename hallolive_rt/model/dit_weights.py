@@ -1,15 +1,8 @@
-"""Checkpoint layouts of the DiT and how to build it: from a file, or with random weights on a device.
-
-Accepted layouts of ``Hallo-Live/hallolive_dit.pt`` (docs/FACTS.md section 3):
-  * flat ``{"model.video_model...": tensor}`` (the released file): its one set of weights is loaded
-    whatever ``ema`` says;
-  * nested training files ``{"generator_ema": {...}, "generator": {...}, "critic": ...}``: ``ema=False``
-    (the default, as the release's ``inference.py`` without ``--use_ema``) reads ``generator``,
-    ``ema=True`` (its ``--use_ema``) reads ``generator_ema``; keys possibly carry
-    ``_fsdp_wrapped_module.`` (stripped). A requested entry that is absent is an error naming the
-    entries present (the release would fall back silently to the other one);
-  * the Ovi teacher's ``model.safetensors`` naming (no ``model.`` prefix).
-The model is built on the meta device and the (mmapped) tensors are assigned: nothing is allocated twice.
+"""Checkpoint layouts of the DiT and how to build it, from a file or with random weights on a device:
+the released flat file, nested training files (``generator`` by default, ``generator_ema`` with
+``ema=True``; an absent entry is an error naming those present) and the Ovi teacher's naming, built on the
+meta device with the (mmapped) tensors assigned, so nothing is allocated twice. The layouts:
+``docs/ARCHITECTURE.md``, "Checkpoints".
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Real-valued rotary position embedding, as the release computes it but without complex numbers.
-
-The release multiplies interleaved pairs (2k, 2k+1) by ``exp(i * pos * inv_freq[k])`` in complex128.
-Here the angle tables are built once (float64 -> float32 cos/sin, 1024 positions per axis) and gathered
-by integer position tensors, so a forward has no complex dtype, no float64 and no data-dependent shape:
-it exports cleanly and can be captured.
-
-Video (head_dim 128 -> 64 pairs): pairs [0, 22) rotate with the latent-frame index, [22, 43) with the
-token row, [43, 64) with the token column (split ``d - 4*(d//6)``, ``2*(d//6)``, ``2*(d//6)`` dims).
-Audio: only the first 22 pairs rotate, with the frame frequencies times ``temporal_rope_scaling_factor``
-(0.2: five audio tokens advance as much as one latent frame); the other 42 pairs pass through.
+"""Real-valued rotary position embedding, as the release computes it in complex128 but from float32
+cos/sin tables (1024 positions per axis) gathered by integer position tensors: no complex dtype, no
+float64, no data-dependent shape, so it exports and captures. Video (head_dim 128, 64 pairs) rotates with
+frame, row and column; audio only its first 22 pairs, with frame frequencies x 0.2. The split:
+``docs/ARCHITECTURE.md``, "RoPE".
 """
 
 from __future__ import annotations

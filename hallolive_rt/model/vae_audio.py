@@ -1,15 +1,8 @@
-"""MMAudio 16 kHz VAE decoder: audio latents [B, 20, L] -> 80-band log-mel [B, 80, 2L].
-
-The release builds the whole VAE (``get_my_vae('16k')``) and keeps only the decoder for inference. The
-decoder is magnitude-preserving (EDM2 style): every conv stores a raw weight that the checkpoint keeps
-un-normalised, and the release normalises it once after loading (``remove_weight_norm``). We do that fold
-in the loader (``fold_mp_weight``), so the forward here is plain ``conv1d`` with no per-call weight math.
-
-Layout (16k: hidden 384, ch_mult (1, 2, 4), 2+1 resnet blocks per level, one 2x upsample):
-    conv_in 20->1536 | mid: res, attention over all L positions, res | level 2: 3 res @1536 |
-    level 1: 3 res ->768, nearest 2x + conv | level 0: 3 res ->384 | mp-SiLU | conv_out ->80 (x gain)
-The mid attention sees the whole sequence: the decoder is not causal (see audio_stream.py).
-Parameter names equal the checkpoint's ``decoder.*`` keys plus the ``data_mean``/``data_std`` buffers.
+"""MMAudio 16 kHz VAE decoder: audio latents [B, 20, L] -> 80-band log-mel [B, 80, 2L]. Magnitude-
+preserving convs whose weights the loader folds once (``fold_mp_weight``), so the forward is plain
+``conv1d``; its mid attention sees the whole sequence, so it is not causal (``audio_stream.py``). Names are
+the checkpoint's ``decoder.*`` keys plus ``data_mean``/``data_std``. Layout: ``docs/ARCHITECTURE.md``,
+"Audio decoders".
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""Layers of the Wan2.2 video VAE decoder, written against an explicit temporal history.
-
-Every causal 3-D convolution here pads only in space. Its ``k_t - 1 = 2`` past frames come from a
-*history* object passed down the call, which owns all the state. Two histories exist
-(``vae_video.py``): a static one (preallocated buffers, graph-capturable) for streaming, and one that
-copies the release's cache list (``None`` / ``"Rep"`` / tensor entries) to act as the reference. The
-layers never branch on tensor values. The one branch on the first chunk is a Python bool that picks a
-static code path.
-
-Submodule names and order follow the release checkpoint (``decoder.middle.0.residual.2.weight`` and so
-on), so the flat ``Wan2.2_VAE.pth`` loads 1:1. Parameter-free slots (SiLU, dropout) keep their indices.
+"""Layers of the Wan2.2 video VAE decoder written against an explicit temporal history: every causal 3-D
+conv pads only in space and takes its 2 past frames from a history object passed down the call (a static,
+capturable one for streaming; one that copies the release's cache list as the reference). No branch on
+tensor values; submodule names and order follow the release checkpoint, so ``Wan2.2_VAE.pth`` loads 1:1.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""BigVGAN vocoder (MMAudio's 16 kHz one): log-mel [B, 80, T] -> waveform [B, 1, 256 T] in [-1, 1].
-
-conv_pre 80->1536 (k7) | 6 x [ConvTranspose1d (x4, x4, x2, x2, x2, x2; channels halve each time) ->
-mean of 3 AMP blocks (kernels 3/7/11, dilations 1/3/5)] | anti-aliased SnakeBeta | conv_post ->1 (k7) | tanh.
-
-``load_vocoder_config`` reads the generator fields of the config file BigVGAN ships with its checkpoint
-(MMAudio's ``bigvgan_vocoder.yml``; BigVGAN's ``config.json`` has the same keys).
-
-The release wraps every conv in weight norm and removes it after loading. The file stores g and v (legacy
-``weight_g``/``weight_v`` or ``parametrizations.weight.original0/1``); ``fold_weight_norm`` turns them into
-plain ``<conv>.weight`` at load, so this module is made of ordinary convs with the release's post-removal
-names. Non-causal: each output sample depends on about +-25 mel frames around it (see audio_stream.py).
+"""BigVGAN vocoder (MMAudio's 16 kHz one): log-mel [B, 80, T] -> waveform [B, 1, 256 T] in [-1, 1], made of
+plain convs (``fold_weight_norm`` turns the file's weight-norm g and v into ``<conv>.weight`` at load, the
+release's post-removal names); ``load_vocoder_config`` reads the generator fields of BigVGAN's config file.
+Not causal: each sample depends on about +-25 mel frames. Layout: ``docs/ARCHITECTURE.md``, "Audio
+decoders".
 """
 
 from __future__ import annotations

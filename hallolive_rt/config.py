@@ -1,5 +1,4 @@
 """Frozen DiT configs built by one adapter from the official JSON schema.
-
 The release ships ``video_causal_5B.json`` and ``audio_causal_5B.json`` (patch_size, model_type, dim,
 ffn_dim, freq_dim, num_heads, num_layers, in_dim, out_dim, text_len, text_dim, window_size, qk_norm,
 cross_attn_norm, eps, temporal_rope_scaling_factor). ``StreamConfig.from_json`` reads exactly those

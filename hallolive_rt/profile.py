@@ -1,5 +1,4 @@
 """The one source of static shapes and precision: a `Profile` read from ``profiles/<name>.toml``.
-
 Every size the runtime, the exporters and the tests use is a field or a derived property here; code
 that needs a shape asks the profile instead of writing a number.
 """

@@ -1,5 +1,4 @@
 """The release's flow-matching schedule, its 4 warped steps, x0 / re-noise math and the noise source.
-
 Schedule (docs/FACTS.md section 4): shift 5, 1000 training steps, s_i = linspace(1, 0, 1001)[i] (i < 1000),
 sigma = shift*s / (1 + (shift-1)*s), t = 1000*sigma, all float32 as in the release. The step list
 [1000, 750, 500, 250] is warped through the table to t = 1000, 937.5, 833.33, 625. sigma(t) is the

@@ -1,6 +1,5 @@
 """Checkpoint loading shared by every sub-model: read a file (mmap, no copy), check its keys against a
 module built on the meta device, and assign the tensors in place (nothing is allocated twice).
-
 Errors name the file, the first few offending keys and how many there are, so a user can tell a wrong
 download from a wrong layout at a glance. Sub-model specific layouts (prefixes, nesting, weight-norm
 folding) live next to their model and call into the functions here.

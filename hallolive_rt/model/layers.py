@@ -1,5 +1,4 @@
 """Layers of one DiT stream, named exactly like the checkpoint (``blocks.N.self_attn.q`` ...).
-
 Numerics follow the release: RMSNorm in float32 then cast back and times weight; LayerNorm output cast
 to the input dtype; modulation in the activation dtype; GELU(tanh) FFN.
 """

@@ -1,5 +1,4 @@
 """BigVGAN's anti-aliased periodic activation: 2x upsample -> Snake/SnakeBeta -> 2x downsample.
-
 Running the periodic nonlinearity at twice the rate, between two Kaiser-windowed sinc low-pass filters,
 keeps the harmonics it creates from aliasing back into the band. The filter taps are persistent buffers
 (``upsample.filter``, ``downsample.lowpass.filter``, [1, 1, 12]) because the released state dict holds

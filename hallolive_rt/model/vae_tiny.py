@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hallolive_rt.model.vae_video import latent_stats
+from hallolive_rt.model.vae_video import LatentStatsDecoder, latent_stats
 from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
@@ -129,7 +129,7 @@ def _decoder_layers(cfg: TinyDecoderConfig) -> list[nn.Module]:
     return layers
 
 
-class TinyVideoDecoder(nn.Module):
+class TinyVideoDecoder(LatentStatsDecoder):
     """The released TAEHV decoder for Wan2.2 with the streaming contract of ``WanVideoDecoder``.
 
     ``variant`` "lighttaew2_2" de-normalises the latent (z * std + mean, float32) before the first layer;
@@ -159,19 +159,8 @@ class TinyVideoDecoder(nn.Module):
         self.latent_mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device)
         self.latent_std = torch.tensor(self._stats[1], dtype=torch.float32, device=device)
 
-    def _apply(self, fn, recurse=True):
-        # A dtype cast of the module must leave the statistics in float32: rebuild them wherever they went.
-        super()._apply(fn, recurse)
-        self.init_stats(self.latent_mean.device)
-        return self
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder[1].weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder[1].weight.device
+    def _anchor(self) -> torch.Tensor:
+        return self.decoder[1].weight
 
     # the compiled region: every MemBlock runs ``region(block, x, past)`` (None: eager)
     region = staticmethod(lambda block, x, past: _MemBlock.forward(block, x, past))

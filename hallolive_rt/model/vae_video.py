@@ -190,9 +190,34 @@ class _ReleaseHistory:
         return False
 
 
-class WanVideoDecoder(nn.Module):
+class LatentStatsDecoder(nn.Module):
+    """A video decoder whose latent statistics are constants ``init_stats`` builds from float32 values: any
+    cast or move of the module rebuilds them where they went (a cast never rounds them twice). ``dtype`` and
+    ``device`` are those of the weight ``_anchor()`` returns."""
+
+    def _anchor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_stats(self, device: torch.device | str | None = None) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.init_stats(self.latent_mean.device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor().device
+
+
+class WanVideoDecoder(LatentStatsDecoder):
     """``conv2`` + ``decoder`` of the release's ``WanVAE_``; latent mean and 1/std as non-persistent buffers
-    in the dtype ``stats`` names (see the module docstring)."""
+    in the dtype ``stats`` names (``docs/ARCHITECTURE.md``, "The video decoder")."""
 
     def __init__(self, cfg: WanVAEConfig, stats: str = "release"):
         super().__init__()
@@ -228,20 +253,8 @@ class WanVideoDecoder(nn.Module):
         self.init_stats(self.latent_mean.device)
         return self
 
-    def _apply(self, fn, recurse=True):
-        # A cast of the module must not cast the constants a second time (fp32 -> fp16 -> bf16 would round
-        # twice): rebuild them from the float32 values, in the dtype the mode asks for, wherever they went.
-        super()._apply(fn, recurse)
-        self.init_stats(self.latent_mean.device)
-        return self
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv2.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv2.weight.device
+    def _anchor(self) -> torch.Tensor:
+        return self.conv2.weight
 
     @property
     def z_dim(self) -> int:

@@ -1,12 +1,7 @@
-"""Ranges and stage times for the stages of a stream, all through ``with stage("dit/step", block=i, step=k):``.
-Each stage is an NVTX range of the domain ``hallolive-rt`` (pushed only while an NVTX tool such as nsys, ncu
-or a library named by ``NVTX_INJECTION64_PATH`` is attached, and ``HALLOLIVE_NVTX`` is not ``0``), with a
-category per family (the name's first word) and the int64 payload ``block * 1000 + step``, the message
-staying the bare name so that Nsight filters match one fixed string; without the ``nvtx`` package a CUDA
-build of torch pushes the bare names into NVTX's default domain instead. The same names are torch-profiler
-ranges while a torch profiler records, and each stage is timed while a ``StageTimer`` is installed.
-``RANGES`` is the tree; NVTX nests per thread, so a stage run on a decode or writer thread is a root there.
-With none of this on, ``stage()`` hands back one shared no-op, and ``suppressed()`` turns it all off."""
+"""Stage ranges and stage times for a stream, all through ``with stage("dit/step", block=i, step=k):``: each stage
+is an NVTX range of the domain ``hallolive-rt`` (payload ``block * 1000 + step``), a torch-profiler range while
+a torch profiler records, and a timed stage while a ``StageTimer`` is installed. ``RANGES`` is the tree of stage
+names; with none of this on, ``stage()`` hands back one shared no-op, and ``suppressed()`` turns it all off."""
 
 from __future__ import annotations
 

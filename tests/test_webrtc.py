@@ -273,4 +273,3 @@ def test_the_first_frame_bench_runs_and_webrtc_sends_its_first_frame_before_the_
     assert ws["n"] == rtc["n"] == 1 and res["env"]["git_commit"]
     # the WebSocket's first frame leaves with its block's fragment, WebRTC's once it is decoded
     assert 0 < rtc["server_first_frame_out_s_p50"] < ws["server_first_frame_out_s_p50"]
-    assert ws["client_first_frame_s_p50"] >= ws["server_first_frame_out_s_p50"] > 0

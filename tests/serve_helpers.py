@@ -11,6 +11,14 @@ import time
 from hallolive_rt.runtime.serve.protocol import CLOSE_NORMAL
 
 
+def tiny_live():
+    """The LiveServer the serve tests share: tiny preset, seed 0, the pure-torch KV ops (nothing to build)."""
+    from hallolive_rt.options import DiTOptions, ModelSource
+    from hallolive_rt.runtime.serve.launch import build_server
+
+    return build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+
+
 @contextlib.contextmanager
 def running_server(live, *, token=None, allowed_origins=(), **app_kw):
     """Serve ``create_app(live)`` on 127.0.0.1 (a free port) from a thread; yields ``host:port``."""

@@ -95,6 +95,14 @@ def _wait(page, js: str, timeout: float, what: str):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 
+def _stop(page, more: str = "") -> dict:
+    """Press Stop, wait for the session's end; the page's errors, event types and ``more`` fields."""
+    page.click("#stop")
+    _wait(page, "window.hallolive.ended && document.getElementById('status').textContent === 'ended'", 60,
+          "the end of the session")
+    return page.evaluate(f"({{{more}errors: window.hallolive.errors, "
+                         f"types: window.hallolive.events.map(e => e.type)}})")
+
 
 MEDIA = """() => { const v = document.getElementById('video'); const s = v.captureStream();
   return {t: v.currentTime, paused: v.paused, error: v.error && v.error.message,
@@ -134,11 +142,7 @@ def test_page_plays_the_live_stream_and_switches_prompt(server_url, tmp_path):
             page.screenshot(path=str(shot))
             blocks_after = page.evaluate(f"window.hallolive.events.filter(e => e.type === 'block' && "
                                          f"e.index >= {k} && e.prompt_id === 1).length")
-            page.click("#stop")
-            _wait(page, "window.hallolive.ended && document.getElementById('status').textContent === 'ended'", 60,
-                  "the end of the session")
-            final = page.evaluate("({errors: window.hallolive.errors, acked: window.hallolive.acked, "
-                                  "types: window.hallolive.events.map(e => e.type)})")
+            final = _stop(page, "acked: window.hallolive.acked, ")
         finally:
             browser.close()
     print(f"playhead {t:.2f} s, switch applied from block {k}, media {media}")
@@ -188,11 +192,7 @@ def test_page_plays_the_webrtc_call_and_switches_prompt(server_url, tmp_path):
                                    "frames: window.hallolive.framesRendered, "
                                    "ttff_ms: window.hallolive.firstFrameMs}; })()")
             page.screenshot(path=str(shot))
-            page.click("#stop")
-            _wait(page, "window.hallolive.ended && document.getElementById('status').textContent === 'ended'", 60,
-                  "the end of the session")
-            final = page.evaluate("({errors: window.hallolive.errors, types: window.hallolive.events.map(e => "
-                                  "e.type)})")
+            final = _stop(page)
         finally:
             browser.close()
     print(f"WebRTC: playhead {t:.2f} s, switch from block {k}, {tracks}")

@@ -19,12 +19,11 @@ import pytest
 av = pytest.importorskip("av")  # decodes the streamed MP4 (the GPU image has no PyAV: skip, not a collection error)
 
 from hallolive_rt.options import DiTOptions, ModelSource, OutputOptions
-from hallolive_rt.runtime.serve.launch import build_server
 from hallolive_rt.runtime.serve.protocol import (CLOSE_BAD_MESSAGES, CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_NORMAL,
                                                  CLOSE_TIMEOUT, CLOSE_TOO_BIG, CLOSE_UNAUTHORIZED, Limits)
 from hallolive_rt.runtime.serve.sessions import LiveSession
 from hallolive_rt.runtime.stream_run import stream_main
-from tests.serve_helpers import Client, full_session, running_server, session
+from tests.serve_helpers import Client, full_session, running_server, session, tiny_live
 from tests.serve_helpers import decode_mp4 as _decode
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
@@ -32,7 +31,7 @@ PROMPT = "A man in a grey coat says: <S>good evening<E>"
 
 @pytest.fixture(scope="module")
 def live():
-    return build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+    return tiny_live()
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,16 @@ pytest.importorskip("aiortc")
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.mediastreams import MediaStreamError  # noqa: E402
 
-from hallolive_rt.options import DiTOptions, ModelSource  # noqa: E402
-from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_NORMAL, CLOSE_TIMEOUT, Limits  # noqa: E402
 from hallolive_rt.runtime.session import StreamSession  # noqa: E402
-from tests.serve_helpers import running_server  # noqa: E402
+from tests.serve_helpers import running_server, tiny_live  # noqa: E402
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
 
 
 @pytest.fixture(scope="module")
 def live():
-    return build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+    return tiny_live()
 
 
 @pytest.fixture(scope="module")

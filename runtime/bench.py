@@ -49,8 +49,8 @@ def _sync(dev: torch.device) -> None:
 
 
 def _vae_blocks(pipe, profile: Profile, blocks: int, seed: int) -> Iterator:
-    """Decode random latents block by block through ``pipe`` (a sequential DecodePipeline, built once per
-    video runner variant: its capture/compile happens at construction), one DecodedBlock each."""
+    """Decode random latents block by block through ``pipe`` (a sequential DecodePipeline), one DecodedBlock
+    each."""
     from hallolive_rt.cache_policy import choose_policy
     from hallolive_rt.stream import BlockOutput
 
@@ -117,11 +117,8 @@ def bench_main(model: ModelSource | None = None, dit: DiTOptions | None = None, 
                warmup_runs: int = 1, compare_overlap: bool = False, console=None, components=None,
                on_update: Callable[[dict], None] | None = None) -> dict:
     """Run the benchmark; print a table; write ``out_json`` (if given, after every block); return the JSON.
-
-    ``model`` default: the full-size preset with random weights on CUDA. ``backends`` None: eager and what
-    ``dit.backend`` names (``auto``: its pick here), plus the format of ``dit.artifacts``. ``vae_variants``
-    None: the runner of ``decoders``. ``components``: models already built for this preset and dtype (their
-    devices are used); ``on_update``: called with the JSON so far after every timed block and at the end."""
+    ``backends`` None: eager and what ``dit.backend`` resolves to; ``components``: models already built for
+    this preset and dtype; ``on_update``: called with the JSON so far after every timed block and at the end."""
     from rich.console import Console
     from rich.table import Table
 
@@ -235,11 +232,8 @@ def _resolve_backend(model, dit, decoders, name: str, blocks: int) -> ResolvedRu
 
 
 def _run_variants(mode: str, backends: list[str], vae_variants: list, overlaps: list[bool]) -> list[tuple]:
-    """(result key, DiT backend, video runner options, overlap) per run, baselines first.
-
-    vae: the eager decoder first (the ratios' baseline), then each listed variant; dit: the decoders do
-    not run, so one run per DiT backend; e2e: every DiT backend x video variant x overlap setting.
-    """
+    """(result key, DiT backend, video runner options, overlap) per run, baselines first: vae, the eager
+    decoder then each variant; dit, one run per backend; e2e, every backend x video variant x overlap."""
     if mode == "vae":
         vs = list(dict.fromkeys([VideoDecodeOptions(), *vae_variants]))
         return [(f"{vo.label} (decoders)", "eager", vo, False) for vo in vs]
@@ -260,13 +254,18 @@ def default_backends(run: ResolvedRun, console=None) -> list[str]:
 
 def _projection(results: dict, mode: str) -> dict:
     """Two-device throughput from the stages measured: min(DiT-only, VAE-only) FPS-equivalents."""
-    dit = max((r["dit_only_fps_equiv"] or 0 for r in results.values()), default=0) if mode != "vae" else None
-    vae = max((r["vae_only_fps_equiv"] or 0 for r in results.values()), default=0) if mode != "dit" else None
-    val = min(dit, vae) if dit and vae else None
-    return {"label": "projected (not measured): DiT on one device, decoders on another; min of the two "
-                     "stages' FPS-equivalents (best backend); combine a dit-mode and a vae-mode JSON when "
-                     "each was run alone", "dit_only_fps_equiv": dit, "vae_only_fps_equiv": vae,
-            "two_device_fps": val}
+    return _two_device(results if mode != "vae" else None, results if mode != "dit" else None,
+                       "projected (not measured): DiT on one device, decoders on another; min of the two stages' "
+                       "FPS-equivalents (best backend); combine a dit-mode and a vae-mode JSON when each was run alone")
+
+
+def _two_device(dit_results: dict | None, vae_results: dict | None, label: str) -> dict:
+    def best(results, key):
+        return None if results is None else max((r[key] or 0 for r in results.values()), default=0)
+
+    dit, vae = best(dit_results, "dit_only_fps_equiv"), best(vae_results, "vae_only_fps_equiv")
+    return {"label": label, "dit_only_fps_equiv": dit, "vae_only_fps_equiv": vae,
+            "two_device_fps": min(dit, vae) if dit and vae else None}
 
 
 def _fmt(x, spec=".2f"):
@@ -304,7 +303,4 @@ def combine_projection(dit_json: str | Path | dict, vae_json: str | Path | dict)
     d, v = load(dit_json), load(vae_json)
     if d["mode"] != "dit" or v["mode"] != "vae":
         raise ValueError(f"need a dit-mode and a vae-mode result, got {d['mode']} and {v['mode']}")
-    dit = max((r["dit_only_fps_equiv"] or 0) for r in d["results"].values())
-    vae = max((r["vae_only_fps_equiv"] or 0) for r in v["results"].values())
-    return {"label": "projected (not measured): min(DiT-only, VAE-only FPS-equivalent)", "dit_only_fps_equiv": dit,
-            "vae_only_fps_equiv": vae, "two_device_fps": min(dit, vae) if dit and vae else None}
+    return _two_device(d["results"], v["results"], "projected (not measured): min(DiT-only, VAE-only FPS-equivalent)")

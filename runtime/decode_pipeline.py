@@ -73,10 +73,10 @@ class DecodePipeline:
         self.st_future = torch.zeros(2, 1, nf, a.latent_channels, device=dev, dtype=dt)
         self.max_frames = profile.pixel_frames(fb, first_block=False)
         self.samples = na * a.samples_per_token
-        pin = self.cuda
         self.h_frames = [torch.empty(self.max_frames, profile.pixel_height, profile.pixel_width, 3,
-                                     dtype=torch.uint8, pin_memory=pin) for _ in range(host_slots)]
-        self.h_audio = [torch.empty(self.samples, dtype=torch.float32, pin_memory=pin) for _ in range(host_slots)]
+                                     dtype=torch.uint8, pin_memory=self.cuda) for _ in range(host_slots)]
+        self.h_audio = [torch.empty(self.samples, dtype=torch.float32, pin_memory=self.cuda)
+                        for _ in range(host_slots)]
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
             self.vae_stream = torch.cuda.Stream(dev, priority=DECODE_STREAM_PRIORITY)
@@ -110,8 +110,7 @@ class DecodePipeline:
         # host-side ownership of the two staging slots: the DiT thread refills slot k only after the
         # decode thread has issued (CUDA: enqueued, and recorded slot_free after) the decode reading it
         self._slot_sem = [threading.Semaphore(1) for _ in range(2)]
-        self._submitted = 0
-        self._returned = 0
+        self._submitted = self._returned = 0
         self.clock.start()
         if self.overlap:
             self._decode_q: queue.Queue = queue.Queue()
@@ -182,11 +181,8 @@ class DecodePipeline:
     # ---- main thread: hand-off --------------------------------------------------------------------
     @contextlib.contextmanager
     def dit_stream(self):
-        """Run the enclosed DiT work on the high-priority DiT stream (CUDA; a no-op on CPU).
-
-        It first waits for the work already queued on the thread's current stream (inputs made there)
-        and on exit that stream waits for the DiT's, so code after the block sees its results.
-        """
+        """Run the enclosed DiT work on the high-priority DiT stream (CUDA; a no-op on CPU), ordered after
+        the thread's current stream on entry and before it on exit."""
         if not self.cuda:
             yield
             return
@@ -199,16 +195,10 @@ class DecodePipeline:
         finally:
             cur.wait_stream(s)
 
-    def dit_mark(self):
-        return self.clock.mark()
-
     @torch.no_grad()
     def submit(self, out, marks: BlockMarks, *, sealed: bool = True) -> _Job:
-        """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once.
-
-        ``sealed=False``: the DiT still works on this block (its context pass) while it decodes; its
-        ``marks`` are completed later and ``seal(job)`` says so. The block's times are computed, and the
-        block written, only once it is sealed."""
+        """Hand block ``out`` (a BlockOutput on the DiT device) to the decoders; returns at once. With
+        ``sealed=False`` the DiT still runs its context pass: the block is written once ``seal(job)``."""
         i = out.index
         job = _Job(i, i % 2, i == 0, out.audio_future.shape[1] > 0, marks)
         if sealed:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 
 from hallolive_rt.errors import MediaError, OutputWriteError
 
-from .outputs import FileSink
+from .outputs import FileSink, check_writable
 from .probe import probe_media
 from .raw_records import _WavWriter, _Y4mWriter
 
@@ -84,18 +83,6 @@ class FragmentSink:
     def pop(self) -> list[Segment]:
         out, self._segments = self._segments, []
         return out
-
-
-def _check_writable(path: Path, what: str) -> Path:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise MediaError(f"{what} path {str(path)!r} is a directory, not a file")
-    if not parent.is_dir():
-        raise MediaError(f"{what} path {str(path)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise MediaError(f"{what} path {str(path)!r} is not writable")
-    return path
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -177,9 +164,9 @@ class StreamWriter:
             raise MediaError(f"frame size {width}x{height} must be positive and even (yuv420p)")
         if sample_rate <= 0 or fps <= 0:
             raise MediaError(f"fps ({fps}) and sample_rate ({sample_rate}) must be positive")
-        self.path = None if path is None else _check_writable(path, "video")
-        self.frames_out = None if frames_out is None else _check_writable(frames_out, "frames")
-        self.wav_out = None if wav_out is None else _check_writable(wav_out, "wav")
+        self.path = None if path is None else check_writable(path, "video")
+        self.frames_out = None if frames_out is None else check_writable(frames_out, "frames")
+        self.wav_out = None if wav_out is None else check_writable(wav_out, "wav")
         if path is not None and sink is not None:
             raise MediaError("the MP4 goes to a path or to a sink, not both")
         self.sink = sink  # the MP4 into memory instead of ``path`` (same encoders, same muxer, same bytes)

@@ -18,10 +18,23 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from hallolive_rt.errors import OutputBusy, OutputClaimError, OutputExists
+from hallolive_rt.errors import MediaError, OutputBusy, OutputClaimError, OutputExists
 
 __all__ = ["OutputClaimError", "OutputBusy", "OutputExists", "OutputLock", "claim_outputs", "FileSink",
-           "lock_path"]
+           "check_writable", "lock_path"]
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """``path`` as a Path, or MediaError if a file cannot be written there (a folder, no folder, read-only)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise MediaError(f"{what} path {str(path)!r} is a directory, not a file")
+    if not parent.is_dir():
+        raise MediaError(f"{what} path {str(path)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MediaError(f"{what} path {str(path)!r} is not writable")
+    return path
 
 
 def lock_path(path: str | os.PathLike) -> Path:

@@ -75,7 +75,7 @@ class PromptSwitch:
 
     def __init__(self, prompt, at_block: int | None, on_applied: Callable[[int], None] | None):
         self.prompt, self.at_block, self.on_applied = prompt, at_block, on_applied
-        self.block: int | None = None
+        self.block: int | None = None  # set once applied
 
 
 def parse_prompt_at(spec: str) -> tuple[int, str]:
@@ -138,8 +138,8 @@ class StreamSession:
 
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, prompt: str, *, release: bool | None = None):
-        """prompt -> (ctx [1, text_len, text_dim] on the DiT device, TokenizedPrompts). Frees the encoder
-        afterwards unless ``release=False`` or the session keeps it (``keep_text_encoder``)."""
+        """prompt -> (ctx [1, text_len, text_dim] on the DiT device, TokenizedPrompts); frees the encoder
+        unless ``release=False`` or ``keep_text_encoder``."""
         release = not self.keep_text_encoder if release is None else release
         enc = self.c.text_encoder
         if enc is None:
@@ -160,10 +160,8 @@ class StreamSession:
     def switch_prompt(self, prompt: str | torch.Tensor, *, at_block: int | None = None,
                       on_applied: Callable[[int], None] | None = None) -> PromptSwitch:
         """Use ``prompt`` (text, or a context from ``encode``) from block ``at_block`` on (None: the next
-        block whose DiT has not started). Thread-safe; ``on_applied(block)`` runs on the DiT thread once the
-        new text K/V are in place. Switches not reached by the end of a run are dropped with it. A text
-        prompt is checked here (tokenizer) and needs the resident encoder; raises ``PromptError`` /
-        ``RuntimeError`` / ``ValueError`` before anything is queued."""
+        block whose DiT has not started); thread-safe. ``on_applied(block)`` runs on the DiT thread once the
+        new text K/V are in place; switches not reached by the end of a run are dropped with it."""
         if at_block is not None and at_block < 0:
             raise ValueError(f"at_block must be >= 0, got {at_block}")
         if isinstance(prompt, str):
@@ -179,8 +177,7 @@ class StreamSession:
         return sw
 
     def request_stop(self) -> None:
-        """End the stream of the last ``run`` call before its next block (thread-safe; the next ``run`` call
-        clears it). Blocks already run are still decoded and yielded."""
+        """End the last ``run``'s stream before its next block (thread-safe); blocks already run still come."""
         self._stop.set()
 
     def _apply_switches(self, block: int) -> None:
@@ -217,14 +214,9 @@ class StreamSession:
     def run(self, ctx: torch.Tensor, seed: int = 0, *, decode: bool = True,
             on_latents: Callable[[int, object], None] | None = None) -> Iterator[DecodedBlock]:
         """Stream every block for the encoded prompt ``ctx``; yields DecodedBlocks in order as they finish.
-
-        Time zero of the block times (``start_s``, ``first_frame_s``, ``done_s``) is the start of the
-        iteration (first ``next``): TTFF is ``first block's first_frame_s``, text K/V preparation included,
-        prompt encoding excluded. A ``request_stop`` from this call on (even before the first block) ends this
-        stream. ``decode=False`` runs the DiT alone (the bench's DiT stage): each block is yielded once its
-        DiT work is done, with DiT times and no frames. ``on_latents(index, BlockOutput)`` sees each block's
-        committed latents on the DiT thread (comparisons between backends).
-        """
+        Block times count from the first ``next`` (text K/V preparation included, prompt encoding not).
+        ``decode=False`` runs the DiT alone (DiT times, no frames); ``on_latents(index, BlockOutput)`` sees
+        each block's committed latents on the DiT thread."""
         self._stop.clear()  # a stop asked for before this call (outside any run) does not end this one
         return self._iterate(ctx, seed, decode, on_latents)
 

@@ -1,16 +1,11 @@
 """``hallolive-rt stream`` as one function: ``stream_main(prompt, model=..., dit=..., decoders=...,
-outputs=...)`` checks every input (``resolve_run``, then the prompts with the tokenizer the weights use,
-then the output paths) before any weight is loaded, claims the outputs (one writer per file, no silent
-overwrite), installs the SIGINT / SIGTERM handlers, loads, encodes, runs the warm-up streams, and streams
-the session's blocks into the writer with progress per block; a first signal ends the stream at a block
-boundary (a playable file, both tracks ending together; ``interrupted`` and ``exit_code`` 130 / 143 in the
-summary). A write that fails mid-stream raises ``OutputWriteError`` after the outputs were cut back to
-their last complete block."""
+outputs=...)`` checks every input (run options, prompts, output paths) before any weight is loaded, claims
+the outputs, and streams the session's blocks into the writer with progress per block; a first SIGINT /
+SIGTERM ends the stream at a block boundary (``interrupted`` and ``exit_code`` 130 / 143 in the summary)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +14,7 @@ from hallolive_rt.errors import CheckpointError, InputError, MediaError, OutputC
 from hallolive_rt.options import DecoderOptions, DiTOptions, ModelSource, OutputOptions
 
 from .decode_pipeline import DecodedBlock
+from .outputs import check_writable
 from .progress import StreamProgress
 from .resolve import ResolvedRun, resolve_run
 from .session import StreamSession
@@ -46,10 +42,8 @@ def stream_main(prompt: str, *, model: ModelSource | None = None, dit: DiTOption
                 blocks: int | str | None = None, future_audio_frames: int | None = None,
                 prompt_at: list[tuple[int, str]] | None = None, truncate_prompt: bool = False, warmup_runs: int = 0,
                 progress: bool = True, console=None, fps: float | None = None) -> dict:
-    """Check, then stream ``prompt`` (see the module docstring); returns a summary. ``prompt_at``:
-    [(block, prompt)], each used from that block on; every prompt is encoded before the stream starts, then
-    the encoder is freed. ``future_audio_frames``: the audio lookahead in tokens. Defaults: the tiny preset
-    with random weights (no files needed)."""
+    """Check, then stream ``prompt``; returns a summary. ``prompt_at``: [(block, prompt)], each used from that
+    block on (all encoded before the stream starts). Defaults: the tiny preset with random weights."""
     from rich.console import Console
 
     from hallolive_rt.model.text_tokenizer import PromptError, load_tokenizer
@@ -81,12 +75,11 @@ def stream_main(prompt: str, *, model: ModelSource | None = None, dit: DiTOption
             console.print(f"[yellow]warning:[/] {msg}")
     fps = fps or prof.fps
     try:  # checks every output path now; the files themselves are opened at the first block
-        writer = StreamWriter(None if outputs.out is None else Path(outputs.out), width=prof.pixel_width,
-                              height=prof.pixel_height, fps=fps, sample_rate=prof.audio.sample_rate,
-                              frames_out=None if outputs.frames_out is None else Path(outputs.frames_out),
-                              wav_out=None if outputs.wav_out is None else Path(outputs.wav_out))
+        writer = StreamWriter(outputs.out, width=prof.pixel_width, height=prof.pixel_height, fps=fps,
+                              sample_rate=prof.audio.sample_rate, frames_out=outputs.frames_out,
+                              wav_out=outputs.wav_out)
         if outputs.metrics is not None:
-            _check_parent_writable(Path(outputs.metrics), "metrics")
+            check_writable(outputs.metrics, "metrics")
     except MediaError as e:
         raise InputError(str(e)) from e
     job = _Job(run, prompt, prompt_at, outputs, writer, console, progress, fps, warmup_runs)
@@ -200,11 +193,3 @@ def check_utf8(prompt: str, what_prompt: str = "the prompt") -> None:
             what = f"the lone surrogate {prompt[e.start:e.end]!r}"
         raise InputError(f"{what_prompt} is not valid UTF-8: {what} at character {e.start} (after "
                          f"{prompt[:e.start][-20:]!r}); pass the text in UTF-8") from None
-
-
-def _check_parent_writable(p: Path, what: str) -> None:
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise InputError(f"{what} path {str(p)!r} is a directory")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} path {str(p)!r}: folder {str(parent)!r} does not exist or is not writable")

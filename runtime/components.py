@@ -72,16 +72,10 @@ def load_components(profile: Profile, model_dir: str | Path | None = None, *,
                     text_device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                     seed: int = 0, with_text: bool = True, ema: bool = False,
                     decoders: DecoderOptions | None = None) -> Components:
-    """Build (``model_dir=None``: random, seeded) or load every model of ``profile``.
-
-    DiT on ``dit_device``; decoders on ``vae_device`` (default: the DiT's); the text encoder on
-    ``text_device`` (default: the DiT's, freed after encoding). ``with_text=False`` skips the encoder
-    (benchmarks that start from an encoded prompt). Missing files are reported all at once, before
-    anything is loaded. ``ema`` picks the DiT entry of a nested training file (``load_dit``: False, the
-    default, reads ``generator``; True reads ``generator_ema``); random weights ignore it. ``decoders``
-    picks the video decoder: the full Wan2.2 decoder (default) or a tiny preview decoder (its file, or
-    random weights like the rest).
-    """
+    """Build (``model_dir=None``: random, seeded) or load every model of ``profile``: the DiT on
+    ``dit_device``, the decoders on ``vae_device`` and the text encoder on ``text_device`` (both default to
+    the DiT's; ``with_text=False`` skips the encoder). Missing files are reported all at once, before anything
+    is loaded; ``ema`` picks ``generator_ema`` of a nested training file; ``decoders`` the video decoder."""
     dit_dev = canonical_device(dit_device)  # "cuda" -> "cuda:N": one name per device everywhere after this
     vae_dev = canonical_device(vae_device) if vae_device is not None else dit_dev
     text_dev = canonical_device(text_device) if text_device is not None else dit_dev

@@ -58,13 +58,9 @@ class Segment:
 
 
 class FragmentSink:
-    """A write-only, in-memory output for StreamWriter's MP4 (PyAV muxes into any object with ``write``).
-
-    The writer cuts the bytes written so far into a ``Segment`` after the header, after each block's
-    fragment flush and after close; ``pop()`` takes the segments cut since the last call. Without the
-    explicit fragment flush (``StreamWriter.fragment_flush`` False) a block's segment holds the previous
-    block's fragment: the bytes stay in order, they only arrive one block later.
-    """
+    """A write-only, in-memory output for StreamWriter's MP4: the writer cuts the bytes into a ``Segment``
+    after the header, each block's fragment flush and close; ``pop()`` takes the segments cut since the last
+    call. Without the explicit flush a block's segment holds the previous block's fragment."""
 
     def __init__(self):
         self._buf = bytearray()
@@ -92,15 +88,10 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def _flush_fragment(container) -> bool:
-    """Write the muxer's pending fragment to disk now (libavformat ``av_write_frame(ctx, NULL)``).
-
-    PyAV exposes no flush, and the mov muxer otherwise keeps a fragment in memory until the NEXT block's
-    keyframe arrives, so a kill would lose the last finished block. We take the AVFormatContext pointer
-    (first C field of PyAV's Container, after the object header and the Cython vtable pointer) and call
-    the libavformat that PyAV itself loaded. Every pointer is read through /proc/self/mem (an unmapped
-    address is an OSError there, not a crash) and accepted only if it leads to an AVFormatContext whose
-    output format is mp4; otherwise we return False and fragments are cut one keyframe late instead.
-    """
+    """Write the muxer's pending fragment now (libavformat ``av_write_frame(ctx, NULL)``, which PyAV does not
+    expose): the AVFormatContext pointer is the first C field of PyAV's Container, read through
+    /proc/self/mem and accepted only if it leads to an mp4 AVFormatContext; otherwise False (fragments are
+    then cut one keyframe late). Why and how: ``docs/ARCHITECTURE.md``, "The media writer"."""
     vp = ctypes.sizeof(ctypes.c_void_p)
     offset = object.__basicsize__ + vp
     if not isinstance(container, av.container.OutputContainer) or type(container).__basicsize__ < offset + vp:

@@ -10,12 +10,9 @@ __all__ = ["probe_media"]
 
 
 def probe_media(path: Path | str) -> dict:
-    """Demux (and decode) a media file with PyAV: streams, codecs, frame/sample counts, exact end times.
-
-    ``start_s``/``end_s`` come from packet timestamps (pts + duration) on the container timeline, so video
-    and audio ends can be compared directly; ``samples`` counts decoded audio (AAC priming included).
-    A truncated file is read up to the damage and reported with ``error``.
-    """
+    """Demux (and decode) a media file with PyAV: streams, codecs, frame/sample counts, and end times from
+    packet pts + duration on the container timeline (``samples``: decoded audio, AAC priming included). A
+    truncated file is read up to the damage and reported with ``error``."""
     out: dict = {"path": str(path), "streams": [], "error": None}
     with av.open(str(path)) as c:
         out["format"] = c.format.name

@@ -38,11 +38,8 @@ _LAYOUTS: "weakref.WeakKeyDictionary[WanVideoDecoder, tuple[bool, int]]" = weakr
 
 
 def set_conv_layout(decoder: WanVideoDecoder, channels_last: bool) -> int:
-    """Put every 5-D parameter (the Conv3d weights) in channels_last_3d or back in contiguous layout.
-
-    Values never change. Returns the layout epoch, which grows whenever a weight was re-allocated: a
-    runner prepared at an older epoch (a CUDA graph holds the old addresses) refuses to run.
-    """
+    """Put every 5-D parameter (the Conv3d weights) in channels_last_3d or back in contiguous layout; returns
+    the layout epoch, which grows when a weight moved (a runner prepared at an older epoch refuses to run)."""
     fmt = CL3D if channels_last else torch.contiguous_format
     _, epoch = _LAYOUTS.get(decoder, (False, 0))
     changed = False
@@ -162,12 +159,8 @@ class CompiledRunner(VideoDecodeRunner):
 
 
 class CudaGraphRunner(CompiledRunner):
-    """Both variants captured as CUDA graphs (steady first: it is the larger) into one private pool.
-
-    The variants never run concurrently (one stream, in order) and each keeps its output alive, so
-    sharing the pool is safe. Warm-up runs on a side stream (cuDNN/cuBLAS workspaces, autotuning and,
-    compiled, the Triton compile stay out of the graphs), on the runner's own state, zeroed afterwards.
-    """
+    """Both variants captured as CUDA graphs (steady first: it is the larger) into one private pool (they
+    never run concurrently); warm-up, and a compile, run on a side stream before the capture."""
 
     name = "cudagraph"
 

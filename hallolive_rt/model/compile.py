@@ -23,10 +23,8 @@ class RegionCompiler:
     and ``fn`` compiled with it (fullgraph, static shapes)."""
 
     def __init__(self, fn, inner: str = "inductor", max_graphs: int = 64):
-        self.inner = inner
-        self.max_graphs = max_graphs
-        self.graphs = 0
-        self.compile_s = 0.0
+        self.inner, self.max_graphs = inner, max_graphs
+        self.graphs, self.compile_s = 0, 0.0
         self.region = f"{fn.__module__}.{fn.__qualname__}"
         self.fn = torch.compile(fn, backend=self, fullgraph=True, dynamic=False)
 

@@ -28,9 +28,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, *, fp64: bool = True) -> tor
     """cat(cos, sin) of t * 10000^(-k/half), k < half: [N] -> [N, dim] (float64 math as released)."""
     half = dim // 2
     dt = torch.float64 if fp64 else torch.float32
-    pos = t.to(dt)
     freq = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=dt) / half)
-    ang = torch.outer(pos, freq)
+    ang = torch.outer(t.to(dt), freq)
     return torch.cat([ang.cos(), ang.sin()], dim=1)
 
 
@@ -100,9 +99,7 @@ class DualStreamDiT(nn.Module):
     @property
     def kv(self):
         if self._kv is None:
-            from ..kvcache import get_kv_ops
-
-            self._kv = get_kv_ops("torch")
+            self.set_kv_impl("torch")
         return self._kv
 
     def set_kv_impl(self, impl: str) -> None:
@@ -199,17 +196,13 @@ class DualStreamDiT(nn.Module):
         vid_x [B, Fb, Cv, Hl, Wl] noisy video block; aud_x [B, La, Ca] whole audio sequence from position 0;
         vid_t [B, Fb], aud_t [B, La] float timesteps; ``video_kv_len`` (static) cache rows attended,
         the block's own rows included. Returns flow predictions shaped like vid_x and aud_x.
-
-        ``context=True`` (the lean context pass, opt-in through ``BlockStream.lean_context``): compute only
-        what reaches a cache (``dual_layer.context_parts``: the last layer stops after its cache writes, the
-        one before skips its audio tail, no heads) and return ``(None, None)``. The caches it leaves are
-        bit-identical to the full forward's.
-        """
+        ``context=True`` (the lean context pass, opt-in through ``BlockStream.lean_context``) computes only
+        what reaches a cache (``dual_layer.context_parts``) and returns ``(None, None)``; the caches it leaves
+        are bit-identical to the full forward's."""
         vm, am = self.video_model, self.audio_model
         b, nf, _, lh, lw = vid_x.shape
         gh, gw = lh // vm.cfg.patch_size[1], lw // vm.cfg.patch_size[2]
-        dtype = state.video_k.dtype
-        lay = state.layout
+        dtype, lay = state.video_k.dtype, state.layout
 
         V = vm.embed(vid_x.to(dtype))  # [B, Nv, C]
         A = am.embed(aud_x.to(dtype))  # [B, La, C]
@@ -219,8 +212,7 @@ class DualStreamDiT(nn.Module):
         rope_v = vm.rope.video(pos.video_frame_pos, gh, gw)  # cos, sin [Nv, D/2]
         rope_a = am.rope.audio(pos.audio_pos)  # [La, D/2]
 
-        n_layers = len(vm.blocks)
-        parts = context_parts(n_layers) if context else ["full"] * n_layers
+        parts = context_parts(len(vm.blocks)) if context else ["full"] * len(vm.blocks)
         layer = self.layer_fn or dual_layer
         for i, (bv, ba) in enumerate(zip(vm.blocks, am.blocks)):
             st = LayerState(state.video_k[i], state.video_v[i], state.fusion_k[i], state.fusion_v[i],
@@ -231,6 +223,4 @@ class DualStreamDiT(nn.Module):
 
         if context:
             return None, None
-        flow_v = vm.unpatchify(vm.head(V, ev, nf), nf, gh, gw)  # [B, Fb, Cv, Hl, Wl]
-        flow_a = am.head(A, ea, na)  # [B, La, Ca]
-        return flow_v, flow_a
+        return vm.unpatchify(vm.head(V, ev, nf), nf, gh, gw), am.head(A, ea, na)  # [B, Fb, Cv, Hl, Wl], [B, La, Ca]

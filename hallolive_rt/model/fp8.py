@@ -46,8 +46,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 def _act_scale(x2: torch.Tensor, mode: str) -> torch.Tensor:
     """[M, K] -> float32 [M, 1] dynamic scales (per token, or one per tensor broadcast to every row)."""
     amax = x2.abs().amax(dim=1, keepdim=True) if mode == "token" else x2.abs().amax().expand(x2.shape[0], 1)
-    amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return weight_scale_of(amax, torch.float32)
 
 
 def fp8_eligible(linear: nn.Linear) -> bool:
@@ -60,8 +59,7 @@ def _probe(device_type: str, index: int | None, out_dtype: torch.dtype) -> str |
     dev = torch.device(device_type, index) if index is not None else torch.device(device_type)
     try:
         a = torch.ones(16, 32, device=dev).to(FP8)
-        b = torch.ones(16, 32, device=dev).to(FP8)
-        y = torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
+        y = torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
                              bias=torch.zeros(16, device=dev, dtype=out_dtype), out_dtype=out_dtype)
         if y.shape != (16, 16):
             return f"unexpected result shape {tuple(y.shape)}"

@@ -45,15 +45,11 @@ class RopeTables(nn.Module):
     def reset_tables(self) -> None:
         """(Re)compute the tables on the current default device (call after a meta-device build)."""
         f, h, w = self.pairs
-        if self.is_audio:
-            c, s = _table(f, self.scale)
-            self.register_buffer("cos_t", c, persistent=False)
-            self.register_buffer("sin_t", s, persistent=False)
-        else:
-            for name, n in (("t", f), ("h", h), ("w", w)):
-                c, s = _table(n)
-                self.register_buffer(f"cos_{name}", c, persistent=False)
-                self.register_buffer(f"sin_{name}", s, persistent=False)
+        axes = [("t", f, self.scale)] if self.is_audio else [("t", f, 1.0), ("h", h, 1.0), ("w", w, 1.0)]
+        for name, n, scale in axes:
+            c, s = _table(n, scale)
+            self.register_buffer(f"cos_{name}", c, persistent=False)
+            self.register_buffer(f"sin_{name}", s, persistent=False)
 
     def video(self, frame_pos: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [F*h*w, half] for tokens of frames at ``frame_pos`` [F] (int64), (f, h, w) row-major."""

@@ -19,25 +19,15 @@ from torch import nn
 from hallolive_rt.model.text_tokenizer import ByteTokenizer, TokenizedPrompts
 from hallolive_rt.weights import assign_state_dict, read_checkpoint, strip_and_select
 
-__all__ = [
-    "UMT5Config",
-    "TextEncoder",
-    "relative_position_buckets",
-    "build_text_encoder",
-    "random_text_values",
-    "load_text_encoder",
-    "encode_prompt",
-    "release_text_encoder",
-]
+__all__ = ["UMT5Config", "TextEncoder", "relative_position_buckets", "build_text_encoder", "random_text_values",
+           "load_text_encoder", "encode_prompt", "release_text_encoder"]
 
 
 @dataclass(frozen=True)
 class UMT5Config:
-    """Constructor parameters of the release's ``T5Encoder`` (``umt5_xxl(encoder_only=True)``).
-
-    ``eps`` and ``max_dist`` are the release's ``T5LayerNorm`` / ``T5RelativeEmbedding`` defaults;
-    ``text_len`` is the tokenizer's fixed length (512), the static sequence length of every call.
-    """
+    """Constructor parameters of the release's ``T5Encoder`` (``umt5_xxl(encoder_only=True)``); ``eps`` and
+    ``max_dist`` are its ``T5LayerNorm`` / ``T5RelativeEmbedding`` defaults; ``text_len`` is the tokenizer's
+    fixed length (512), the static sequence length of every call."""
 
     vocab: int = 256384
     dim: int = 4096
@@ -69,12 +59,10 @@ class UMT5Config:
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_dist: int, device=None) -> torch.Tensor:
-    """Bucket of key position j seen from query i, [L, L] int32 (bidirectional T5 bucketing).
+    """Bucket of key position j seen from query i, [L, L] int32 (bidirectional T5 bucketing; static shapes).
 
     Half the buckets are for j > i. Within a half, distances below ``num_buckets // 4`` get a bucket
-    each; larger ones are log-spaced up to ``max_dist``, beyond which they share the last bucket.
-    Static in ``length``: no data-dependent shapes.
-    """
+    each; larger ones are log-spaced up to ``max_dist``, beyond which they share the last bucket."""
     pos = torch.arange(length, device=device)
     rel = pos[None, :] - pos[:, None]  # [Lq, Lk] key - query
     half = num_buckets // 2
@@ -89,12 +77,6 @@ def relative_position_buckets(length: int, num_buckets: int, max_dist: int, devi
     # int32: an index for the bias lookup; exported graphs fold this [L, L] table into a constant, and
     # TensorRT wants index constants in int32
     return (side + torch.where(dist < exact, dist, far)).to(torch.int32)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # statistics in fp32 whatever the input dtype; the product is cast to the weight dtype before scaling
-    y = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + eps)
-    return weight * y.to(weight.dtype)
 
 
 def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +94,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(x, self.weight, self.eps)
+        # statistics in fp32 whatever the input dtype; the product is cast to the weight dtype before scaling
+        y = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * y.to(self.weight.dtype)
 
 
 class RelativeBias(nn.Module):
@@ -137,9 +121,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]
-        q = self.q(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
-        k = self.k(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
         # explicit product, not SDPA: the release rounds logits+bias to the model dtype and takes the
         # softmax in fp32; it runs once per prompt, so matching its rounding is worth more than speed
         logits = q @ k.transpose(-1, -2) + bias  # [B, H, L, L], no 1/sqrt(D) (T5)
@@ -246,11 +228,8 @@ def load_text_encoder(
     path: str | os.PathLike, cfg: UMT5Config | None = None, dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> TextEncoder:
-    """Load ``models_t5_umt5-xxl-enc-bf16.pth`` (a flat dict of Wan names) into a meta-built encoder.
-
-    Memory-mapped read + ``assign=True``: the 11.4 GB of bf16 weights are never held twice. The key
-    check is strict; a wrong file raises ``CheckpointError`` naming the file and the offending keys.
-    """
+    """Load ``models_t5_umt5-xxl-enc-bf16.pth`` (a flat dict of Wan names) into a meta-built encoder, mmapped
+    and assigned (the 11.4 GB are never held twice); strict keys: a wrong file raises ``CheckpointError``."""
     cfg = cfg or UMT5Config()
     sd = strip_and_select(read_checkpoint(path))
     with torch.device("meta"):
@@ -265,13 +244,9 @@ def encode_prompt(
     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, TokenizedPrompts]:
     """Tokenize and encode: ctx [B, text_len, dim] (zero from each prompt's length on) + tokenizer info.
-
-    ``device`` defaults to the encoder's; ``dtype`` casts the result (default: the encoder's dtype, bf16
-    in the release, the same tensor feeding both DiT streams). ``info.truncation_messages()`` says what
-    a too-long prompt lost. Raises ``PromptError`` for an empty prompt.
-    """
+    ``dtype`` defaults to the encoder's (bf16 in the release, the same tensor feeding both DiT streams);
+    ``info.truncation_messages()`` says what a too-long prompt lost; an empty prompt raises ``PromptError``."""
     info = tokenizer(prompts)
-    w = encoder.token_embedding.weight
     if info.ids.shape[1] != encoder.cfg.text_len:
         raise ValueError(f"tokenizer pads to {info.ids.shape[1]} tokens, the encoder expects {encoder.cfg.text_len}")
     if int(info.ids.max()) >= encoder.cfg.vocab:
@@ -279,6 +254,7 @@ def encode_prompt(
             f"tokenizer {getattr(tokenizer, 'name', '?')} produced id {int(info.ids.max())}, beyond the "
             f"encoder's vocabulary of {encoder.cfg.vocab}: tokenizer and encoder do not belong together"
         )
+    w = encoder.token_embedding.weight
     device = w.device if device is None else torch.device(device)
     with torch.no_grad():
         ctx = encoder(info.ids.to(device), info.mask.to(device))
@@ -286,13 +262,9 @@ def encode_prompt(
 
 
 def release_text_encoder(encoder: TextEncoder) -> None:
-    """Free the encoder's weights once the prompt is encoded (11.4 GB on the DiT GPU at full size).
-
-    Moves every parameter to the meta device, which drops the storage (or the file mapping) as soon as
-    no other reference holds it, then returns cached CUDA blocks to the driver when it was on a GPU.
-    The module object stays valid but weightless: load it again with ``load_text_encoder`` to re-encode.
-    Encoded contexts are separate tensors and are unaffected.
-    """
+    """Free the encoder's weights once the prompt is encoded (11.4 GB on the DiT GPU at full size); storage
+    (or the file mapping) goes once no other reference holds it. The module stays valid but weightless (load
+    it again with ``load_text_encoder`` to re-encode); encoded contexts are unaffected."""
     on_cuda = any(p.is_cuda for p in encoder.parameters())
     encoder.to("meta")
     if on_cuda:

@@ -17,16 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = [
-    "PromptError",
-    "TokenizedPrompts",
-    "ByteTokenizer",
-    "UMT5Tokenizer",
-    "clean_prompt",
-    "load_tokenizer",
-    "require_text_extra",
-    "TEXT_EXTRA_INSTALL",
-]
+__all__ = ["PromptError", "TokenizedPrompts", "ByteTokenizer", "UMT5Tokenizer", "clean_prompt", "load_tokenizer",
+           "require_text_extra", "TEXT_EXTRA_INSTALL"]
 
 TEXT_EXTRA_INSTALL = "pip install -e '.[text]'"  # from a clone, as the README installs; the package: hallolive-rt[text]
 
@@ -50,11 +42,8 @@ def _missing_text_modules(names: tuple[str, ...] = ("transformers", "ftfy")) -> 
 
 
 def require_text_extra() -> None:
-    """Raise ``PromptError`` saying how to install the ``text`` extra unless the packages the release's
-    tokenizer needs import (``transformers`` for the tokenizer, ``ftfy`` for the prompt cleaning).
-
-    Called before anything else of a ``--model-dir`` run is checked: the real tokenizer is part of it.
-    """
+    """Raise ``PromptError`` saying how to install the ``text`` extra unless ``transformers`` (the tokenizer)
+    and ``ftfy`` (the prompt cleaning) import; called before anything else of a ``--model-dir`` run is checked."""
     missing = _missing_text_modules()
     if missing:
         raise PromptError(
@@ -67,10 +56,8 @@ def require_text_extra() -> None:
 
 def clean_prompt(text: str, *, fix_text: bool = True) -> str:
     """The release's 'whitespace' cleaning: ftfy, HTML unescape twice, strip, collapse whitespace runs.
-
     ``fix_text=False`` skips ftfy (the offline byte tokenizer must not need the package); ftfy only
-    changes mojibake and odd Unicode, so plain prompts clean identically either way.
-    """
+    changes mojibake and odd Unicode, so plain prompts clean identically either way."""
     if fix_text:
         try:
             import ftfy
@@ -84,12 +71,9 @@ def clean_prompt(text: str, *, fix_text: bool = True) -> str:
 
 @dataclass(frozen=True)
 class TokenizedPrompts:
-    """Encoder inputs for a batch of prompts plus what the caller should be told about them.
-
-    ids/mask are [B, text_len] int64; mask is 1 for the prompt's tokens (EOS included), then 0.
-    ``lengths[i]`` = tokens kept, ``dropped[i]`` = tokens removed by truncation, ``dropped_text[i]`` the
-    text those tokens spelled (empty when nothing was dropped).
-    """
+    """Encoder inputs for a batch of prompts: ids/mask [B, text_len] int64, mask 1 for the prompt's tokens
+    (EOS included), then 0; ``lengths[i]`` = tokens kept, ``dropped[i]`` = tokens removed by truncation,
+    ``dropped_text[i]`` the text those tokens spelled (empty when nothing was dropped)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -161,8 +145,7 @@ class ByteTokenizer:
             except UnicodeEncodeError as e:
                 raise PromptError(f"prompt {i} is not valid Unicode (a lone surrogate at character {e.start}): "
                                   f"send UTF-8 text") from None
-            body = list(data[:keep])
-            row = [b + self.OFFSET for b in body] + [self.EOS]
+            row = [b + self.OFFSET for b in data[:keep]] + [self.EOS]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
             mask[i, : len(row)] = 1
             lengths.append(len(row))
@@ -175,12 +158,9 @@ class ByteTokenizer:
 
 
 class UMT5Tokenizer:
-    """The release's umT5 tokenizer, read from a local directory with the Hugging Face tokenizer files.
-
-    Called exactly like the release calls it (padding='max_length', truncation, max_length=text_len,
-    add_special_tokens), so ``ids``/``mask`` are the release's; a second pass without truncation
-    counts what was dropped.
-    """
+    """The release's umT5 tokenizer from a local directory of Hugging Face tokenizer files, called exactly as
+    the release calls it (so ``ids``/``mask`` are the release's); a second pass without truncation counts
+    what was dropped."""
 
     def __init__(self, path: str | os.PathLike, text_len: int = 512):
         require_text_extra()  # first: without it nothing below can be checked
@@ -198,9 +178,7 @@ class UMT5Tokenizer:
             hint = (f"; spiece.model needs sentencepiece, part of the 'text' extra: {TEXT_EXTRA_INSTALL}"
                     if _missing_text_modules(("sentencepiece",)) else "")
             raise PromptError(f"{p}: cannot load the umT5 tokenizer ({type(e).__name__}: {e}){hint}") from e
-        self.name = str(p)
-        self.text_len = text_len
-        self.vocab_size = len(self._tok)
+        self.name, self.text_len, self.vocab_size = str(p), text_len, len(self._tok)
 
     def __call__(self, prompts: str | Sequence[str]) -> TokenizedPrompts:
         raw = _as_list(prompts)
@@ -229,6 +207,4 @@ class UMT5Tokenizer:
 def load_tokenizer(path: str | os.PathLike | None = None, *, text_len: int = 512):
     """The tokenizer for a model directory: ``None`` gives the offline ``ByteTokenizer`` (tiny preset),
     a path gives the umT5 tokenizer read from ``<model_dir>/google/umt5-xxl`` (offline only)."""
-    if path is None:
-        return ByteTokenizer(text_len)
-    return UMT5Tokenizer(path, text_len)
+    return ByteTokenizer(text_len) if path is None else UMT5Tokenizer(path, text_len)

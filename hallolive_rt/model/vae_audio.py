@@ -17,13 +17,7 @@ from torch import nn
 
 from hallolive_rt.weights import CheckpointError, assign_state_dict, read_checkpoint
 
-__all__ = [
-    "MMAudioVAEConfig",
-    "AudioVAEDecoder",
-    "fold_mp_weight",
-    "build_audio_decoder",
-    "load_audio_decoder",
-]
+__all__ = ["MMAudioVAEConfig", "AudioVAEDecoder", "fold_mp_weight", "build_audio_decoder", "load_audio_decoder"]
 
 # Per-band statistics of the 80-band training mels (the release's DATA_MEAN_80D / DATA_STD_80D). The
 # checkpoint stores them too; these only seed a randomly built decoder so its mels have realistic range.
@@ -85,11 +79,8 @@ class MMAudioVAEConfig:
 # ---- magnitude-preserving primitives ---------------------------------------------------------------------
 
 def fold_mp_weight(raw: torch.Tensor) -> torch.Tensor:
-    """Raw MPConv weight [out, in, k] -> the plain conv weight the release uses after remove_weight_norm.
-
-    Each output filter is scaled to unit RMS (norm / sqrt(in*k), plus EDM2's 1e-4) and then divided by
-    sqrt(in*k), so a conv keeps unit-variance activations. Computed in fp32, returned in ``raw.dtype``.
-    """
+    """Raw MPConv weight [out, in, k] -> the plain conv weight the release uses after remove_weight_norm:
+    each filter over (its RMS + EDM2's 1e-4) over sqrt(in*k), computed in fp32, returned in ``raw.dtype``."""
     w = raw.to(torch.float32)
     fan_in = w[0].numel()
     rms = torch.linalg.vector_norm(w, dim=tuple(range(1, w.ndim)), keepdim=True) / math.sqrt(fan_in)
@@ -252,12 +243,9 @@ def build_audio_decoder(cfg: MMAudioVAEConfig, device: torch.device | str = "cpu
 def load_audio_decoder(path: str | os.PathLike, cfg: MMAudioVAEConfig | None = None,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                        *, raw_mp_weights: bool = True) -> AudioVAEDecoder:
-    """Load the decoder half of MMAudio ``ext_weights/v1-16.pth`` (encoder keys are dropped).
-
-    ``raw_mp_weights``: the release file holds weights before ``remove_weight_norm``; they are folded
-    here once, in fp32. Pass False for a file saved from an already-folded module (folding is not
-    idempotent: a second fold rescales every filter by ~1/(1 + 1e-4 sqrt(fan_in))).
-    """
+    """Load the decoder half of MMAudio ``ext_weights/v1-16.pth`` (encoder keys are dropped). The release file
+    holds weights before ``remove_weight_norm``, folded here once in fp32; ``raw_mp_weights=False`` is for a
+    file saved from an already-folded module (a second fold rescales each filter by ~1/(1 + 1e-4 sqrt(fan_in)))."""
     cfg = cfg or MMAudioVAEConfig()
     obj = read_checkpoint(path)
     for nest in ("state_dict", "model"):

@@ -22,15 +22,8 @@ from hallolive_rt.model.vae_video import LatentStatsDecoder, latent_stats
 from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
-__all__ = [
-    "VARIANTS",
-    "TinyDecoderConfig",
-    "TinyDecodeState",
-    "TinyVideoDecoder",
-    "build_tiny_decoder",
-    "load_tiny_decoder",
-    "decoder_parameter_count",
-]
+__all__ = ["VARIANTS", "TinyDecoderConfig", "TinyDecodeState", "TinyVideoDecoder", "build_tiny_decoder",
+           "load_tiny_decoder", "decoder_parameter_count"]
 
 # Facts of the public releases this decoder follows (source and place named):
 # * madebyollin/taehv, taehv.py (class TAEHV; https://github.com/madebyollin/taehv/blob/main/taehv.py): a
@@ -130,11 +123,9 @@ def _decoder_layers(cfg: TinyDecoderConfig) -> list[nn.Module]:
 
 
 class TinyVideoDecoder(LatentStatsDecoder):
-    """The released TAEHV decoder for Wan2.2 with the streaming contract of ``WanVideoDecoder``.
-
-    ``variant`` "lighttaew2_2" de-normalises the latent (z * std + mean, float32) before the first layer;
-    "taew2_2" takes it as is. The statistics are non-persistent float32 buffers, never in the file.
-    """
+    """The released TAEHV decoder for Wan2.2 with the streaming contract of ``WanVideoDecoder``. ``variant``
+    "lighttaew2_2" de-normalises the latent (z * std + mean, float32) before the first layer; "taew2_2" takes
+    it as is. The statistics are non-persistent float32 buffers, never in the file."""
 
     def __init__(self, cfg: TinyDecoderConfig, variant: str):
         super().__init__()
@@ -172,10 +163,6 @@ class TinyVideoDecoder(LatentStatsDecoder):
                     m.__dict__.pop("forward", None)
                 else:
                     m.forward = functools.partial(fn, m)
-
-    @property
-    def z_dim(self) -> int:
-        return self.cfg.z_dim
 
     @property
     def spatial_factor(self) -> int:
@@ -239,13 +226,17 @@ class TinyVideoDecoder(LatentStatsDecoder):
 
     def _to_range(self, x: torch.Tensor, clamp: bool) -> torch.Tensor:
         # The release's [0, 1] (clamped) to the runtime's [-1, 1]
-        return x.clamp(0, 1) * 2 - 1 if clamp else x * 2 - 1
+        return (x.clamp(0, 1) if clamp else x) * 2 - 1
 
-    def _check(self, z: torch.Tensor, ref: torch.Tensor) -> None:
+    def _frame(self, z: torch.Tensor, memory: tuple[torch.Tensor, ...], first: bool, write: list | None,
+               clamp: bool) -> torch.Tensor:
+        ref = memory[0]
         if z.dim() != 5 or z.shape[1] != self.z_dim or z.shape[2] != 1 or z.shape[0] != ref.shape[0] \
                 or z.shape[-2:] != ref.shape[-2:]:
             raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for "
                              f"[{ref.shape[0]}, {self.z_dim}, 1, {ref.shape[-2]}, {ref.shape[-1]}]")
+        x = self._run(self._latent_in(z), z.shape[0], memory, first, self.temporal_factor - 1 if first else 0, write)
+        return self._to_range(x, clamp)
 
     def decode_frame(self, z: torch.Tensor, state: TinyDecodeState, first: bool, *, clamp: bool = True
                      ) -> torch.Tensor:
@@ -253,26 +244,13 @@ class TinyVideoDecoder(LatentStatsDecoder):
 
         ``first`` starts from zero memory (no reset needed) and keeps only the last of the 4 frames.
         """
-        self._check(z, state.memory[0])
-        trim = self.temporal_factor - 1 if first else 0
-        x = self._run(self._latent_in(z), z.shape[0], state.memory, first, trim, None)
-        return self._to_range(x, clamp)
+        return self._frame(z, state.memory, first, None, clamp)
 
     def decode_frame_functional(self, z: torch.Tensor, memory: tuple[torch.Tensor, ...], first: bool, *,
                                 clamp: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``decode_frame`` without mutation: returns (frames, next memory), same shapes as ``memory``."""
-        self._check(z, memory[0])
         new: list[torch.Tensor] = []
-        trim = self.temporal_factor - 1 if first else 0
-        x = self._run(self._latent_in(z), z.shape[0], memory, first, trim, new)
-        return self._to_range(x, clamp), tuple(new)
-
-    def decode_block(self, z: torch.Tensor, state: TinyDecodeState, first_block: bool, *, clamp: bool = True
-                     ) -> torch.Tensor:
-        """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""
-        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0, clamp=clamp)
-               for i in range(z.shape[2])]
-        return torch.cat(out, dim=2)
+        return self._frame(z, memory, first, new, clamp), tuple(new)
 
     @torch.no_grad()
     def decode_full(self, z: torch.Tensor, *, clamp: bool = True, parallel: bool = False) -> torch.Tensor:
@@ -284,8 +262,7 @@ class TinyVideoDecoder(LatentStatsDecoder):
         depends on the batch size (about 1e-5 in float32).
         """
         if not parallel:
-            return self.decode_block(z, self.new_state(z.shape[0], z.shape[-2], z.shape[-1]),
-                                     True, clamp=clamp)
+            return self.decode_block(z, self.new_state(z.shape[0], z.shape[-2], z.shape[-1]), True, clamp=clamp)
         x = self._run(self._latent_in(z), z.shape[0], None, True, self.temporal_factor - 1, None)
         return self._to_range(x, clamp)
 
@@ -298,10 +275,8 @@ def decoder_parameter_count(cfg: TinyDecoderConfig | None = None) -> int:
 def build_tiny_decoder(variant: str = "taew2_2", device: torch.device | str = "meta", *,
                        widths: tuple[int, ...] | None = None, cfg: TinyDecoderConfig | None = None
                        ) -> TinyVideoDecoder:
-    """The decoder with random weights on ``device`` (``"meta"``: shapes only, for loading or counting).
-
-    ``widths`` (four ints) narrows every stage, for tests; ``cfg`` gives the whole configuration instead.
-    """
+    """The decoder with random weights on ``device`` (``"meta"``: shapes only, for loading or counting);
+    ``widths`` (four ints) narrows every stage, for tests; ``cfg`` gives the whole configuration instead."""
     if cfg is None:
         cfg = TinyDecoderConfig() if widths is None else TinyDecoderConfig(widths=tuple(widths))
     elif widths is not None:
@@ -341,11 +316,9 @@ def _narrow_tgrow(model: TinyVideoDecoder, sd: dict[str, torch.Tensor]) -> None:
 def load_tiny_decoder(path: str | os.PathLike, variant: str = "taew2_2", dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu", *, widths: tuple[int, ...] | None = None
                       ) -> TinyVideoDecoder:
-    """Load ``decoder.*`` from a released TAEHV file (``.pth`` or ``.safetensors``; mmap + assign).
-
-    ``variant`` says which latent the weights expect (module docstring); it cannot be read from the file.
-    ``encoder.*`` is dropped. Wrong layouts, missing keys and wrong shapes raise ``CheckpointError``.
-    """
+    """Load ``decoder.*`` from a released TAEHV file (``.pth`` or ``.safetensors``; mmap + assign), dropping
+    ``encoder.*``. ``variant`` says which latent the weights expect (module docstring); it cannot be read from
+    the file. Wrong layouts, missing keys and wrong shapes raise ``CheckpointError``."""
     if variant not in VARIANTS:
         raise ValueError(f"tiny decoder variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     raw = read_checkpoint(path)

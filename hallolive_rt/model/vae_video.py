@@ -21,14 +21,8 @@ from hallolive_rt.model.vae_video_blocks import CACHE_T, CausalConv3d, Decoder3d
 from hallolive_rt.state import DecoderState
 from hallolive_rt.weights import CheckpointError, assign_state_dict, materialize_non_persistent, read_checkpoint
 
-__all__ = [
-    "STATS_MODES",
-    "WanVAEConfig",
-    "VideoDecodeState",
-    "WanVideoDecoder",
-    "build_video_decoder",
-    "load_video_decoder",
-]
+__all__ = ["STATS_MODES", "WanVAEConfig", "VideoDecodeState", "WanVideoDecoder", "build_video_decoder",
+           "load_video_decoder"]
 
 _STATS_FILE = Path(__file__).with_name("wan22_latent_stats.json")
 
@@ -164,8 +158,7 @@ class _ReleaseHistory:
 
     def __init__(self, n: int):
         self.feat: list = [None] * n
-        self.idx = 0
-        self.first = True
+        self.idx, self.first = 0, True
 
     def _slot(self, conv: CausalConv3d) -> int:
         i, self.idx = self.idx, self.idx + 1
@@ -214,6 +207,17 @@ class LatentStatsDecoder(nn.Module):
     def device(self) -> torch.device:
         return self._anchor().device
 
+    @property
+    def z_dim(self) -> int:
+        return self.cfg.z_dim
+
+    def decode_block(self, z: torch.Tensor, state: DecoderState, first_block: bool, *, clamp: bool = True
+                     ) -> torch.Tensor:
+        """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""
+        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0, clamp=clamp)
+               for i in range(z.shape[2])]
+        return torch.cat(out, dim=2)
+
 
 class WanVideoDecoder(LatentStatsDecoder):
     """``conv2`` + ``decoder`` of the release's ``WanVAE_``; latent mean and 1/std as non-persistent buffers
@@ -221,20 +225,15 @@ class WanVideoDecoder(LatentStatsDecoder):
 
     def __init__(self, cfg: WanVAEConfig, stats: str = "release"):
         super().__init__()
-        mean, _ = latent_stats()
-        if cfg.z_dim != len(mean):
-            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(mean)} channels")
-        if stats not in STATS_MODES:
-            raise ValueError(f"stats {stats!r}: choose one of {', '.join(STATS_MODES)}")
-        self.cfg = cfg
-        self.stats = stats
-        self._stats = latent_stats()
+        self.cfg, self._stats = cfg, latent_stats()
+        if cfg.z_dim != len(self._stats[0]):
+            raise ValueError(f"z_dim {cfg.z_dim}: the released latent statistics have {len(self._stats[0])} channels")
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg.dec_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks, cfg.temperal_upsample,
                                  out_channels=3 * cfg.patch_size**2)
         self.register_buffer("latent_mean", torch.empty(cfg.z_dim), persistent=False)
         self.register_buffer("latent_inv_std", torch.empty(cfg.z_dim), persistent=False)
-        self.init_stats()
+        self.set_stats(stats)
 
     def init_stats(self, device: torch.device | str | None = None) -> None:
         """(Re)create mean and 1/std on ``device`` (default: the weights' device) from the float32 constants,
@@ -256,10 +255,6 @@ class WanVideoDecoder(LatentStatsDecoder):
     def _anchor(self) -> torch.Tensor:
         return self.conv2.weight
 
-    @property
-    def z_dim(self) -> int:
-        return self.cfg.z_dim
-
     # the compiled region: every residual block runs ``region(block, x, BlockHistory)`` (None: eager)
     region = staticmethod(ResidualBlock.forward)
 
@@ -275,15 +270,13 @@ class WanVideoDecoder(LatentStatsDecoder):
     def new_state(self, batch: int, latent_h: int, latent_w: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> VideoDecodeState:
         """Zeroed history for ``batch`` streams of ``latent_h x latent_w`` latents (default: weight dtype/device)."""
-        w = self.conv2.weight
-        dtype = w.dtype if dtype is None else dtype
-        device = w.device if device is None else device
-        bufs = tuple(
+        dtype = self.dtype if dtype is None else dtype
+        device = self.device if device is None else device
+        return VideoDecodeState(tuple(
             torch.zeros(batch, c.in_channels, CACHE_T, latent_h * c.cache_scale, latent_w * c.cache_scale,
                         dtype=dtype, device=device)
             for c in self.decoder.cached_convs
-        )
-        return VideoDecodeState(bufs)
+        ))
 
     # ---- decoding ----------------------------------------------------------------------------------
     def _unnormalize(self, z: torch.Tensor) -> torch.Tensor:  # [B, z, T, h, w]
@@ -309,8 +302,7 @@ class WanVideoDecoder(LatentStatsDecoder):
         ref = state.history[0]
         if z.shape[2] != 1 or z.shape[0] != ref.shape[0] or z.shape[-2:] != ref.shape[-2:]:
             raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for {tuple(ref.shape)}")
-        x = self._unnormalize(z)
-        return self._to_pixels(self.decoder(x, _StaticHistory(state.history, first)), clamp)
+        return self._to_pixels(self.decoder(self._unnormalize(z), _StaticHistory(state.history, first)), clamp)
 
     def decode_frame_functional(self, z: torch.Tensor, history: tuple[torch.Tensor, ...], first: bool, *,
                                 clamp: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -322,19 +314,11 @@ class WanVideoDecoder(LatentStatsDecoder):
         frames = self._to_pixels(self.decoder(self._unnormalize(z), hist), clamp)
         return frames, tuple(hist.new)
 
-    def decode_block(self, z: torch.Tensor, state: VideoDecodeState, first_block: bool, *, clamp: bool = True
-                     ) -> torch.Tensor:
-        """z [B, z_dim, T, h, w] -> [B, 3, 4T (- 3 if ``first_block``), 16h, 16w], one latent frame at a time."""
-        out = [self.decode_frame(z[:, :, i:i + 1], state, first_block and i == 0, clamp=clamp)
-               for i in range(z.shape[2])]
-        return torch.cat(out, dim=2)
-
     @torch.no_grad()
     def decode_full(self, z: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         """Reference: a whole clip the release's way (conv2 on all frames, then per frame with its cache list)."""
         x = self._unnormalize(z)
-        hist = _ReleaseHistory(len(self.decoder.cached_convs))
-        out = []
+        hist, out = _ReleaseHistory(len(self.decoder.cached_convs)), []
         for i in range(x.shape[2]):
             hist.idx, hist.first = 0, i == 0
             out.append(self.decoder(x[:, :, i:i + 1], hist))

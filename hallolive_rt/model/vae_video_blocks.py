@@ -12,18 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "CACHE_T",
-    "History",
-    "CausalConv3d",
-    "RMSNorm",
-    "ResidualBlock",
-    "AttentionBlock",
-    "Resample",
-    "DupUp3D",
-    "UpResidualBlock",
-    "Decoder3d",
-]
+__all__ = ["CACHE_T", "History", "CausalConv3d", "RMSNorm", "ResidualBlock", "AttentionBlock", "Resample", "DupUp3D",
+           "UpResidualBlock", "Decoder3d"]
 
 CACHE_T = 2  # past frames each temporal-kernel-3 conv needs (= k_t - 1), the release's CACHE_T
 
@@ -177,29 +167,24 @@ class Decoder3d(nn.Module):
         self.middle = nn.Sequential(
             ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
         )
-        ups, scales, scale = [], [], 1
+        ups, scale = [], 1
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             up = i != len(dim_mult) - 1
             t_up = temperal_upsample[i] if i < len(temperal_upsample) else False
             ups.append(UpResidualBlock(cin, cout, num_res_blocks + 1, t_up, up))
-            scales.append(scale)
+            for m in ups[-1].modules():  # each cached conv at its input's spatial scale
+                if isinstance(m, CausalConv3d):
+                    m.cache_scale = scale
             scale *= 2 if up else 1
         self.upsamples = nn.Sequential(*ups)
         self.head = nn.Sequential(
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], out_channels, (3, 3, 3), 1)
         )
-        # History slots in call order (= registration order), each at its input's spatial scale.
-        convs: list[CausalConv3d] = [self.conv1, *[m for m in self.middle.modules() if isinstance(m, CausalConv3d)]]
-        for blk, s in zip(ups, scales):
-            for m in blk.modules():
-                if isinstance(m, CausalConv3d):
-                    m.cache_scale = s
-                    convs.append(m)
         self.head[2].cache_scale = scale
-        convs.append(self.head[2])
-        for i, m in enumerate(convs):
+        # History slots in call order (= registration order); a plain tuple, so not re-registered.
+        self.cached_convs: tuple[CausalConv3d, ...] = tuple(m for m in self.modules() if isinstance(m, CausalConv3d))
+        for i, m in enumerate(self.cached_convs):
             m.cache_index = i
-        self.cached_convs: tuple[CausalConv3d, ...] = tuple(convs)  # plain tuple: not re-registered
 
     def forward(self, x: torch.Tensor, hist: History) -> torch.Tensor:  # [B, z, 1, h, w] -> [B, 12, n, 8h, 8w]
         x = self.conv1(hist.causal_input(self.conv1, x))

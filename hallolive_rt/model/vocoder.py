@@ -94,13 +94,8 @@ def _field(path: Path, key: str, v):
 
 
 def load_vocoder_config(path: str | os.PathLike) -> BigVGANConfig:
-    """The ``BigVGANConfig`` of BigVGAN's own config file (``.yml``/``.yaml``, or ``.json``).
-
-    Reads the generator fields (``resblock``, ``num_mels``, ``upsample_*``, ``resblock_*``, ``activation``,
-    ``snake_logscale``, and ``sampling_rate`` when present), ignores the training ones, and raises
-    ``VocoderConfigError`` naming the file and the key for a missing or ill-typed field. YAML needs PyYAML
-    (``pip install -e '.[yaml]'``); nothing else here does.
-    """
+    """The ``BigVGANConfig`` of BigVGAN's own config file (``.yml``/``.yaml``, or ``.json``): the generator
+    fields of ``_FIELD_KINDS``; a missing or ill-typed one raises ``VocoderConfigError`` naming file and key."""
     p = Path(path)
     if not p.is_file():
         raise VocoderConfigError(f"{p}: vocoder config file not found")
@@ -200,12 +195,9 @@ _WN_LAYOUTS = (  # (suffix of g, suffix of v) -> '<conv>.weight'
 
 
 def fold_weight_norm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every (g, v) pair by ``<conv>.weight = g * v / ||v||`` (norm over all dims but 0, fp32).
-
-    Accepts the legacy ``weight_g``/``weight_v`` layout and the parametrizations layout; other entries
-    pass through. dim 0 is the output channel of a Conv1d and the *input* channel of a ConvTranspose1d,
-    as torch's weight_norm defaults to; g has the matching [dim0, 1, 1] shape either way.
-    """
+    """Replace every (g, v) pair (``_WN_LAYOUTS``) by ``<conv>.weight = g * v / ||v||`` (norm over all dims but
+    0, in fp32: the output channel of a Conv1d, the *input* channel of a ConvTranspose1d, as torch's weight_norm
+    defaults to; g is [dim0, 1, 1] either way); other entries pass through."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for k, v in sd.items():
@@ -234,11 +226,9 @@ _INIT_GAIN_POST = 3.0  # conv_post: brings the tanh output to speech level (std 
 
 def build_vocoder(cfg: BigVGANConfig, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> BigVGANVocoder:
-    """A randomly initialised vocoder for tests and benchmarks (snake parameters at exp(0) = 1).
-
-    Zero biases and fan-in scaled normal weights give a zero-mean, unsaturated waveform; torch's default
-    init gives an output dominated by a DC offset, which would make error ratios (SNR) meaningless.
-    """
+    """A randomly initialised vocoder for tests and benchmarks (snake parameters at exp(0) = 1): zero biases
+    and fan-in scaled weights give a zero-mean, unsaturated waveform (torch's default init gives a DC offset,
+    which would make error ratios (SNR) meaningless)."""
     with torch.device(device):
         m = BigVGANVocoder(cfg)
     with torch.no_grad():
@@ -262,10 +252,9 @@ def load_vocoder(path: str | os.PathLike, cfg: BigVGANConfig | str | os.PathLike
         cfg = load_vocoder_config(cfg)
     cfg = cfg or BigVGANConfig()
     obj = read_checkpoint(path)
-    if "generator" in obj:
-        obj = obj["generator"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: 'generator' is a {type(obj).__name__}, expected a state dict")
+    obj = obj.get("generator", obj)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: 'generator' is a {type(obj).__name__}, expected a state dict")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise CheckpointError(f"{path}: no tensors found; expected BigVGAN's {{'generator': state_dict}}")

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
-from .control import SHUTDOWN_MESSAGE, Control
+from .control import SHUTDOWN_MESSAGE, Control, busy_event, shutdown_event
 from .faults import internal_error
 from .protocol import (CLOSE_BUSY, CLOSE_FORBIDDEN_ORIGIN, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TIMEOUT,
                        CLOSE_UNAUTHORIZED, PROTOCOL_VERSION, event)
@@ -44,31 +44,23 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def _read_page() -> dict[str, tuple[bytes, str]]:
-    static = resources.files(__package__) / "static"
-    return {route: ((static / name).read_bytes(), ctype) for route, (name, ctype) in PAGE_FILES.items()}
-
-
 def create_app(server: LiveServer, *, token: str | None = None, allowed_origins: Sequence[str] = (),
                webrtc: bool = False, ice_servers: Sequence[str] = ()) -> FastAPI:
-    """The app of one process: ``GET /`` (the page), ``GET /health`` (``server.stats()``), ``WS /ws``; with
-    ``webrtc``, ``POST /webrtc/offer`` (``webrtc.answer_offer``) under the same origin and token rules."""
+    """``webrtc`` adds ``POST /webrtc/offer`` (``webrtc.answer_offer``), under the same origin and token rules."""
     app = FastAPI(title="hallolive-rt live sessions", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.live = server
-    page = _read_page()
+    static = resources.files(__package__) / "static"
     headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
                "Referrer-Policy": "no-referrer"}
 
-    def static_route(route: str):
-        body, ctype = page[route]
-
+    def static_route(route: str, body: bytes, ctype: str):
         async def get() -> Response:
             return Response(body, media_type=ctype, headers=headers)
 
         app.api_route(route, methods=["GET", "HEAD"], include_in_schema=False)(get)
 
-    for route in page:
-        static_route(route)
+    for route, (name, ctype) in PAGE_FILES.items():
+        static_route(route, (static / name).read_bytes(), ctype)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -116,30 +108,23 @@ def create_app(server: LiveServer, *, token: str | None = None, allowed_origins:
     return app
 
 
-def _refusal(conn, token: str | None, allowed: Sequence[str]) -> tuple[str, str] | None:
-    """Why a WebSocket or an HTTP request (both carry headers and query) may not open a session, or None."""
-    if not _origin_ok(conn, allowed):
-        return "forbidden_origin", "pages of another origin may not connect"
-    if token is not None and not _token_ok(conn, token):
-        return "unauthorized", "missing or wrong token (?token=... or Authorization: Bearer ...)"
+def _refusal(conn, token: str | None, allowed: Sequence[str]) -> tuple[str, str, int] | None:
+    """Why a WebSocket or an HTTP request may not open a session: (code, message, close code), or None."""
+    # a browser page may connect only from this server's own origin (or one allowed by --allow-origin);
+    # clients that send no Origin (not a browser) pass: the token guards those
+    origin = conn.headers.get("origin")
+    if origin is not None and origin not in allowed \
+            and urlsplit(origin).netloc.lower() != conn.headers.get("host", "").lower():
+        return "forbidden_origin", "pages of another origin may not connect", CLOSE_FORBIDDEN_ORIGIN
+    if token is not None:
+        given = conn.query_params.get("token")
+        auth = conn.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            return ("unauthorized", "missing or wrong token (?token=... or Authorization: Bearer ...)",
+                    CLOSE_UNAUTHORIZED)
     return None
-
-
-def _token_ok(ws: WebSocket, token: str) -> bool:
-    given = ws.query_params.get("token")
-    auth = ws.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    return given is not None and hmac.compare_digest(given.encode(), token.encode())
-
-
-def _origin_ok(ws: WebSocket, allowed: Sequence[str]) -> bool:
-    """A browser page may connect only from this server's own origin (or one allowed by --allow-origin);
-    clients that send no Origin (not a browser) pass: the token guards those."""
-    origin = ws.headers.get("origin")
-    if origin is None or origin in allowed:
-        return True
-    return urlsplit(origin).netloc.lower() == ws.headers.get("host", "").lower()
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
@@ -147,50 +132,38 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
         await asyncio.wait_for(ws.close(code, reason), timeout=2.0)
 
 
+async def _say(ws: WebSocket, ev: dict, code: int, reason: str, timeout: float | None = None) -> None:
+    """Tell the client ``ev`` (if it still listens), then close."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ws.send_text(json.dumps(ev)), timeout)
+    await _close(ws, code, reason)
+
+
 async def serve_connection(server: LiveServer, ws: WebSocket, *, token: str | None = None,
                            allowed_origins: Sequence[str] = ()) -> None:
     """One WebSocket from accept to close: origin and token, a slot or ``busy``, the session, cleanup."""
     await ws.accept()
     refusal = _refusal(ws, token, allowed_origins)
-    if refusal is not None:
-        refusal = (*refusal, CLOSE_FORBIDDEN_ORIGIN if refusal[0] == "forbidden_origin" else CLOSE_UNAUTHORIZED)
-    elif server.shutting_down:
+    if refusal is None and server.shutting_down:
         refusal = ("server_shutdown", SHUTDOWN_MESSAGE, CLOSE_GOING_AWAY)
     if refusal is not None:
-        with contextlib.suppress(Exception):
-            await ws.send_text(json.dumps(event("error", code=refusal[0], message=refusal[1], fatal=True)))
-        await _close(ws, refusal[2], refusal[0])
+        await _say(ws, event("error", code=refusal[0], message=refusal[1], fatal=True), refusal[2], refusal[0])
         return
     slot = server.admit()
     if slot is None:
-        st = server.stats()
-        with contextlib.suppress(Exception):
-            where = "this server" if st["replicas"] == 1 else f"each of the {st['replicas']} replicas"
-            await ws.send_text(json.dumps(event(
-                "busy", replica=st["replica"], replicas=st["replicas"], active_sessions=st["active_sessions"],
-                max_sessions=st["max_sessions"], message=f"all {st['max_sessions']} session slot(s) of {where} "
-                                                         f"are in use: try again later")))
-        await _close(ws, CLOSE_BUSY, "busy")
+        await _say(ws, busy_event(server, say_where=True), CLOSE_BUSY, "busy")
         return
     conn = _Connection(server, ws, slot)
     server.attach(conn)
     try:
         await conn.run()
     finally:
-        if conn.session is None:
-            server.release(slot)
-        else:  # the session releases its slot when its thread ends (not waited for once shutting down)
-            conn.session.abort("disconnected")
-            while not conn.session.join(timeout=0) and not server.shutting_down:
-                await asyncio.sleep(0.02)
-        server.detach(conn)
-        conn.finished.set()
+        await conn.release("disconnected")
 
 
 async def shutdown_connections(server: LiveServer, timeout: float = 5.0) -> int:
-    """Server shutdown, on the serving loop: no new session, every running one aborted, every client told
-    ``server_shutdown`` and closed with 1001 ahead of anything still queued for it. Returns once every
-    connection has ended, or after ``timeout`` s: how many had not."""
+    """Server shutdown, on the serving loop: no new session, every client told ``server_shutdown`` and closed
+    with 1001 ahead of anything queued for it. Returns how many connections had not ended after ``timeout`` s."""
     conns = server.begin_shutdown()
     for conn in conns:
         conn.going_away()
@@ -248,30 +221,19 @@ class _Connection(Control):
     def __init__(self, server: LiveServer, ws: WebSocket, slot):
         super().__init__(server, slot)
         self.ws = ws
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.finished = asyncio.Event()
         self._sender: asyncio.Task | None = None
         self._leaving = False  # going_away: the sender says server_shutdown and closes 1001
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def emit(item) -> None:  # any thread
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the connection ended
-                loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-        self.emit = emit
-        st = self.server.stats()
-        emit(event("hello", server="hallolive-rt", replica=st["replica"], replicas=st["replicas"],
-                   active_sessions=st["active_sessions"], max_sessions=st["max_sessions"], profile=self.server.info(),
-                   limits=self.limits.as_dict()))
+        self.loop, self.emit = asyncio.get_running_loop(), self._queue
+        self.emit(self.hello())
         self._sender = asyncio.create_task(self._send_loop())
         if self._leaving:
             self._sender.cancel()
         tasks = {self._sender, asyncio.create_task(self._receive_loop())}
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if self._leaving and self._sender.cancelled():  # cancelled before its first step: say it here
-            await self._say_going_away()
+            await _say(self.ws, shutdown_event(), CLOSE_GOING_AWAY, "server_shutdown", 1.0)
         for t in pending:
             t.cancel()
         results = await asyncio.gather(*pending, return_exceptions=True)
@@ -285,9 +247,7 @@ class _Connection(Control):
         log.error("connection failed: %s: %s", type(e).__name__, e, exc_info=e)
         if self.session is not None:
             self.session.abort("error")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.send_text(json.dumps(internal_error(e, "connection"))), timeout=2.0)
-        await _close(self.ws, CLOSE_INTERNAL, "internal")
+        await _say(self.ws, internal_error(e, "connection"), CLOSE_INTERNAL, "internal", 2.0)
 
     def going_away(self) -> None:
         """Server shutdown (on the loop): what is queued is dropped, the client gets ``server_shutdown`` and
@@ -299,41 +259,32 @@ class _Connection(Control):
             self._sender.cancel()
 
     async def _send_loop(self) -> None:
+        timeout = self.limits.client_timeout_s
         try:
-            await self._send_queued()
+            while True:
+                item = await self.out.get()
+                if isinstance(item, Close):
+                    await _close(self.ws, item.code, item.reason)
+                    return
+                try:
+                    if isinstance(item, Binary):
+                        await asyncio.wait_for(self.ws.send_bytes(item.data), timeout)
+                        if item.block is not None and self.session is not None:
+                            self.session.sent(item.block)
+                    else:
+                        await asyncio.wait_for(self.ws.send_text(json.dumps(item)), timeout)
+                except asyncio.TimeoutError:
+                    log.info("a send did not complete in %.1f s: dropping the client", timeout)
+                    if self.session is not None:
+                        self.session.abort("client_timeout")
+                    await _close(self.ws, CLOSE_TIMEOUT, "client_timeout")
+                    return
+                except (WebSocketDisconnect, RuntimeError, OSError):
+                    return
         except asyncio.CancelledError:
             if not self._leaving:
                 raise
-            await self._say_going_away()
-
-    async def _say_going_away(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.send_text(json.dumps(event(
-                "error", code="server_shutdown", message=SHUTDOWN_MESSAGE, fatal=True))), timeout=1.0)
-        await _close(self.ws, CLOSE_GOING_AWAY, "server_shutdown")
-
-    async def _send_queued(self) -> None:
-        timeout = self.limits.client_timeout_s
-        while True:
-            item = await self.out.get()
-            if isinstance(item, Close):
-                await _close(self.ws, item.code, item.reason)
-                return
-            try:
-                if isinstance(item, Binary):
-                    await asyncio.wait_for(self.ws.send_bytes(item.data), timeout)
-                    if item.block is not None and self.session is not None:
-                        self.session.sent(item.block)
-                else:
-                    await asyncio.wait_for(self.ws.send_text(json.dumps(item)), timeout)
-            except asyncio.TimeoutError:
-                log.info("a send did not complete in %.1f s: dropping the client", timeout)
-                if self.session is not None:
-                    self.session.abort("client_timeout")
-                await _close(self.ws, CLOSE_TIMEOUT, "client_timeout")
-                return
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                return
+            await _say(self.ws, shutdown_event(), CLOSE_GOING_AWAY, "server_shutdown", 1.0)
 
     async def _receive_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -345,9 +296,7 @@ class _Connection(Control):
                 else:
                     msg = await self.ws.receive()
             except asyncio.TimeoutError:
-                self.emit(event("error", code="start_timeout", fatal=True,
-                                message=f"no start message within {self.limits.start_timeout_s:g} s"))
-                self.close_after(CLOSE_TIMEOUT, "start_timeout")
+                self.start_timed_out()
                 continue
             except (WebSocketDisconnect, RuntimeError):
                 return

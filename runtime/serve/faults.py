@@ -56,11 +56,9 @@ class Watchdog:
         self._wake.set()
 
     def _loop(self) -> None:
-        while not self._wake.is_set():
+        tick = 0.0
+        while tick is not None and not self._wake.wait(tick):
             tick = self._check()
-            if tick is None:
-                return
-            self._wake.wait(tick)
 
     def _check(self) -> float | None:
         """One round; the next wait, None once the server is gone (nothing is held between rounds)."""

@@ -61,6 +61,11 @@ def check_bind(host: str, token: str | None) -> None:
         raise InputError("--token must have at least 8 characters")
 
 
+def page_url(host: str, port: int, token: str | None = None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/" + (f"#token={token}" if token else "")
+
+
 def build_server(*, model: ModelSource | None = None, dit: DiTOptions | None = None,
                  decoders: DecoderOptions | None = None, max_sessions: int = 1, limits: Limits | None = None,
                  replica_id: str | None = None) -> LiveServer:
@@ -93,13 +98,10 @@ class _RedactToken(logging.Filter):
 
 def serve_main(serving: ServeOptions | None = None, *, on_ready: Callable[[str], None] | None = None,
                **build) -> None:
-    """Check the bind, build the server (``build_server(max_sessions=..., **build)``), serve until SIGTERM or
-    SIGINT, which end every connection with ``server_shutdown`` + close 1001 and return within 10 s whatever
-    the sessions do (``app.SHUTDOWN_S``). ``on_ready`` gets the page's URL (with the real port when ``port``
-    is 0, and the token in its #fragment)."""
+    """Check the bind, build the server, serve until SIGTERM / SIGINT (every connection ended with
+    ``server_shutdown`` + close 1001, back within 10 s: ``app.SHUTDOWN_S``). ``on_ready`` gets the page's URL."""
     serving = serving or ServeOptions()
-    host, port, token, allowed_origins, log_level = (serving.host, serving.port, serving.token,
-                                                     serving.allowed_origins, serving.log_level)
+    host, token = serving.host, serving.token
     build.setdefault("max_sessions", serving.max_sessions)
     check_bind(host, token)
     missing = missing_serve_deps()
@@ -115,9 +117,9 @@ def serve_main(serving: ServeOptions | None = None, *, on_ready: Callable[[str],
     from .app import SHUTDOWN_S, create_app, leave_stuck_sessions, stop_on_signals
 
     server = build_server(**build)
-    app = create_app(server, token=token, allowed_origins=allowed_origins, webrtc=serving.webrtc,
+    app = create_app(server, token=token, allowed_origins=serving.allowed_origins, webrtc=serving.webrtc,
                      ice_servers=serving.ice_servers)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+    config = uvicorn.Config(app, host=host, port=serving.port, log_level=serving.log_level, lifespan="off",
                             ws_max_size=4 * server.limits.max_message_bytes, ws_per_message_deflate=False,
                             timeout_graceful_shutdown=SHUTDOWN_S["uvicorn"])
     for name in ("uvicorn.error", "uvicorn.access"):
@@ -130,9 +132,7 @@ def serve_main(serving: ServeOptions | None = None, *, on_ready: Callable[[str],
         while not userver.started and not task.done():
             await asyncio.sleep(0.05)
         if userver.started and on_ready is not None:
-            bound = userver.servers[0].sockets[0].getsockname()[1]
-            shown = f"[{host}]" if ":" in host else host
-            on_ready(f"http://{shown}:{bound}/" + (f"#token={token}" if token else ""))
+            on_ready(page_url(host, userver.servers[0].sockets[0].getsockname()[1], token))
         await task
 
     asyncio.run(run())

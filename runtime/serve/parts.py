@@ -47,15 +47,6 @@ class Stats:
     block_s: deque = field(default_factory=lambda: deque(maxlen=1024))
     first_out_s: dict = field(default_factory=dict)  # transport -> seconds from start to its first frame out
 
-    def record_block(self, block_s: float, ttff_s: float | None) -> None:
-        self.blocks_served += 1
-        self.block_s.append(block_s)
-        if ttff_s is not None:
-            self.ttff_s.append(ttff_s)
-
-    def record_first_out(self, transport: str, seconds: float) -> None:
-        self.first_out_s.setdefault(transport, deque(maxlen=1024)).append(seconds)
-
     def summary(self) -> dict:
         """The counters as ``LiveServer.stats()`` reports them (percentiles of the latest values)."""
         def pct(xs) -> dict:
@@ -68,13 +59,9 @@ class Stats:
 
 
 def cap_malloc_arenas(n: int = 4) -> bool:
-    """Cap glibc's malloc arenas for this process (``mallopt(M_ARENA_MAX)``), unless MALLOC_ARENA_MAX is set.
-
-    Every session runs on new threads (its own and the decode pipeline's), and glibc hands new threads new
-    arenas, up to 8 per core, whose freed memory it seldom returns: RSS then creeps up session after
-    session with nothing leaked (measured on 2 cores, 40 tiny sessions: 426 -> 640 MiB without a cap,
-    444-531 MiB, no trend, with a cap of 4).
-    Returns whether the cap was applied (False off glibc)."""
+    """``mallopt(M_ARENA_MAX)`` unless MALLOC_ARENA_MAX is set; whether it was applied (False off glibc). Each
+    session's new threads get new arenas (up to 8 per core) that seldom return memory: RSS crept up with nothing
+    leaked (2 cores, 40 tiny sessions: 426 -> 640 MiB uncapped; 444-531 MiB, no trend, capped at 4)."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
     try:
@@ -93,21 +80,11 @@ class ServerObserver(Protocol):
     def ended(self, reason: str) -> None: ...  # a session ended (done, stopped, disconnected, error, ...)
 
 
-def profile_info(c) -> dict:
-    """What a client is told of the stream (``hello``'s ``profile``): size, rates, block length, device."""
-    p = c.profile
-    return {"preset": p.name, "width": p.pixel_width, "height": p.pixel_height, "fps": float(p.fps),
-            "sample_rate": p.audio.sample_rate, "clip_blocks": p.stream.blocks,
-            "frames_per_block": p.pixel_frames(p.stream.latent_frames_per_block, first_block=False),
-            "text_len": p.text.text_len, "device": str(c.dit_device), "weights": c.source}
-
-
 class BlockPace:
     """A session's live numbers, block by block: the gap between first frames and the steady FPS (frames of
     blocks 1.. over the time they took to arrive, as ``metrics.py`` counts it)."""
 
     def __init__(self):
-        self.block_times: deque = deque(maxlen=1024)  # an endless session keeps the latest only
         self._prev_first: float | None = None
         self._done0: float | None = None
         self._steady_frames = 0
@@ -121,5 +98,4 @@ class BlockPace:
         else:
             self._steady_frames += b.frames.shape[0]
             fps = self._steady_frames / max(b.done_s - self._done0, 1e-9)
-        self.block_times.append(b.done_s - b.start_s)
         return gap, fps

@@ -23,13 +23,12 @@ from hallolive_rt.errors import InputError
 from hallolive_rt.options import FLAT_KEYS, from_flat, to_flat
 
 from ..resolve import resolve_run
-from .launch import TOKEN_ENV, check_bind, is_loopback
+from .launch import TOKEN_ENV, check_bind, is_loopback, page_url
 from .protocol import Limits
 from .ray_proxy import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH, ROUTER_PATH
 
 __all__ = ["APP_NAME", "ADMISSION_HEADROOM", "LiveReplica", "ReplicaMetrics", "replica_devices", "replica_threads",
-           "args_from_cli",
-           "build_app", "check_resources", "start", "serve_ray_main", "PROXY_ENV"]
+           "args_from_cli", "build_app", "check_resources", "start", "serve_ray_main", "PROXY_ENV"]
 
 log = logging.getLogger("hallolive_rt.serve")
 
@@ -59,23 +58,21 @@ def replica_devices(gpus_per_replica: int) -> tuple[str, str | None]:
 
 
 def replica_threads(args: dict) -> int:
-    """Torch's intra-op threads in each replica: ``torch_threads``, else its CPUs (``cpus_per_replica``, at
-    least 1). Always set, never left to the environment: on CPU the numbers depend on it (a reduction split
-    over more threads adds in another order), so a replica and a process comparing against it set the same."""
+    """``torch_threads``, else the replica's CPUs (at least 1). Always set, never left to the environment: on
+    CPU the numbers depend on it (reductions add in another order), so what compares against a replica sets it."""
     n = args.get("torch_threads")
-    if n is None:
-        n = max(1, int(float(args.get("cpus_per_replica", 1.0))))
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"torch_threads must be an integer >= 1, got {n!r}")
-    return n
+    return _count("torch_threads", max(1, int(float(args.get("cpus_per_replica", 1.0)))) if n is None else n)
+
+
+def _count(key: str, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"{key} must be an integer >= 1, got {v!r}")
+    return v
 
 
 class ReplicaMetrics:
-    """A ``ServerObserver`` that exports one replica's live numbers as Ray metrics: ``ray.serve.metrics`` tags
-    them with the application, deployment and replica (the ``replica`` of the protocol's events); Prometheus
-    scrapes them from every node's metrics export port as ``ray_hallolive_*``, Ray's dashboard shows them.
-    Histograms for TTFF and block time (``histogram_quantile`` across replicas) and, per replica, the p50/p95
-    of ``/health`` as a gauge."""
+    """A ``ServerObserver`` exporting a replica's numbers as Ray metrics (tagged with application, deployment
+    and replica; ``ray_hallolive_*`` in Prometheus): TTFF and block time histograms, ``/health``'s p50/p95."""
 
     def __init__(self, server):
         from ray.serve import metrics
@@ -152,10 +149,9 @@ class LiveReplica:
 def args_from_cli(*, model, dit, decoders, max_sessions: int, gpus_per_replica: int | None, replicas: int,
                   limits: Limits, token: str | None, allowed_origins) -> dict:
     """``serve --ray``'s options as ``build_app`` arguments: Ray, not --device, chooses each replica's GPU."""
-    device, vae_device = model.device, model.vae_device
+    device = model.device
     build = {k: v for k, v in to_flat(model, dit, decoders).items() if k not in ("device", "vae_device")}
-    build["max_sessions"] = max_sessions
-    if vae_device is not None:
+    if model.vae_device is not None:
         raise InputError("with --ray the decoders' device follows --gpus-per-replica (2: the replica's second "
                          "GPU); drop --vae-device")
     kind, _, index = device.partition(":")
@@ -165,27 +161,19 @@ def args_from_cli(*, model, dit, decoders, max_sessions: int, gpus_per_replica: 
     if (kind == "cpu") != (gpus == 0):
         raise InputError(f"--device {device} with --gpus-per-replica {gpus}: CPU replicas have 0 GPUs, "
                          f"CUDA replicas 1 or 2")
-    return {**build, **dataclasses.asdict(limits), "replicas": replicas, "gpus_per_replica": gpus,
-            "token": token, "allowed_origins": tuple(allowed_origins)}
+    return {**build, "max_sessions": max_sessions, **dataclasses.asdict(limits), "replicas": replicas,
+            "gpus_per_replica": gpus, "token": token, "allowed_origins": tuple(allowed_origins)}
 
 
-def _check_args(args: dict) -> None:
+def build_app(args: dict):
+    """``serve run``'s builder (``args``: the YAML's), checked before anything is deployed. A token (``token``,
+    else $HALLOLIVE_TOKEN here) is required unless ``allow_no_token``: safe only if every proxy binds 127.0.0.1."""
     unknown = set(args) - _BUILD_KEYS - _LIMIT_KEYS - _APP_KEYS
     if unknown:
         raise InputError(f"unknown application argument(s) {sorted(unknown)}; known: "
                          f"{sorted(_BUILD_KEYS | _LIMIT_KEYS | _APP_KEYS)}")
     for key in ("replicas", "max_sessions"):
-        v = args.get(key, 1)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{key} must be an integer >= 1, got {v!r}")
-
-
-def build_app(args: dict):
-    """The Ray Serve application (``serve run``'s builder; ``args`` are the YAML's ``args``): replicas of
-    ``LiveReplica``, checked here before anything is deployed (``InputError``: what is wrong, what to do).
-    A token (``token``, else $HALLOLIVE_TOKEN where this runs) is required unless ``allow_no_token`` is
-    true, which is safe only while every proxy binds 127.0.0.1 (a cluster's proxies usually do not)."""
-    _check_args(args)
+        _count(key, args.get(key, 1))
     gpus = args.get("gpus_per_replica", 1)
     dit_device, vae_device = replica_devices(gpus)
     build = {k: args[k] for k in _BUILD_KEYS if k in args}
@@ -205,15 +193,12 @@ def build_app(args: dict):
         raise InputError("token must have at least 8 characters")
     replicas, max_sessions = args.get("replicas", 1), args.get("max_sessions", 1)
     cpus = float(args.get("cpus_per_replica", 1.0))
+    # a WebSocket is an ongoing request for its whole life (ray_proxy.py: why the headroom)
     return LiveReplica.options(
-        num_replicas=replicas,
-        # a WebSocket is an ongoing request for its whole life (ray_proxy.py: why the headroom)
-        max_ongoing_requests=max_sessions + ADMISSION_HEADROOM,
-        max_queued_requests=MAX_QUEUED,
+        num_replicas=replicas, max_ongoing_requests=max_sessions + ADMISSION_HEADROOM, max_queued_requests=MAX_QUEUED,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_PATH),
-        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}, graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=float(args.get("graceful_shutdown_timeout_s", 10.0)),
-        graceful_shutdown_wait_loop_s=0.5,
     ).bind(build, limits, token, tuple(args.get("allowed_origins", ())), replicas, replica_threads(args))
 
 
@@ -237,10 +222,8 @@ def _free_port(host: str) -> int:
 
 def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           ray_init: dict | None = None) -> str:
-    """Build the application (checks first), start Ray (``address`` None: a new local instance with this
-    machine's GPUs; ``auto`` or ``ray://...``: a running cluster) unless this process is connected already,
-    start Serve with a proxy on ``host:port`` whose env carries the proxy callback (``ray_proxy.py``), deploy
-    and wait until every replica runs. Returns the page's URL."""
+    """Build the application, start Ray unless connected (``address`` None: a new local instance; ``auto`` or
+    ``ray://...``: a cluster) and Serve (its proxy on ``host:port``, with ``PROXY_ENV``), deploy; the page's URL."""
     import ray
 
     app = build_app(args)
@@ -251,8 +234,7 @@ def start(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str
             check_resources(args, ray.cluster_resources())
     serve.start(http_options={"host": host, "port": port}, controller_options={"runtime_env": {"env_vars": PROXY_ENV}})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/"
+    return page_url(host, port)
 
 
 def serve_ray_main(args: dict, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,

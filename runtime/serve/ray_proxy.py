@@ -46,14 +46,10 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
 
 
 class SessionGuard:
-    """Pure ASGI middleware for Ray's proxy, on live-session WebSockets only (path ending in ``/ws``):
-
-    - the replica that held the session died (the proxy's call to it fails after the handshake; Ray's proxy
-      would then drop the TCP connection, close code 1006 at the client): the client gets
-      ``error {code: replica_lost, fatal: true}`` and close 1011;
-    - the proxy answered with an HTTP error before any replica accepted (the application failed or is
-      gone: 503 / 404): ``error {code: unavailable}`` and close 1013 (503 / 429: try again later) or 1011.
-    A close the replica sent, or a client that left, passes through untouched."""
+    """ASGI middleware for Ray's proxy, on live-session WebSockets only (path ending in ``/ws``): where the
+    replica died after the handshake (Ray would drop the TCP connection: 1006), ``replica_lost`` and close 1011;
+    where the proxy answered an HTTP error before any replica accepted, ``unavailable`` and close 1013 (503 /
+    429) or 1011. A close the replica sent, or a client that left, passes through untouched."""
 
     def __init__(self, app):
         self.app = app

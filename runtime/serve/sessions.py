@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Callable
 
 from hallolive_rt.cache_policy import ENDLESS
@@ -21,8 +22,7 @@ from hallolive_rt.options import DecoderOptions, DiTOptions
 from ..media import FragmentSink, StreamWriter
 from ..session import StreamSession
 from .faults import Watchdog, failing_as, internal_error, stage_of
-from .parts import (Binary, BlockPace, Close, ServerObserver, Slot as _Slot, Stats as _Stats, cap_malloc_arenas,
-                    profile_info)
+from .parts import Binary, BlockPace, Close, ServerObserver, Slot as _Slot, Stats as _Stats, cap_malloc_arenas
 from .protocol import (CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_TIMEOUT, Limits, ProtocolError, Start, event,
                        mse_mime)
 
@@ -32,9 +32,8 @@ log = logging.getLogger("hallolive_rt.serve")
 
 
 class LiveServer:
-    """The components of one process (or Ray replica), ``max_sessions`` slots, counters for ``stats()``.
-    ``replicas``: how many such servers share the endpoint (1; a Ray deployment sets its replica count), told
-    to clients in ``hello`` and ``busy``. ``observer``: an optional ``ServerObserver``."""
+    """The components of one process (or Ray replica), its slots and counters. ``replicas``: servers sharing
+    the endpoint (a Ray deployment sets it), told in ``hello`` and ``busy``; ``observer``: a ``ServerObserver``."""
 
     def __init__(self, components, *, max_sessions: int = 1, limits: Limits | None = None,
                  replica_id: str | None = None, dit: DiTOptions | None = None,
@@ -68,7 +67,7 @@ class LiveServer:
         return self.max_sessions - len(self._free)
 
     def admit(self) -> _Slot | None:
-        """A free slot, or None when all ``max_sessions`` are taken (the caller answers ``busy``)."""
+        """A free slot, or None (the caller answers ``busy``)."""
         with self._lock:
             slot = self._free.pop() if self._free and not self.shutting_down else None
             active = self.active_sessions
@@ -104,8 +103,7 @@ class LiveServer:
             return list(self._active.values())
 
     def begin_shutdown(self) -> list:
-        """No new session from now on, every running one aborted ("server_shutdown"); returns the attached
-        connections, which the caller tells and closes (``app.shutdown_connections``)."""
+        """No new session from now on, every running one aborted; returns the connections to tell and close."""
         with self._lock:
             self.shutting_down = True
             sessions, conns = list(self._active.values()), list(self._connections)
@@ -115,16 +113,14 @@ class LiveServer:
 
     def open_session(self, slot: _Slot, start: Start, emit: Callable[[object], None], *, media=None,
                      transport: str = "ws") -> "LiveSession":
-        """Start one client's stream in ``slot`` (its thread starts now); ``emit`` gets dicts, Binary, Close.
-        ``media``: an object with ``frames(FramesReady)`` and ``block(DecodedBlock)`` (writer thread) that
-        takes the pictures and sound instead of the fMP4 muxer. The session owns the slot from here: it
-        releases it when its thread ends, before its last Close."""
+        """Start one client's stream in ``slot`` (its thread starts now; it owns the slot, freed before its last
+        Close). ``media``: ``frames(FramesReady)`` and ``block(DecodedBlock)`` (writer thread) instead of fMP4."""
         sid = f"{self.replica_id}-{next(self._ids)}"
         s = LiveSession(self, slot, sid, start, emit, media=media, transport=transport)
         with self._lock:
             self._active[sid] = s
             self._stats.sessions_total += 1
-        s.begin()
+        s._thread.start()
         return s
 
     def _ended(self, s: "LiveSession") -> None:
@@ -134,21 +130,22 @@ class LiveServer:
         self._observe("ended", s.end_reason)
 
     def _served(self, block_s: float, ttff_s: float | None) -> None:
-        """A block went out (``ttff_s`` with a session's first): counted as it happens, so ``stats()`` and
-        the metrics of an endless session move while it runs."""
+        """A block went out (``ttff_s`` with a session's first): counted now: an endless session's stats move."""
         with self._lock:
-            self._stats.record_block(block_s, ttff_s)
+            self._stats.blocks_served += 1
+            self._stats.block_s.append(block_s)
+            if ttff_s is not None:
+                self._stats.ttff_s.append(ttff_s)
         if ttff_s is not None:
             self._observe("first_block", ttff_s)
         self._observe("block", block_s)
 
     def _first_out(self, transport: str, seconds: float) -> None:
-        """A session's first frame left the server (its fragment written, or its frame sent on a track)."""
         with self._lock:
-            self._stats.record_first_out(transport, seconds)
+            self._stats.first_out_s.setdefault(transport, deque(maxlen=1024)).append(seconds)
 
     def check_prompt(self, text: str) -> None:
-        """The tokenizer's verdict on a prompt (empty, too many tokens) as a ProtocolError."""
+        """The tokenizer's verdict on a prompt as a ProtocolError."""
         try:
             info = self.c.tokenizer(text)
         except (PromptError, UnicodeError) as e:  # UnicodeError: text the tokenizer cannot encode
@@ -170,9 +167,15 @@ class LiveServer:
 
     # ---- what the client and the operator see ---------------------------------------------------------
     def info(self) -> dict:
-        return profile_info(self.c)
+        """What a client is told of the stream (``hello``'s ``profile``): size, rates, block length, device."""
+        p = self.p
+        return {"preset": p.name, "width": p.pixel_width, "height": p.pixel_height, "fps": float(p.fps),
+                "sample_rate": p.audio.sample_rate, "clip_blocks": p.stream.blocks,
+                "frames_per_block": p.pixel_frames(p.stream.latent_frames_per_block, first_block=False),
+                "text_len": p.text.text_len, "device": str(self.c.dit_device), "weights": self.c.source}
+
     def stats(self) -> dict:
-        """Health and metrics of this process / replica (``/health``; what a Ray replica reports)."""
+        """Health and metrics of this process / replica (``/health``)."""
         with self._lock:
             stuck = sum(s.end_reason == "stalled" for s in self._active.values())  # threads not yet returned
             return {"replica": self.replica_id, "replicas": self.replicas, "active_sessions": self.active_sessions,
@@ -185,10 +188,9 @@ class LiveSession:
     def __init__(self, server: LiveServer, slot: _Slot, sid: str, start: Start, emit: Callable[[object], None],
                  *, media=None, transport: str = "ws"):
         self.server, self.slot, self.id, self.start, self._emit = server, slot, sid, start, emit
-        self.media, self.transport = media, transport
+        self.media, self.transport, self.limits = media, transport, server.limits
         self.first_out_s: float | None = None  # start to the first frame leaving the server
         self._media_frames = self._media_samples = 0
-        self.limits = server.limits
         self._cond = threading.Condition()
         self._aborted = self._stopping = False
         self.end_reason = "running"
@@ -209,9 +211,6 @@ class LiveSession:
         self._waiting = False  # on the client (flow control): not a stall
 
     # ---- from the connection (event-loop thread) -------------------------------------------------
-    def begin(self) -> None:
-        self._thread.start()
-
     def switch_prompt(self, text: str) -> int:
         """Queue a prompt for the next block boundary; returns its id. ProtocolError if refused."""
         self.server.check_prompt(text)
@@ -342,14 +341,16 @@ class LiveSession:
         except Exception as e:  # noqa: BLE001 - reported to the client, logged with its traceback
             stage = stage_of(e, "dit")  # untagged: raised on this thread, by the DiT's block loop
             log.exception("session %s failed in %s", self.id, stage)
-            self._fail(internal_error(e, stage), CLOSE_INTERNAL)
+            with self._cond:
+                self.end_reason = "error" if self.end_reason == "running" else self.end_reason
+            self.emit(internal_error(e, stage))
+            self._final_close = Close(CLOSE_INTERNAL, "internal")
         finally:
             self._teardown(sess)
 
     def _teardown(self, sess: StreamSession | None) -> None:
-        """Whatever ended the stream: nothing of it outlives it (prompt K/V, caches, decoder states; a
-        session that cannot be zeroed is dropped and the slot builds a new one), the slot is free, then the
-        close goes out (a client that reconnects at once finds the slot free)."""
+        """Nothing of the stream outlives it (a state that cannot be zeroed is dropped), the slot is freed, then
+        the close goes out (a client that reconnects at once finds the slot free)."""
         if sess is not None:
             sess.pipeline.on_block = sess.pipeline.on_frames = None
             try:
@@ -371,12 +372,6 @@ class LiveSession:
         if close is not None:
             self._emit(close)
 
-    def _fail(self, ev: dict, close: int) -> None:
-        with self._cond:
-            self.end_reason = "error" if self.end_reason == "running" else self.end_reason
-        self.emit(ev)
-        self._final_close = Close(close, ev["code"])
-
     def _finish(self) -> None:
         with self._cond:
             if self._aborted:
@@ -397,11 +392,6 @@ class LiveSession:
                         first_frame_out_s=self.first_out_s))
         self._final_close = Close(CLOSE_NORMAL, self.end_reason)
 
-    def _prompt_of(self, block: int) -> int:  # under self._cond; blocks come in order, so older entries go
-        while len(self._applied) > 1 and self._applied[1][0] <= block:
-            self._applied.pop(0)
-        return self._applied[0][1] if self._applied and self._applied[0][0] <= block else 0
-
     def _on_block(self, b) -> None:
         """Writer thread: mux the block, emit it, then wait for the client (flow control)."""
         if self._aborted or b.index != self.produced:  # an earlier block failed (its error is on its way):
@@ -417,7 +407,9 @@ class LiveSession:
         gap, fps = self.pace.add(b)
         block_s = b.done_s - b.start_s
         with self._cond:
-            pid = self._prompt_of(b.index)
+            while len(self._applied) > 1 and self._applied[1][0] <= b.index:  # blocks come in order: older go
+                self._applied.pop(0)
+            pid = self._applied[0][1] if self._applied and self._applied[0][0] <= b.index else 0
             self.produced, self._progress_at = self.produced + 1, time.monotonic()
             queue = self.produced - min(self._acked, self._sent)
         self.server._served(block_s, self.ttff_s if self.produced == 1 else None)
@@ -436,7 +428,8 @@ class LiveSession:
                     self.emit(Binary(seg.data, block=b.index))
         with self._cond:
             self._waiting = True
-            ok = self._cond.wait_for(self._may_continue, timeout=self.limits.client_timeout_s)
+            ok = self._cond.wait_for(lambda: self._aborted or self.produced - min(self._acked, self._sent)
+                                     < self.limits.max_unacked_blocks, timeout=self.limits.client_timeout_s)
             self._waiting, self._progress_at = False, time.monotonic()
         if not ok:
             log.info("session %s: no ack for %.1f s, dropping the client", self.id, self.limits.client_timeout_s)
@@ -445,6 +438,3 @@ class LiveSession:
                                      f"{self.limits.max_unacked_blocks} blocks unacknowledged"))
             self._final_close = Close(CLOSE_TIMEOUT, "client_timeout")
             self.abort("client_timeout")
-
-    def _may_continue(self) -> bool:  # under self._cond
-        return self._aborted or self.produced - min(self._acked, self._sent) < self.limits.max_unacked_blocks

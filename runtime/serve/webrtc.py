@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import time
@@ -22,8 +23,8 @@ import numpy as np
 
 from hallolive_rt.options import ice_server
 
-from .control import SHUTDOWN_MESSAGE, Control
-from .protocol import CLOSE_GOING_AWAY, CLOSE_TIMEOUT, event
+from .control import Control, busy_event, shutdown_event
+from .protocol import CLOSE_GOING_AWAY, event
 from .sessions import Binary, Close, LiveServer
 
 __all__ = ["WEBRTC_EXTRA_HINT", "webrtc_available", "answer_offer", "MAX_SDP_BYTES"]
@@ -37,10 +38,9 @@ AUDIO_FRAME_S = Fraction(1, 50)  # 20 ms audio frames (Opus' packet time)
 
 def webrtc_available() -> bool:
     try:
-        import aiortc  # noqa: F401
+        return importlib.import_module("aiortc") is not None
     except ImportError:
         return False
-    return True
 
 
 class _Track:
@@ -83,9 +83,8 @@ class _Track:
 
 
 class _Media:
-    """A session's media sink (``LiveSession(media=...)``): frames to the video track as they are decoded,
-    each block's audio in 20 ms frames to the audio track, and the block's end as a marker after its last
-    frame, so the session learns when a block has been sent."""
+    """A session's media sink: frames to the video track as they are decoded, each block's audio in 20 ms
+    frames to the audio track, then the block's index as a marker: the session learns when it was sent."""
 
     def __init__(self, peer: "_Peer", profile, loop):
         clock: dict = {}
@@ -131,24 +130,13 @@ class _Peer(Control):
 
     def __init__(self, server: LiveServer, slot, pc, loop):
         super().__init__(server, slot)
-        self.pc, self.loop = pc, loop
+        self.pc, self.loop, self.emit = pc, loop, self._queue
         self.media = _Media(self, server.p, loop)
         self.channel = None
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.finished = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-        def emit(item) -> None:  # any thread
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-        self.emit = emit
-
     def begin(self) -> None:
-        st = self.server.stats()
-        self.emit(event("hello", server="hallolive-rt", replica=st["replica"], replicas=st["replicas"],
-                        active_sessions=st["active_sessions"], max_sessions=st["max_sessions"],
-                        profile=self.server.info(), limits=self.limits.as_dict(), transport=self.transport))
+        self.emit(self.hello(transport=self.transport))
         self._tasks = [asyncio.ensure_future(self._send_loop()), asyncio.ensure_future(self._start_deadline())]
 
     def on_channel(self, channel) -> None:
@@ -159,9 +147,7 @@ class _Peer(Control):
     async def _start_deadline(self) -> None:
         await asyncio.sleep(self.limits.start_timeout_s)
         if self.session is None and not self.closing:
-            self.emit(event("error", code="start_timeout", fatal=True,
-                            message=f"no start message within {self.limits.start_timeout_s:g} s"))
-            self.close_after(CLOSE_TIMEOUT, "start_timeout")
+            self.start_timed_out()
 
     async def _send_loop(self) -> None:
         while True:
@@ -170,8 +156,11 @@ class _Peer(Control):
                 await asyncio.sleep(0.02)
             if self.channel.readyState != "open":
                 return
-            if isinstance(item, Close):
-                await self._drain_tracks()
+            if isinstance(item, Close):  # a normal end: what the tracks still hold goes out first (bounded)
+                deadline = time.monotonic() + 10.0
+                while (not self.media.video.queue.empty() or not self.media.audio.queue.empty()) \
+                        and time.monotonic() < deadline and self.pc.connectionState == "connected":
+                    await asyncio.sleep(0.05)
                 self.channel.send(json.dumps(event("close", code=item.code, reason=item.reason)))
                 await asyncio.sleep(0.2)  # SCTP hands the last message on before the association closes
                 await self.end(item.reason)
@@ -179,20 +168,12 @@ class _Peer(Control):
             if not isinstance(item, Binary):  # no fMP4 on this transport (the session has a media sink)
                 self.channel.send(json.dumps(item))
 
-    async def _drain_tracks(self, timeout: float = 10.0) -> None:
-        """A normal end: what the tracks still hold goes out first (bounded)."""
-        deadline = time.monotonic() + timeout
-        while (not self.media.video.queue.empty() or not self.media.audio.queue.empty()) \
-                and time.monotonic() < deadline and self.pc.connectionState == "connected":
-            await asyncio.sleep(0.05)
-
     def going_away(self) -> None:
         """Server shutdown: the session aborted, the client told, the peer closed."""
         if self.session is not None:
             self.session.abort("server_shutdown")
         with contextlib.suppress(Exception):
-            self.channel.send(json.dumps(event("error", code="server_shutdown", message=SHUTDOWN_MESSAGE,
-                                               fatal=True)))
+            self.channel.send(json.dumps(shutdown_event()))
             self.channel.send(json.dumps(event("close", code=CLOSE_GOING_AWAY, reason="server_shutdown")))
         self.loop.create_task(self.end("server_shutdown"))
 
@@ -201,14 +182,7 @@ class _Peer(Control):
         if self.finished.is_set():
             return
         self.closing = True
-        if self.session is None:
-            self.server.release(self.slot)
-        else:
-            self.session.abort(reason)
-            while not self.session.join(timeout=0) and not self.server.shutting_down:
-                await asyncio.sleep(0.02)
-        self.server.detach(self)
-        self.finished.set()
+        await self.release(reason)
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
@@ -217,9 +191,8 @@ class _Peer(Control):
 
 
 async def answer_offer(server: LiveServer, offer: dict, *, ice_servers=()) -> tuple[int, dict]:
-    """The answer to one ``{"sdp", "type": "offer"}`` (checked here): ``(200, {"sdp", "type": "answer"})``,
-    or ``(status, error or busy event)``. The caller has checked origin and token. ``ice_servers`` are
-    ``--ice-server`` specs (``[USER:CREDENTIAL@]URL``)."""
+    """``(200, answer)`` or ``(status, error or busy event)``; the caller has checked origin and token.
+    ``ice_servers`` are ``--ice-server`` specs (``[USER:CREDENTIAL@]URL``)."""
     from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
     if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str) \
@@ -227,13 +200,10 @@ async def answer_offer(server: LiveServer, offer: dict, *, ice_servers=()) -> tu
         return 400, event("error", code="bad_message", fatal=True,
                           message='the body must be {"sdp": "<the offer>", "type": "offer"}')
     if server.shutting_down:
-        return 503, event("error", code="server_shutdown", message=SHUTDOWN_MESSAGE, fatal=True)
+        return 503, shutdown_event()
     slot = server.admit()
     if slot is None:
-        st = server.stats()
-        return 503, event("busy", replica=st["replica"], replicas=st["replicas"],
-                          active_sessions=st["active_sessions"], max_sessions=st["max_sessions"],
-                          message=f"all {st['max_sessions']} session slot(s) are in use: try again later")
+        return 503, busy_event(server)
     # an explicit empty list: aiortc would otherwise ask a public STUN server; loopback needs host candidates
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[
         RTCIceServer(urls=url, username=user, credential=cred) for url, user, cred in map(ice_server, ice_servers)]))

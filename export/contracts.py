@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hallolive_rt.cache_policy import AppendPolicy, BlockPlan, RollingPolicy, variant_plans
+from hallolive_rt.cache_policy import AppendPolicy, RollingPolicy, variant_plans
 from hallolive_rt.config import FusionConfig, load_fusion_config
 from hallolive_rt.profile import Profile
 
 __all__ = ["TensorSpec", "Variant", "Contract", "dit_contract", "vae_video_contract", "audio_contract",
-           "text_contract", "contracts_for", "SUBMODELS", "DTYPE_NAMES", "torch_dtype", "dit_plans"]
+           "text_contract", "contracts_for", "SUBMODELS", "DTYPE_NAMES"]
 
 SUBMODELS = ("dit", "vae_video", "audio", "text")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
@@ -27,10 +27,6 @@ _BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 DIT_CACHES = ("video_k", "video_v", "fusion_k", "fusion_v")
 DIT_TEXT = ("text_k_video", "text_v_video", "text_k_audio", "text_v_audio")
 DIT_POSITIONS = ("video_slot", "frame0", "audio0")  # Cursor's [1] int64 device buffers
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _BY_NAME[name]
 
 
 @dataclass(frozen=True)
@@ -90,12 +86,6 @@ class Contract:
     variants: tuple[Variant, ...]
     meta: dict = field(default_factory=dict)  # non-shape facts baked into the graph (cache layout, ...)
 
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise KeyError(f"{self.submodel}: no variant {name!r}; have {[v.name for v in self.variants]}")
-
     def to_dict(self) -> dict:
         return {"submodel": self.submodel, "meta": dict(self.meta), "variants": [v.to_dict() for v in self.variants]}
 
@@ -105,11 +95,6 @@ def _spec(name, shape, dtype) -> TensorSpec:
 
 
 # ---- DiT ----------------------------------------------------------------------------------------------
-
-def dit_plans(profile: Profile, policy: AppendPolicy | RollingPolicy | None = None) -> list[BlockPlan]:
-    """One representative plan per distinct static variant, in stream order (the first block using it)."""
-    return variant_plans(policy or AppendPolicy(profile))
-
 
 def dit_variant_name(audio_len: int, video_kv_len: int) -> str:
     return f"a{audio_len}_kv{video_kv_len}"
@@ -124,27 +109,21 @@ def dit_contract(profile: Profile, cfg: FusionConfig | None = None, *, dtype: to
     dtype = dtype or profile.dtype
     layout = policy.layout()
     s, v = profile.stream, profile.video
-    b, fb, n_layers = s.batch, s.latent_frames_per_block, cfg.num_layers
-    vc, ac = cfg.video, cfg.audio
-    cache_shape = {"video_k": (n_layers, b, layout.slots, vc.num_heads, vc.head_dim),
-                   "fusion_k": (n_layers, b, layout.slots, ac.num_heads, ac.head_dim)}
-    cache_shape["video_v"], cache_shape["fusion_v"] = cache_shape["video_k"], cache_shape["fusion_k"]
-    t = profile.text.text_len
-    text_shape = {"text_k_video": (n_layers, b, t, vc.num_heads, vc.head_dim),
-                  "text_k_audio": (n_layers, b, t, ac.num_heads, ac.head_dim)}
-    text_shape["text_v_video"], text_shape["text_v_audio"] = text_shape["text_k_video"], text_shape["text_k_audio"]
+    b, fb, n_layers, t = s.batch, s.latent_frames_per_block, cfg.num_layers, profile.text.text_len
+    vh, ah = (cfg.video.num_heads, cfg.video.head_dim), (cfg.audio.num_heads, cfg.audio.head_dim)
+    shape = {f"{m}_{kv}": (n_layers, b, layout.slots, *h) for m, h in (("video", vh), ("fusion", ah)) for kv in "kv"}
+    shape |= {f"text_{kv}_{m}": (n_layers, b, t, *h) for m, h in (("video", vh), ("audio", ah)) for kv in "kv"}
     vid_shape = (b, fb, v.latent_channels, v.latent_height, v.latent_width)
     variants = []
-    for plan in dit_plans(profile, policy):
+    for plan in variant_plans(policy):  # one plan per distinct static variant, in stream order
         la, kv = plan.variant
         aud_shape = (b, la, profile.audio.latent_channels)
         inputs = [_spec("vid_x", vid_shape, dtype), _spec("aud_x", aud_shape, dtype),
                   _spec("vid_t", (b, fb), torch.float32), _spec("aud_t", (b, la), torch.float32)]
-        inputs += [_spec(n, cache_shape[n], dtype) for n in DIT_CACHES]
-        inputs += [_spec(n, text_shape[n], dtype) for n in DIT_TEXT]
+        inputs += [_spec(n, shape[n], dtype) for n in DIT_CACHES + DIT_TEXT]
         inputs += [_spec(n, (1,), torch.int64) for n in DIT_POSITIONS]
         outputs = [_spec("flow_v", vid_shape, dtype), _spec("flow_a", aud_shape, dtype)]
-        outputs += [_spec(f"{n}_out", cache_shape[n], dtype) for n in DIT_CACHES]
+        outputs += [_spec(f"{n}_out", shape[n], dtype) for n in DIT_CACHES]
         variants.append(Variant(dit_variant_name(la, kv), {"audio_len": la, "video_kv_len": kv},
                                 tuple(inputs), tuple(outputs), tuple((n, f"{n}_out") for n in DIT_CACHES)))
     meta = {"policy": getattr(policy, "name", "append"), "slots": layout.slots, "sink": layout.sink,
@@ -156,10 +135,8 @@ def dit_contract(profile: Profile, cfg: FusionConfig | None = None, *, dtype: to
 
 def vae_video_contract(profile: Profile, history_shapes: list[tuple[int, ...]], *, dtype: torch.dtype | None = None,
                        z_dim: int | None = None) -> Contract:
-    """decode_frame(z, state, first): one latent frame in, 1 (first) or ``vae_temporal`` frames out.
-
-    ``history_shapes``: the decoder's ``new_state(...).shapes()`` (its conv-cache geometry).
-    """
+    """decode_frame(z, state, first): one latent frame in, 1 (first) or ``vae_temporal`` frames out;
+    ``history_shapes``: the decoder's ``new_state(...).shapes()`` (its conv-cache geometry)."""
     dtype = dtype or profile.dtype
     v, b = profile.video, profile.stream.batch
     z = _spec("z", (b, z_dim or v.latent_channels, 1, v.latent_height, v.latent_width), dtype)

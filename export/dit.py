@@ -46,10 +46,7 @@ class DiTStepModule(nn.Module):
 
     def __init__(self, dit: DualStreamDiT, layout: CacheLayout, video_kv_len: int, *, functional: bool):
         super().__init__()
-        self.dit = dit
-        self.layout = layout
-        self.video_kv_len = video_kv_len
-        self.functional = functional
+        self.dit, self.layout, self.video_kv_len, self.functional = dit, layout, video_kv_len, functional
 
     def forward(self, vid_x, aud_x, vid_t, aud_t, video_k, video_v, fusion_k, fusion_v,
                 text_k_video, text_v_video, text_k_audio, text_v_audio, video_slot, frame0, audio0):
@@ -62,13 +59,10 @@ class DiTStepModule(nn.Module):
         pos = StepPositions(frame0 + torch.arange(vid_x.shape[1], device=dev),
                             audio0 + torch.arange(aud_x.shape[1], device=dev), video_slot)
         flow_v, flow_a = self.dit(vid_x, aud_x, vid_t, aud_t, state, pos, self.video_kv_len)
-        if not self.functional:
-            return flow_v, flow_a
-        return (flow_v, flow_a, *(torch.stack(list(c)) for c in caches))
+        return (flow_v, flow_a, *(torch.stack(list(c)) for c in caches)) if self.functional else (flow_v, flow_a)
 
 
 def dit_module_for(dit: DualStreamDiT, contract: Contract, variant: Variant, *, functional: bool) -> DiTStepModule:
-    m = contract.meta
-    layout = CacheLayout(slots=m["slots"], sink=m["sink"], ring=m["ring"])
+    layout = CacheLayout(**{k: contract.meta[k] for k in ("slots", "sink", "ring")})
     assert tuple(variant.input_names[4:8]) == DIT_CACHES
     return DiTStepModule(dit, layout, variant.static["video_kv_len"], functional=functional).eval()

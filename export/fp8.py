@@ -38,17 +38,14 @@ def scale_name(weight_name: str) -> str:
 
 
 def fp8_layout(model: nn.Module, quantized: Iterable[str]) -> WeightsLayout:
-    """The weights-file layout of ``model`` with ``quantized`` weights as float8, each followed by its
-    per-row scale (the compute dtype); every other tensor as the model holds it."""
+    """``model``'s layout with ``quantized`` weights as float8, each followed by its per-row scale (compute dtype)."""
     quantized = set(quantized)
 
     def specs():
         for name, t in module_tensors(model):
+            yield name, tuple(t.shape), FP8 if name in quantized else t.dtype
             if name in quantized:
-                yield name, tuple(t.shape), FP8
                 yield scale_name(name), (t.shape[0],), t.dtype
-            else:
-                yield name, tuple(t.shape), t.dtype
     return WeightsLayout(specs())
 
 
@@ -79,9 +76,6 @@ class Calibration:
             raise KeyError(f"no calibrated activation range for {weight_name!r} (its Linear never ran)")
         return float(weight_scale_of(torch.tensor(self.amax[weight_name]), dtype))
 
-    def key(self) -> dict:
-        return calibration_key(self.blocks, self.seed)
-
 
 def calibration_key(blocks: int, seed: int) -> dict:
     """What decides the activation scales besides the weights: in the manifest and the DiT artifact keys."""
@@ -100,9 +94,8 @@ def manifest_entry(compute: str, blocks: int, seed: int, device: str) -> dict:
 @torch.no_grad()
 def calibrate_dit(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]], profile, *, seed: int,
                   device: str | torch.device, dtype: torch.dtype) -> Calibration:
-    """Fill a copy of ``model`` (structure only; may be on the meta device) with ``values`` on ``device``,
-    run it through ``BlockStream`` for the profile's blocks with a forward pre-hook on every Linear
-    recording the largest ``|input|``, and return those ranges."""
+    """Run a copy of ``model`` (structure only; may be on the meta device) filled with ``values`` through
+    ``BlockStream`` for the profile's blocks, recording the largest ``|input|`` of every Linear."""
     from hallolive_rt.sampler import TorchNoise
     from hallolive_rt.stream import BlockStream
 
@@ -127,9 +120,8 @@ def calibrate_dit(model: nn.Module, values: Iterable[tuple[str, torch.Tensor]], 
                 a = args[0].detach().abs().amax().float()
                 amax[key] = torch.maximum(amax[key], a) if key in amax else a
             hooks.append(m.register_forward_pre_hook(hook))
-    blocks = profile.stream.blocks
     g = torch.Generator().manual_seed(seed)
-    s, v = profile.stream, profile.video
+    s, v, blocks = profile.stream, profile.video, profile.stream.blocks
     fb, na = s.latent_frames_per_block, s.audio_tokens_per_block
     nv = torch.randn(s.batch, blocks * fb, v.latent_channels, v.latent_height, v.latent_width, generator=g)
     nav = torch.randn(s.batch, blocks * na, profile.audio.latent_channels, generator=g)

@@ -60,8 +60,8 @@ def _initializer(graph, name: str, value, shape, dtype):
 
 
 def quantize_graph(model, names: dict[str, str], layout: WeightsLayout, calibration: Calibration) -> tuple[int, int]:
-    """Rewrite ``model`` (onnx_ir) in place; ``names``: graph initializer name -> layout name.
-    Returns (weights dequantized, activation Q/DQ pairs inserted)."""
+    """Rewrite ``model`` (onnx_ir) in place (``names``: graph initializer -> layout name); returns
+    (weights dequantized, activation Q/DQ pairs inserted)."""
     import onnx_ir as ir
 
     g, f8 = model.graph, ir.DataType.FLOAT8E4M3FN
@@ -75,8 +75,7 @@ def quantize_graph(model, names: dict[str, str], layout: WeightsLayout, calibrat
         if not isinstance(ext, ir.ExternalTensor) or ext.dtype != f8:
             raise ValueError(f"fp8: {gname!r} does not point at float8 bytes of the weights file")
         compute = w.dtype  # what the traced graph computes in; the scale and the dequantized weight share it
-        slot = layout.slots[scale_name(lname)]
-        sname = f"{gname}_scale"
+        slot, sname = layout.slots[scale_name(lname)], f"{gname}_scale"
         scale = _initializer(g, sname, ir.ExternalTensor(ext.location, slot.offset, slot.nbytes, compute,
                                                          shape=ir.Shape([rows]), name=sname, base_dir=ext.base_dir),
                              [rows], compute)

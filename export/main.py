@@ -21,17 +21,8 @@ from .contracts import DTYPE_NAMES, SUBMODELS, Contract, contracts_for
 from .fp8 import calibrate_dit, calibration_key, fp8_compute_dtype, fp8_layout, linear_weight_names, quantized_values
 from .fp8 import manifest_entry as fp8_manifest_entry
 from .fp8_graph import quantize_graph
-from .manifest import (
-    SCHEMA,
-    FileHashes,
-    artifact_key,
-    device_info,
-    read_manifest,
-    rebuild_command,
-    sha256_file,
-    tool_versions,
-    write_manifest,
-)
+from .manifest import (SCHEMA, FileHashes, artifact_key, device_info, read_manifest, rebuild_command, sha256_file,
+                       tool_versions, write_manifest)
 from .submodels import SUBMODEL_FILES, build_submodel, check_disk, check_memory, onnx_source, weights_ids, wrapper_for
 
 __all__ = ["export_main", "PRECISIONS", "FORMATS", "ExportError"]
@@ -41,40 +32,21 @@ FORMATS = ("onnx", "tensorrt", "aoti")
 _EXT = {"onnx": ".onnx", "tensorrt": ".plan", "aoti": ".pt2"}
 
 
-def _default_precision(profile: Profile) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[profile.dtype_name]
-
-
 def export_main(model: ModelSource, format: str = "onnx", precision: str | None = None,
                 out_dir: str | os.PathLike = "artifacts", *, submodels: tuple[str, ...] | None = None,
                 opset: int | None = None, device: str | None = None, force: bool = False,
                 fp64_time: bool | None = None, aoti_configs: dict | None = None,
                 variants: tuple[str, ...] | None = None, log: Callable[[str], None] = print) -> Path:
-    """Export the sub-models of a preset; returns the manifest path.
-
-    CLI flags (``hallolive-rt export``):
-      --preset P            profile name or .toml path (shapes, batch, blocks)
-      --model-dir D         release weights (Hallo-Live/, Wan2.2-TI2V-5B/, MMAudio/, Wan2.1-T2V-1.3B/)
-      --random-weights      random weights instead (exclusive with --model-dir); --seed N picks them;
-                            the tiny preset always exports random weights
-      --format F            onnx | tensorrt | aoti
-      --precision X         fp32 | bf16 | fp16 | fp8 (default: the profile's dtype); fp8: the DiT's Linear
-                            GEMMs in float8 (Q/DQ graph, calibrated on a GPU at full size), the other
-                            sub-models in bf16 (float32 on the tiny preset); see export/fp8.py
-      --out-dir DIR         artifact directory (manifest.json + one file per sub-model variant)
-      --ema/--no-ema        the DiT entry of a nested training file (load_dit; default --no-ema)
-      (library-only: submodels, opset 18-20 (default 18; fp8: 19, needs 19-20), device, force re-export,
-       fp64_time, aoti_configs, variants: only these "<submodel>/<variant>" artifacts of the sub-models
-       they name, e.g. ("dit/a10_kv12",) for a one-block test; the manifest still records whole contracts,
-       and the runtime refuses a stream that needs a variant the directory lacks)
-    """
+    """Export the sub-models of a preset; returns the manifest path (CLI flags: ``hallolive-rt export --help``).
+    Library-only: ``opset`` 18-20 (default 18; fp8: 19, needs 19-20), ``fp64_time``, ``aoti_configs``, ``variants``:
+    only these "<submodel>/<variant>" artifacts of the sub-models they name, e.g. ("dit/a10_kv12",) for a one-block
+    test; the manifest still records whole contracts, and the runtime refuses a stream needing a variant not there."""
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     _check_out_dir(Path(out_dir))
     profile = load_profile(model.preset)
     model.check_against(profile)
     model_dir, seed, ema = model.model_dir, model.seed, model.ema
-    random_weights = model_dir is None  # the tiny architecture only ever has random weights
     if format != "aoti":
         import importlib.util
 
@@ -82,7 +54,7 @@ def export_main(model: ModelSource, format: str = "onnx", precision: str | None 
         if missing:
             raise ExportError(f"--format {format} needs onnx and onnxscript ({', '.join(missing)} missing): "
                               "pip install 'hallolive-rt[export]'")
-    precision = precision or _default_precision(profile)
+    precision = precision or {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[profile.dtype_name]
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     subs = tuple(submodels or SUBMODELS)
@@ -115,29 +87,23 @@ def export_main(model: ModelSource, format: str = "onnx", precision: str | None 
     out.mkdir(parents=True, exist_ok=True)
     # float64 time embedding (release fidelity) where the target runs float64; TensorRT/ONNX cannot well
     fp64 = fp64_time if fp64_time is not None else format == "aoti"
-    tools = tool_versions(format)
-    dev = device_info(device)
-    old = None if force else read_manifest(out)
-    old_art, old_wf = (old or {}).get("artifacts", {}), (old or {}).get("weights_files", {})
+    tools, dev = tool_versions(format), device_info(device)
+    old = {} if force else read_manifest(out) or {}  # keep other sub-models' entries of the same build
+    old_art, old_wf = old.get("artifacts", {}), old.get("weights_files", {})
     manifest = {
-        "schema": SCHEMA, "format": format, "precision": precision,
+        "schema": SCHEMA, "format": format, "precision": precision, "tools": tools, "device": dev,
         "profile": {"name": profile.name, "digest": profile.digest()},
-        "weights": dict(wids), "model_dir": str(model_dir) if model_dir else None, "tools": tools, "device": dev,
+        "weights": {**old.get("weights", {}), **wids}, "model_dir": str(model_dir) if model_dir else None,
         "time_embedding": "float64" if fp64 else "float32", "opset": opset if format != "aoti" else None,
         "command": rebuild_command(profile.name, wids, format, precision, out, model_dir),
-        "contracts": {s: contracts[s].to_dict() for s in subs}, "artifacts": {}, "weights_files": {},
+        "contracts": {**old.get("contracts", {}), **{s: contracts[s].to_dict() for s in subs}},
+        "artifacts": {k: v for k, v in old_art.items() if v["submodel"] not in subs},
+        "weights_files": {k: v for k, v in old_wf.items() if k not in subs},
     }
-    quant = None
+    quant = calibration_key(profile.stream.blocks, seed) if fp8 else None
     if fp8:
-        quant = calibration_key(profile.stream.blocks, seed)
         manifest["fp8"] = fp8_manifest_entry(DTYPE_NAMES[dtype], profile.stream.blocks, seed, str(device))
-    if old:  # keep other sub-models' entries of the same build (partial re-exports)
-        manifest["artifacts"] = {k: v for k, v in old_art.items() if v["submodel"] not in subs}
-        manifest["contracts"] = {**old.get("contracts", {}), **manifest["contracts"]}
-        manifest["weights"] = {**old.get("weights", {}), **manifest["weights"]}
-        manifest["weights_files"] = {k: v for k, v in old_wf.items() if k not in subs}
-    hashes = FileHashes()
-    trt_ver = tools.get("tensorrt", "")
+    hashes, trt_ver = FileHashes(), tools.get("tensorrt", "")
     for sub in subs:
         contract: Contract = contracts[sub]
         todo = []
@@ -161,8 +127,8 @@ def export_main(model: ModelSource, format: str = "onnx", precision: str | None 
                 manifest["weights_files"][sub] = old_wf[sub]
             continue
         if format == "aoti":
-            _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo,
-                         out, manifest, fp64, aoti_configs, log, ema=ema)
+            _export_aoti(sub, profile, model_dir, seed, dtype, device, precision, contract, todo, out, manifest,
+                         fp64, aoti_configs, log, ema=ema)
         else:
             _export_graphs(sub, profile, model_dir, seed, dtype, precision, format, contract, todo, out, manifest,
                            old_wf.get(sub), wids[sub], opset, hashes, log, device, ema=ema)
@@ -173,7 +139,7 @@ def _check_out_dir(out: Path) -> None:
     """``out`` is a folder, or can be made one: refused before anything is built or written."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out-dir {str(out)!r} is a file, not a folder: choose a folder path (it is created "
-                          f"if missing)")
+                          "if missing)")
     base = next(d for d in (out, *out.absolute().parents) if d.exists())
     if not base.is_dir():
         raise ExportError(f"--out-dir {str(out)!r}: {str(base)!r} is a file, so the folder cannot be created")
@@ -202,21 +168,20 @@ def _intact(out: Path, entry: dict, hashes: FileHashes) -> bool:
     return all((out / f).is_file() and hashes(out / f) == h for f, h in files)
 
 
-def _export_aoti(sub, profile, model_dir, seed, dtype, device, random_weights, precision, contract, todo, out,
-                 manifest, fp64, aoti_configs, log, *, ema: bool = False) -> None:
+def _export_aoti(sub, profile, model_dir, seed, dtype, device, precision, contract, todo, out, manifest, fp64,
+                 aoti_configs, log, *, ema: bool = False) -> None:
     from .aoti import export_aoti
     from .dit import dit_export_mode
 
     t0 = time.perf_counter()
-    log(f"[export] {sub}: building {'random' if random_weights else 'release'} weights ({precision}) on {device} ...")
+    log(f"[export] {sub}: building {'release' if model_dir else 'random'} weights ({precision}) on {device} ...")
     model = build_submodel(sub, profile, model_dir, seed, dtype, device, ema=ema)
     log(f"[export] {sub}: built in {time.perf_counter() - t0:.1f} s")
     for variant, key_name, key, fname in todo:
         t0 = time.perf_counter()
         wrapper = wrapper_for(sub, model, contract, variant, functional=False)
-        ctx = dit_export_mode(model, float64_time=fp64) if sub == "dit" else contextlib.nullcontext()
         log(f"[export] {key_name}: AOTInductor compile (minutes on CPU) ...")
-        with ctx:
+        with dit_export_mode(model, float64_time=fp64) if sub == "dit" else contextlib.nullcontext():
             export_aoti(wrapper, variant, out / fname, device=device, inputs=variant.sample_inputs(device=device),
                         inductor_configs=aoti_configs)
         _record(out, manifest, key_name, key, sub, variant, {"file": fname, "io": "inplace"}, t0, log)
@@ -253,12 +218,12 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
                                           "bytes": wfile.stat().st_size}
         write_manifest(out, manifest)  # an interrupted export keeps the (long) weights write
         log(f"[export] {sub}: weights written in {time.perf_counter() - t0:.1f} s")
-    ctx = dit_export_mode(source.model, float64_time=False) if sub == "dit" else contextlib.nullcontext()
-    with ctx:  # float32 time embedding: ONNX/TensorRT targets are float64-free
+    # float32 time embedding: ONNX/TensorRT targets are float64-free
+    with dit_export_mode(source.model, float64_time=False) if sub == "dit" else contextlib.nullcontext():
         for variant, key_name, key, fname in todo:
             t0 = time.perf_counter()
             wrapper = wrapper_for(sub, source.model, contract, variant, functional=True)
-            onnx_path = out / fname if fmt == "onnx" else (out / fname).with_suffix(".onnx")
+            onnx_path = (out / fname).with_suffix(".onnx")  # the artifact itself for --format onnx
             names = tensor_names(wrapper, source.model)
             graph_pass = functools.partial(_fp8_pass, names=names, layout=layout, calibration=cal, log=log,
                                            what=key_name) if fp8 else None
@@ -278,15 +243,13 @@ def _export_graphs(sub, profile, model_dir, seed, dtype, precision, fmt, contrac
 
 
 def _fp8_pass(model, *, names, layout, calibration, log, what) -> None:
-    """The fp8 rewrite of one exported DiT graph (``fp8_graph.quantize_graph``), logged."""
     n_w, n_a = quantize_graph(model, names, layout, calibration)
     log(f"[export] {what}: fp8 Q/DQ on {n_w} weights, {n_a} activations")
 
 
 def _record(out, manifest, key_name, key, sub, variant, entry, t0, log) -> None:
-    entry["sha256"] = sha256_file(out / entry["file"])
-    entry["bytes"] = (out / entry["file"]).stat().st_size
-    entry.update(submodel=sub, variant=variant.name, key=key)
+    entry.update(sha256=sha256_file(out / entry["file"]), bytes=(out / entry["file"]).stat().st_size,
+                 submodel=sub, variant=variant.name, key=key)
     manifest["artifacts"][key_name] = entry
     write_manifest(out, manifest)  # after every pass: an interrupted export keeps what it finished
     log(f"[export] {key_name}: exported {entry['file']} ({entry['bytes'] / 1e6:.1f} MB) "
@@ -294,11 +257,9 @@ def _record(out, manifest, key_name, key, sub, variant, entry, t0, log) -> None:
 
 
 def _file_name(sub, variant, profile, precision, fmt, trt_ver, arch) -> str:
-    if fmt == "tensorrt":  # plan names carry what a plan is bound to
-        return f"{sub}_{variant}_{profile}_{precision}_trt{trt_ver}_{arch}{_EXT[fmt]}"
-    if fmt == "aoti":
-        return f"{sub}_{variant}_{profile}_{precision}_torch{torch.__version__.split('+')[0]}_{arch}{_EXT[fmt]}"
-    return f"{sub}_{variant}_{profile}_{precision}{_EXT[fmt]}"
+    # plan and package names carry what they are bound to
+    bound = {"tensorrt": f"_trt{trt_ver}_{arch}", "aoti": f"_torch{torch.__version__.split('+')[0]}_{arch}"}
+    return f"{sub}_{variant}_{profile}_{precision}{bound.get(fmt, '')}{_EXT[fmt]}"
 
 
 assert set(SUBMODEL_FILES) == set(SUBMODELS)

@@ -36,8 +36,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 
 
 class FileHashes(dict):
-    """``hashes(path)``: sha256 of a file, computed once per instance (a run, a load): the DiT's 21.7 GiB
-    weights file is shared by five graphs and is hashed once."""
+    """``hashes(path)``: sha256 of a file, once per instance (a run, a load): five graphs share the DiT's weights."""
 
     def __call__(self, path: str | Path) -> str:
         path = Path(path)
@@ -48,8 +47,7 @@ class FileHashes(dict):
 
 def tool_versions(fmt: str) -> dict[str, str]:
     v = {"python": platform.python_version(), "torch": torch.__version__}
-    mods = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "aoti": ()}[fmt]
-    for name in mods:
+    for name in {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "aoti": ()}[fmt]:
         try:
             v[name] = __import__(name).__version__
         except ImportError:
@@ -87,8 +85,7 @@ def manifest_digest(m: Mapping) -> str:
 
 
 def write_manifest(out_dir: str | Path, m: dict) -> Path:
-    m = dict(m)
-    m["digest"] = manifest_digest(m)
+    m = {**m, "digest": manifest_digest(m)}
     p = Path(out_dir) / MANIFEST
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(m, indent=1, sort_keys=True))
@@ -129,12 +126,9 @@ class LoadedArtifacts:
 def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[str, str] | str,
                    device: str | torch.device = "cpu", *, fmt: str | None = None, precision: str | None = None,
                    submodels: tuple[str, ...] | None = None, verify_hashes: bool = True) -> LoadedArtifacts:
-    """Validate an artifact directory against this run; return its artifact paths or refuse.
-
-    ``weights_id``: one id for every sub-model (``"random:0"``) or a mapping per sub-model.
-    """
+    """Validate an artifact directory against this run; return its artifact paths or refuse. ``weights_id``:
+    one id for every sub-model (``"random:0"``) or a mapping per sub-model."""
     root = Path(out_dir)
-    m = None
     try:
         m = read_manifest(root)
     except ArtifactMismatch as e:
@@ -146,10 +140,9 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
     if m["profile"]["name"] != profile.name or m["profile"]["digest"] != profile.digest():
         diffs.append(f"profile: artifacts built for {m['profile']['name']} ({m['profile']['digest']}), "
                      f"this run uses {profile.name} ({profile.digest()})")
-    if fmt is not None and m["format"] != fmt:
-        diffs.append(f"format: artifacts are {m['format']}, this run wants {fmt}")
-    if precision is not None and m["precision"] != precision:
-        diffs.append(f"precision: artifacts are {m['precision']}, this run wants {precision}")
+    for what, want in (("format", fmt), ("precision", precision)):
+        if want is not None and m[what] != want:
+            diffs.append(f"{what}: artifacts are {m[what]}, this run wants {want}")
     subs = submodels or tuple(m["contracts"])
     diffs += contract_diffs(m, profile, subs)
     for sub in subs:
@@ -187,11 +180,10 @@ def load_artifacts(out_dir: str | Path, profile: Profile, weights_id: Mapping[st
     for sub in subs:
         if sub not in m["contracts"]:
             diffs.append(f"no {sub} artifacts in this directory")
+    cmd = _cmd(m, profile, weights_id, fmt, precision, root)
     if diffs:
-        lines = "\n  - ".join(diffs)
-        raise ArtifactMismatch(f"{root} does not match this run:\n  - {lines}\n"
-                               f"  rebuild: {_cmd(m, profile, weights_id, fmt, precision, root)}")
-    return LoadedArtifacts(root, m, paths, _cmd(m, profile, weights_id, fmt, precision, root))
+        raise ArtifactMismatch(f"{root} does not match this run:\n  - " + "\n  - ".join(diffs) + f"\n  rebuild: {cmd}")
+    return LoadedArtifacts(root, m, paths, cmd)
 
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,29 +198,20 @@ def contract_diffs(m: Mapping, profile: Profile, subs, limit: int = 6) -> list[s
     if not recorded:
         return []
     prec = m.get("precision")
-    if prec == "fp8":
-        from .fp8 import fp8_compute_dtype
-
-        dtype = fp8_compute_dtype(profile.dtype)
-    elif prec in _PRECISION_DTYPES:
-        dtype = _PRECISION_DTYPES[prec]
-    else:
+    if prec != "fp8" and prec not in _PRECISION_DTYPES:
         return [f"precision: unknown precision {prec!r} in the manifest"]
+    from .fp8 import fp8_compute_dtype
+
+    dtype = fp8_compute_dtype(profile.dtype) if prec == "fp8" else _PRECISION_DTYPES[prec]
     try:
         derived = contracts_for(profile, dtype)
     except ValueError as e:  # a profile this runtime cannot stream either
         return [f"profile {profile.name}: no contract can be derived ({e})"]
-    out: list[str] = []
-    for sub, rec in recorded.items():
-        want = json.loads(json.dumps(derived[sub].to_dict()))
-        out += _diff_contract(sub, rec, want)
+    out = [line for sub, rec in recorded.items()
+           for line in _diff_contract(sub, rec, json.loads(json.dumps(derived[sub].to_dict())))]
     if len(out) > limit:
         out = out[:limit] + [f"... and {len(out) - limit} more contract differences"]
     return out
-
-
-def _spec_str(spec: Mapping) -> str:
-    return f"{spec['name']} {spec['shape']} {spec['dtype']}"
 
 
 def _diff_contract(sub: str, rec: Mapping, want: Mapping) -> list[str]:
@@ -239,14 +222,13 @@ def _diff_contract(sub: str, rec: Mapping, want: Mapping) -> list[str]:
         a, b = rec.get("meta", {}).get(k), want.get("meta", {}).get(k)
         if a != b:
             out.append(f"{head}: {k} = {a!r}, this run needs {b!r}")
-    rv = {v["name"]: v for v in rec.get("variants", [])}
-    wv = {v["name"]: v for v in want.get("variants", [])}
+    rv, wv = ({v["name"]: v for v in c.get("variants", [])} for c in (rec, want))
     if set(rv) != set(wv):
         out.append(f"{head}: variants {sorted(rv)}, this run needs {sorted(wv)}")
     for name in sorted(set(rv) & set(wv)):
         a, b = rv[name], wv[name]
         for part in ("inputs", "outputs"):
-            sa, sb = [_spec_str(x) for x in a.get(part, [])], [_spec_str(x) for x in b.get(part, [])]
+            sa, sb = ([f"{x['name']} {x['shape']} {x['dtype']}" for x in c.get(part, [])] for c in (a, b))
             if sa != sb:
                 bad = next(((x, y) for x, y in zip(sa, sb) if x != y), (len(sa), len(sb)))
                 out.append(f"{head}: {sub}/{name} {part[:-1]} {bad[0]}, this run needs {bad[1]}")

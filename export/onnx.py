@@ -8,6 +8,7 @@ its op and the tensor). What is linted: ``docs/ARCHITECTURE.md``, "Export".
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,11 +67,10 @@ class LintIssue:
 def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLike, *, layout: WeightsLayout,
                 weights_file: str | os.PathLike, names: dict[str, str], opset: int = 18,
                 graph_pass: Callable | None = None) -> Path:
-    """Trace ``module`` (the contract wrapper) on the meta device and write ``path``; its initializers
-    reference ``weights_file`` (same directory) through ``layout``; ``names`` maps the wrapper's tensor
-    names to the layout's. ``graph_pass(model)`` (the fp8 rewrite) runs on the onnx_ir model before
-    ``_optimize``; it must leave every initializer's type equal to its bytes' (a layout slot stored in
-    another dtype than traced, float8, needs it). The graph file appears under its name only when complete."""
+    """Trace ``module`` (the contract wrapper) on the meta device into ``path``, its initializers pointing into
+    ``weights_file`` (same directory) by ``layout``; ``names``: wrapper tensor name -> layout name. ``graph_pass``
+    (the fp8 rewrite) runs on the onnx_ir model before ``_optimize`` and must type each initializer as its bytes
+    (a layout slot stored unlike traced, float8, needs it). The file appears under its name only when complete."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import from_torch_dtype
 
@@ -83,10 +83,8 @@ def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLi
     args = tuple(torch.empty(s.shape, dtype=s.torch_dtype, device="meta") for s in variant.inputs)
     with on_meta(module), torch.no_grad():
         ep = torch.export.export(module, args, strict=False)
-        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=variant.input_names,
-                                    output_names=[s.name for s in variant.outputs], optimize=False, verify=False,
-                                    report=False)
-    model = program.model
+        model = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=variant.input_names,
+                                  output_names=variant.output_names, optimize=False, verify=False, report=False).model
     for name, init in model.graph.initializers.items():
         slot = layout.slots.get(names.get(name, ""))
         if slot is None:
@@ -119,10 +117,9 @@ def export_onnx(module: torch.nn.Module, variant: Variant, path: str | os.PathLi
 
 
 def _optimize(model) -> None:
-    """``onnxscript``'s default optimizer without its pattern rewriter, which is quadratic in the graph size
-    (it did not finish one full-size DiT variant in 10 minutes) and rewrites nothing these graphs need:
-    inline functions, fold constants twice (this also turns SplitToSequence/SequenceAt into Split),
-    drop dead nodes, lift constants to initializers, deduplicate, eliminate common subexpressions."""
+    """``onnxscript``'s default optimizer without its pattern rewriter, which is quadratic in the graph size (it
+    did not finish one full-size DiT variant in 10 minutes) and rewrites nothing these graphs need. Folding
+    constants twice also turns SplitToSequence/SequenceAt into Split."""
     import onnx_ir.passes.common as common
     from onnxscript.optimizer import fold_constants
 
@@ -148,18 +145,15 @@ def _never_read_weights(node) -> bool | None:
     """Folding policy: a node reading an external initializer (a weight) is left to the runtime."""
     import onnx_ir as ir
 
-    for v in node.inputs:
-        if v is not None and isinstance(v.const_value, ir.ExternalTensor):
-            return False
-    return None  # the optimizer's own size limits decide
+    reads_weight = any(v is not None and isinstance(v.const_value, ir.ExternalTensor) for v in node.inputs)
+    return False if reads_weight else None  # None: the optimizer's own size limits decide
 
 
 def _dtype_name(elem_type: int) -> str:
     import onnx
 
-    np_dt = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    return {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32", "float64": "float64",
-            "bool": "bool"}.get(str(np_dt), "bfloat16" if elem_type == onnx.TensorProto.BFLOAT16 else str(np_dt))
+    bf16 = elem_type == onnx.TensorProto.BFLOAT16
+    return "bfloat16" if bf16 else str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
 def _dims(t) -> list:
@@ -191,14 +185,12 @@ def lint_tensorrt(model) -> list[LintIssue]:
     """Every TensorRT-compatibility problem of an in-memory ModelProto (see the module docstring)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    g = inferred.graph
+    g = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True).graph
     double, int64 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
     info = {v.name: v for v in list(g.input) + list(g.output) + list(g.value_info)}
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t.data_type for t in g.initializer}
-    issues: list[LintIssue] = []
-    issues += _lint_float8(g, info, inits, producer)
+    issues = _lint_float8(g, info, inits, producer)
     for v in list(g.input) + list(g.output):
         if any(not isinstance(d, int) or d <= 0 for d in _dims(v)):
             issues.append(LintIssue(v.name, "graph I/O", f"dynamic shape {_dims(v)}"))
@@ -207,8 +199,8 @@ def lint_tensorrt(model) -> list[LintIssue]:
     for t in g.initializer:
         if t.data_type == double:
             issues.append(LintIssue(t.name, "initializer", "float64 initializer"))
-        if t.data_type == int64 and _numel(t.dims) > _INT64_MAX_CONST:
-            issues.append(LintIssue(t.name, "initializer", f"int64 initializer of {_numel(t.dims)} elements"))
+        if t.data_type == int64 and math.prod(t.dims) > _INT64_MAX_CONST:
+            issues.append(LintIssue(t.name, "initializer", f"int64 initializer of {math.prod(t.dims)} elements"))
     for n in g.node:
         name = n.name or (n.output[0] if n.output else "?")
         if n.domain not in ("", "ai.onnx"):
@@ -233,12 +225,10 @@ def lint_tensorrt(model) -> list[LintIssue]:
                 issues.append(LintIssue(name, n.op_type, f"output {o!r} is float64"))
         if n.op_type not in _INT64_OK:
             for k, i in enumerate(n.input):
-                v = info.get(i)
-                src = producer.get(i)
+                v, src = info.get(i), producer.get(i)
                 # a constant int64 operand after the data input is a parameter (axes, pads, shape): fine
-                if k > 0 and (i in inits or (src is not None and src.op_type == "Constant")):
-                    continue
-                if v is not None and v.type.tensor_type.elem_type == int64:
+                param = k > 0 and (i in inits or (src is not None and src.op_type == "Constant"))
+                if not param and v is not None and v.type.tensor_type.elem_type == int64:
                     issues.append(LintIssue(name, n.op_type, f"computes on int64 input {i!r}"
                                             + (f" (from {src.op_type})" if src is not None else "")))
     return issues
@@ -257,10 +247,7 @@ def _lint_float8(g, info, inits, producer) -> list[LintIssue]:
     other = {getattr(onnx.TensorProto, n) for n in _FLOAT8_OTHER if hasattr(onnx.TensorProto, n)}
 
     def elem(name):
-        if name in inits:
-            return inits[name]
-        v = info.get(name)
-        return v.type.tensor_type.elem_type if v is not None else None
+        return inits[name] if name in inits else info[name].type.tensor_type.elem_type if name in info else None
 
     issues = []
     for v in list(g.input) + list(g.output):
@@ -286,13 +273,6 @@ def _lint_float8(g, info, inits, producer) -> list[LintIssue]:
     return issues
 
 
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
 class OrtRunner:
     """One onnxruntime session per graph, fed and read by contract names (CPU, for checks and tests)."""
 
@@ -307,17 +287,12 @@ class OrtRunner:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        feed = {n: _to_numpy(t) for n, t in zip(self.input_names, inputs)}
+        feed = dict(zip(self.input_names, inputs))
+        if any(t.dtype == torch.bfloat16 for t in feed.values()):
+            raise TypeError("onnxruntime's CPU provider has no bfloat16 kernels for these graphs; check in float32")
+        feed = {n: t.detach().cpu().contiguous().numpy() for n, t in feed.items()}
         return [torch.from_numpy(o) for o in self.session.run(None, feed)]
-
-
-def _to_numpy(t: torch.Tensor):
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        raise TypeError("onnxruntime's CPU provider has no bfloat16 kernels for these graphs; check in float32")
-    return t.numpy()
 
 

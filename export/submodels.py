@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from hallolive_rt.config import load_fusion_config
+from hallolive_rt.errors import ExportError
 from hallolive_rt.profile import Profile
 from hallolive_rt.release import MODEL_FILES as RELEASE
 from hallolive_rt.release import decoder_configs
@@ -57,11 +58,6 @@ def weights_ids(model_dir: str | None, seed: int, subs, *, ema: bool = False) ->
     return out
 
 
-def _configs(profile: Profile):
-    video, audio, vocoder, text = decoder_configs(profile)
-    return {"vae_video": video, "audio": (audio, vocoder), "text": text}
-
-
 def _meta_module(sub: str, profile: Profile) -> torch.nn.Module:
     from hallolive_rt.model.dit import DualStreamDiT
     from hallolive_rt.model.text import TextEncoder
@@ -69,37 +65,31 @@ def _meta_module(sub: str, profile: Profile) -> torch.nn.Module:
     from hallolive_rt.model.vae_video import WanVideoDecoder
     from hallolive_rt.model.vocoder import BigVGANVocoder
 
-    cfg = _configs(profile)
+    vae_cfg, audio_cfg, vocoder_cfg, text_cfg = decoder_configs(profile)
     with torch.device("meta"):
         if sub == "dit":
             return DualStreamDiT(load_fusion_config(profile.video_config, profile.audio_config))
         if sub == "vae_video":
-            return WanVideoDecoder(cfg["vae_video"])
+            return WanVideoDecoder(vae_cfg)
         if sub == "audio":
-            return torch.nn.ModuleList([AudioVAEDecoder(cfg["audio"][0]), BigVGANVocoder(cfg["audio"][1])])
-        return TextEncoder(cfg["text"])
+            return torch.nn.ModuleList([AudioVAEDecoder(audio_cfg), BigVGANVocoder(vocoder_cfg)])
+        return TextEncoder(text_cfg)
 
 
 def param_bytes(sub: str, profile: Profile, dtype: torch.dtype) -> int:
     """Weight bytes of a sub-model in ``dtype``, counted on the meta device (nothing allocated)."""
-    n = sum(p.numel() for p in _meta_module(sub, profile).parameters())
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-def _io_bytes(contract: Contract) -> int:
-    return max(sum(math.prod(s.shape) * s.torch_dtype.itemsize for s in v.inputs + v.outputs) for v in contract.variants)
-
-
-def _largest_tensor_bytes(sub: str, profile: Profile) -> int:
-    return max(p.numel() for p in _meta_module(sub, profile).parameters()) * 4  # drawn / read as float32
+    return sum(p.numel() for p in _meta_module(sub, profile).parameters()) * dtype.itemsize
 
 
 def estimate_peak_bytes(sub: str, profile: Profile, dtype: torch.dtype, fmt: str, contract: Contract) -> int:
     """Host (ONNX, TensorRT's ONNX step) or device (AOTInductor) memory one sub-model's export needs."""
     if fmt == "aoti":
-        return _AOTI_COPIES * param_bytes(sub, profile, dtype) + _io_bytes(contract) + _OVERHEAD
+        io = max(sum(math.prod(s.shape) * s.torch_dtype.itemsize for s in v.inputs + v.outputs)
+                 for v in contract.variants)
+        return _AOTI_COPIES * param_bytes(sub, profile, dtype) + io + _OVERHEAD
     resident = 0 if sub in _STREAMED else param_bytes(sub, profile, dtype)
-    return resident + 2 * _largest_tensor_bytes(sub, profile) + _GRAPH_OVERHEAD
+    largest = max(p.numel() for p in _meta_module(sub, profile).parameters()) * 4  # drawn / read as float32
+    return resident + 2 * largest + _GRAPH_OVERHEAD
 
 
 def available_bytes(device: str = "cpu") -> int:
@@ -115,18 +105,13 @@ def available_bytes(device: str = "cpu") -> int:
 def check_memory(profile: Profile, subs, dtype: torch.dtype, fmt: str, device: str,
                  available: int | None = None) -> None:
     """Refuse, before any allocation, an export whose estimated peak exceeds the memory available."""
-    from hallolive_rt.errors import ExportError
-
     avail = available if available is not None else available_bytes(device if fmt == "aoti" else "cpu")
     contracts = contracts_for(profile, dtype, vae_history=None if "vae_video" in subs else [])
-    too_big, fits = [], []
-    for s in subs:
-        need = estimate_peak_bytes(s, profile, dtype, fmt, contracts[s])
-        (too_big if need > avail else fits).append((s, need))
+    need = {s: estimate_peak_bytes(s, profile, dtype, fmt, contracts[s]) for s in subs}
+    too_big, fits = [s for s in subs if need[s] > avail], [s for s in subs if need[s] <= avail]
     if too_big:
-        lines = "; ".join(f"{s} needs ~{n / 2**30:.1f} GiB ({_explain(s, profile, dtype, fmt)})" for s, n in too_big)
-        ok = ",".join(s for s, _ in fits)
-        hint = (f" Sub-models that fit: {ok} (export them alone with submodels={tuple(s for s, _ in fits)!r})."
+        lines = "; ".join(f"{s} needs ~{need[s] / 2**30:.1f} GiB ({_explain(s, profile, dtype, fmt)})" for s in too_big)
+        hint = (f" Sub-models that fit: {','.join(fits)} (export them alone with submodels={tuple(fits)!r})."
                 if fits else "")
         raise ExportError(f"not enough memory for a {profile.name} {fmt} export: {lines}; "
                           f"{avail / 2**30:.1f} GiB available ({'GPU' if fmt == 'aoti' and device != 'cpu' else 'MemAvailable'})."
@@ -137,15 +122,12 @@ def _explain(sub: str, profile: Profile, dtype: torch.dtype, fmt: str) -> str:
     w = param_bytes(sub, profile, dtype) / 2**30
     if fmt == "aoti":
         return f"{_AOTI_COPIES} x {w:.1f} GiB weights + I/O + 1 GiB"
-    if sub in _STREAMED:
-        return f"weights streamed to disk, 2 x largest tensor + {_GRAPH_OVERHEAD >> 30} GiB for the graph"
-    return f"{w:.1f} GiB weights + 2 x largest tensor + {_GRAPH_OVERHEAD >> 30} GiB for the graph"
+    weights = "weights streamed to disk," if sub in _STREAMED else f"{w:.1f} GiB weights +"
+    return f"{weights} 2 x largest tensor + {_GRAPH_OVERHEAD >> 30} GiB for the graph"
 
 
 def check_disk(profile: Profile, subs, dtype: torch.dtype, out_dir: str | Path, free: int | None = None) -> None:
     """Refuse, before writing anything, an ONNX export whose weights files would not fit on the disk."""
-    from hallolive_rt.errors import ExportError
-
     need = {s: param_bytes(s, profile, dtype) for s in subs}
     free = free if free is not None else shutil.disk_usage(out_dir).free
     total = sum(need.values()) + (64 << 20) * len(subs)  # + graphs and page alignment
@@ -157,9 +139,8 @@ def check_disk(profile: Profile, subs, dtype: torch.dtype, out_dir: str | Path, 
 
 def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, device, *,
                    ema: bool = False):
-    """The sub-model with release weights (``model_dir``; ``ema``: the DiT entry, see ``load_dit``) or random
-    weights from ``seed``."""
-    cfg = _configs(profile)
+    """The sub-model with release weights (``ema``: the DiT entry, see ``load_dit``) or random ones from ``seed``."""
+    vae_cfg, audio_cfg, vocoder_cfg, text_cfg = decoder_configs(profile)
     root = Path(model_dir) if model_dir else None
     if sub == "dit":
         from hallolive_rt.model.dit_weights import build_dit, load_dit
@@ -172,28 +153,27 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
         from hallolive_rt.model.vae_video import build_video_decoder, load_video_decoder
 
         if root:
-            return load_video_decoder(root / SUBMODEL_FILES[sub][0], cfg[sub], dtype=dtype, device=device)
+            return load_video_decoder(root / SUBMODEL_FILES[sub][0], vae_cfg, dtype=dtype, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_video_decoder(cfg[sub], device="cpu").to(device=device, dtype=dtype).eval().requires_grad_(False)
+            return build_video_decoder(vae_cfg, device="cpu").to(device=device, dtype=dtype).eval().requires_grad_(False)
     if sub == "audio":
         from hallolive_rt.model.vae_audio import build_audio_decoder, load_audio_decoder
         from hallolive_rt.model.vocoder import build_vocoder, load_vocoder
 
         if root:
-            vae = load_audio_decoder(root / SUBMODEL_FILES[sub][0], cfg[sub][0], dtype=dtype, device=device)
-            voc = load_vocoder(root / SUBMODEL_FILES[sub][1], cfg[sub][1], dtype=dtype, device=device)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                vae = build_audio_decoder(cfg[sub][0], device=device, dtype=dtype)
-                voc = build_vocoder(cfg[sub][1], device=device, dtype=dtype)
-        return torch.nn.ModuleList([vae, voc])
+            vae_file, vocoder_file = (root / f for f in SUBMODEL_FILES[sub])
+            return torch.nn.ModuleList([load_audio_decoder(vae_file, audio_cfg, dtype=dtype, device=device),
+                                        load_vocoder(vocoder_file, vocoder_cfg, dtype=dtype, device=device)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.nn.ModuleList([build_audio_decoder(audio_cfg, device=device, dtype=dtype),
+                                        build_vocoder(vocoder_cfg, device=device, dtype=dtype)])
     from hallolive_rt.model.text import build_text_encoder, load_text_encoder
 
     if root:
-        return load_text_encoder(root / SUBMODEL_FILES["text"][0], cfg["text"], dtype=dtype, device=device)
-    return build_text_encoder(cfg["text"], device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+        return load_text_encoder(root / SUBMODEL_FILES["text"][0], text_cfg, dtype=dtype, device=device)
+    return build_text_encoder(text_cfg, device=device, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -207,9 +187,8 @@ class OnnxSource:
 
 def onnx_source(sub: str, profile: Profile, model_dir: str | None, seed: int, dtype: torch.dtype, *,
                 ema: bool = False) -> OnnxSource:
-    """What the ONNX exporter reads of a sub-model (see the module docstring). Random values equal those
-    of ``build_submodel(..., device="cpu")`` with the same seed; release values are checked against the
-    model's keys and shapes before anything is written (``CheckpointError`` names the file and keys)."""
+    """Random values equal ``build_submodel(..., device="cpu")``'s with the same seed; release values are checked
+    against the model's keys and shapes before anything is written (``CheckpointError`` names file and keys)."""
     from .weights_file import module_tensors
 
     if sub not in _STREAMED:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["REQUIREMENT", "TensorRTMissing", "require_tensorrt", "build_engine", "trt_version"]
+__all__ = ["REQUIREMENT", "TensorRTMissing", "require_tensorrt", "build_engine"]
 
 REQUIREMENT = "tensorrt>=10,<12"  # the versions whose API this code uses (pyproject's tensorrt extra)
 
@@ -26,15 +26,9 @@ def require_tensorrt():
     except ImportError as e:
         raise TensorRTMissing(f"TensorRT is not installed: pip install '{REQUIREMENT}' (or the hallolive-rt[tensorrt] "
                               f"extra) on a machine with an NVIDIA GPU ({e})") from e
-    major = int(trt.__version__.split(".")[0])
-    if major not in (10, 11):
+    if int(trt.__version__.split(".")[0]) not in (10, 11):
         raise TensorRTMissing(f"TensorRT {trt.__version__} is installed; this code is written for '{REQUIREMENT}'")
     return trt
-
-
-def trt_version() -> str:
-    trt = require_tensorrt()
-    return trt.__version__
 
 
 def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, precision: str, *,
@@ -65,8 +59,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, pre
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_path} (see the log above)")
-    plan_path = Path(plan_path)
-    plan_path.write_bytes(bytes(serialized))
+    Path(plan_path).write_bytes(bytes(serialized))
     if cache_path:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return plan_path
+    return Path(plan_path)

@@ -54,10 +54,8 @@ class WeightsLayout:
 
     def digest(self) -> str:
         """Names, shapes, dtypes and offsets: equal digests mean a graph's offsets still hold."""
-        h = hashlib.sha256()
-        for name, s in self.slots.items():
-            h.update(f"{name}:{s.shape}:{s.dtype}:{s.offset};".encode())
-        return h.hexdigest()[:16]
+        text = "".join(f"{name}:{s.shape}:{s.dtype}:{s.offset};" for name, s in self.slots.items())
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def module_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

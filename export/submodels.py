@@ -156,7 +156,8 @@ def build_submodel(sub: str, profile: Profile, model_dir: str | None, seed: int,
             return load_video_decoder(root / SUBMODEL_FILES[sub][0], vae_cfg, dtype=dtype, device=device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_video_decoder(vae_cfg, device="cpu").to(device=device, dtype=dtype).eval().requires_grad_(False)
+            dec = build_video_decoder(vae_cfg, device="cpu")
+            return dec.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if sub == "audio":
         from hallolive_rt.model.vae_audio import build_audio_decoder, load_audio_decoder
         from hallolive_rt.model.vocoder import build_vocoder, load_vocoder

@@ -29,14 +29,12 @@ import torch
 pytest.importorskip("av")
 
 from hallolive_rt.model.audio_stream import StreamingAudioDecoder  # noqa: E402
-from hallolive_rt.options import DiTOptions, ModelSource  # noqa: E402
 from hallolive_rt.runtime.media import StreamWriter  # noqa: E402
 from hallolive_rt.runtime.serve import control as control_module  # noqa: E402
-from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import (CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_NORMAL, Limits,  # noqa: E402
                                                  ProtocolError)
 from hallolive_rt.runtime.serve.sessions import LiveSession  # noqa: E402
-from tests.serve_helpers import (Client, full_session, read_to_close, run_concurrently, running_server,  # noqa: E402
+from tests.serve_helpers import (tiny_live, Client, full_session, read_to_close, run_concurrently, running_server,  # noqa: E402
                                  session, wait_for, wait_idle)
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
@@ -46,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def live():
-    return build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+    return tiny_live()
 
 
 @pytest.fixture(scope="module")

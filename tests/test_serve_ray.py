@@ -27,12 +27,10 @@ pytest.importorskip("ray.serve")  # the ray extra (in the test extra: CI runs th
 
 import torch  # noqa: E402
 
-from hallolive_rt.options import DiTOptions, ModelSource  # noqa: E402
 from hallolive_rt.runtime.serve import ray as hray  # noqa: E402
-from hallolive_rt.runtime.serve.launch import build_server  # noqa: E402
 from hallolive_rt.runtime.serve.protocol import CLOSE_BUSY, CLOSE_INTERNAL, CLOSE_NORMAL  # noqa: E402
 from tests.ray_driver import MARK  # noqa: E402
-from tests.serve_helpers import (Client, decode_mp4, full_session, run_concurrently, running_server,  # noqa: E402
+from tests.serve_helpers import (tiny_live, Client, decode_mp4, full_session, run_concurrently, running_server,  # noqa: E402
                                  session)
 
 pytestmark = pytest.mark.slow  # > 30 s; CI's plain `pytest -q` still runs it
@@ -129,7 +127,7 @@ def reference():
     threads = torch.get_num_threads()
     torch.set_num_threads(hray.replica_threads(ARGS))
     try:
-        live = build_server(model=ModelSource(preset="tiny", seed=0), dit=DiTOptions(kv_impl="torch"))
+        live = tiny_live()
         with running_server(live) as addr:
             return {seed: full_session(addr, prompt=PROMPT, seed=seed, blocks=2).stream_bytes() for seed in (0, 1)}
     finally:

@@ -47,6 +47,15 @@ class Stats:
     block_s: deque = field(default_factory=lambda: deque(maxlen=1024))
     first_out_s: dict = field(default_factory=dict)  # transport -> seconds from start to its first frame out
 
+    def record_block(self, block_s: float, ttff_s: float | None) -> None:
+        self.blocks_served += 1
+        self.block_s.append(block_s)
+        if ttff_s is not None:
+            self.ttff_s.append(ttff_s)
+
+    def record_first_out(self, transport: str, seconds: float) -> None:
+        self.first_out_s.setdefault(transport, deque(maxlen=1024)).append(seconds)
+
     def summary(self) -> dict:
         """The counters as ``LiveServer.stats()`` reports them (percentiles of the latest values)."""
         def pct(xs) -> dict:

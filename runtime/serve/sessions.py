@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Callable
 
 from hallolive_rt.cache_policy import ENDLESS
@@ -132,17 +131,14 @@ class LiveServer:
     def _served(self, block_s: float, ttff_s: float | None) -> None:
         """A block went out (``ttff_s`` with a session's first): counted now: an endless session's stats move."""
         with self._lock:
-            self._stats.blocks_served += 1
-            self._stats.block_s.append(block_s)
-            if ttff_s is not None:
-                self._stats.ttff_s.append(ttff_s)
+            self._stats.record_block(block_s, ttff_s)
         if ttff_s is not None:
             self._observe("first_block", ttff_s)
         self._observe("block", block_s)
 
     def _first_out(self, transport: str, seconds: float) -> None:
         with self._lock:
-            self._stats.first_out_s.setdefault(transport, deque(maxlen=1024)).append(seconds)
+            self._stats.record_first_out(transport, seconds)
 
     def check_prompt(self, text: str) -> None:
         """The tokenizer's verdict on a prompt as a ProtocolError."""

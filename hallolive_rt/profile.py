@@ -95,10 +95,6 @@ class Profile:
         return self.stream.latent_frames_per_block * self.tokens_per_latent_frame
 
     @property
-    def total_latent_frames(self) -> int:
-        return self.stream.blocks * self.stream.latent_frames_per_block
-
-    @property
     def total_audio_tokens(self) -> int:
         return self.stream.blocks * self.stream.audio_tokens_per_block
 

@@ -6,7 +6,7 @@ device tensors, so one captured graph serves every block of the same static shap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +14,9 @@ from .config import FusionConfig
 from .profile import Profile
 
 __all__ = ["CacheLayout", "DiTState", "StepPositions"]
+
+_CACHES = ("video_k", "video_v", "fusion_k", "fusion_v", "text_k_video", "text_v_video", "text_k_audio",
+           "text_v_audio")
 
 
 @dataclass(frozen=True)
@@ -56,34 +59,17 @@ class DiTState:
     text_v_video: torch.Tensor
     text_k_audio: torch.Tensor
     text_v_audio: torch.Tensor
-    meta: dict = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, cfg: FusionConfig, profile: Profile, layout: CacheLayout, *,
                  device: torch.device | str, dtype: torch.dtype) -> "DiTState":
-        v, a = cfg.video, cfg.audio
-        b, n = profile.stream.batch, cfg.num_layers
-        t = profile.text.text_len
-
-        def zeros(s, heads, hd):
-            return torch.zeros(n, b, s, heads, hd, device=device, dtype=dtype)
-
-        s = layout.slots
-        return cls(
-            layout=layout,
-            video_k=zeros(s, v.num_heads, v.head_dim),
-            video_v=zeros(s, v.num_heads, v.head_dim),
-            fusion_k=zeros(s, a.num_heads, a.head_dim),
-            fusion_v=zeros(s, a.num_heads, a.head_dim),
-            text_k_video=zeros(t, v.num_heads, v.head_dim),
-            text_v_video=zeros(t, v.num_heads, v.head_dim),
-            text_k_audio=zeros(t, a.num_heads, a.head_dim),
-            text_v_audio=zeros(t, a.num_heads, a.head_dim),
-        )
+        s, t, v, a = layout.slots, profile.text.text_len, cfg.video, cfg.audio
+        rows = dict(zip(_CACHES, [(s, v)] * 2 + [(s, a)] * 2 + [(t, v)] * 2 + [(t, a)] * 2))
+        return cls(layout, **{k: torch.zeros(cfg.num_layers, profile.stream.batch, n, c.num_heads, c.head_dim,
+                                             device=device, dtype=dtype) for k, (n, c) in rows.items()})
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("video_k", "video_v", "fusion_k", "fusion_v", "text_k_video",
-                                               "text_v_video", "text_k_audio", "text_v_audio")}
+        return {k: getattr(self, k) for k in _CACHES}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

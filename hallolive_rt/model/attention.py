@@ -37,11 +37,8 @@ def attention_kernel(kernel: str):
 
 def check_attention_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype,
                            head_dims: Iterable[int]) -> None:
-    """Raise ``ValueError`` unless ``kernel`` runs ``attention`` on ``device`` in ``dtype`` for every head dim.
-
-    Probes a small self- and cross-shaped call per head dim (host-side set-up, never inside a block). The
-    meta device runs no kernel, so any valid name passes there.
-    """
+    """Raise ``ValueError`` unless ``kernel`` runs ``attention`` on ``device`` in ``dtype`` for every head dim
+    (probed host-side with small calls; on the meta device any valid name passes)."""
     device = torch.device(device)
     with attention_kernel(kernel):  # validates the name
         if kernel == "auto" or device.type == "meta":

@@ -66,11 +66,6 @@ class StreamingAudioDecoder:
                    future_tokens=profile.stream.future_audio_tokens,
                    samples_per_token=profile.audio.samples_per_token, start=start)
 
-    @property
-    def window_tokens(self) -> int:
-        """The steady-state window length (the only one when start != 'trim')."""
-        return self.left + self.block_tokens + self.future
-
     def new_state(self, batch: int) -> AudioStreamState:
         p = next(self.vae.parameters())
         channels = self.vae.cfg.embed_dim
@@ -83,11 +78,8 @@ class StreamingAudioDecoder:
     @torch.inference_mode()
     def step(self, state: AudioStreamState, block: torch.Tensor,
              future: torch.Tensor | None = None) -> torch.Tensor:
-        """Commit ``block`` [B, N, C] and return its float32 samples [B, N * spt].
-
-        ``future`` [B, F, C]: lookahead tokens the caller will NOT commit (the next block's noise after
-        denoising, as the DiT produces them); None at the stream end or when F = 0.
-        """
+        """Commit ``block`` [B, N, C] and return its float32 samples [B, N * spt]; ``future`` [B, F, C]: the
+        lookahead the caller will NOT commit (None at the stream end or when F = 0)."""
         n = self.block_tokens
         if block.shape[1] != n:
             raise ValueError(f"block has {block.shape[1]} tokens, the stream commits {n} per block")
@@ -134,19 +126,14 @@ class StreamingAudioDecoder:
 def measure_stream_deviation(vae: AudioVAEDecoder, vocoder: BigVGANVocoder, latents: torch.Tensor, *,
                              block_tokens: int, left_context: int, future_tokens: int = 0,
                              start: str = "trim") -> dict[str, float]:
-    """Stream ``latents`` [B, K*N, C] block by block and compare with ``decode_full``.
-
-    The lookahead is ideal (the true next tokens; none for the last block), so the numbers isolate the
-    decoders' non-causality from the DiT's lookahead quality. Returns max abs error, SNR in dB over the
-    whole clip, the worst block's SNR, and the full decode's RMS.
-    """
+    """Stream ``latents`` [B, K*N, C] with the ideal lookahead (the true next tokens) and compare with
+    ``decode_full``: max abs error, SNR in dB (whole clip, worst block) and the full decode's RMS."""
     total = latents.shape[1]
     if total % block_tokens:
         raise ValueError(f"{total} tokens are not a whole number of {block_tokens}-token blocks")
+    spt = vae.cfg.mel_frames_per_token * vocoder.cfg.hop_length
     dec = StreamingAudioDecoder(vae, vocoder, block_tokens=block_tokens, left_context=left_context,
-                                future_tokens=future_tokens,
-                                samples_per_token=vae.cfg.mel_frames_per_token * vocoder.cfg.hop_length,
-                                start=start)
+                                future_tokens=future_tokens, samples_per_token=spt, start=start)
     ref = decode_full(vae, vocoder, latents)  # [B, T]
     state = dec.new_state(latents.shape[0])
     outs = []
@@ -162,7 +149,7 @@ def measure_stream_deviation(vae: AudioVAEDecoder, vocoder: BigVGANVocoder, late
         noise = (g - r).double().pow(2).sum().item()
         return math.inf if noise == 0 else 10 * math.log10(r.double().pow(2).sum().item() / noise)
 
-    span = block_tokens * dec.spt
+    span = block_tokens * spt
     return {
         "max_abs": (got - ref).abs().max().item(),
         "snr_db": snr(ref, got),

@@ -1,10 +1,7 @@
-"""Regional compilation: one function compiled once and shared by every module that runs it. ``RegionCompiler``
-is a dynamo backend wrapping inductor (or another backend, for tests) that counts and times each
-compilation; its ``limits()`` raise dynamo's recompile limit for the region (one graph per static variant
-is expected) and make hitting it an error instead of a silent fall back to eager. ``LayerCompiler`` is the
-DiT's region: ``dual_layer``, whose weights are graph inputs (dynamo inlines built-in ``nn.Module``s), so
-layers 2..L reuse layer 1's compiled code (tests/test_compiled_layers.py counts it); the video decoder's
-region is its residual block (runtime/vae_runner.py)."""
+"""Regional compilation: one function compiled once (fullgraph, static shapes) and shared by every module
+that runs it, with compilations counted and timed and a recompile-limit hit an error, not a fall back to
+eager. ``LayerCompiler`` compiles ``dual_layer``, whose weights are graph inputs, so layers 2..L reuse
+layer 1's code; the video decoder's region is its residual block (runtime/vae_runner.py)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""The dual-stream causal DiT of Hallo-Live: a video stream and an audio stream fused in every layer, with
-the checkpoint's names after its ``model.`` prefix (``video_model.*``, ``audio_model.*``). One forward
-denoises one block: the video block's tokens (written into the video caches at ``pos.video_slot``) and the
-whole audio sequence from position 0; every layer runs the same ``dual_layer``, nothing syncs the host, and
-the opt-in fast paths are ``fuse_projections()``, ``set_attention_kernel()``, ``quantize_fp8()`` and
-``forward(context=True)`` (the lean context pass), each off until a GPU measurement says it pays.
+"""The dual-stream causal DiT of Hallo-Live (``video_model.*``, ``audio_model.*``: the checkpoint's names
+after ``model.``). One forward denoises one block: the video block's tokens (written into the video caches
+at ``pos.video_slot``) and the whole audio sequence, every layer running ``dual_layer``; the fast paths
+(``fuse_projections``, ``set_attention_kernel``, ``quantize_fp8``, ``context=True``) are opt-in.
 """
 
 from __future__ import annotations
@@ -122,28 +120,25 @@ class DualStreamDiT(nn.Module):
     def fuse_projections(self) -> None:
         """One GEMM per group of projections on the same input (names, shapes, values unchanged).
         Call after loading; calling again re-fuses from the current parameters."""
-        if self._fp8_layout_fixed(True):
-            return
-        for m in self._fusable():
-            m.fuse_projections()
+        self._set_projections(fused=True)
 
     def unfuse_projections(self) -> None:
         """Back to the released one-GEMM-per-projection forward (copies nothing)."""
-        if self._fp8_layout_fixed(False):
+        self._set_projections(fused=False)
+
+    def _set_projections(self, fused: bool) -> None:
+        if self.fp8 is not None:  # quantize_fp8 fixed the layout: the same one is a no-op, another is refused
+            if self.projections_fused != fused:
+                now = "fused" if self.projections_fused else "unfused"
+                raise ValueError(f"this DiT was quantized to float8 with its projections {now}; the layout cannot "
+                                 f"change any more: load the DiT again (or keep --{'' if now == 'fused' else 'no-'}"
+                                 f"fuse-projections with --precision fp8)")
             return
         for m in self._fusable():
-            m.unfuse_projections()
-
-    def _fp8_layout_fixed(self, fused: bool) -> bool:
-        """After ``quantize_fp8`` the projection layout is fixed: the same one is a no-op, another is refused."""
-        if self.fp8 is None:
-            return False
-        if self.projections_fused != fused:
-            now = "fused" if self.projections_fused else "unfused"
-            raise ValueError(f"this DiT was quantized to float8 with its projections {now}; the layout cannot "
-                             f"change any more: load the DiT again (or keep --{'' if now == 'fused' else 'no-'}"
-                             f"fuse-projections with --precision fp8)")
-        return True
+            if fused:
+                m.fuse_projections()
+            else:
+                m.unfuse_projections()
 
     def quantize_fp8(self, *, act_scale: str = "token", impl: str = "auto") -> dict:
         """``--precision fp8``: every eligible Linear as float8 e4m3 rows with per-row scales and dynamic
@@ -171,8 +166,7 @@ class DualStreamDiT(nn.Module):
 
     def reset_rope(self) -> None:
         """Rebuild RoPE tables (not in the checkpoint) on the parameters' device after a meta load."""
-        dev = self.video_model.head.head.weight.device
-        with torch.device(dev):
+        with torch.device(self.video_model.head.head.weight.device):
             self.video_model.rope.reset_tables()
             self.audio_model.rope.reset_tables()
 
@@ -191,14 +185,10 @@ class DualStreamDiT(nn.Module):
     # ---- one block step --------------------------------------------------------------------------
     def forward(self, vid_x: torch.Tensor, aud_x: torch.Tensor, vid_t: torch.Tensor, aud_t: torch.Tensor,
                 state: DiTState, pos: StepPositions, video_kv_len: int, context: bool = False):
-        """One denoising (or t=0 context) forward of a block.
-
-        vid_x [B, Fb, Cv, Hl, Wl] noisy video block; aud_x [B, La, Ca] whole audio sequence from position 0;
-        vid_t [B, Fb], aud_t [B, La] float timesteps; ``video_kv_len`` (static) cache rows attended,
-        the block's own rows included. Returns flow predictions shaped like vid_x and aud_x.
-        ``context=True`` (the lean context pass, opt-in through ``BlockStream.lean_context``) computes only
-        what reaches a cache (``dual_layer.context_parts``) and returns ``(None, None)``; the caches it leaves
-        are bit-identical to the full forward's."""
+        """vid_x [B, Fb, Cv, Hl, Wl] noisy video block, aud_x [B, La, Ca] the whole audio sequence, vid_t
+        [B, Fb] / aud_t [B, La] timesteps, ``video_kv_len`` (static) cache rows attended -> flow predictions
+        shaped like vid_x and aud_x. ``context=True`` (the lean t=0 context pass) computes only what reaches
+        a cache (``context_parts``), leaving bit-identical caches, and returns ``(None, None)``."""
         vm, am = self.video_model, self.audio_model
         b, nf, _, lh, lw = vid_x.shape
         gh, gw = lh // vm.cfg.patch_size[1], lw // vm.cfg.patch_size[2]

@@ -1,8 +1,6 @@
-"""Checkpoint layouts of the DiT and how to build it, from a file or with random weights on a device:
-the released flat file, nested training files (``generator`` by default, ``generator_ema`` with
-``ema=True``; an absent entry is an error naming those present) and the Ovi teacher's naming, built on the
-meta device with the (mmapped) tensors assigned, so nothing is allocated twice. The layouts:
-``docs/ARCHITECTURE.md``, "Checkpoints".
+"""Checkpoint layouts of the DiT (the released flat file, nested training files, the Ovi teacher's naming)
+and how to build it: from a file on the meta device with the mmapped tensors assigned, or with random
+weights on a device. The layouts: ``docs/ARCHITECTURE.md``, "Checkpoints".
 """
 
 from __future__ import annotations
@@ -31,11 +29,8 @@ def dit_entry(ema: bool) -> str:
 
 def select_dit_weights(raw: Mapping[str, object], file: str | os.PathLike, *, ema: bool = False
                        ) -> dict[str, torch.Tensor]:
-    """Pick the generator from any released layout and return names as ``DualStreamDiT`` has them.
-
-    A nested file must hold the entry ``ema`` asks for (``dit_entry(ema)``); a flat file is its own
-    (only) set of weights.
-    """
+    """Pick the generator (``dit_entry(ema)`` of a nested file, or the flat file's only set) from any
+    released layout and return names as ``DualStreamDiT`` has them."""
     chosen, where = raw, "top level"
     present = [k for k in _NESTED if isinstance(raw.get(k), Mapping)]
     if present:
@@ -62,12 +57,8 @@ def dit_state_dict_from_file(path: str | os.PathLike, *, ema: bool = False) -> d
 
 def load_dit(path: str | os.PathLike, cfg: FusionConfig, *, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.bfloat16, ema: bool = False) -> DualStreamDiT:
-    """Build the DiT on the meta device and assign the checkpoint's tensors (strict, cast to ``dtype``).
-
-    ``ema``: in a training file nested under ``generator_ema`` / ``generator``, load the EMA weights
-    (``True``, the release's ``--use_ema``) or the raw generator (``False``, the default, as the release's
-    ``inference.py`` defaults). The released flat file has one set of weights and ignores it.
-    """
+    """Build the DiT on the meta device and assign the checkpoint's tensors (strict, cast to ``dtype``);
+    ``ema`` (the release's ``--use_ema``, off by default) picks the entry of a nested training file."""
     sd = dit_state_dict_from_file(path, ema=ema)
     with torch.device("meta"):
         model = DualStreamDiT(cfg)
@@ -90,10 +81,8 @@ def random_parameter(name: str, shape: torch.Size, gen: torch.Generator, std: fl
 
 
 def random_dit_values(model: DualStreamDiT, seed: int = 0, device: str | torch.device = "cpu"):
-    """Yield ``(name, float32 value)`` for every parameter, in ``named_parameters`` order, drawn from one
-    generator seeded with ``seed``: the values ``init_random_`` gives a model on ``device``. The model
-    may live on the meta device (its names and shapes are all that is read), so a full-size DiT can be
-    streamed to disk one tensor at a time (``hallolive-rt export``)."""
+    """Yield ``(name, float32 value)`` per parameter from one generator seeded with ``seed`` (what
+    ``init_random_`` gives on ``device``); reads only names and shapes, so ``model`` may be on meta."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         yield name, random_parameter(name, p.shape, gen)

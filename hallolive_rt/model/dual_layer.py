@@ -1,7 +1,7 @@
 """One dual-stream layer of the DiT (video block ``i`` + audio block ``i``), the code all layers run:
 ``dual_layer`` is a plain function of the two ``FusionLayer`` modules, the hidden states, the layer's state
 tensors and a hashable ``LayerStatic`` (whose ``part`` says how much a context-pass layer computes), so
-``compile_dual_layer`` compiles it once and reuses it for every layer. The layer's equations and the lean
+``compile.LayerCompiler`` compiles it once and reuses it for every layer. The layer's equations and the lean
 context parts: ``docs/ARCHITECTURE.md``, "The dual-stream layer".
 """
 
@@ -16,9 +16,7 @@ from .attention import attention, attention_kernel
 from .layers import FusionLayer
 from .rope import apply_rope
 
-__all__ = ["LayerStatic", "LayerState", "LAYER_PARTS", "dual_layer", "context_parts", "compile_dual_layer"]
-
-LAYER_PARTS = ("full", "no_audio_tail", "cache_only")
+__all__ = ["LayerStatic", "LayerState", "dual_layer", "context_parts"]
 
 
 @dataclass(frozen=True)
@@ -77,53 +75,43 @@ def dual_layer(bv: FusionLayer, ba: FusionLayer, V: torch.Tensor, A: torch.Tenso
         return _layer(bv, ba, V, A, e0v, e0a, rope_v, rope_a, st, kv, s)
 
 
+def _cross_ffn(blk: FusionLayer, x, m, groups: int, rope, text_k, text_v, fusion_k, fusion_v):
+    """Text + fusion cross-attention (one shared query, RoPE'd for the fusion half), then the gated FFN."""
+    q = blk.cross_attn.query(blk.norm3(x))
+    o = attention(q, text_k, text_v) + attention(apply_rope(q, *rope), fusion_k, fusion_v)
+    x = x + blk.cross_attn.o(o.flatten(2))
+    return _gated(x, blk.ffn(_modulate(blk.norm2, x, m[3], m[4], groups)), m[5], groups)
+
+
 def _layer(bv, ba, V, A, e0v, e0a, rope_v, rope_a, st: LayerState, kv, s: LayerStatic):
-    nf, na, part = s.video_frames, s.audio_len, s.part
-    cos_v, sin_v = rope_v
-    cos_a, sin_a = rope_a
+    nf, na, part, n = s.video_frames, s.audio_len, s.part, s.video_kv_len
     mv, ma = bv.mod(e0v), ba.mod(e0a)
 
     if part != "cache_only":
         # audio self-attention: the whole sequence, recomputed from position 0 (scratch K/V)
         q, k, v = ba.self_attn.qkv(_modulate(ba.norm1, A, ma[0], ma[1], na))
-        y = attention(apply_rope(q, cos_a, sin_a), apply_rope(k, cos_a, sin_a), v)
+        y = attention(apply_rope(q, *rope_a), apply_rope(k, *rope_a), v)
         A = _gated(A, ba.self_attn.o(y.flatten(2)), ma[2], na)
 
     # video self-attention: write the block's RoPE'd K/V into the cache, attend to rows [0, kv_len)
     q, k, v = bv.self_attn.qkv(_modulate(bv.norm1, V, mv[0], mv[1], nf))
-    kv.rope_write_block(st.video_k, k, cos_v, sin_v, st.video_slot, s.sink, s.ring)
+    kv.rope_write_block(st.video_k, k, *rope_v, st.video_slot, s.sink, s.ring)
     kv.write_block(st.video_v, v, st.video_slot, s.sink, s.ring)
-    y = attention(apply_rope(q, cos_v, sin_v), st.video_k[:, :s.video_kv_len], st.video_v[:, :s.video_kv_len])
+    y = attention(apply_rope(q, *rope_v), st.video_k[:, :n], st.video_v[:, :n])
     V = _gated(V, bv.self_attn.o(y.flatten(2)), mv[2], nf)
 
     A0 = A
     # audio cross: text + video tokens through the fusion cache (RoPE'd with video positions)
-    ca = ba.cross_attn
-    kf, vf = ca.fusion_kv(V)
-    kv.rope_write_block(st.fusion_k, kf, cos_v, sin_v, st.video_slot, s.sink, s.ring)
+    kf, vf = ba.cross_attn.fusion_kv(V)
+    kv.rope_write_block(st.fusion_k, kf, *rope_v, st.video_slot, s.sink, s.ring)
     kv.write_block(st.fusion_v, vf, st.video_slot, s.sink, s.ring)
     if part == "cache_only":
         return V, A
     if part == "full":
-        qa = ca.query(ba.norm3(A))
-        o = attention(qa, st.text_k_audio, st.text_v_audio) + attention(
-            apply_rope(qa, cos_a, sin_a), st.fusion_k[:, :s.video_kv_len], st.fusion_v[:, :s.video_kv_len])
-        A = A + ca.o(o.flatten(2))
-        A = _gated(A, ba.ffn(_modulate(ba.norm2, A, ma[3], ma[4], na)), ma[5], na)
+        A = _cross_ffn(ba, A, ma, na, rope_a, st.text_k_audio, st.text_v_audio,
+                       st.fusion_k[:, :n], st.fusion_v[:, :n])
 
     # video cross: text + the audio sequence after its self-attention (A0), scratch K/V
-    cv = bv.cross_attn
-    qv = cv.query(bv.norm3(V))
-    kf, vf = cv.fusion_kv(A0)
-    o = attention(qv, st.text_k_video, st.text_v_video) + attention(
-        apply_rope(qv, cos_v, sin_v), apply_rope(kf, cos_a, sin_a), vf)
-    V = V + cv.o(o.flatten(2))
-    V = _gated(V, bv.ffn(_modulate(bv.norm2, V, mv[3], mv[4], nf)), mv[5], nf)
+    kf, vf = bv.cross_attn.fusion_kv(A0)
+    V = _cross_ffn(bv, V, mv, nf, rope_v, st.text_k_video, st.text_v_video, apply_rope(kf, *rope_a), vf)
     return V, A
-
-
-def compile_dual_layer(backend="inductor", **options):
-    """``dual_layer`` under ``torch.compile(fullgraph=True, dynamic=False)``: one graph per distinct
-    ``LayerStatic`` (and input shapes), shared by every layer. ``backend`` may be a callable that wraps
-    inductor (e.g. to count and time compilations; ``runtime/backends/compiled.py``)."""
-    return torch.compile(dual_layer, backend=backend, fullgraph=True, dynamic=False, **options)

@@ -1,8 +1,7 @@
-"""float8 e4m3 Linear layers for the PyTorch path (``--precision fp8`` on ``stream`` / ``bench``): weights
-as float8 rows with per-row scales (bit-identical to the fp8 ONNX export's), activations quantized on the
-fly per token or per tensor, the GEMM by ``torch._scaled_mm`` (``emulate``: the float32 reference and
-fallback); Linears whose features are not multiples of 16 stay in the compute dtype. Nothing syncs the
-host. The scheme, and why not torchao: ``docs/ARCHITECTURE.md``, "fp8 in PyTorch".
+"""float8 e4m3 Linear layers for the PyTorch path (``--precision fp8``): weights as float8 rows with per-row
+scales (bit-identical to the fp8 ONNX export's), activations quantized per token or per tensor, the GEMM by
+``torch._scaled_mm`` (``emulate``: the float32 reference); Linears whose features are not multiples of 16
+stay in the compute dtype. The scheme: ``docs/ARCHITECTURE.md``, "fp8 in PyTorch".
 """
 
 from __future__ import annotations
@@ -13,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..options import ACT_SCALES, FP8_IMPLS
+
 __all__ = ["FP8", "FP8_MAX", "ACT_SCALES", "FP8_IMPLS", "quantize_rows", "fake_quant", "weight_scale_of",
            "Float8Linear", "fp8_eligible", "scaled_mm_works", "resolve_fp8_impl", "quantize_linears"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-ACT_SCALES = ("token", "tensor")
-FP8_IMPLS = ("auto", "scaled_mm", "emulate")
 _ALIGN = 16  # _scaled_mm: in and out features multiples of 16
 
 
@@ -55,8 +54,10 @@ def fp8_eligible(linear: nn.Linear) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device_type: str, index: int | None, out_dtype: torch.dtype) -> str | None:
-    dev = torch.device(device_type, index) if index is not None else torch.device(device_type)
+def scaled_mm_works(device: torch.device | str, out_dtype: torch.dtype) -> str | None:
+    """None if row-wise ``torch._scaled_mm`` with a bias runs on ``device`` into ``out_dtype``, else torch's
+    reason (probed once per device and dtype; host-side set-up, never inside a step)."""
+    dev = torch.device(device)
     try:
         a = torch.ones(16, 32, device=dev).to(FP8)
         y = torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
@@ -66,13 +67,6 @@ def _probe(device_type: str, index: int | None, out_dtype: torch.dtype) -> str |
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         return str(e).strip().splitlines()[0]
     return None
-
-
-def scaled_mm_works(device: torch.device | str, out_dtype: torch.dtype) -> str | None:
-    """None if row-wise ``torch._scaled_mm`` with a bias runs on ``device`` into ``out_dtype``, else torch's
-    reason (probed once per device and dtype; host-side set-up, never inside a step)."""
-    dev = torch.device(device)
-    return _probe(dev.type, dev.index, out_dtype)
 
 
 def resolve_fp8_impl(impl: str, device: torch.device | str, dtype: torch.dtype) -> tuple[str, str | None]:
@@ -91,11 +85,7 @@ def resolve_fp8_impl(impl: str, device: torch.device | str, dtype: torch.dtype) 
 
 class Float8Linear(nn.Module):
     """``nn.Linear`` with float8 e4m3fn weight rows and dynamic activation scales (module docstring).
-
-    Buffers: ``weight`` [out, in] float8, ``weight_scale`` [1, out] float32, ``bias`` [out] compute dtype
-    (or None). Built by ``from_linear`` / ``from_tensors``; ``view_rows`` shares rows of another one's
-    storage (the members of a fused projection group).
-    """
+    Buffers: ``weight`` [out, in] float8, ``weight_scale`` [1, out] float32, ``bias`` [out] or None."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, *,
                  act_scale: str = "token", impl: str = "scaled_mm"):
@@ -151,11 +141,9 @@ class Float8Linear(nn.Module):
 @torch.no_grad()
 def quantize_linears(root: nn.Module, *, compute_dtype: torch.dtype, act_scale: str = "token",
                      impl: str = "scaled_mm") -> dict[str, list[str]]:
-    """Replace every eligible ``nn.Linear`` under ``root`` with a ``Float8Linear``, in place.
-
-    A fused projection group (``model/fused.py``) becomes one ``<group>_fp8`` whose members are row views of
-    it, and its bf16 buffers are dropped. Returns the names quantized and the names kept in the compute
-    dtype (shapes ``_scaled_mm`` cannot take)."""
+    """Replace every eligible ``nn.Linear`` under ``root`` with a ``Float8Linear``, in place; a fused group
+    (``model/fused.py``) becomes one ``<group>_fp8`` whose members are row views of it, its bf16 buffers
+    dropped. Returns the names quantized and those kept in the compute dtype."""
     from .fused import FusableProjections
 
     done: list[str] = []

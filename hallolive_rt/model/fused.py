@@ -1,8 +1,6 @@
-"""Fused projections (opt-in: ``DualStreamDiT.fuse_projections()``, ``--fuse-projections``): the
-``nn.Linear`` layers of a module that read the same input run as one GEMM over one non-persistent buffer
-that the members' parameters are row slices of, so ``state_dict()`` keeps the released names, shapes and
-values. Works on the meta device, adds no host sync. The rules (loading, casts, unfusing, fp8):
-``docs/ARCHITECTURE.md``, "Fused projections".
+"""Fused projections (opt-in: ``DualStreamDiT.fuse_projections()``): the ``nn.Linear`` layers of a module
+that read the same input run as one GEMM over one non-persistent buffer that the members' parameters are
+row slices of, so ``state_dict()`` is unchanged. The rules: ``docs/ARCHITECTURE.md``, "Fused projections".
 """
 
 from __future__ import annotations

@@ -35,10 +35,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(FusableProjections):
-    """Projections of the causal self-attention; the attention itself runs in the fusion forward.
-
-    Fusable group (``fuse_projections()``): ``qkv`` = q, k, v, all on the layer's modulated input.
-    """
+    """Projections of the causal self-attention (the attention runs in ``dual_layer``); fusable group
+    ``qkv`` = q, k, v, all on the layer's modulated input."""
 
     FUSED_GROUPS = {"qkv": ("q", "k", "v")}
 
@@ -52,21 +50,19 @@ class SelfAttention(FusableProjections):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def _heads(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # each [B, L, C] -> [B, L, H, D]
+        return tuple(x.view(x.shape[0], x.shape[1], self.num_heads, -1) for x in xs)
+
     def qkv(self, x: torch.Tensor):
         """x [B, L, C] -> q, k, v [B, L, H, D] (q, k RMS-normed over all C before the head split)."""
-        b, n, _ = x.shape
-        h = self.num_heads
         q, k, v = self.project("qkv", x)
-        return self.norm_q(q).view(b, n, h, -1), self.norm_k(k).view(b, n, h, -1), v.view(b, n, h, -1)
+        return self._heads(self.norm_q(q), self.norm_k(k), v)
 
 
 class CrossAttention(SelfAttention):
     """Text attention + fusion attention over the other stream, sharing one q and one o projection.
-
-    Fusable groups (``fuse_projections()``): ``kv`` = k, v on the embedded text (``text_kv``, once per
-    prompt) and ``kv_fusion`` = k_fusion, v_fusion on the other stream's normed hidden states
-    (``fusion_kv``, every layer of every forward). q reads this stream's tokens alone and stays apart.
-    """
+    Fusable groups: ``kv`` = k, v on the embedded text (``text_kv``, once per prompt) and ``kv_fusion`` =
+    k_fusion, v_fusion on the other stream (``fusion_kv``, every forward); q stays apart."""
 
     FUSED_GROUPS = {"kv": ("k", "v"), "kv_fusion": ("k_fusion", "v_fusion")}
 
@@ -78,20 +74,17 @@ class CrossAttention(SelfAttention):
         self.norm_k_fusion = RMSNorm(dim, 1e-6)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        return self._heads(self.norm_q(self.q(x)))[0]
 
     def text_kv(self, ctx: torch.Tensor):
         """ctx [B, T, C] (already text-embedded) -> k, v [B, T, H, D]; cached once per prompt."""
-        b, n, _ = ctx.shape
         k, v = self.project("kv", ctx)
-        return self.norm_k(k).view(b, n, self.num_heads, -1), v.view(b, n, self.num_heads, -1)
+        return self._heads(self.norm_k(k), v)
 
     def fusion_kv(self, other: torch.Tensor):
         """other stream [B, L', C'] -> k, v [B, L', H, D] before RoPE."""
-        b, n, _ = other.shape
         k, v = self.project("kv_fusion", self.pre_attn_norm_fusion(other))
-        return self.norm_k_fusion(k).view(b, n, self.num_heads, -1), v.view(b, n, self.num_heads, -1)
+        return self._heads(self.norm_k_fusion(k), v)
 
 
 class Modulation(nn.Module):

@@ -13,21 +13,16 @@ from torch import nn
 from ..config import StreamConfig
 from ..kvcache.reference import apply_rope_pairs as apply_rope  # one RoPE for the model and the cache ops
 
-__all__ = ["RopeTables", "apply_rope", "rope_inv_freq", "ROPE_POSITIONS", "THETA"]
+__all__ = ["RopeTables", "apply_rope", "ROPE_POSITIONS", "THETA"]
 
 ROPE_POSITIONS = 1024  # table length of the release; the rolling cache policy re-bases to stay inside
 THETA = 10000.0
 
 
-def rope_inv_freq(pairs: int, scale: float = 1.0) -> torch.Tensor:
-    """float64 inverse frequencies of one axis with ``pairs`` complex pairs (dim = 2 * pairs)."""
-    dim = 2 * pairs
-    return scale / torch.pow(THETA, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-
-
 def _table(pairs: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = torch.arange(ROPE_POSITIONS, dtype=torch.float64)
-    ang = torch.outer(pos, rope_inv_freq(pairs, scale))  # [P, pairs]
+    """float32 cos/sin [P, pairs] of one axis, its angles computed in float64."""
+    inv_freq = scale / torch.pow(THETA, torch.arange(0, 2 * pairs, 2, dtype=torch.float64) / (2 * pairs))
+    ang = torch.outer(torch.arange(ROPE_POSITIONS, dtype=torch.float64), inv_freq)
     return ang.cos().float(), ang.sin().float()
 
 
@@ -53,20 +48,16 @@ class RopeTables(nn.Module):
 
     def video(self, frame_pos: torch.Tensor, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [F*h*w, half] for tokens of frames at ``frame_pos`` [F] (int64), (f, h, w) row-major."""
-        nf = frame_pos.shape[0]
-        hp = torch.arange(grid_h, device=frame_pos.device)
-        wp = torch.arange(grid_w, device=frame_pos.device)
+        nf, dev = frame_pos.shape[0], frame_pos.device
+        axes = {"t": (frame_pos, (nf, 1, 1, -1)), "h": (torch.arange(grid_h, device=dev), (1, grid_h, 1, -1)),
+                "w": (torch.arange(grid_w, device=dev), (1, 1, grid_w, -1))}  # axis -> (positions, view)
 
-        def grid(ct, st, idx, shape, view):
-            return (ct[idx].view(view).expand(*shape, -1), st[idx].view(view).expand(*shape, -1))
+        def table(kind: str) -> torch.Tensor:  # the t, h, w angles of each token side by side
+            parts = [getattr(self, f"{kind}_{a}")[idx].view(view).expand(nf, grid_h, grid_w, -1)
+                     for a, (idx, view) in axes.items()]
+            return torch.cat(parts, dim=-1).reshape(nf * grid_h * grid_w, self.half)
 
-        shape = (nf, grid_h, grid_w)
-        ct, st = grid(self.cos_t, self.sin_t, frame_pos, shape, (nf, 1, 1, -1))
-        ch, sh = grid(self.cos_h, self.sin_h, hp, shape, (1, grid_h, 1, -1))
-        cw, sw = grid(self.cos_w, self.sin_w, wp, shape, (1, 1, grid_w, -1))
-        cos = torch.cat([ct, ch, cw], dim=-1).reshape(nf * grid_h * grid_w, self.half)
-        sin = torch.cat([st, sh, sw], dim=-1).reshape(nf * grid_h * grid_w, self.half)
-        return cos, sin
+        return table("cos"), table("sin")
 
     def audio(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [L, half] for audio tokens at ``pos`` [L]; pairs past the first ``pairs[0]`` untouched."""
@@ -77,11 +68,8 @@ class RopeTables(nn.Module):
         return cos, sin
 
     def frame_shift(self, frames: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [rows, half] rotating video keys by ``frames`` latent frames (negative = back).
-
-        Only the frame pairs turn; row/column pairs keep their angle. Built from the table (|frames| <
-        1024) with cos(-a) = cos(a), sin(-a) = -sin(a); used outside captured steps (rare re-basing).
-        """
+        """cos/sin [rows, half] rotating video keys by ``frames`` latent frames (negative = back; |frames| <
+        1024); only the frame pairs turn. Used outside captured steps (rare re-basing)."""
         n = abs(frames)
         sign = 1.0 if frames >= 0 else -1.0
         ct, st = self.cos_t[n], self.sin_t[n] * sign

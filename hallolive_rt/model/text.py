@@ -1,8 +1,7 @@
 """umT5-XXL text encoder as the release runs it: (ids, mask) [B, text_len] -> ctx [B, text_len, 4096],
-zero past the prompt, written from Wan's ``T5Encoder`` formula (per-layer relative-position bias, unscaled
-logits, fp32 softmax and RMS norms, gated gelu-tanh FFN) with Wan's checkpoint names, so
-``models_t5_umt5-xxl-enc-bf16.pth`` loads with no key map. The formula and why not ``transformers``:
-``docs/ARCHITECTURE.md``, "The text encoder".
+zero past the prompt, written from Wan's ``T5Encoder`` formula with Wan's checkpoint names, so
+``models_t5_umt5-xxl-enc-bf16.pth`` loads with no key map. The formula: ``docs/ARCHITECTURE.md``, "The
+text encoder".
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ __all__ = ["UMT5Config", "TextEncoder", "relative_position_buckets", "build_text
 
 @dataclass(frozen=True)
 class UMT5Config:
-    """Constructor parameters of the release's ``T5Encoder`` (``umt5_xxl(encoder_only=True)``); ``eps`` and
-    ``max_dist`` are its ``T5LayerNorm`` / ``T5RelativeEmbedding`` defaults; ``text_len`` is the tokenizer's
-    fixed length (512), the static sequence length of every call."""
+    """The release's ``T5Encoder`` (``umt5_xxl(encoder_only=True)``) parameters; ``text_len`` is the
+    tokenizer's fixed length (512), the static sequence length of every call."""
 
     vocab: int = 256384
     dim: int = 4096
@@ -53,16 +51,13 @@ class UMT5Config:
 
     @classmethod
     def tiny(cls) -> UMT5Config:
-        """CPU-sized encoder for the tiny preset: byte-tokenizer vocabulary, dim 64 (profiles/tiny.toml
-        text_dim), 2 layers of 2 heads; same 32 buckets and 512 tokens as the release."""
+        """CPU-sized encoder for the tiny preset (byte tokenizer, profiles/tiny.toml text_dim 64)."""
         return cls(vocab=ByteTokenizer.VOCAB_SIZE, dim=64, dim_attn=64, dim_ffn=160, num_heads=2, num_layers=2)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_dist: int, device=None) -> torch.Tensor:
-    """Bucket of key position j seen from query i, [L, L] int32 (bidirectional T5 bucketing; static shapes).
-
-    Half the buckets are for j > i. Within a half, distances below ``num_buckets // 4`` get a bucket
-    each; larger ones are log-spaced up to ``max_dist``, beyond which they share the last bucket."""
+    """Bucket of key position j seen from query i, [L, L] int32 (bidirectional T5 bucketing: half the
+    buckets for j > i; short distances exact, longer ones log-spaced up to ``max_dist``)."""
     pos = torch.arange(length, device=device)
     rel = pos[None, :] - pos[:, None]  # [Lq, Lk] key - query
     half = num_buckets // 2
@@ -182,9 +177,8 @@ class TextEncoder(nn.Module):
 
 @torch.no_grad()
 def random_text_values(cfg: UMT5Config, generator: torch.Generator | None = None):
-    """Yield ``(name, float32 value)`` for every parameter: normal draws with the release's init scales
-    (so a random tiny encoder has sane activations), in a fixed draw order, and the RMSNorm weights at 1.
-    Nothing but the config is read, so a full-size encoder can be streamed to disk one tensor at a time."""
+    """Yield ``(name, float32 value)`` for every parameter in a fixed draw order: normal draws at the
+    release's init scales, RMSNorm weights at 1 (reads only ``cfg``: a full-size encoder streams to disk)."""
 
     def normal(name: str, shape: tuple[int, ...], std: float):
         return name, torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std)
@@ -206,13 +200,11 @@ def random_text_values(cfg: UMT5Config, generator: torch.Generator | None = None
     yield "norm.weight", torch.ones(d)
 
 
-def build_text_encoder(
-    cfg: UMT5Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    *, generator: torch.Generator | None = None,
-) -> TextEncoder:
-    """A randomly initialised encoder in eval mode (tiny preset, tests). Deterministic given ``generator``
-    (a CPU generator; each tensor is drawn on the CPU, cast and moved, so the full-size encoder needs its
-    weights once, in ``dtype``, on ``device``)."""
+def build_text_encoder(cfg: UMT5Config, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, *, generator: torch.Generator | None = None
+                       ) -> TextEncoder:
+    """A randomly initialised encoder in eval mode, deterministic given the CPU ``generator`` (each tensor
+    is drawn on the CPU, then cast and moved, so the weights exist once, in ``dtype``, on ``device``)."""
     with torch.device("meta"):
         enc = TextEncoder(cfg)
     enc = enc.to(dtype).to_empty(device=device)
@@ -224,10 +216,8 @@ def build_text_encoder(
     return enc.eval().requires_grad_(False)
 
 
-def load_text_encoder(
-    path: str | os.PathLike, cfg: UMT5Config | None = None, dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-) -> TextEncoder:
+def load_text_encoder(path: str | os.PathLike, cfg: UMT5Config | None = None,
+                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> TextEncoder:
     """Load ``models_t5_umt5-xxl-enc-bf16.pth`` (a flat dict of Wan names) into a meta-built encoder, mmapped
     and assigned (the 11.4 GB are never held twice); strict keys: a wrong file raises ``CheckpointError``."""
     cfg = cfg or UMT5Config()
@@ -239,10 +229,9 @@ def load_text_encoder(
     return enc.eval().requires_grad_(False)
 
 
-def encode_prompt(
-    encoder: TextEncoder, tokenizer, prompts: str | Sequence[str],
-    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, TokenizedPrompts]:
+def encode_prompt(encoder: TextEncoder, tokenizer, prompts: str | Sequence[str],
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, TokenizedPrompts]:
     """Tokenize and encode: ctx [B, text_len, dim] (zero from each prompt's length on) + tokenizer info.
     ``dtype`` defaults to the encoder's (bf16 in the release, the same tensor feeding both DiT streams);
     ``info.truncation_messages()`` says what a too-long prompt lost; an empty prompt raises ``PromptError``."""
@@ -262,9 +251,8 @@ def encode_prompt(
 
 
 def release_text_encoder(encoder: TextEncoder) -> None:
-    """Free the encoder's weights once the prompt is encoded (11.4 GB on the DiT GPU at full size); storage
-    (or the file mapping) goes once no other reference holds it. The module stays valid but weightless (load
-    it again with ``load_text_encoder`` to re-encode); encoded contexts are unaffected."""
+    """Free the encoder's weights once the prompt is encoded (11.4 GB on the DiT GPU at full size); the
+    module stays valid but weightless (``load_text_encoder`` again to re-encode)."""
     on_cuda = any(p.is_cuda for p in encoder.parameters())
     encoder.to("meta")
     if on_cuda:

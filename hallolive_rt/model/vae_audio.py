@@ -1,8 +1,6 @@
-"""MMAudio 16 kHz VAE decoder: audio latents [B, 20, L] -> 80-band log-mel [B, 80, 2L]. Magnitude-
-preserving convs whose weights the loader folds once (``fold_mp_weight``), so the forward is plain
-``conv1d``; its mid attention sees the whole sequence, so it is not causal (``audio_stream.py``). Names are
-the checkpoint's ``decoder.*`` keys plus ``data_mean``/``data_std``. Layout: ``docs/ARCHITECTURE.md``,
-"Audio decoders".
+"""MMAudio 16 kHz VAE decoder: audio latents [B, 20, L] -> 80-band log-mel [B, 80, 2L], with magnitude-
+preserving convs folded once at load (``fold_mp_weight``) and a mid attention over the whole sequence (not
+causal). Names are the checkpoint's. Layout: ``docs/ARCHITECTURE.md``, "Audio decoders".
 """
 
 from __future__ import annotations
@@ -243,9 +241,8 @@ def build_audio_decoder(cfg: MMAudioVAEConfig, device: torch.device | str = "cpu
 def load_audio_decoder(path: str | os.PathLike, cfg: MMAudioVAEConfig | None = None,
                        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                        *, raw_mp_weights: bool = True) -> AudioVAEDecoder:
-    """Load the decoder half of MMAudio ``ext_weights/v1-16.pth`` (encoder keys are dropped). The release file
-    holds weights before ``remove_weight_norm``, folded here once in fp32; ``raw_mp_weights=False`` is for a
-    file saved from an already-folded module (a second fold rescales each filter by ~1/(1 + 1e-4 sqrt(fan_in)))."""
+    """Load the decoder half of MMAudio ``ext_weights/v1-16.pth``, its raw MP weights folded once in fp32
+    (``raw_mp_weights=False``: a file saved from an already-folded module)."""
     cfg = cfg or MMAudioVAEConfig()
     obj = read_checkpoint(path)
     for nest in ("state_dict", "model"):

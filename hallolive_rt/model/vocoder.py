@@ -1,8 +1,6 @@
 """BigVGAN vocoder (MMAudio's 16 kHz one): log-mel [B, 80, T] -> waveform [B, 1, 256 T] in [-1, 1], made of
-plain convs (``fold_weight_norm`` turns the file's weight-norm g and v into ``<conv>.weight`` at load, the
-release's post-removal names); ``load_vocoder_config`` reads the generator fields of BigVGAN's config file.
-Not causal: each sample depends on about +-25 mel frames. Layout: ``docs/ARCHITECTURE.md``, "Audio
-decoders".
+plain convs (``fold_weight_norm`` folds the file's weight norm at load); not causal (each sample depends on
+about +-25 mel frames). Layout: ``docs/ARCHITECTURE.md``, "Audio decoders".
 """
 
 from __future__ import annotations
@@ -195,9 +193,8 @@ _WN_LAYOUTS = (  # (suffix of g, suffix of v) -> '<conv>.weight'
 
 
 def fold_weight_norm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every (g, v) pair (``_WN_LAYOUTS``) by ``<conv>.weight = g * v / ||v||`` (norm over all dims but
-    0, in fp32: the output channel of a Conv1d, the *input* channel of a ConvTranspose1d, as torch's weight_norm
-    defaults to; g is [dim0, 1, 1] either way); other entries pass through."""
+    """Replace every (g, v) pair (``_WN_LAYOUTS``) by ``<conv>.weight = g * v / ||v||``, the norm in fp32 over
+    all dims but 0 (as torch's weight_norm defaults to); other entries pass through."""
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for k, v in sd.items():
@@ -226,9 +223,8 @@ _INIT_GAIN_POST = 3.0  # conv_post: brings the tanh output to speech level (std 
 
 def build_vocoder(cfg: BigVGANConfig, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> BigVGANVocoder:
-    """A randomly initialised vocoder for tests and benchmarks (snake parameters at exp(0) = 1): zero biases
-    and fan-in scaled weights give a zero-mean, unsaturated waveform (torch's default init gives a DC offset,
-    which would make error ratios (SNR) meaningless)."""
+    """A randomly initialised vocoder for tests and benchmarks: zero biases and fan-in scaled weights give a
+    zero-mean, unsaturated waveform (torch's default init gives a DC offset that makes SNRs meaningless)."""
     with torch.device(device):
         m = BigVGANVocoder(cfg)
     with torch.no_grad():

@@ -1,9 +1,7 @@
-"""BigVGAN's anti-aliased periodic activation: 2x upsample -> Snake/SnakeBeta -> 2x downsample.
-Running the periodic nonlinearity at twice the rate, between two Kaiser-windowed sinc low-pass filters,
-keeps the harmonics it creates from aliasing back into the band. The filter taps are persistent buffers
-(``upsample.filter``, ``downsample.lowpass.filter``, [1, 1, 12]) because the released state dict holds
-them; ``kaiser_sinc_filter`` recomputes the same taps for a randomly built model.
-Submodule and buffer names follow the checkpoint (``act.alpha``, ``act.beta``, ...).
+"""BigVGAN's anti-aliased periodic activation: 2x upsample -> Snake/SnakeBeta -> 2x downsample, on [B, C, T],
+so the harmonics the nonlinearity creates do not alias back into the band. Names follow the checkpoint
+(``act.alpha``, ``act.beta``, and the Kaiser-sinc taps ``upsample.filter`` / ``downsample.lowpass.filter``
+[1, 1, 12], which ``kaiser_sinc_filter`` recomputes for a randomly built model).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Every model a stream needs (``load_components``): from the official download layout (checked by
-``hallolive_rt.release.check_model_dir``, every missing file in one error), or random weights of the
-profile's architecture built directly on the target devices (the full-size DiT never in host RAM), always
-with the offline ``ByteTokenizer`` so no file at all is needed; the tiny preset's encoder is
-``UMT5Config.tiny()``.
-"""
+"""Every model a stream needs (``load_components``): from the official download layout, or random
+weights of the profile's architecture built directly on the target devices (the full-size DiT never in
+host RAM), always with the offline ``ByteTokenizer``."""
 
 from __future__ import annotations
 

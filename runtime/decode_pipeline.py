@@ -1,9 +1,8 @@
-"""The decode pipeline: the DiT and the decoders on one or two devices, overlapped (block i decodes while
-the DiT runs block i's context pass and block i+1). ``DecodePipeline.submit(out, marks)`` takes a block's
-committed latents (video [B, 48, T, h, w], audio [B, 30, tokens]) after its denoising steps; the decode
-thread hands each latent frame's uint8 pixels to ``on_frames`` as they reach the host, and the whole block
-to ``on_block`` on the writer thread. Threads, streams, events and slots: ``docs/ARCHITECTURE.md``.
-"""
+"""The decode pipeline: the video and audio decoders behind the DiT, on one or two devices, overlapped
+(block i decodes while the DiT runs block i's context pass and block i+1). ``submit`` takes a block's
+committed latents (video [B, 48, T, h, w], audio [B, 30, tokens]); each latent frame's uint8 pixels go to
+``on_frames`` as they reach the host, the whole block to ``on_block`` on the writer thread.
+Threads, streams, events and slots: ``docs/ARCHITECTURE.md``."""
 
 from __future__ import annotations
 
@@ -95,7 +94,6 @@ class DecodePipeline:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def reset_states(self) -> None:
-        """Zero the video decoder's conv caches and start a fresh audio decode state."""
         self.vrunner.reset()
         self.astate = self.adec.new_state(1)
 
@@ -134,8 +132,7 @@ class DecodePipeline:
                 t.join()
             self._threads = []
 
-    def _thread_setup(self) -> None:
-        """First thing on a worker thread: its current device is the decoders'."""
+    def _thread_setup(self) -> None:  # first thing on a worker thread
         if self.cuda:
             torch.cuda.set_device(self.vae_dev)
 
@@ -171,7 +168,6 @@ class DecodePipeline:
             self._free_hslots.put(item.hslot)
 
     def describe(self) -> dict:
-        """What the bench JSON and ``--metrics`` record: overlap, the video runner, stream priorities."""
         d = {"overlap": self.overlap, "vae": self.vrunner.describe()}
         if self.cuda:
             d["stream_priorities"] = {"dit": self._dit_stream.priority, "decode": self.vae_stream.priority,

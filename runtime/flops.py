@@ -52,10 +52,16 @@ def flops_key(profile: Profile) -> str:
 
 # ---- counting on the meta device --------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int, context: bool = False) -> int:
+def _count(run) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        run()
+    return int(fc.get_total_flops())
+
+
+@lru_cache(maxsize=None)
+def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int, context: bool = False) -> int:
     from hallolive_rt.config import load_fusion_config
     from hallolive_rt.model.dit import DualStreamDiT
     from hallolive_rt.state import CacheLayout, DiTState
@@ -73,15 +79,12 @@ def _dit_forward_flops(profile: Profile, audio_len: int, kv_len: int, context: b
     xa = torch.empty(s.batch, audio_len, profile.audio.latent_channels, device="meta", dtype=profile.dtype)
     vt = torch.empty(s.batch, s.latent_frames_per_block, device="meta")
     at = torch.empty(s.batch, audio_len, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len, context=context)
-    return int(fc.get_total_flops())
+    return _count(lambda: dit(xv, xa, vt, at, st, cur.positions(s.latent_frames_per_block, audio_len), kv_len,
+                              context=context))
 
 
 @lru_cache(maxsize=None)
 def _vae_frame_flops(profile: Profile, first: bool) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from hallolive_rt.model.vae_video import build_video_decoder
     from hallolive_rt.release import decoder_configs
 
@@ -89,15 +92,11 @@ def _vae_frame_flops(profile: Profile, first: bool) -> int:
     v = profile.video
     st = vd.new_state(1, v.latent_height, v.latent_width, dtype=torch.float32, device="meta")
     z = torch.empty(1, v.latent_channels, 1, v.latent_height, v.latent_width, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        vd.decode_frame(z, st, first)
-    return int(fc.get_total_flops())
+    return _count(lambda: vd.decode_frame(z, st, first))
 
 
 @lru_cache(maxsize=None)
 def _audio_window_flops(profile: Profile, tokens: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from hallolive_rt.model.vae_audio import AudioVAEDecoder
     from hallolive_rt.model.vocoder import BigVGANVocoder
     from hallolive_rt.release import decoder_configs
@@ -106,9 +105,7 @@ def _audio_window_flops(profile: Profile, tokens: int) -> int:
     with torch.device("meta"):
         vae, voc = AudioVAEDecoder(acfg), BigVGANVocoder(gcfg)
     z = torch.empty(1, acfg.embed_dim, tokens, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        voc(vae(z))
-    return int(fc.get_total_flops())
+    return _count(lambda: voc(vae(z)))
 
 
 def audio_window_tokens(profile: Profile, index: int) -> int:

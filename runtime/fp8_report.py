@@ -1,9 +1,7 @@
-"""How far ``--precision fp8`` moves the stream: the deviation table of ``bench/fp8_deviation.py``. The
-same seeded stream runs through the DiT in fp32 (the reference), bf16 and bf16 with float8 e4m3 Linears
-(``scaled_mm`` and the ``emulate`` reference), with the same random weights, free-running; each run is
-compared per forward (``x0_rel_rms``), on the committed latents and on the decoded frames (``frames_psnr``).
-The rows and measures: ``docs/ARCHITECTURE.md``, "fp8 deviation".
-"""
+"""How far ``--precision fp8`` moves the stream (the table of ``bench/fp8_deviation.py``): the same seeded
+stream through the DiT in fp32, bf16 and bf16 with float8 Linears (``scaled_mm``, ``emulate``), compared
+per forward, on the committed latents and on the decoded frames; see ``docs/ARCHITECTURE.md``, "fp8
+deviation"."""
 
 from __future__ import annotations
 
@@ -18,9 +16,7 @@ from hallolive_rt.profile import load_profile
 from hallolive_rt.sampler import TorchNoise
 from hallolive_rt.stream import generate
 
-__all__ = ["fp8_deviation", "RUNS"]
-
-RUNS = ("fp32", "bf16", "fp8/scaled_mm", "fp8/emulate")
+__all__ = ["fp8_deviation"]
 
 
 def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,12 +1,11 @@
 """Streamed media output, block by block: ``StreamWriter`` muxes uint8 RGB frames [N, H, W, 3] and mono
-float audio [S] into a fragmented MP4 (H.264 + AAC; one fragment per block, flushed as it is muxed), into
-memory through a ``FragmentSink`` (the same bytes, for live sessions), and into raw .y4m / .wav records.
-Every timestamp comes from two integer counters (frame ``n`` at ``n / fps``, sample ``s`` at
-``s / sample_rate``); the sync rules, kill safety and write failures are in ``docs/ARCHITECTURE.md``.
-"""
+float audio [S] into a fragmented MP4 (H.264 + AAC, one fragment per block), into memory through a
+``FragmentSink`` (live sessions), and into raw .y4m / .wav records, every timestamp from two integer
+counters; sync rules, kill safety and write failures: ``docs/ARCHITECTURE.md``."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -14,6 +13,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 
 import av
@@ -119,33 +119,30 @@ def _flush_fragment(container) -> bool:
         return False
 
 
-_LIBAVFORMAT: list = []
-
-
+@lru_cache(maxsize=None)
 def _libavformat():
     """The libavformat already mapped into this process by PyAV (same handle, same ABI)."""
-    if not _LIBAVFORMAT:
-        path = None
-        with open("/proc/self/maps") as fh:  # Linux; elsewhere the OSError means "no explicit flush"
-            for line in fh:
-                if "libavformat" in line and "/" in line:
-                    path = line[line.index("/"):].strip()
-                    break
-        if path is None:
-            raise OSError("libavformat is not mapped")
-        lib = ctypes.CDLL(path)
-        for fn in (lib.av_write_frame, lib.av_interleaved_write_frame):
-            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-        _LIBAVFORMAT.append(lib)
-    return _LIBAVFORMAT[0]
+    with open("/proc/self/maps") as fh:  # Linux; elsewhere the OSError means "no explicit flush"
+        paths = [line[line.index("/"):].strip() for line in fh if "libavformat" in line and "/" in line]
+    if not paths:
+        raise OSError("libavformat is not mapped")
+    lib = ctypes.CDLL(paths[0])
+    for fn in (lib.av_write_frame, lib.av_interleaved_write_frame):
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return lib
+
+
+def _close_quietly(*writers) -> None:
+    for w in writers:
+        if w is not None:
+            with contextlib.suppress(av.FFmpegError, OSError):
+                w.close()
 
 
 class StreamWriter:
-    """Write streamed blocks of RGB frames + mono float audio to fragmented MP4 / .y4m / .wav.
-
-    Use as a context manager and call ``write_block`` once per decoded block (timing rules:
-    ``docs/ARCHITECTURE.md``, "The media writer"). Outputs are opened at the first block, so an error before it leaves no files.
-    """
+    """Write streamed blocks of RGB frames + mono float audio to fragmented MP4 / .y4m / .wav: a context
+    manager, ``write_block`` once per decoded block. Outputs open at the first block: an error before it
+    leaves no files."""
 
     def __init__(self, path: Path | None, *, width: int, height: int, fps: float | Fraction,
                  sample_rate: int, frames_out: Path | None = None, wav_out: Path | None = None,
@@ -232,8 +229,7 @@ class StreamWriter:
         vs.options = {"preset": self.preset, "crf": str(self.crf), "tune": "zerolatency",
                       "forced-idr": "1", "x264-params": "scenecut=0:keyint=infinite"}
         aus = self._mp4.add_stream("aac", rate=self.sample_rate)
-        aus.layout = "mono"
-        aus.bit_rate = self.audio_bitrate
+        aus.layout, aus.bit_rate = "mono", self.audio_bitrate
         aus.codec_context.time_base = Fraction(1, self.sample_rate)
         self._mp4.start_encoding()  # opens both encoders: frame_size is known from here on
         self._vs, self._as = vs, aus
@@ -244,11 +240,7 @@ class StreamWriter:
         for w in (self._y4m, self._wav):
             if w is not None:
                 w.close()
-        if self._mp4 is not None:
-            try:
-                self._mp4.close()
-            except (av.FFmpegError, OSError):
-                pass
+        _close_quietly(self._mp4)
         if self._sink is not None:
             self._sink.close()
         for p, w in ((self.frames_out, self._y4m), (self.wav_out, self._wav), (self.path, self._sink)):
@@ -330,12 +322,7 @@ class StreamWriter:
         for w in (self._y4m, self._wav, self._sink):
             if w is not None:
                 w.rollback()  # later writes (the muxer's trailer on close) are dropped
-        for w in (self._mp4, self._y4m, self._wav, self._sink):
-            if w is not None:
-                try:
-                    w.close()
-                except (av.FFmpegError, OSError):
-                    pass
+        _close_quietly(self._mp4, self._y4m, self._wav, self._sink)
         last = next(p for p in self.timeline if p.block == kept - 1)
         self.summary = {"blocks": kept, "frames": last.frames, "held_frames": 0, "samples": last.samples,
                         "video_s": float(last.video_end), "audio_s": float(last.audio_end),
@@ -360,8 +347,7 @@ class StreamWriter:
         end = min(limit, self._samples)
         while self._fed < end and (final or end - self._fed >= size):
             n = min(size, end - self._fed)
-            chunk = self._pending[:n]
-            self._pending = self._pending[n:]
+            chunk, self._pending = self._pending[:n], self._pending[n:]
             fr = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
             fr.sample_rate, fr.pts, fr.time_base = self.sample_rate, self._fed, Fraction(1, self.sample_rate)
             self._mp4.mux(self._as.encode(fr))

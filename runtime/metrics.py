@@ -1,8 +1,6 @@
-"""The ``--metrics`` JSON of a stream: block time, steady FPS, DiT-only and VAE-only FPS equivalents, the
-projected two-GPU rate, TTFF and the inter-block gap, computed from the ``DecodedBlock``s of one stream
-(times in seconds since ``StreamSession.run``; steady state = blocks 2..N) by the definitions of
-``docs/MEASURE.md``; how each is computed here: ``docs/ARCHITECTURE.md``, "Metrics".
-"""
+"""The ``--metrics`` JSON of a stream (block time, steady FPS, DiT-only and VAE-only FPS equivalents,
+TTFF, inter-block gap), computed from one stream's ``DecodedBlock``s by the definitions of
+``docs/MEASURE.md``; how each is computed here: ``docs/ARCHITECTURE.md``, "Metrics"."""
 
 from __future__ import annotations
 
@@ -90,11 +88,9 @@ def stream_metrics(blocks, *, fps: float, text_encode_s: float | None = None, de
     if not blocks:
         raise ValueError("no blocks to measure")
     steady = blocks[1:]
-    per_block = []
-    for b in blocks:
-        per_block.append({"index": b.index, "frames": int(b.frames.shape[0]), "audio_samples": int(b.audio.shape[0]),
-                          "start_s": b.start_s, "first_frame_s": b.first_frame_s, "done_s": b.done_s,
-                          "block_time_s": b.done_s - b.start_s, "stage_ms": dict(b.times)})
+    per_block = [{"index": b.index, "frames": int(b.frames.shape[0]), "audio_samples": int(b.audio.shape[0]),
+                  "start_s": b.start_s, "first_frame_s": b.first_frame_s, "done_s": b.done_s,
+                  "block_time_s": b.done_s - b.start_s, "stage_ms": dict(b.times)} for b in blocks]
     block_times = [r["block_time_s"] for r in per_block[1:]]
     steady_frames = sum(int(b.frames.shape[0]) for b in steady)
     wall = steady[-1].done_s - blocks[0].done_s if steady else None

@@ -211,9 +211,8 @@ def _annotate_trace(path: Path, records: Sequence[StageRecord]) -> None:
 def run_torch_session(run_fn: Callable[[], object], out_dir: str | Path, *, warmup_runs: int = 0,
                       device: torch.device | str | None = None,
                       name: str = "hallolive-rt-torch") -> tuple[Path, StageTable]:
-    """Run ``run_fn`` (one stream) ``warmup_runs`` times silently, then once under the PyTorch profiler.
-
-    Returns the Chrome/Perfetto trace ``out_dir/<name>.json`` (our range names, with block/step args) and
+    """Run ``run_fn`` (one stream) ``warmup_runs`` times silently, then once under the PyTorch profiler;
+    returns the Chrome/Perfetto trace ``out_dir/<name>.json`` (our range names, with block/step args) and
     the per-stage table, timed by the stage timer while the profiler records (its overhead included)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,9 +1,7 @@
 """The video decode runner: how a stream runs one latent frame z [B, 48, 1, h, w] of the Wan2.2 decoder
-(eager reference, compiled, CUDA graph or compiled inside a CUDA graph; optionally ``channels_last_3d``),
-owning the decoder's causal-conv caches as static state. ``make_video_runner(decoder, opts, ...)``, then
-``prepare()`` once, ``reset()`` per stream and ``decode_frame(z, first)`` -> [B, 3, 1 or 4, H, W].
-Backends and their contract: ``docs/ARCHITECTURE.md``, "The video decode runner".
-"""
+(eager, compiled, CUDA graph or compiled inside a CUDA graph; optionally ``channels_last_3d``), owning the
+decoder's causal-conv caches as static state. Backends and their contract: ``docs/ARCHITECTURE.md``,
+"The video decode runner"."""
 
 from __future__ import annotations
 
@@ -127,7 +125,7 @@ class CompiledRunner(VideoDecodeRunner):
 
     name = "compiled"
 
-    def _compile(self) -> None:
+    def _prepare(self) -> None:
         self.compiler = RegionCompiler(self.decoder.region, inner=self.opts.compile_backend)
         self.decoder.set_region_fn(self.compiler.fn)
         self._fn = self.decoder.decode_frame
@@ -135,20 +133,14 @@ class CompiledRunner(VideoDecodeRunner):
         t = time.perf_counter()
         for first in (True, False):  # the first call of each variant compiles it
             self._fill_input(gen)
-            self._call(first)
+            CompiledRunner._run(self, first)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - t
 
-    def _call(self, first: bool) -> torch.Tensor:
+    def _run(self, first: bool) -> torch.Tensor:
         with self.compiler.limits():
             return self._fn(self.z, self.state, first)
-
-    def _prepare(self) -> None:
-        self._compile()
-
-    def _run(self, first: bool) -> torch.Tensor:
-        return self._call(first)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -178,8 +170,8 @@ class CudaGraphRunner(CompiledRunner):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 if self.opts.compiles:
-                    self._compile()
-                    fn = lambda z, state, first: self._call(first)  # noqa: E731 - self.z is z
+                    super()._prepare()
+                    fn = lambda z, state, first: CompiledRunner._run(self, first)  # noqa: E731 - self.z is z
                 gen = torch.Generator(device=self.device).manual_seed(1234)
                 for first in (False, True):
                     for _ in range(self.warmup_iters):

@@ -1,9 +1,6 @@
 """The artifact check of the compiled backends (aoti, tensorrt), in one place: a directory is trusted only
-after ``load_artifacts`` (manifest digest, profile, weights id, format, precision, tool versions, device,
-file hashes, every contract against this run's profile), a package built for this stream's cache layout and
-one per static variant its plans use. It runs before any weight loads and answers again from memory (the
-full-size packages are tens of GB: hashed once per run); every refusal names the command that rebuilds.
-"""
+after ``load_artifacts`` and once its packages fit this stream's cache layout and static variants; checked
+before any weight loads, once per run, every refusal naming the command that rebuilds."""
 
 from __future__ import annotations
 
@@ -15,17 +12,9 @@ from hallolive_rt.state import CacheLayout
 
 from .base import Backend, BackendUnavailable, variant_name
 
-__all__ = ["ArtifactBackend", "dit_weights_id", "PRECISION_NAMES"]
+__all__ = ["ArtifactBackend", "PRECISION_NAMES"]
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def dit_weights_id(model_dir: str | None, seed: int, ema: bool = False) -> str:
-    """The id ``hallolive-rt export`` records for the DiT's weights: ``random:<seed>`` or the release file's
-    digest, tagged with the entry ``ema`` picks (what a run with these flags loads)."""
-    from hallolive_rt.export.submodels import weights_ids
-
-    return weights_ids(model_dir, seed, ("dit",), ema=ema)["dit"]
 
 
 class ArtifactBackend(Backend):
@@ -40,6 +29,11 @@ class ArtifactBackend(Backend):
         self.dir = artifact_dir
         self.weights_id = weights_id  # None: not checked (the caller has no id for its weights)
         self._checked: dict[tuple, LoadedArtifacts] = {}
+        self.loaded: dict[tuple[int, int], object] = {}  # variant -> what prepare() loaded for it
+        self.stream = None
+
+    def variants(self) -> list[str]:
+        return [variant_name(v) for v in self.loaded]
 
     def check(self, profile, layout: CacheLayout, variants, device, dtype: torch.dtype) -> LoadedArtifacts:
         """Refuse (``ArtifactMismatch``) unless the directory serves this stream: ``variants`` are the
@@ -81,7 +75,11 @@ def backend_for_run(name: str, artifacts: str | None, *, model_dir: str | None, 
         if artifacts is None:
             raise BackendUnavailable(f"{flag} {name} runs the DiT from `hallolive-rt export --format {name}` "
                                      f"artifacts: pass --artifacts DIR (that export's --out-dir)")
-        return get_backend(name, artifact_dir=str(artifacts), weights_id=dit_weights_id(model_dir, seed, ema))
+        from hallolive_rt.export.submodels import weights_ids
+
+        # the id export records for the DiT weights this run loads: random:<seed> or the file's digest
+        weights_id = weights_ids(model_dir, seed, ("dit",), ema=ema)["dit"]
+        return get_backend(name, artifact_dir=str(artifacts), weights_id=weights_id)
     if artifacts is not None:
         raise ValueError(f"--artifacts is read by {flag} aoti or tensorrt only ({flag} {name} runs the PyTorch "
                          f"DiT): drop --artifacts, or choose {flag} aoti|tensorrt")

@@ -1,9 +1,6 @@
 """The backend contract: how a streaming session runs one DiT step. A backend replaces
-``BlockStream.eager_step`` and nothing else (the block loop stays ``hallolive_rt.stream``'s, so every
-backend meets the same reference): ``prepare(stream, plans)`` once per session, then ``step(xv, xa, vt,
-at, plan) -> (flow_v, flow_a)`` with xv [B, Fb, Cv, Hl, Wl], xa [B, La, Ca], vt [B, Fb], at [B, La].
-The contract in full: ``docs/ARCHITECTURE.md``, "Backends".
-"""
+``BlockStream.eager_step`` and nothing else: ``prepare(stream, plans)`` once per session, then
+``step(xv, xa, vt, at, plan) -> (flow_v, flow_a)``; in full: ``docs/ARCHITECTURE.md``, "Backends"."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The ``compiled`` backend: ``CudaGraphBackend`` with one swap, the forward it warms up and captures, in
-which every layer runs ``dual_layer`` compiled by inductor (regional compilation, one compiled function
-per static variant shared by all layers), captured into the variant's CUDA graph with the rest of the step.
-A backend name of its own so one ``bench --backends eager,cudagraph,compiled`` run compares all three on
-the same weights; ``describe()`` reports graphs compiled, inductor seconds and warm-up wall time.
-"""
+"""The ``compiled`` backend: ``CudaGraphBackend`` whose captured forward runs every layer's ``dual_layer``
+compiled by inductor (one compiled function per static variant, shared by all layers), under a name of
+its own so one ``bench --backends eager,cudagraph,compiled`` run compares all three."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """CUDA-graph backend: every DiT step captured once per static variant (audio_len, video_kv_len) into one
-shared memory pool, then replayed: ``copy_`` into the variant's static inputs xv [B, Fb, Cv, Hl, Wl],
-xa [B, La, Ca], vt [B, Fb], at [B, La], ``replay()``, its static outputs returned. The per-block numbers
-live in the session's ``Cursor`` device buffers, so one graph serves every block of its variant and
-nothing in a captured step syncs the host. Capture rules: ``docs/ARCHITECTURE.md``, "Backends".
-"""
+shared memory pool, then replayed on static inputs; the per-block numbers live in the session's ``Cursor``
+device buffers, so one graph serves every block of its variant. Capture rules: ``docs/ARCHITECTURE.md``,
+"Backends"."""
 
 from __future__ import annotations
 
@@ -50,12 +48,8 @@ class _Captured:
 def _graph_keys(stream, plans: list[BlockPlan]) -> list[tuple[tuple[int, int], bool]]:
     """(variant, context) of every graph to capture, largest first: the denoising step of each variant
     and, when the stream runs a lean context pass (``BlockStream.lean_context``), its context pass too."""
-    keys = []
-    for v in distinct_variants(plans):
-        keys.append((v, False))
-        if stream.lean_context:
-            keys.append((v, True))
-    return keys
+    passes = (False, True) if stream.lean_context else (False,)
+    return [(v, context) for v in distinct_variants(plans) for context in passes]
 
 
 def _key_name(key) -> str:
@@ -134,10 +128,8 @@ class CudaGraphBackend(Backend):
         if c is None:
             raise KeyError(f"block {plan.index} needs {_key_name((plan.variant, plan.context))}, which was not "
                            f"captured; captured: {', '.join(self.variants()) or 'none (call prepare first)'}")
-        c.xv.copy_(xv)
-        c.xa.copy_(xa)
-        c.vt.copy_(vt)
-        c.at.copy_(at)
+        for static, given in ((c.xv, xv), (c.xa, xa), (c.vt, vt), (c.at, at)):
+            static.copy_(given)
         c.graph.replay()
         return c.flow_v, c.flow_a
 

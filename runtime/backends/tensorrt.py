@@ -1,11 +1,8 @@
-"""The ``tensorrt`` backend: DiT plans built by ``hallolive-rt export --format tensorrt``, for TensorRT 11 (and
-10). UNVERIFIED: no TensorRT plan has been built or run with this code (TensorRT was not installable where it
-was written and tested); tests/test_trt_api.py checks that every TensorRT name it uses exists in the 11.x
-bindings. Tensors are bound by address (``set_tensor_address``) and run with ``execute_async_v3`` on the
-current CUDA stream. TensorRT engines are functional: the caches are inputs and ``<cache>_out`` outputs, and
-an output may not alias an input, so the updated caches land in one set of scratch buffers (shared by all
-variants: same shapes) and are copied back into ``stream.state`` after each step - one device copy of the
-four caches per forward. Flow outputs are static buffers owned by the backend."""
+"""The ``tensorrt`` backend: DiT plans of ``hallolive-rt export --format tensorrt`` (TensorRT 11 and 10).
+UNVERIFIED: no TensorRT plan has been built or run with this code (tests/test_trt_api.py checks that every
+TensorRT name it uses exists in the 11.x bindings). Engines are functional: the caches are inputs and
+``<cache>_out`` outputs, so the updated caches land in scratch buffers (shared by all variants) and are
+copied back into ``stream.state`` after each step."""
 
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ class TensorRTBackend(ArtifactBackend):
             raise BackendUnavailable(str(e)) from e
         super().__init__(artifact_dir, weights_id)
         self.trt = trt
-        self.engines: dict[tuple[int, int], tuple] = {}
         self.scratch: dict[str, torch.Tensor] = {}
 
     def prepare(self, stream, plans: list[BlockPlan]) -> None:
@@ -55,11 +51,11 @@ class TensorRTBackend(ArtifactBackend):
                     buf = torch.empty(o["shape"], dtype=dt, device=stream.device)
                 outs[o["name"]] = buf
                 ctx.set_tensor_address(o["name"], buf.data_ptr())
-            self.engines[v] = (engine, ctx, outs, names)
+            self.loaded[v] = (engine, ctx, outs, names)
         self.stream = stream
 
     def step(self, xv, xa, vt, at, plan: BlockPlan):
-        engine, ctx, outs, names = self.engines[plan.variant]
+        engine, ctx, outs, names = self.loaded[plan.variant]
         st, c = self.stream.state, self.stream.cursor
         keep = []  # contiguous copies must outlive the launch
         feed = {"vid_x": xv, "aud_x": xa, "vid_t": vt, "aud_t": at, **st.tensors(),
@@ -75,9 +71,5 @@ class TensorRTBackend(ArtifactBackend):
             getattr(st, name).copy_(outs[f"{name}_out"])
         return outs["flow_v"], outs["flow_a"]
 
-    def variants(self) -> list[str]:
-        return [variant_name(v) for v in self.engines]
 
-
-def create_backend(**options) -> TensorRTBackend:
-    return TensorRTBackend(**options)
+create_backend = TensorRTBackend

@@ -1,10 +1,7 @@
-"""The HTTP front of a ``LiveServer`` (FastAPI on uvicorn): the page, ``/health``, ``/ws`` and, with
-WebRTC on, ``/webrtc/offer``. ``create_app(server, token=...)`` builds the app; ``serve_connection`` is the
-whole life of one WebSocket (checks, admission, the session, the cleanup) for any ASGI route, so a Ray
-replica wraps the same function. An unexpected exception in a connection's tasks is an ``internal`` error
-and close 1011; SIGTERM / SIGINT (``stop_on_signals``) end every connection with ``server_shutdown`` and
-close 1001 first. The page is three files of package data read once: no request path reaches the disk.
-"""
+"""The HTTP front of a ``LiveServer`` (FastAPI on uvicorn): the page (package data read once), ``/health``,
+``/ws`` and, with WebRTC on, ``/webrtc/offer``; ``serve_connection`` is the whole life of one WebSocket,
+for any ASGI route (a Ray replica wraps the same function), and SIGTERM / SIGINT end every connection
+with ``server_shutdown`` and close 1001."""
 
 from __future__ import annotations
 

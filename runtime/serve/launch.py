@@ -1,8 +1,6 @@
-"""`hallolive-rt serve`: check the options, load the components once, serve the app with uvicorn.
-``build_server`` (``resolve_run`` + loading -> ``LiveServer``) is the part a Ray Serve replica reuses;
-``serve_main`` adds the bind checks (127.0.0.1 by default; a token for any other address), the app and
-uvicorn. Every refusal is an ``InputError`` (CLI exit code 2) raised before anything is loaded.
-"""
+"""`hallolive-rt serve`: check the options and the bind, load the components once (``build_server``, which
+a Ray Serve replica reuses), serve the app with uvicorn; every refusal is an ``InputError`` raised before
+anything is loaded."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The live-session protocol, version 1: the client's messages (``start``, ``prompt``, ``ack``, ``stop``;
-JSON text of at most ``Limits.max_message_bytes``), their validation (``parse_message`` raises a
-``ProtocolError`` naming the key and the rule), the events the server sends (``event``), the close codes
-and the per-client ``Limits``. The tables of messages, events and close codes are in the README, "Live
-sessions"; over WebRTC the same messages travel on a data channel (``webrtc.py``).
-"""
+"""The live-session protocol, version 1: the client's messages and their validation (``parse_message``
+raises a ``ProtocolError`` naming the key and the rule), the server's events, the close codes and the
+per-client ``Limits``; the tables are in the README, "Live sessions"."""
 
 from __future__ import annotations
 
@@ -179,7 +176,6 @@ def parse_message(raw: str | bytes, limits: Limits) -> Start | Prompt | Ack | St
 
 
 def event(kind: str, **fields) -> dict:
-    """A server event: ``{"type": kind, "v": PROTOCOL_VERSION, **fields}``."""
     return {"type": kind, "v": PROTOCOL_VERSION, **fields}
 
 

@@ -1,9 +1,7 @@
-"""Scale-out on Ray Serve: N replicas (``LiveReplica``, one actor process on its GPUs, one ``LiveServer``)
-each serving the very app of ``hallolive-rt serve`` (``app.create_app``) as its late-bound ASGI ingress,
-so sessions have one code path; admission and lost replicas are handled in Ray's proxy (``ray_proxy.py``),
-per-replica metrics go to Ray's agent (``ReplicaMetrics``). Entry points: ``build_app(args)`` (for
-``serve run runtime/serve/ray_serve.yaml``), ``start`` and ``serve_ray_main`` (``serve --ray``).
-"""
+"""Scale-out on Ray Serve: N replicas (``LiveReplica``, one ``LiveServer`` each) serving the very app of
+``hallolive-rt serve`` as their late-bound ASGI ingress; admission and lost replicas are handled in Ray's
+proxy (``ray_proxy.py``). Entry points: ``build_app(args)`` (``serve run runtime/serve/ray_serve.yaml``),
+``start`` and ``serve_ray_main`` (``serve --ray``)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Live sessions without any web framework: ``LiveServer`` owns the loaded components, the session slots
-and the counters; ``LiveSession`` runs one client's stream on its own thread and hands events, fMP4 bytes
-(or, with a ``media`` sink, each decoded frame and each block's audio) to a thread-safe ``emit``. The
-WebSocket (``app.py``) and WebRTC (``webrtc.py``) transports and a Ray Serve replica wrap these same
-objects; threads, flow control and endings are drawn in ``docs/ARCHITECTURE.md``.
-"""
+and the counters; ``LiveSession`` runs one client's stream on its own thread and hands events and fMP4
+bytes (or decoded frames and audio, to a ``media`` sink) to a thread-safe ``emit``. Threads, flow
+control and endings: ``docs/ARCHITECTURE.md``."""
 
 from __future__ import annotations
 
@@ -141,7 +139,6 @@ class LiveServer:
             self._stats.record_first_out(transport, seconds)
 
     def check_prompt(self, text: str) -> None:
-        """The tokenizer's verdict on a prompt as a ProtocolError."""
         try:
             info = self.c.tokenizer(text)
         except (PromptError, UnicodeError) as e:  # UnicodeError: text the tokenizer cannot encode

@@ -1,7 +1,6 @@
 """AOTInductor packages (``.pt2``) of the same contracts: ``torch.export`` + ``aoti_compile_and_package``.
 Exports the in-place wrappers (``functional=False``): a package updates ``stream.state`` in the caller's
-tensors and returns only the flows (frames, wav, ctx). Bound to the build device and torch version.
-"""
+tensors and returns only the flows (frames, wav, ctx). Bound to the build device and torch version."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Audio exporter: the MMAudio VAE decoder + BigVGAN as one graph per window length, exporting
 ``StreamingAudioDecoder.decode_window(window [B, W, C]) -> wav [B, W * samples_per_token]``; window assembly and
-sample slicing stay in Python.
-"""
+sample slicing stay in Python."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 per static-shape variant, the tensors an artifact takes and returns (names equal to the forward's
 arguments, state tensors by their ``DiTState`` / ``Cursor`` / ``VideoDecodeState`` field names, shapes,
 dtypes). Exporters trace with its ``sample_inputs``, ONNX/TensorRT name bindings after it, the manifest
-records it and the runtime binds buffers by it. State and variants: ``docs/ARCHITECTURE.md``, "Export".
-"""
+records it and the runtime binds buffers by it. State and variants: ``docs/ARCHITECTURE.md``, "Export"."""
 
 from __future__ import annotations
 

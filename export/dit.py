@@ -2,8 +2,7 @@
 in two wrappers: ``functional=True`` (ONNX, TensorRT: the caches are inputs and their updated copies
 outputs, ``video_k_out``, ...) and ``functional=False`` (AOTInductor: the forward writes the caller's
 caches in place, as eager does). Cache writes use the pure-torch reference ops; ``float64_time=False``
-gives a float32 time embedding for float64-free targets. Details: ``docs/ARCHITECTURE.md``, "Export".
-"""
+gives a float32 time embedding for float64-free targets. Details: ``docs/ARCHITECTURE.md``, "Export"."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 (``<weight>_scale`` [out_features]), each such Linear's input quantized per tensor with a scale calibrated
 by running the real streaming loop (``calibrate_dit``), everything else in the compute dtype. One
 definition for the weights writer, the graph rewrite (``fp8_graph.py``) and the tests' reference; the
-scheme in full: ``docs/ARCHITECTURE.md``, "The fp8 scheme".
-"""
+scheme in full: ``docs/ARCHITECTURE.md``, "The fp8 scheme"."""
 
 from __future__ import annotations
 

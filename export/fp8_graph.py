@@ -2,8 +2,7 @@
 each weight stored as float8 feeds ``DequantizeLinear(W_fp8, W_scale, axis=0)``, and the activation input
 of the MatMul/Gemm it reaches goes through ``QuantizeLinear -> DequantizeLinear`` with the Linear's
 calibrated scale; a quantized weight that reaches no GEMM is an error naming it. Why before the
-optimizer: ``docs/ARCHITECTURE.md``, "The fp8 scheme".
-"""
+optimizer: ``docs/ARCHITECTURE.md``, "The fp8 scheme"."""
 
 from __future__ import annotations
 

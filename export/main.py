@@ -1,6 +1,5 @@
 """``hallolive-rt export``: build every sub-model, export each contract variant, write the manifest; one pass and one
-log line per artifact, skipping artifacts the manifest already lists as up to date.
-"""
+log line per artifact, skipping artifacts the manifest already lists as up to date."""
 
 from __future__ import annotations
 

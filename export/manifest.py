@@ -2,8 +2,7 @@
 contracts, one entry per artifact with its file hash and input key), what it was built from, and the
 refusal rules: ``load_artifacts`` refuses any difference from this run (profile, weights, format,
 precision, tools, device architecture, a missing or modified file, a recorded contract that is not the one
-this profile derives) with the command that rebuilds. Schema: ``docs/ARCHITECTURE.md``, "The manifest".
-"""
+this profile derives) with the command that rebuilds. Schema: ``docs/ARCHITECTURE.md``, "The manifest"."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 initializers point into the shared weights file, so the full-size DiT exports on a 24 GB machine),
 cleaned by ``onnxscript``'s optimizer, with static shapes only; then ``check_onnx``: ``onnx.checker``, the
 graph's I/O against the contract and ``lint_tensorrt`` (a failure raises ``OnnxLintError`` naming the node,
-its op and the tensor). What is linted: ``docs/ARCHITECTURE.md``, "Export".
-"""
+its op and the tensor). What is linted: ``docs/ARCHITECTURE.md``, "Export"."""
 
 from __future__ import annotations
 

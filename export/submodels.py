@@ -1,8 +1,7 @@
 """The four exported sub-models: where their weights live, how to build them (``build_submodel``: the
 module with its weights, for AOTInductor; ``onnx_source``: a traceable module and its tensor values one at
 a time, for ONNX, so host memory does not grow with the model), their wrappers, and the memory and disk
-each export needs, checked before anything is allocated or written.
-"""
+each export needs, checked before anything is allocated or written."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """TensorRT plans from the exported ONNX graphs with the TensorRT Python API, for TensorRT 11 (and 10):
 a strongly typed network whose precision is already in the graph (no precision builder flags; fp8 needs
 the exporter's Q/DQ nodes), and a timing cache beside the plans reused by every build. Without TensorRT
-every entry point raises ``TensorRTMissing`` with the install command. Not verified: no plan has been
-built with this code; ``tests/test_trt_api.py`` checks every TensorRT name it uses against the 11.x
-bindings.
-"""
+every entry point raises ``TensorRTMissing`` with the install command. Not verified: no plan has been built
+with this code; ``tests/test_trt_api.py`` checks every TensorRT name it uses against the 11.x bindings."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Video VAE exporter: ``WanVideoDecoder.decode_frame(z, state, first)`` with the conv history explicit and
 ``first`` static (two variants): a functional wrapper (``history_i`` in, ``history_i_out`` out) for ONNX/TensorRT
-and an in-place wrapper (history written with ``copy_``) for AOTInductor.
-"""
+and an in-place wrapper (history written with ``copy_``) for AOTInductor."""
 
 from __future__ import annotations
 

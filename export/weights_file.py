@@ -1,8 +1,7 @@
 """The external-data weights file every ONNX variant of a sub-model shares (``<sub>_<profile>_<precision>
 .weights``), planned from names, shapes and dtypes alone and written one tensor at a time from any
 ``(name, tensor)`` iterator, so host memory holds one tensor and a 21.7 GiB DiT lands on disk once, not
-once per variant. The file appears under its name only when complete (written as ``.partial``, renamed).
-"""
+once per variant. The file appears under its name only when complete (written as ``.partial``, renamed)."""
 
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 ``BlockPlan`` per block in Python ints (the static numbers of a captured variant, and the per-block ones
 the runtime writes into device buffers with ``fill_``, never a host sync). ``AppendPolicy`` is the
 release's (exact up to the profile's clip length); ``RollingPolicy`` keeps sink blocks plus a ring and
-re-bases RoPE positions, so a stream runs without end in constant memory and time: ``docs/ARCHITECTURE.md``.
-"""
+re-bases RoPE positions, so a stream runs endlessly in constant memory and time: ``docs/ARCHITECTURE.md``."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -155,11 +155,9 @@ def parse_blocks(value: int | str | None) -> int | None:
         v = value.strip().lower()
         if v == ENDLESS:
             return None
-        try:
+        with contextlib.suppress(ValueError):  # not a number: refused below, as typed
             value = int(v)
-        except ValueError:
-            raise ValueError(f"--blocks must be a whole number >= 1 or {ENDLESS!r}, got {value!r}") from None
-    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"--blocks must be a whole number >= 1 or {ENDLESS!r}, got {value!r}")
     return value
 

@@ -2,8 +2,7 @@
 The release ships ``video_causal_5B.json`` and ``audio_causal_5B.json`` (patch_size, model_type, dim,
 ffn_dim, freq_dim, num_heads, num_layers, in_dim, out_dim, text_len, text_dim, window_size, qk_norm,
 cross_attn_norm, eps, temporal_rope_scaling_factor). ``StreamConfig.from_json`` reads exactly those
-names; the decoders' configs live next to their modules (one sub-model, one file).
-"""
+names; the decoders' configs live next to their modules (one sub-model, one file)."""
 
 from __future__ import annotations
 
@@ -109,9 +108,8 @@ class FusionConfig:
         if self.video.is_audio or not self.audio.is_audio:
             raise ConfigError("FusionConfig needs a video config first and an audio config second")
         if self.video.num_layers != self.audio.num_layers:
-            raise ConfigError(
-                f"video and audio streams must have the same depth ({self.video.num_layers} vs {self.audio.num_layers})"
-            )
+            raise ConfigError(f"video and audio streams must have the same depth ({self.video.num_layers} vs "
+                              f"{self.audio.num_layers})")
         if self.video.text_dim != self.audio.text_dim:
             raise ConfigError("video and audio streams must share text_dim (one text context feeds both)")
 

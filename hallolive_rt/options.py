@@ -31,8 +31,8 @@ _DTYPE_OF_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _CL_SUFFIX = "+cl3d"
 
 
-def _choice(flag: str, value, choices) -> None:
-    if value not in choices:
+def _choice(flag: str, value, choices, *, optional: bool = False) -> None:
+    if value not in choices and not (optional and value is None):
         raise InputError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
 
 
@@ -59,8 +59,7 @@ class ModelSource:
     def __post_init__(self):
         if self.model_dir is not None and self.random_weights:
             raise InputError("--model-dir and --random-weights exclude each other: drop one")
-        if self.dtype is not None:
-            _choice("--dtype", self.dtype, DTYPES)
+        _choice("--dtype", self.dtype, DTYPES, optional=True)
 
     def check_against(self, profile) -> None:
         """Random weights or the official files, as the preset allows (``profile.decoders == "tiny"``: a
@@ -92,12 +91,10 @@ class DiTOptions:
 
     def __post_init__(self):
         _choice("--backend", self.backend, BACKEND_CHOICES)
-        if self.kv_impl is not None:
-            _choice("--kv-impl", self.kv_impl, KV_IMPLS)
+        _choice("--kv-impl", self.kv_impl, KV_IMPLS, optional=True)
         _choice("--cache-policy", self.cache_policy, CACHE_POLICIES)
         _choice("--attn-kernel", self.attn_kernel, ATTENTION_KERNELS)
-        if self.precision is not None:
-            _choice("--precision", self.precision, PRECISIONS)
+        _choice("--precision", self.precision, PRECISIONS, optional=True)
         _choice("--fp8-act-scale", self.fp8_act_scale, ACT_SCALES)
         _choice("fp8 impl", self.fp8_impl, FP8_IMPLS)
 

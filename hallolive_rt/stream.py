@@ -2,8 +2,7 @@
 block xv [B, Fb, Cv, h, w] and the audio window xa [B, La, Ca] with fresh re-noise between them, the commit
 of x0, then one t = 0 forward that leaves the block's clean K/V in the caches. ``BlockStream`` runs blocks
 one at a time with a swappable DiT step (so every backend reuses this loop); ``generate`` runs N blocks and
-returns every committed latent. The loop step by step: ``docs/ARCHITECTURE.md``, "The block loop".
-"""
+returns every committed latent. The loop step by step: ``docs/ARCHITECTURE.md``, "The block loop"."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 module built on the meta device, and assign the tensors in place (nothing is allocated twice).
 Errors name the file, the first few offending keys and how many there are, so a user can tell a wrong
 download from a wrong layout at a glance. Sub-model specific layouts (prefixes, nesting, weight-norm
-folding) live next to their model and call into the functions here.
-"""
+folding) live next to their model and call into the functions here."""
 
 from __future__ import annotations
 
@@ -18,15 +17,8 @@ from torch import nn
 
 from hallolive_rt.errors import CheckpointError
 
-__all__ = [
-    "CheckpointError",
-    "read_checkpoint",
-    "strip_and_select",
-    "check_state_dict",
-    "assign_state_dict",
-    "materialize_non_persistent",
-    "file_digest",
-]
+__all__ = ["CheckpointError", "read_checkpoint", "strip_and_select", "check_state_dict", "assign_state_dict",
+           "materialize_non_persistent", "file_digest"]
 
 _SHOW = 5  # how many offending keys a message lists before "... and N more"
 
@@ -38,11 +30,8 @@ def _listing(names: list[str]) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, object]:
-    """Read a torch pickle (``.pt``/``.pth``, zip format, via mmap) or a ``.safetensors`` file.
-
-    Returns the top-level object as a dict (tensors stay memory-mapped). Raises ``CheckpointError`` for a
-    missing file, a file that is neither format, or a pickle whose top level is not a dict.
-    """
+    """A torch pickle (``.pt``/``.pth``, zip, via mmap) or ``.safetensors`` file's top level as a dict
+    (tensors stay memory-mapped); ``CheckpointError`` for a missing file, neither format, or a non-dict."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: file not found")
@@ -58,10 +47,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         except Exception as e:
             raise CheckpointError(f"{p}: not a valid safetensors file ({e})") from e
     if not zipfile.is_zipfile(p):
-        raise CheckpointError(
-            f"{p}: not a PyTorch checkpoint (expected a torch.save zip archive or a .safetensors file; "
-            f"the file starts with {head[:8]!r}). Re-download it from the official release."
-        )
+        raise CheckpointError(f"{p}: not a PyTorch checkpoint (expected a torch.save zip archive or a "
+                              f".safetensors file; the file starts with {head[:8]!r}). Re-download it from "
+                              "the official release.")
     try:
         obj = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
@@ -71,12 +59,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, object]:
     return dict(obj)
 
 
-def strip_and_select(
-    sd: Mapping[str, object],
-    *,
-    prefix: str = "",
-    drop_substrings: tuple[str, ...] = (),
-) -> dict[str, torch.Tensor]:
+def strip_and_select(sd: Mapping[str, object], *, prefix: str = "",
+                     drop_substrings: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Keep tensor entries under ``prefix`` (removed) and delete every ``drop_substrings`` occurrence."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -89,21 +73,13 @@ def strip_and_select(
     return out
 
 
-def check_state_dict(
-    expected: Mapping[str, torch.Size | tuple[int, ...]],
-    got: Mapping[str, torch.Tensor],
-    file: str | os.PathLike,
-    *,
-    what: str = "checkpoint",
-) -> None:
+def check_state_dict(expected: Mapping[str, torch.Size | tuple[int, ...]], got: Mapping[str, torch.Tensor],
+                     file: str | os.PathLike, *, what: str = "checkpoint") -> None:
     """Raise ``CheckpointError`` if ``got`` is missing, adds, or mis-shapes any key of ``expected``."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    mismatched = [
-        f"{k} (file {tuple(got[k].shape)}, model {tuple(expected[k])})"
-        for k in expected
-        if k in got and tuple(got[k].shape) != tuple(expected[k])
-    ]
+    mismatched = [f"{k} (file {tuple(got[k].shape)}, model {tuple(expected[k])})" for k in expected
+                  if k in got and tuple(got[k].shape) != tuple(expected[k])]
     if not (missing or unexpected or mismatched):
         return
     parts = [f"{file}: does not match the {what}"]
@@ -117,22 +93,12 @@ def check_state_dict(
     raise CheckpointError("\n".join(parts))
 
 
-def assign_state_dict(
-    module: nn.Module,
-    sd: Mapping[str, torch.Tensor],
-    file: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    what: str = "checkpoint",
-) -> nn.Module:
-    """Check ``sd`` against ``module``'s persistent state and load it with ``assign=True``.
-
-    ``module`` is usually built on the meta device; the (mmapped) tensors become its parameters
-    without a second copy. Floating tensors are cast to ``dtype`` and everything is moved to ``device``
-    when given. Non-persistent buffers are not touched: rebuild them with
-    ``materialize_non_persistent`` after a meta-device load.
-    """
+def assign_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], file: str | os.PathLike, *,
+                      dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                      what: str = "checkpoint") -> nn.Module:
+    """Check ``sd`` against ``module``'s persistent state (usually built on meta) and load it with
+    ``assign=True``: the (mmapped) tensors become its parameters without a second copy, floating ones cast
+    to ``dtype``, all moved to ``device`` if given. Non-persistent buffers: ``materialize_non_persistent``."""
     expected = {k: v.shape for k, v in module.state_dict(keep_vars=True).items()}
     check_state_dict(expected, sd, file, what=what)
     conv: dict[str, torch.Tensor] = {}

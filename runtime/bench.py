@@ -49,8 +49,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def _vae_blocks(pipe, profile: Profile, blocks: int, seed: int) -> Iterator:
-    """Decode random latents block by block through ``pipe`` (a sequential DecodePipeline), one DecodedBlock
-    each."""
+    """Decode random latents block by block through ``pipe`` (a sequential DecodePipeline), one block each."""
     from hallolive_rt.cache_policy import choose_policy
     from hallolive_rt.stream import BlockOutput
 

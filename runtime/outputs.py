@@ -2,8 +2,7 @@
 the life of a stream (a second writer is refused at once, naming the first) and refuses an existing file
 unless ``overwrite``; ``FileSink`` is the raw file the muxer and raw records write through, which can cut
 a file back to its last complete block after a failed write. File-system policy only: ``media.py`` never
-decides whether a path may be written. Locks and sinks: ``docs/ARCHITECTURE.md``, "Output files".
-"""
+decides whether a path may be written. Locks and sinks: ``docs/ARCHITECTURE.md``, "Output files"."""
 
 from __future__ import annotations
 

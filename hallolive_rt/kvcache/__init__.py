@@ -2,8 +2,7 @@
 ``get_kv_ops("ext" | "torch")`` -> ``rope_write_block``, ``write_block``, ``rerotate`` on caches
 [B, S, H, D] and blocks [B, N, H, D], with ``offset`` a [1] int64 device tensor (the block's first logical
 slot) and cos/sin float32 [rows, D/2] gathered per row. Explicit, never a silent fall-back; only "ext"
-builds the extension. Conventions: ``docs/ARCHITECTURE.md``, "KV extension".
-"""
+builds the extension. Conventions: ``docs/ARCHITECTURE.md``, "KV extension"."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 hash of the sources, torch, Python, CUDA and the GPU architecture (a stale library is never loaded), under
 a lock, and loading it into ``torch.ops``; a failed build raises ``KVExtBuildError`` with the log path,
 never a silent fall-back. ``require_kv_ext(kv_impl, device)`` builds it while a command checks its options,
-before any weight loads. Paths, variables and the CUDA toolkit: ``docs/ARCHITECTURE.md``, "KV extension".
-"""
+before any weight loads. Paths, variables and the CUDA toolkit: ``docs/ARCHITECTURE.md``, "KV extension"."""
 
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def source_files(src: Path) -> list[Path]:
 
 def _want_cuda() -> str:
     """ON when this torch can run CUDA kernels (a missing nvcc is then a build error, not a CPU-only lib)."""
-    forced = os.environ.get(ENV_CUDA)
-    if forced:
+    if forced := os.environ.get(ENV_CUDA):
         return forced.upper()
     return "ON" if torch.version.cuda is not None and torch.cuda.is_available() else "OFF"
 
@@ -230,8 +228,7 @@ def _cmake_cache(build_dir: Path, names: tuple[str, ...]) -> dict[str, str]:
 
 def library_path() -> Path:
     """Path of an up-to-date library for this environment, building it if needed."""
-    prebuilt = os.environ.get(ENV_LIB)
-    if prebuilt:
+    if prebuilt := os.environ.get(ENV_LIB):
         path = Path(prebuilt).expanduser()
         if not path.is_file():
             raise KVExtBuildError(f"{ENV_LIB}={prebuilt} does not exist: build it with the root CMakeLists.txt "

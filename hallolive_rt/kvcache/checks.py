@@ -1,8 +1,7 @@
 """Argument checks of the KV-cache ops, mirroring cpp_ext/checks.h for the fake kernels and the reference.
 They read metadata only (shapes, dtypes, devices, strides, ints), never a tensor's value, so they run on
 FakeTensors under torch.compile and inside CUDA-graph capture. Messages name the op, the argument, the
-expected and the actual value, like the C++ ones.
-"""
+expected and the actual value, like the C++ ones."""
 
 from __future__ import annotations
 

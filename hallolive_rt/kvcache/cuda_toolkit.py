@@ -1,7 +1,6 @@
 """Where the CUDA toolkit really is (a root counts only if it holds ``bin/nvcc`` and ``cuda_runtime.h``,
 so a wrapper script named nvcc outside the toolkit is followed, not trusted) and which GPU architectures to
-build for, for ``build.py``. The order of candidates: ``docs/ARCHITECTURE.md``, "KV extension".
-"""
+build for, for ``build.py``. The order of candidates: ``docs/ARCHITECTURE.md``, "KV extension"."""
 
 from __future__ import annotations
 

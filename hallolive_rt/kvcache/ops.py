@@ -1,8 +1,7 @@
 """The hallolive_kv extension ops (``write_block``, ``rope_write_block``, ``rerotate``; schemas in
 ``cpp_ext/registration.cpp``): Python wrappers and the fake (meta) kernels ``torch.compile`` needs.
 Importing it loads ``cpp_ext/``'s library (built on first use, ``build.py``); the semantics are
-``kvcache/reference.py``'s.
-"""
+``kvcache/reference.py``'s."""
 
 from __future__ import annotations
 

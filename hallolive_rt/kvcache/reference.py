@@ -1,8 +1,7 @@
 """Pure-torch reference of the hallolive_kv ops, the tests' ground truth and the ``--kv-impl torch``
 choice: the same signatures, slot indices from the offset tensor (no host read: capturable), ``index_copy_``
 and RoPE as a separate fp32 pass (three passes over memory where the extension makes one). Block row n goes
-to logical slot offset[0] + n; slots past ``ring_start`` wrap inside [ring_start, ring_start + ring_size).
-"""
+to logical slot offset[0] + n; slots past ``ring_start`` wrap inside [ring_start, ring_start + ring_size)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 release), right-padded, truncated with EOS kept last and the truncation reported. ``UMT5Tokenizer`` reads
 the release's tokenizer files offline with its whitespace cleaning (needs the ``text`` extra);
 ``ByteTokenizer`` needs nothing: UTF-8 bytes past three specials (pad 0, eos 1, unk 2), 259 ids, paired with
-the tiny preset's random encoder so the demo runs with no download.
-"""
+the tiny preset's random encoder so the demo runs with no download."""
 
 from __future__ import annotations
 
@@ -46,12 +45,11 @@ def require_text_extra() -> None:
     and ``ftfy`` (the prompt cleaning) import; called before anything else of a ``--model-dir`` run is checked."""
     missing = _missing_text_modules()
     if missing:
-        raise PromptError(
-            f"--model-dir runs read the release's umT5 tokenizer, which needs the optional 'text' dependencies "
-            f"(transformers, sentencepiece, ftfy; missing: {', '.join(missing)}). Install them with "
-            f"{TEXT_EXTRA_INSTALL} (or pip install 'hallolive-rt[text]'), or run --random-weights / the tiny "
-            f"preset, which use an offline byte tokenizer."
-        )
+        raise PromptError(f"--model-dir runs read the release's umT5 tokenizer, which needs the optional "
+                          f"'text' dependencies (transformers, sentencepiece, ftfy; missing: "
+                          f"{', '.join(missing)}). Install them with {TEXT_EXTRA_INSTALL} (or pip install "
+                          "'hallolive-rt[text]'), or run --random-weights / the tiny preset, which use an "
+                          "offline byte tokenizer.")
 
 
 def clean_prompt(text: str, *, fix_text: bool = True) -> str:
@@ -112,9 +110,8 @@ def _as_list(prompts: str | Sequence[str]) -> list[str]:
 def _reject_empty(raw: list[str], cleaned: list[str]) -> None:
     for i, (r, c) in enumerate(zip(raw, cleaned)):
         if not c:
-            raise PromptError(
-                f"prompt {i} is empty after cleaning (got {r!r}); give a description of the scene and speech"
-            )
+            raise PromptError(f"prompt {i} is empty after cleaning (got {r!r}); give a description of the "
+                              "scene and speech")
 
 
 class ByteTokenizer:
@@ -166,10 +163,9 @@ class UMT5Tokenizer:
         require_text_extra()  # first: without it nothing below can be checked
         p = Path(path)
         if not p.is_dir():
-            raise PromptError(
-                f"{p}: tokenizer directory not found. It ships with the Wan2.1-T2V-1.3B download as "
-                "'google/umt5-xxl' (tokenizer.json / spiece.model + tokenizer_config.json)."
-            )
+            raise PromptError(f"{p}: tokenizer directory not found. It ships with the Wan2.1-T2V-1.3B "
+                              "download as 'google/umt5-xxl' (tokenizer.json / spiece.model + "
+                              "tokenizer_config.json).")
         from transformers import AutoTokenizer
 
         try:
@@ -184,10 +180,8 @@ class UMT5Tokenizer:
         raw = _as_list(prompts)
         texts = [clean_prompt(p) for p in raw]
         _reject_empty(raw, texts)
-        enc = self._tok(
-            texts, padding="max_length", truncation=True, max_length=self.text_len,
-            add_special_tokens=True, return_tensors="pt",
-        )
+        enc = self._tok(texts, padding="max_length", truncation=True, max_length=self.text_len,
+                        add_special_tokens=True, return_tensors="pt")
         ids, mask = enc.input_ids.to(torch.int64), enc.attention_mask.to(torch.int64)
         # untruncated, ragged lists; verbose=False silences the "longer than max length" warning we report
         full = self._tok(texts, add_special_tokens=True, verbose=False).input_ids

@@ -4,8 +4,7 @@ of memory per MemBlock, TGrow for time and nearest upsampling for space), with t
 block's frame rate and resolution), ``decode_frame`` reads and rewrites them in place, one latent frame in and
 1 (``first``) or 4 pixel frames out in [-1, 1], so the steady variant can be compiled or captured once. It
 loads the released ``taew2_2`` and ``lighttaew2_2`` files (128 tensors, ``encoder.N.*`` and ``decoder.N.*``;
-the encoder is ignored); the two expect different latents, so the variant is always named by the caller.
-"""
+the encoder is ignored); the two expect different latents, so the variant is always named by the caller."""
 
 from __future__ import annotations
 
@@ -63,10 +62,6 @@ class TinyDecoderConfig:
     @property
     def spatial_factor(self) -> int:
         return self.patch_size * 2 ** len(self.time_upscale)  # one 2x upsample per stage, then the pixel shuffle
-
-    def pixel_frames(self, latent_frames: int, *, first: bool) -> int:
-        """Frames out of ``latent_frames`` latents; the stream's first latent frame gives 1."""
-        return self.temporal_factor * latent_frames - (self.temporal_factor - 1 if first else 0)
 
 
 class TinyDecodeState(DecoderState):
@@ -197,11 +192,9 @@ class TinyVideoDecoder(LatentStatsDecoder):
     def _run(self, x: torch.Tensor, batch: int, memory: tuple[torch.Tensor, ...] | None, fresh: bool,
              trim: int, write: list | None) -> torch.Tensor:
         """Every layer over [B * m, C, H, W] (m frames per stream, m static); returns [B, 3, m', H', W'].
-
         Each MemBlock's ``past`` is its own input shifted one frame later, with ``memory[k]`` (or zeros when
         ``fresh``) in front. The block's last input frame goes to ``write`` (a list) or, without one, into
-        ``memory[k]`` in place. ``trim`` frames per stream are dropped after the last TGrow.
-        """
+        ``memory[k]`` in place. ``trim`` frames per stream are dropped after the last TGrow."""
         m, k = x.shape[0] // batch, 0
         for i, layer in enumerate(self.decoder):
             if isinstance(layer, _MemBlock):
@@ -241,9 +234,7 @@ class TinyVideoDecoder(LatentStatsDecoder):
     def decode_frame(self, z: torch.Tensor, state: TinyDecodeState, first: bool, *, clamp: bool = True
                      ) -> torch.Tensor:
         """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4); updates ``state``.
-
-        ``first`` starts from zero memory (no reset needed) and keeps only the last of the 4 frames.
-        """
+        ``first`` starts from zero memory (no reset needed) and keeps only the last of the 4 frames."""
         return self._frame(z, state.memory, first, None, clamp)
 
     def decode_frame_functional(self, z: torch.Tensor, memory: tuple[torch.Tensor, ...], first: bool, *,
@@ -254,13 +245,10 @@ class TinyVideoDecoder(LatentStatsDecoder):
 
     @torch.no_grad()
     def decode_full(self, z: torch.Tensor, *, clamp: bool = True, parallel: bool = False) -> torch.Tensor:
-        """A whole clip [B, z_dim, T, h, w] -> [B, 3, 1 + 4(T-1), 16h, 16w].
-
-        By default frame by frame over a fresh state: the kernels streaming runs, so any block split equals
-        it exactly. ``parallel`` runs all T frames through each layer at once (each MemBlock's memory is its
-        input shifted by one frame): faster for offline clips, equal up to the conv kernels' rounding, which
-        depends on the batch size (about 1e-5 in float32).
-        """
+        """A whole clip [B, z_dim, T, h, w] -> [B, 3, 1 + 4(T-1), 16h, 16w], by default frame by frame over a
+        fresh state (the kernels streaming runs, so any block split equals it exactly). ``parallel`` runs all
+        T frames through each layer at once: faster offline, equal up to the convs' batch-size-dependent
+        rounding (about 1e-5 in float32)."""
         if not parallel:
             return self.decode_block(z, self.new_state(z.shape[0], z.shape[-2], z.shape[-1]), True, clamp=clamp)
         x = self._run(self._latent_in(z), z.shape[0], None, True, self.temporal_factor - 1, None)

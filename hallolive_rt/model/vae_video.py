@@ -2,8 +2,7 @@
 -> frames [B, 3, 1 + 4(T-1), 16h, 16w] in [-1, 1]. The causal convs' history lives in a preallocated
 ``VideoDecodeState`` updated in place, so ``decode_frame(first=False)`` has one shape and can be captured;
 the encoder is not built. The state, the first-frame variant and the de-normalisation modes:
-``docs/ARCHITECTURE.md``, "The video decoder".
-"""
+``docs/ARCHITECTURE.md``, "The video decoder"."""
 
 from __future__ import annotations
 
@@ -37,10 +36,8 @@ _KEEP_PREFIXES = ("decoder.", "conv2.")
 
 @dataclass(frozen=True)
 class WanVAEConfig:
-    """Constructor parameters of the release's ``WanVAE_`` as ``Wan2_2_VAE`` builds it.
-
-    ``dim`` (the encoder width) is kept for the schema only: nothing here builds the encoder.
-    """
+    """Constructor parameters of the release's ``WanVAE_`` as ``Wan2_2_VAE`` builds it; ``dim`` (the encoder
+    width) is kept for the schema only: nothing here builds the encoder."""
 
     dim: int = 160
     dec_dim: int = 256
@@ -296,9 +293,7 @@ class WanVideoDecoder(LatentStatsDecoder):
     def decode_frame(self, z: torch.Tensor, state: VideoDecodeState, first: bool, *, clamp: bool = True
                      ) -> torch.Tensor:
         """z [B, z_dim, 1, h, w] -> frames [B, 3, n, 16h, 16w] (n = 1 if ``first`` else 4); updates ``state``.
-
-        ``clamp=False`` returns the decoder's values before the release's clamp to [-1, 1] (diagnosis).
-        """
+        ``clamp=False`` returns the decoder's values before the release's clamp to [-1, 1] (diagnosis)."""
         ref = state.history[0]
         if z.shape[2] != 1 or z.shape[0] != ref.shape[0] or z.shape[-2:] != ref.shape[-2:]:
             raise ValueError(f"decode_frame: z {tuple(z.shape)} does not fit a state made for {tuple(ref.shape)}")
@@ -306,10 +301,8 @@ class WanVideoDecoder(LatentStatsDecoder):
 
     def decode_frame_functional(self, z: torch.Tensor, history: tuple[torch.Tensor, ...], first: bool, *,
                                 clamp: bool = True) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """``decode_frame`` without mutation: returns (frames, next history), same shapes as ``history``.
-
-        For exporters (ONNX/TensorRT) that need the state as explicit inputs and outputs.
-        """
+        """``decode_frame`` without mutation: returns (frames, next history), same shapes as ``history``,
+        for exporters (ONNX/TensorRT) that need the state as explicit inputs and outputs."""
         hist = _FunctionalHistory(history, first)
         frames = self._to_pixels(self.decoder(self._unnormalize(z), hist), clamp)
         return frames, tuple(hist.new)
@@ -328,9 +321,7 @@ class WanVideoDecoder(LatentStatsDecoder):
 def build_video_decoder(cfg: WanVAEConfig | None = None, device: torch.device | str = "meta", *,
                         stats: str = "release") -> WanVideoDecoder:
     """The decoder with random weights on ``device`` (``"meta"``: shapes only, for loading or counting).
-
-    The latent statistics are real values on every device but ``"meta"``; ``stats`` as in the module doc.
-    """
+    The latent statistics are real values on every device but ``"meta"``; ``stats`` as in the module doc."""
     with torch.device(device):
         return WanVideoDecoder(cfg or WanVAEConfig(), stats)
 
@@ -342,10 +333,9 @@ def load_video_decoder(path: str | os.PathLike, cfg: WanVAEConfig | None = None,
     sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor) and k.startswith(_KEEP_PREFIXES)}
     if not any(k.startswith("decoder.") for k in sd):
         sample = ", ".join(repr(k) for k in list(raw)[:5])
-        raise CheckpointError(
-            f"{path}: no 'decoder.*' keys, so this is not a Wan2.2 VAE checkpoint with a decoder "
-            f"({len(raw)} entries, e.g. {sample}). Expected the official Wan2.2_VAE.pth."
-        )
+        raise CheckpointError(f"{path}: no 'decoder.*' keys, so this is not a Wan2.2 VAE checkpoint with a "
+                              f"decoder ({len(raw)} entries, e.g. {sample}). Expected the official "
+                              "Wan2.2_VAE.pth.")
     model = build_video_decoder(cfg, device="meta", stats=stats)
     assign_state_dict(model, sd, path, dtype=dtype, device=device, what="Wan2.2 VAE decoder (decoder.*, conv2.*)")
     materialize_non_persistent(model, WanVideoDecoder.init_stats, device)

@@ -1,8 +1,7 @@
 """Layers of the Wan2.2 video VAE decoder written against an explicit temporal history: every causal 3-D
 conv pads only in space and takes its 2 past frames from a history object passed down the call (a static,
 capturable one for streaming; one that copies the release's cache list as the reference). No branch on
-tensor values; submodule names and order follow the release checkpoint, so ``Wan2.2_VAE.pth`` loads 1:1.
-"""
+tensor values; submodule names and order follow the release checkpoint, so ``Wan2.2_VAE.pth`` loads 1:1."""
 
 from __future__ import annotations
 
@@ -101,9 +100,8 @@ class Resample(nn.Module):
     def __init__(self, dim: int, temporal: bool):
         super().__init__()
         # Slot 0 is the parameter-free upsampler of the release; the conv weight is 2-D, (C, C, 3, 3).
-        self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=2.0, mode="nearest-exact"), nn.Conv2d(dim, dim, 3, padding=1)
-        )
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                      nn.Conv2d(dim, dim, 3, padding=1))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), 0) if temporal else None
 
     def forward(self, x: torch.Tensor, hist: History) -> torch.Tensor:  # [B, C, T, h, w]
@@ -164,9 +162,8 @@ class Decoder3d(nn.Module):
         super().__init__()
         dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
         self.conv1 = CausalConv3d(z_dim, dims[0], (3, 3, 3), 1)
-        self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])
-        )
+        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                    ResidualBlock(dims[0], dims[0]))
         ups, scale = [], 1
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
             up = i != len(dim_mult) - 1
@@ -177,9 +174,8 @@ class Decoder3d(nn.Module):
                     m.cache_scale = scale
             scale *= 2 if up else 1
         self.upsamples = nn.Sequential(*ups)
-        self.head = nn.Sequential(
-            RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], out_channels, (3, 3, 3), 1)
-        )
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
+                                  CausalConv3d(dims[-1], out_channels, (3, 3, 3), 1))
         self.head[2].cache_scale = scale
         # History slots in call order (= registration order); a plain tuple, so not re-registered.
         self.cached_convs: tuple[CausalConv3d, ...] = tuple(m for m in self.modules() if isinstance(m, CausalConv3d))

@@ -125,7 +125,7 @@ class CompiledRunner(VideoDecodeRunner):
 
     name = "compiled"
 
-    def _prepare(self) -> None:
+    def _compile(self) -> None:
         self.compiler = RegionCompiler(self.decoder.region, inner=self.opts.compile_backend)
         self.decoder.set_region_fn(self.compiler.fn)
         self._fn = self.decoder.decode_frame
@@ -133,14 +133,20 @@ class CompiledRunner(VideoDecodeRunner):
         t = time.perf_counter()
         for first in (True, False):  # the first call of each variant compiles it
             self._fill_input(gen)
-            CompiledRunner._run(self, first)
+            self._call(first)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.compile_s = time.perf_counter() - t
 
-    def _run(self, first: bool) -> torch.Tensor:
+    def _call(self, first: bool) -> torch.Tensor:
         with self.compiler.limits():
             return self._fn(self.z, self.state, first)
+
+    def _prepare(self) -> None:
+        self._compile()
+
+    def _run(self, first: bool) -> torch.Tensor:
+        return self._call(first)
 
     def describe(self) -> dict:
         d = super().describe()
@@ -170,8 +176,8 @@ class CudaGraphRunner(CompiledRunner):
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 if self.opts.compiles:
-                    super()._prepare()
-                    fn = lambda z, state, first: CompiledRunner._run(self, first)  # noqa: E731 - self.z is z
+                    self._compile()
+                    fn = lambda z, state, first: self._call(first)  # noqa: E731 - self.z is z
                 gen = torch.Generator(device=self.device).manual_seed(1234)
                 for first in (False, True):
                     for _ in range(self.warmup_iters):

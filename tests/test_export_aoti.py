@@ -1,6 +1,7 @@
-"""AOTInductor packages load and match eager (fp32, CPU). One DiT variant builds in the default run
-(~1.5 min of C++ compile on 2 shared cores; the session's ``tiny_aoti_dir``, which the CLI tests stream
-from too); the whole tiny export + a 3-block replay through the aoti backend are marked slow.
+"""AOTInductor packages load and match eager (fp32, CPU). One DiT variant builds in the default run (the
+session's ``tiny_aoti_dir``, which the CLI tests stream from too: ~25 s of compile on 2 cores); the DiT's
+other variants + a 3-block replay through the aoti backend, and one package of each other sub-model checked
+against its eager wrapper, are marked slow (each package is another ~25 s compile).
 
 Tolerance: atol 1e-4 (observed ~1e-6); the in-place cache writes must land in the caller's tensors.
 """
@@ -52,7 +53,7 @@ def test_dit_variant_package_matches_eager_and_writes_caches(tiny_aoti_dir):
 
 
 @pytest.mark.slow
-def test_full_tiny_aoti_export_and_backend_replay(tmp_path, tiny_aoti_dir):
+def test_dit_export_completes_the_directory_and_the_backend_replays_three_blocks(tmp_path, tiny_aoti_dir):
     import shutil
 
     from hallolive_rt.export.main import export_main
@@ -66,8 +67,8 @@ def test_full_tiny_aoti_export_and_backend_replay(tmp_path, tiny_aoti_dir):
     # the session's first-block package is up to date: the export completes the directory around it
     art = shutil.copytree(tiny_aoti_dir, tmp_path / "art")
     logged = []
-    export_main(ModelSource("tiny", random_weights=True), "aoti", None, art, device="cpu", aoti_configs=FAST_BUILD,
-                log=logged.append)
+    export_main(ModelSource("tiny", random_weights=True), "aoti", None, art, submodels=("dit",), device="cpu",
+                aoti_configs=FAST_BUILD, log=logged.append)
     assert any("dit/a10_kv12" in line and "skipped (up to date)" in line for line in logged), logged
     dit = build_submodel("dit", p, None, 0, torch.float32, "cpu")
     nv, na, ctx = tiny_inputs(p, p.stream.blocks)
@@ -85,3 +86,39 @@ def test_full_tiny_aoti_export_and_backend_replay(tmp_path, tiny_aoti_dir):
     got = run(AotiBackend(art, weights_id="random:0"))
     for g, r in zip(got, ref):
         assert_close(g, r, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_decoder_and_text_packages_match_eager(tmp_path):
+    """One package per other sub-model: the video VAE's steady frame (its conv history rewritten in place,
+    as the eager decoder rewrites it), the audio decoder's longest window, the text encoder."""
+    from hallolive_rt.export.main import export_main
+    from hallolive_rt.export.manifest import load_artifacts
+    from hallolive_rt.options import ModelSource
+
+    p = load_profile("tiny")
+    contracts = contracts_for(p)
+    chosen = {"vae_video": contracts["vae_video"].variants[1], "audio": contracts["audio"].variants[-1],
+              "text": contracts["text"].variants[0]}
+    assert chosen["vae_video"].static == {"first": False}
+    export_main(ModelSource("tiny", random_weights=True), "aoti", None, tmp_path, submodels=tuple(chosen),
+                variants=tuple(f"{s}/{v.name}" for s, v in chosen.items()), device="cpu", aoti_configs=FAST_BUILD,
+                log=lambda s: None)
+    arts = load_artifacts(tmp_path, p, "random:0", "cpu", fmt="aoti", submodels=tuple(chosen))
+    for sub, v in chosen.items():
+        what = f"{sub}/{v.name}"
+        mod = wrapper_for(sub, build_submodel(sub, p, None, 0, torch.float32, "cpu"), contracts[sub], v,
+                          functional=False)
+        ins = v.sample_inputs(seed=4)
+        orig, mine = [t.clone() for t in ins], [t.clone() for t in ins]
+        with torch.no_grad():
+            ref = mod(*ins)
+        got = load_aoti(arts.path(sub, v.name))(*mine)
+        got, ref = ([t] if isinstance(t, torch.Tensor) else list(t) for t in (got, ref))  # one output: a bare tensor
+        assert len(got) == len(ref) == len(v.inplace_outputs), what
+        for g, r in zip(got, ref):
+            assert_close(g, r, atol=1e-4, rtol=1e-4, what=what)
+        for m, i, o in zip(mine, ins, orig):
+            assert_close(m, i, atol=1e-4, rtol=1e-4, what=f"{what} inputs after the call")
+        changed = [not torch.equal(i, o) for i, o in zip(ins, orig)]
+        assert changed == [sub == "vae_video" and k > 0 for k in range(len(ins))], (what, changed)

@@ -33,7 +33,7 @@ from tests.ray_driver import MARK  # noqa: E402
 from tests.serve_helpers import (tiny_live, Client, decode_mp4, full_session, run_concurrently, running_server,  # noqa: E402
                                  session)
 
-pytestmark = pytest.mark.slow  # > 30 s; CI's plain `pytest -q` still runs it
+pytestmark = pytest.mark.slow  # > 30 s; CI's `pytest -q -n 2` still runs it
 
 PROMPT = "A man in a grey coat says: <S>good evening<E>"
 ROOT = Path(__file__).resolve().parents[1]
